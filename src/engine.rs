@@ -1,0 +1,109 @@
+//! The byte engine: any byte range of any view file, computed from the
+//! memory-mapped source slices.
+//!
+//! A read walks the requested range in *runs*: maximal stretches contiguous
+//! both in the target slice and in the stored source slice. Runs grow from one
+//! row of a piece to whole slices wherever the two layouts agree on the inner
+//! dimensions, so copying is done with `copy_from_slice` over long spans, never
+//! element by element. The same engine serves `export` and the FUSE mount.
+
+use crate::layout::{ravel, unravel};
+use crate::plan::{IterationPlan, Plan, PlannedTensor, VirtualFile};
+use crate::source::{Iteration, Tensor};
+
+/// Reads view files of a plan.
+pub struct Engine<'p> {
+    plan: &'p Plan,
+}
+
+impl<'p> Engine<'p> {
+    pub fn new(plan: &'p Plan) -> Self {
+        Engine { plan }
+    }
+
+    /// Fills `buf` with the bytes of file `file` of iteration `it` starting at
+    /// `offset`; returns how many bytes were written (short only at the end of
+    /// the file).
+    pub fn read(&self, it: usize, file: usize, offset: u64, buf: &mut [u8]) -> usize {
+        let plan: &IterationPlan = &self.plan.iterations[it];
+        let source: &Iteration = &self.plan.source.iterations[it];
+        read_file(source, &plan.files[file], offset, buf)
+    }
+}
+
+/// Reads a range of one view file.
+pub fn read_file(source: &Iteration, vf: &VirtualFile, offset: u64, buf: &mut [u8]) -> usize {
+    if offset >= vf.size {
+        return 0;
+    }
+    let end = vf.size.min(offset + buf.len() as u64);
+    let total = (end - offset) as usize;
+    let mut pos = offset;
+    let mut out = &mut buf[..total];
+
+    let hlen = vf.header.len() as u64;
+    if pos < hlen {
+        let n = (hlen.min(end) - pos) as usize;
+        out[..n].copy_from_slice(&vf.header[pos as usize..pos as usize + n]);
+        out = &mut out[n..];
+        pos += n as u64;
+    }
+    // Tensors are back to back after the header: find the first one that
+    // reaches past `pos`.
+    let first = vf.tensors.partition_point(|t| t.offset + t.len <= pos);
+    for pt in &vf.tensors[first..] {
+        if pos >= end {
+            break;
+        }
+        let n = ((pt.offset + pt.len).min(end) - pos) as usize;
+        if n == 0 {
+            continue;
+        }
+        let (now, rest) = out.split_at_mut(n);
+        copy_tensor(source, pt, pos - pt.offset, now);
+        out = rest;
+        pos += n as u64;
+    }
+    total
+}
+
+/// Copies bytes `[at, at + out.len())` of a planned tensor's target slice.
+fn copy_tensor(source: &Iteration, pt: &PlannedTensor, mut at: u64, out: &mut [u8]) {
+    let t: &Tensor = &source.tensors[pt.source];
+    let es = t.elem_size();
+    let shape = &pt.slice.shape;
+    let start = &pt.slice.start;
+    let n = shape.len();
+    let mut done = 0usize;
+    while done < out.len() {
+        let elem = at / es;
+        let intra = at % es;
+        let idx = unravel(elem, shape);
+        let global: Vec<u64> = (0..n).map(|d| start[d] + idx[d]).collect();
+        let grid: Vec<u64> = (0..n).map(|d| global[d] / t.chunk_shape[d]).collect();
+        let chunk = &t.chunks[ravel(&grid, &t.frag) as usize];
+
+        // Grow the run outward while the inner dimensions are whole in both
+        // the target slice and the stored slice (same extent, same origin).
+        let mut run_elems = 1u64;
+        if n > 0 {
+            let mut d = n - 1;
+            let mut inner = 1u64;
+            while d > 0 && chunk.stored_shape[d] == shape[d] && chunk.origin[d] == start[d] {
+                inner *= shape[d];
+                d -= 1;
+            }
+            let piece_end = shape[d].min((grid[d] + 1) * t.chunk_shape[d] - start[d]);
+            let passed = ravel(&idx[d + 1..], &shape[d + 1..]);
+            run_elems = (piece_end - idx[d]) * inner - passed;
+        }
+        let src_elem = (0..n).fold(0u64, |acc, d| {
+            acc * chunk.stored_shape[d] + (global[d] - chunk.origin[d])
+        });
+        let src = chunk.offset + src_elem * es + intra;
+        let take = ((run_elems * es - intra) as usize).min(out.len() - done);
+        out[done..done + take].copy_from_slice(source.files[chunk.file].bytes(src, take as u64));
+        done += take;
+        at += take as u64;
+    }
+}

@@ -1,0 +1,217 @@
+//! `export`: writes a view to disk, with the same tree a mount shows.
+//!
+//! Files are written in parallel, each under a temporary name and renamed
+//! when complete, so an interrupted export never leaves a file that looks
+//! whole. The tracker is written last, so a loader never finds a root whose
+//! latest iteration is still being written.
+
+use std::fs::{self, File};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bail;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::format::names;
+use crate::plan::Plan;
+use crate::source::SourceKind;
+
+/// How much of a view file is produced per engine call.
+const BUF_BYTES: usize = 8 << 20;
+
+pub struct ExportOptions {
+    /// Write into a non-empty destination.
+    pub force: bool,
+    /// Files written at once.
+    pub threads: usize,
+    /// Draw a progress bar (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// One file to write: its final path and where its bytes come from.
+enum Content<'a> {
+    Bytes(&'a [u8]),
+    View { it: usize, file: usize, size: u64 },
+}
+
+struct Job<'a> {
+    path: PathBuf,
+    content: Content<'a>,
+}
+
+impl Job<'_> {
+    fn size(&self) -> u64 {
+        match &self.content {
+            Content::Bytes(b) => b.len() as u64,
+            Content::View { size, .. } => *size,
+        }
+    }
+}
+
+/// The files of the view, in write order, with the tracker (if any) last.
+fn jobs<'a>(plan: &'a Plan, dest: &Path) -> (Vec<Job<'a>>, Vec<PathBuf>, Option<Job<'a>>) {
+    let mut jobs = Vec::new();
+    let mut dirs = Vec::new();
+    for (i, (ip, it)) in plan
+        .iterations
+        .iter()
+        .zip(&plan.source.iterations)
+        .enumerate()
+    {
+        let dir = match &it.name {
+            Some(n) if matches!(plan.source.kind, SourceKind::Root { .. }) => dest.join(n),
+            _ => dest.to_path_buf(),
+        };
+        for (fi, vf) in ip.files.iter().enumerate() {
+            jobs.push(Job {
+                path: dir.join(&vf.name),
+                content: Content::View {
+                    it: i,
+                    file: fi,
+                    size: vf.size,
+                },
+            });
+        }
+        if let Some(common) = &it.common_json {
+            jobs.push(Job {
+                path: dir.join(names::COMMON),
+                content: Content::Bytes(common),
+            });
+        }
+        jobs.push(Job {
+            path: dir.join(names::METADATA),
+            content: Content::Bytes(&ip.metadata_json),
+        });
+        dirs.push(dir);
+    }
+    let tracker = plan.tracker().map(|t| Job {
+        path: dest.join(names::TRACKER),
+        content: Content::Bytes(t),
+    });
+    (jobs, dirs, tracker)
+}
+
+/// Writes the view of `plan` under `dest`.
+pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportStats> {
+    prepare_dest(dest, opts.force)?;
+    let (jobs, dirs, tracker) = jobs(plan, dest);
+    for d in &dirs {
+        fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+    }
+    let total: u64 = jobs.iter().map(Job::size).sum::<u64>() + tracker.as_ref().map_or(0, Job::size);
+    let bar = if opts.progress && std::io::stderr().is_terminal() {
+        let b = ProgressBar::new(total);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    let engine = Engine::new(plan);
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let threads = opts.threads.clamp(1, jobs.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut buf = vec![0u8; BUF_BYTES];
+                loop {
+                    if failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = jobs.get(i) else { return };
+                    if let Err(e) = write_job(&engine, job, &mut buf, &bar)
+                        && let Ok(mut f) = failure.lock()
+                    {
+                        f.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        bar.abandon();
+        return Err(e);
+    }
+    if let Some(t) = &tracker {
+        write_job(&engine, t, &mut Vec::new(), &bar)?;
+    }
+    bar.finish_and_clear();
+    Ok(ExportStats {
+        files: jobs.len() + usize::from(tracker.is_some()),
+        bytes: total,
+    })
+}
+
+/// Refuses a destination that holds anything, unless forced.
+fn prepare_dest(dest: &Path, force: bool) -> Result<()> {
+    match fs::metadata(dest) {
+        Ok(m) if !m.is_dir() => bail!("{}: exists and is not a directory", dest.display()),
+        Ok(_) => {
+            let mut entries =
+                fs::read_dir(dest).map_err(|e| Error::io(format!("reading {}", dest.display()), e))?;
+            if entries.next().is_some() && !force {
+                bail!(
+                    "{}: is not empty; pass --force to write into it anyway",
+                    dest.display()
+                );
+            }
+            Ok(())
+        }
+        Err(_) => fs::create_dir_all(dest)
+            .map_err(|e| Error::io(format!("creating {}", dest.display()), e)),
+    }
+}
+
+fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut Vec<u8>, bar: &ProgressBar) -> Result<()> {
+    let name = job
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = job.path.with_file_name(format!(".{name}.reshardfs-tmp"));
+    let ctx = |what: &str| format!("{what} {}", tmp.display());
+    let result = (|| -> Result<()> {
+        let mut f = File::create(&tmp).map_err(|e| Error::io(ctx("creating"), e))?;
+        match &job.content {
+            Content::Bytes(b) => {
+                f.write_all(b).map_err(|e| Error::io(ctx("writing"), e))?;
+                bar.inc(b.len() as u64);
+            }
+            Content::View { it, file, size } => {
+                let mut off = 0u64;
+                while off < *size {
+                    let n = engine.read(*it, *file, off, buf);
+                    if n == 0 {
+                        break;
+                    }
+                    f.write_all(&buf[..n]).map_err(|e| Error::io(ctx("writing"), e))?;
+                    off += n as u64;
+                    bar.inc(n as u64);
+                }
+            }
+        }
+        fs::rename(&tmp, &job.path)
+            .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), job.path.display()), e))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}

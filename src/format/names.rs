@@ -1,0 +1,113 @@
+//! File and folder names of a Checkpoint 2.0 save.
+
+/// The tracker file in a checkpoint root.
+pub const TRACKER: &str = "latest_checkpointed_iteration.txt";
+pub const METADATA: &str = "metadata.json";
+pub const COMMON: &str = "common.json";
+
+/// Which kind of rank file a name is: network weights or optimizer state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Model,
+    Opt,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Model => "model",
+            Kind::Opt => "opt",
+        }
+    }
+}
+
+/// A parsed `{prefix}-{kind}-{idx:07d}-{total:07d}.safetensors` name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankFileName {
+    pub prefix: Option<String>,
+    pub kind: Kind,
+    pub idx: u64,
+    pub total: u64,
+}
+
+/// Parses a rank file name; `None` if it does not follow the pattern.
+pub fn parse_rank_file_name(name: &str) -> Option<RankFileName> {
+    let stem = name.strip_suffix(".safetensors")?;
+    let mut parts = stem.rsplitn(4, '-');
+    let total = parts.next()?;
+    let idx = parts.next()?;
+    let kind = parts.next()?;
+    let prefix = parts.next();
+    let digits = |s: &str| s.len() == 7 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(total) || !digits(idx) {
+        return None;
+    }
+    let kind = match kind {
+        "model" => Kind::Model,
+        "opt" => Kind::Opt,
+        _ => return None,
+    };
+    Some(RankFileName {
+        prefix: prefix.map(str::to_string),
+        kind,
+        idx: idx.parse().ok()?,
+        total: total.parse().ok()?,
+    })
+}
+
+/// `{prefix}-{kind}-{idx:07d}-{total:07d}.safetensors`, or without the prefix.
+pub fn rank_file_name(prefix: Option<&str>, kind: Kind, idx: u64, total: u64) -> String {
+    match prefix {
+        Some(p) => format!("{p}-{}-{idx:07}-{total:07}.safetensors", kind.as_str()),
+        None => format!("{}-{idx:07}-{total:07}.safetensors", kind.as_str()),
+    }
+}
+
+/// `iteration_{N:08d}`.
+pub fn iteration_dir(n: u64) -> String {
+    format!("iteration_{n:08}")
+}
+
+/// The number of an `iteration_N` folder name.
+pub fn parse_iteration_dir(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("iteration_")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_file_names() {
+        let n = parse_rank_file_name("gpt-model-0000004-0000008.safetensors").unwrap();
+        assert_eq!(n.prefix.as_deref(), Some("gpt"));
+        assert_eq!((n.kind, n.idx, n.total), (Kind::Model, 4, 8));
+        let n = parse_rank_file_name("opt-0000000-0000004.safetensors").unwrap();
+        assert_eq!((n.prefix, n.kind), (None, Kind::Opt));
+        let n = parse_rank_file_name("my-llama-opt-0000001-0000002.safetensors").unwrap();
+        assert_eq!(n.prefix.as_deref(), Some("my-llama"));
+        assert!(parse_rank_file_name("model.safetensors").is_none());
+        assert!(parse_rank_file_name("x-model-01-02.safetensors").is_none());
+        assert_eq!(
+            rank_file_name(Some("gpt"), Kind::Opt, 3, 16),
+            "gpt-opt-0000003-0000016.safetensors"
+        );
+        assert_eq!(
+            rank_file_name(None, Kind::Model, 0, 1),
+            "model-0000000-0000001.safetensors"
+        );
+    }
+
+    #[test]
+    fn iteration_dirs() {
+        assert_eq!(iteration_dir(1000), "iteration_00001000");
+        assert_eq!(parse_iteration_dir("iteration_00001000"), Some(1000));
+        assert_eq!(parse_iteration_dir("iteration_"), None);
+        assert_eq!(parse_iteration_dir("iteration_1x"), None);
+    }
+}

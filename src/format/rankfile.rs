@@ -1,0 +1,242 @@
+//! Rank files: safetensors files holding one rank's slices.
+//!
+//! Reading validates the header with the `safetensors` crate itself (offsets
+//! contiguous, sizes matching dtype and shape, the file exactly as long as the
+//! header says), so a view never trusts a byte range it has not checked.
+//! Writing builds headers with the crate's own `Metadata`, so what we serve is
+//! what the reference implementation would write.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use crate::bad;
+use crate::error::{Result, source_io};
+
+/// A source rank file, memory-mapped, with its header checked.
+#[derive(Debug)]
+pub struct RankFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub len: u64,
+    pub tensors: HashMap<String, StoredTensor>,
+    pub map: Mmap,
+}
+
+/// Where a tensor sits in a rank file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTensor {
+    pub dtype: Dtype,
+    pub shape: Vec<u64>,
+    /// Absolute byte offset of the first element in the file.
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl RankFile {
+    pub fn open(path: &Path) -> Result<RankFile> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = File::open(path).map_err(|e| source_io(path, e))?;
+        let len = file.metadata().map_err(|e| source_io(path, e))?.len();
+        if len < 8 {
+            return Err(bad!(
+                "{}: not a safetensors file: {len} bytes, shorter than the 8-byte header length",
+                path.display()
+            ));
+        }
+        // SAFETY: the map is read-only and private; a source changed under us
+        // is the mount's concern (see the engine), not the parser's.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| source_io(path, e))?;
+        let (n, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| bad!("{}: invalid safetensors header: {}", path.display(), explain(&e, len)))?;
+        let data_start = 8 + n as u64;
+        let mut tensors = HashMap::new();
+        for (tname, info) in meta.tensors() {
+            if info.dtype.bitsize() % 8 != 0 {
+                return Err(bad!(
+                    "{}: tensor {tname}: dtype {:?} has sub-byte elements, which cannot be resliced",
+                    path.display(),
+                    info.dtype
+                ));
+            }
+            tensors.insert(
+                tname,
+                StoredTensor {
+                    dtype: info.dtype,
+                    shape: info.shape.iter().map(|&s| s as u64).collect(),
+                    offset: data_start + info.data_offsets.0 as u64,
+                    len: (info.data_offsets.1 - info.data_offsets.0) as u64,
+                },
+            );
+        }
+        Ok(RankFile {
+            name,
+            path: path.to_path_buf(),
+            len,
+            tensors,
+            map,
+        })
+    }
+
+    pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
+        &self.map[offset as usize..(offset + len) as usize]
+    }
+}
+
+fn explain(e: &SafeTensorError, file_len: u64) -> String {
+    match e {
+        SafeTensorError::HeaderTooLarge => "header length exceeds 100 MB".into(),
+        SafeTensorError::InvalidHeaderLength => {
+            format!("header length points past the end of the file ({file_len} bytes)")
+        }
+        SafeTensorError::MetadataIncompleteBuffer => {
+            format!("data offsets do not end exactly at the end of the file ({file_len} bytes)")
+        }
+        SafeTensorError::InvalidOffset(t) => {
+            format!("tensor {t}: data_offsets are not contiguous with the previous tensor")
+        }
+        SafeTensorError::TensorInvalidInfo => {
+            "a tensor's data_offsets do not match its dtype and shape".into()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Element size in bytes (callers have rejected sub-byte dtypes).
+pub fn elem_size(dtype: Dtype) -> u64 {
+    (dtype.bitsize() / 8) as u64
+}
+
+/// One tensor of a file to be written: name, dtype, shape.
+pub struct HeaderEntry<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [u64],
+}
+
+/// Builds a complete safetensors header (length prefix + JSON padded with
+/// spaces to a multiple of 8) for tensors stored back to back in the order
+/// given, and returns it with each tensor's data offset relative to the data
+/// section. `__metadata__` is `{"format":"ms"}`, as MindSpore writes.
+pub fn build_header(entries: &[HeaderEntry<'_>]) -> Result<(Vec<u8>, Vec<u64>)> {
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(entries.len());
+    let mut offsets = Vec::with_capacity(entries.len());
+    for e in entries {
+        let shape: Vec<usize> = e.shape.iter().map(|&s| s as usize).collect();
+        let len = shape.iter().product::<usize>() * (e.dtype.bitsize() / 8);
+        offsets.push(offset as u64);
+        infos.push((
+            e.name.to_string(),
+            TensorInfo {
+                dtype: e.dtype,
+                shape,
+                data_offsets: (offset, offset + len),
+            },
+        ));
+        offset += len;
+    }
+    let meta_map = HashMap::from([("format".to_string(), "ms".to_string())]);
+    let meta = Metadata::new(Some(meta_map), infos)
+        .map_err(|e| bad!("internal: cannot build a safetensors header: {e}"))?;
+    let mut json = serde_json::to_vec(&meta)
+        .map_err(|e| bad!("internal: cannot serialize a safetensors header: {e}"))?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut header = Vec::with_capacity(8 + json.len());
+    header.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    header.extend_from_slice(&json);
+    Ok((header, offsets))
+}
+
+/// The safetensors name of a MindSpore dtype name, compared case-insensitively.
+pub fn dtype_from_mindspore(name: &str) -> Option<Dtype> {
+    Some(match name.to_ascii_lowercase().as_str() {
+        "bool" | "bool_" => Dtype::BOOL,
+        "uint8" => Dtype::U8,
+        "int8" => Dtype::I8,
+        "int16" => Dtype::I16,
+        "uint16" => Dtype::U16,
+        "float16" => Dtype::F16,
+        "bfloat16" => Dtype::BF16,
+        "int32" => Dtype::I32,
+        "uint32" => Dtype::U32,
+        "float32" => Dtype::F32,
+        "float64" => Dtype::F64,
+        "int64" => Dtype::I64,
+        "uint64" => Dtype::U64,
+        _ => return None,
+    })
+}
+
+/// The MindSpore dtype name for a safetensors dtype (used when a source has
+/// no metadata.json to take the name from).
+pub fn dtype_to_mindspore(dtype: Dtype) -> String {
+    match dtype {
+        Dtype::BOOL => "Bool",
+        Dtype::U8 => "UInt8",
+        Dtype::I8 => "Int8",
+        Dtype::I16 => "Int16",
+        Dtype::U16 => "UInt16",
+        Dtype::F16 => "Float16",
+        Dtype::BF16 => "BFloat16",
+        Dtype::I32 => "Int32",
+        Dtype::U32 => "UInt32",
+        Dtype::F32 => "Float32",
+        Dtype::F64 => "Float64",
+        Dtype::I64 => "Int64",
+        Dtype::U64 => "UInt64",
+        other => return format!("{other:?}"),
+    }
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_is_padded_sorted_and_readable_by_the_crate() {
+        let entries = [
+            HeaderEntry {
+                name: "a",
+                dtype: Dtype::F32,
+                shape: &[2, 3],
+            },
+            HeaderEntry {
+                name: "b",
+                dtype: Dtype::BF16,
+                shape: &[],
+            },
+            HeaderEntry {
+                name: "c",
+                dtype: Dtype::U8,
+                shape: &[0, 4],
+            },
+        ];
+        let (header, offsets) = build_header(&entries).unwrap();
+        assert_eq!(offsets, vec![0, 24, 26]);
+        assert_eq!(header.len() % 8, 0);
+        let json = std::str::from_utf8(&header[8..]).unwrap();
+        assert!(json.starts_with(r#"{"__metadata__":{"format":"ms"},"a":"#), "{json}");
+        let mut file = header.clone();
+        file.resize(header.len() + 26, 0);
+        let st = SafeTensors::deserialize(&file).unwrap();
+        assert_eq!(st.tensor("b").unwrap().shape(), &[] as &[usize]);
+    }
+
+    #[test]
+    fn mindspore_dtype_names_round_trip() {
+        for d in [Dtype::BF16, Dtype::F32, Dtype::F16, Dtype::I64, Dtype::U8] {
+            assert_eq!(dtype_from_mindspore(&dtype_to_mindspore(d)), Some(d));
+        }
+        assert_eq!(dtype_from_mindspore("bfloat16"), Some(Dtype::BF16));
+        assert_eq!(dtype_from_mindspore("Complex64"), None);
+    }
+}

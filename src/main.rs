@@ -1,0 +1,196 @@
+//! The `reshardfs` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use reshardfs::export::{ExportOptions, export};
+use reshardfs::plan::Plan;
+use reshardfs::report;
+use reshardfs::source::Source;
+use reshardfs::target::TargetSpec;
+use reshardfs::{Result, bail};
+
+/// Distributed checkpoints, resharded on the fly.
+///
+/// reshardfs shows a MindSpore Transformers Checkpoint 2.0 checkpoint as it
+/// would look had it been saved with another parallel strategy: the same
+/// tensors, sliced for the target's ranks, in ordinary safetensors files with
+/// a matching metadata.json.
+///
+/// Exit codes: 0 success, 2 bad input (checkpoint or target), 1 other failure.
+#[derive(Parser)]
+#[command(name = "reshardfs", version, about, long_about)]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace (default: RUST_LOG, else warn).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a checkpoint: iterations, world size, stages, and per tensor its
+    /// dtype, shape, layout, slices and files.
+    Inspect {
+        /// Checkpoint root (with latest_checkpointed_iteration.txt), one
+        /// iteration folder, or a folder of plain safetensors files.
+        src: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the view a target gives: every file with its size and tensors,
+    /// where each tensor's bytes come from, and totals.
+    Plan {
+        /// Checkpoint root, iteration folder, or plain safetensors folder.
+        src: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the view to DEST, with the same tree a mount shows.
+    Export {
+        /// Checkpoint root, iteration folder, or plain safetensors folder.
+        src: PathBuf,
+        /// Destination folder (created if missing; must be empty unless --force).
+        dest: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Write into a non-empty DEST, replacing files of the same names.
+        #[arg(long)]
+        force: bool,
+        /// Files written in parallel (default: the number of CPUs).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Never draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+}
+
+/// The target strategy. Give --mesh and/or --pp, or --strategy, or --unshard.
+#[derive(Args)]
+struct TargetArgs {
+    /// New sizes for named device axes, e.g. `tp=2` or `dp=1,tp=4`. Every
+    /// tensor keeps its alias names and tensor map; axes not named keep their
+    /// size. Repeatable.
+    #[arg(long, value_name = "ALIAS=N[,ALIAS=N...]", conflicts_with_all = ["strategy", "unshard"])]
+    mesh: Vec<String>,
+    /// Number of pipeline stages: layer i of L goes to stage i*N/L; other
+    /// tensors stay on the first stage if they were there, else go to the
+    /// last. Default: every tensor keeps its source stage.
+    #[arg(long, value_name = "N", conflicts_with_all = ["strategy", "unshard"])]
+    pp: Option<u64>,
+    /// A target job's metadata.json, or a JSON object {tensor name: layout};
+    /// each tensor takes the layout given there.
+    #[arg(long, value_name = "FILE", conflicts_with = "unshard")]
+    strategy: Option<PathBuf>,
+    /// One rank holding every tensor whole.
+    #[arg(long)]
+    unshard: bool,
+}
+
+impl TargetArgs {
+    fn spec(&self) -> Result<TargetSpec> {
+        if let Some(path) = &self.strategy {
+            return Ok(TargetSpec::Strategy(path.clone()));
+        }
+        if self.unshard {
+            return Ok(TargetSpec::Unshard);
+        }
+        if self.mesh.is_empty() && self.pp.is_none() {
+            bail!("no target given: pass --mesh ALIAS=N, --pp N, --strategy FILE or --unshard");
+        }
+        Ok(TargetSpec::Mesh {
+            sizes: TargetSpec::parse_mesh(&self.mesh)?,
+            pp: self.pp,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if let Some(level) = &cli.log_level {
+        logger.parse_filters(level);
+    }
+    logger.init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Inspect { src, json } => {
+            let source = Source::open(&src)?;
+            let r = report::inspect(&source);
+            print_report(json, &r, || r.text())
+        }
+        Command::Plan { src, target, json } => {
+            let spec = target.spec()?;
+            let plan = Plan::build(Source::open(&src)?, spec)?;
+            let r = report::plan(&plan, true);
+            print_report(json, &r, || r.text())
+        }
+        Command::Export {
+            src,
+            dest,
+            target,
+            force,
+            threads,
+            no_progress,
+        } => {
+            let spec = target.spec()?;
+            let plan = Plan::build(Source::open(&src)?, spec)?;
+            let threads = threads.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(2, |n| n.get())
+            });
+            let start = std::time::Instant::now();
+            let stats = export(
+                &plan,
+                &dest,
+                &ExportOptions {
+                    force,
+                    threads,
+                    progress: !no_progress,
+                },
+            )?;
+            let secs = start.elapsed().as_secs_f64();
+            eprintln!(
+                "exported {} file(s), {} in {:.2} s ({}/s) to {}",
+                stats.files,
+                report::human(stats.bytes),
+                secs,
+                report::human((stats.bytes as f64 / secs.max(1e-9)) as u64),
+                dest.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn print_report<T: serde::Serialize>(json: bool, r: &T, text: impl FnOnce() -> String) -> Result<()> {
+    use std::io::Write;
+    let out = if json {
+        let mut s = serde_json::to_string_pretty(r)
+            .map_err(|e| reshardfs::bad!("internal: cannot render JSON: {e}"))?;
+        s.push('\n');
+        s
+    } else {
+        text()
+    };
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`| head`) is not an error worth a message.
+    let _ = stdout.write_all(out.as_bytes());
+    Ok(())
+}

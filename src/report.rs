@@ -1,0 +1,448 @@
+//! What `inspect` and `plan` print. Each report is built once as a serde
+//! structure; `--json` prints it as is and the text form is rendered from the
+//! same structure, so the two never disagree.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::format::names::Kind;
+use crate::layout::unravel;
+use crate::plan::{Plan, piece_count, pieces};
+use crate::source::{Iteration, Source, SourceKind};
+
+#[derive(Serialize)]
+pub struct InspectReport {
+    pub path: String,
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latest: Option<u64>,
+    pub iterations: Vec<InspectIteration>,
+}
+
+#[derive(Serialize)]
+pub struct InspectIteration {
+    pub name: Option<String>,
+    pub world: u64,
+    pub stages: u64,
+    pub ranks_per_stage: u64,
+    pub prefix: Option<String>,
+    pub files: usize,
+    pub model_bytes: u64,
+    pub opt_bytes: u64,
+    pub tensors: Vec<InspectTensor>,
+}
+
+#[derive(Serialize)]
+pub struct InspectTensor {
+    pub name: String,
+    pub kind: Kind,
+    pub dtype: String,
+    pub global_shape: Vec<u64>,
+    pub stage: u64,
+    /// `alias=size,...` of the device matrix, or null when not split.
+    pub mesh: Option<String>,
+    /// Per dimension, the aliases splitting it (`[tp, -]`).
+    pub map: Option<String>,
+    pub rank_list: Option<Vec<u64>>,
+    pub chunks: Vec<InspectChunk>,
+}
+
+#[derive(Serialize)]
+pub struct InspectChunk {
+    pub index: u64,
+    pub start: Vec<u64>,
+    pub shape: Vec<u64>,
+    /// Files holding this slice (the first is the one views read).
+    pub files: Vec<String>,
+}
+
+fn kind_name(kind: &SourceKind) -> &'static str {
+    match kind {
+        SourceKind::Root { .. } => "root",
+        SourceKind::Iteration => "iteration",
+        SourceKind::Plain => "plain",
+    }
+}
+
+pub fn inspect(source: &Source) -> InspectReport {
+    InspectReport {
+        path: source.path.display().to_string(),
+        kind: kind_name(&source.kind),
+        latest: match source.kind {
+            SourceKind::Root { latest, .. } => Some(latest),
+            _ => None,
+        },
+        iterations: source.iterations.iter().map(inspect_iteration).collect(),
+    }
+}
+
+fn inspect_iteration(it: &Iteration) -> InspectIteration {
+    let bytes = |k: Kind| -> u64 {
+        it.tensors
+            .iter()
+            .filter(|t| t.kind == k)
+            .map(|t| t.nbytes())
+            .sum()
+    };
+    InspectIteration {
+        name: it.name.clone(),
+        world: it.world,
+        stages: it.stages,
+        ranks_per_stage: it.stage_devices,
+        prefix: it.prefix.clone(),
+        files: it.files.len(),
+        model_bytes: bytes(Kind::Model),
+        opt_bytes: bytes(Kind::Opt),
+        tensors: it
+            .tensors
+            .iter()
+            .map(|t| InspectTensor {
+                name: t.name.clone(),
+                kind: t.kind,
+                dtype: format!("{:?}", t.dtype),
+                global_shape: t.global_shape.clone(),
+                stage: t.stage,
+                mesh: t.layout.as_ref().map(|l| l.describe_mesh()),
+                map: t.layout.as_ref().map(|l| l.describe_map()),
+                rank_list: t.layout.as_ref().map(|l| l.rank_list.clone()),
+                chunks: t
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| InspectChunk {
+                        index: k as u64,
+                        start: unravel(k as u64, &t.frag)
+                            .iter()
+                            .zip(&t.chunk_shape)
+                            .map(|(g, s)| g * s)
+                            .collect(),
+                        shape: t.chunk_shape.clone(),
+                        files: c.holders.iter().map(|h| it.files[h.0].name.clone()).collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+impl InspectReport {
+    pub fn text(&self) -> String {
+        let mut o = String::new();
+        let _ = write!(o, "source    {} ({} ", self.path, self.kind);
+        match self.latest {
+            Some(l) => {
+                let _ = writeln!(
+                    o,
+                    "with {} iteration(s), latest {l})",
+                    self.iterations.len()
+                );
+            }
+            None => o.push_str("folder)\n"),
+        }
+        for it in &self.iterations {
+            let _ = writeln!(
+                o,
+                "\n{}world {} = {} stage(s) x {} rank(s); prefix {}; {} rank file(s)",
+                it.name.as_ref().map(|n| format!("{n}: ")).unwrap_or_default(),
+                it.world,
+                it.stages,
+                it.ranks_per_stage,
+                it.prefix.as_deref().unwrap_or("(none)"),
+                it.files
+            );
+            let count = |k: Kind| it.tensors.iter().filter(|t| t.kind == k).count();
+            let _ = writeln!(
+                o,
+                "model     {} in {} tensors\noptimizer {} in {} tensors\n",
+                human(it.model_bytes),
+                count(Kind::Model),
+                human(it.opt_bytes),
+                count(Kind::Opt)
+            );
+            let mut rows = vec![[
+                "TENSOR".to_string(),
+                "DTYPE".into(),
+                "SHAPE".into(),
+                "STAGE".into(),
+                "LAYOUT".into(),
+                "SLICES".into(),
+                "FILES (per slice)".into(),
+            ]];
+            for t in &it.tensors {
+                let layout = match (&t.mesh, &t.map) {
+                    (Some(m), Some(p)) => format!("{m} {p}"),
+                    _ => "whole".into(),
+                };
+                let files: Vec<String> = t
+                    .chunks
+                    .iter()
+                    .map(|c| {
+                        let ranks: Vec<String> = c.files.iter().map(|f| short_file(f)).collect();
+                        ranks.join("|")
+                    })
+                    .collect();
+                rows.push([
+                    t.name.clone(),
+                    t.dtype.clone(),
+                    format!("{:?}", t.global_shape),
+                    t.stage.to_string(),
+                    layout,
+                    format!(
+                        "{} x {:?}",
+                        t.chunks.len(),
+                        t.chunks.first().map(|c| c.shape.clone()).unwrap_or_default()
+                    ),
+                    files.join(" "),
+                ]);
+            }
+            o.push_str(&table(&rows));
+        }
+        o
+    }
+}
+
+/// `gpt-model-0000004-0000008.safetensors` -> `model#4`, for dense tables.
+fn short_file(name: &str) -> String {
+    match crate::format::names::parse_rank_file_name(name) {
+        Some(n) => format!("{}#{}", n.kind.as_str(), n.idx),
+        None => name.to_string(),
+    }
+}
+
+#[derive(Serialize)]
+pub struct PlanReport {
+    pub source: String,
+    pub target: String,
+    pub iterations: Vec<PlanIteration>,
+    pub totals: PlanTotals,
+}
+
+#[derive(Serialize)]
+pub struct PlanIteration {
+    pub name: Option<String>,
+    pub world: u64,
+    pub files: Vec<PlanFile>,
+    pub metadata_json_bytes: usize,
+}
+
+#[derive(Serialize)]
+pub struct PlanFile {
+    pub name: String,
+    pub rank: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub header_bytes: usize,
+    pub tensors: Vec<PlanTensor>,
+}
+
+#[derive(Serialize)]
+pub struct PlanTensor {
+    pub name: String,
+    pub dtype: String,
+    pub shape: Vec<u64>,
+    /// Start of the slice in the global tensor.
+    pub global_start: Vec<u64>,
+    pub offset: u64,
+    pub bytes: u64,
+    pub pieces: Vec<PlanPiece>,
+}
+
+#[derive(Serialize)]
+pub struct PlanPiece {
+    /// Source file read (one replica of the source slice).
+    pub file: String,
+    /// The source slice's grid index (its shard id's `k`).
+    pub chunk: u64,
+    pub start: Vec<u64>,
+    pub shape: Vec<u64>,
+    pub bytes: u64,
+}
+
+#[derive(Serialize)]
+pub struct PlanTotals {
+    pub files: usize,
+    pub bytes: u64,
+    pub tensor_bytes: u64,
+    pub pieces: u64,
+    /// Source bytes read to serve every byte of the view once.
+    pub source_bytes_per_byte_served: f64,
+}
+
+pub fn plan(plan: &Plan, with_pieces: bool) -> PlanReport {
+    let mut totals = PlanTotals {
+        files: 0,
+        bytes: 0,
+        tensor_bytes: 0,
+        pieces: 0,
+        source_bytes_per_byte_served: 0.0,
+    };
+    let mut iterations = Vec::new();
+    for (ip, it) in plan.iterations.iter().zip(&plan.source.iterations) {
+        let mut files = Vec::new();
+        for vf in &ip.files {
+            totals.files += 1;
+            totals.bytes += vf.size;
+            let mut tensors = Vec::new();
+            for pt in &vf.tensors {
+                let t = &it.tensors[pt.source];
+                totals.tensor_bytes += pt.len;
+                totals.pieces += piece_count(t, &pt.slice);
+                let ps = if with_pieces {
+                    pieces(t, &pt.slice)
+                        .into_iter()
+                        .map(|p| PlanPiece {
+                            file: it.files[p.file].name.clone(),
+                            chunk: p.chunk,
+                            bytes: p.shape.iter().product::<u64>() * t.elem_size(),
+                            start: p.start,
+                            shape: p.shape,
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                tensors.push(PlanTensor {
+                    name: t.name.clone(),
+                    dtype: format!("{:?}", t.dtype),
+                    shape: pt.slice.shape.clone(),
+                    global_start: pt.slice.start.clone(),
+                    offset: pt.offset,
+                    bytes: pt.len,
+                    pieces: ps,
+                });
+            }
+            files.push(PlanFile {
+                name: vf.name.clone(),
+                rank: vf.rank,
+                kind: vf.kind,
+                size: vf.size,
+                header_bytes: vf.header.len(),
+                tensors,
+            });
+        }
+        totals.bytes += ip.metadata_json.len() as u64;
+        iterations.push(PlanIteration {
+            name: it.name.clone(),
+            world: ip.world,
+            files,
+            metadata_json_bytes: ip.metadata_json.len(),
+        });
+    }
+    // Each piece is read once from one replica, so the source bytes read
+    // equal the tensor bytes; headers and metadata are generated.
+    totals.source_bytes_per_byte_served = if totals.bytes == 0 {
+        0.0
+    } else {
+        totals.tensor_bytes as f64 / totals.bytes as f64
+    };
+    PlanReport {
+        source: plan.source.path.display().to_string(),
+        target: plan.spec.describe(),
+        iterations,
+        totals,
+    }
+}
+
+impl PlanReport {
+    pub fn text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(o, "source    {}\ntarget    {}", self.source, self.target);
+        for it in &self.iterations {
+            let _ = writeln!(
+                o,
+                "\n{}world {}: {} file(s) + metadata.json ({} bytes)",
+                it.name.as_ref().map(|n| format!("{n}: ")).unwrap_or_default(),
+                it.world,
+                it.files.len(),
+                it.metadata_json_bytes
+            );
+            for f in &it.files {
+                let _ = writeln!(
+                    o,
+                    "\n  {}  {} bytes ({}), {} tensor(s)",
+                    f.name,
+                    f.size,
+                    human(f.size),
+                    f.tensors.len()
+                );
+                for t in &f.tensors {
+                    let sources: Vec<String> = t
+                        .pieces
+                        .iter()
+                        .map(|p| format!("{} {}", ranges(&p.start, &p.shape), p.file))
+                        .collect();
+                    let _ = writeln!(
+                        o,
+                        "    {} {} {} <- {}",
+                        t.name,
+                        t.dtype,
+                        ranges(&t.global_start, &t.shape),
+                        sources.join("; ")
+                    );
+                }
+            }
+        }
+        let t = &self.totals;
+        let _ = writeln!(
+            o,
+            "\ntotal     {} file(s), {} bytes ({}), {} piece(s); source bytes read per byte served: {:.4}",
+            t.files,
+            t.bytes,
+            human(t.bytes),
+            t.pieces,
+            t.source_bytes_per_byte_served
+        );
+        o
+    }
+}
+
+/// `[0:64, 32:64]`: a box as Python slices.
+fn ranges(start: &[u64], shape: &[u64]) -> String {
+    let parts: Vec<String> = start
+        .iter()
+        .zip(shape)
+        .map(|(s, n)| format!("{s}:{}", s + n))
+        .collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// Bytes with a binary unit.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut o = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(c);
+            } else {
+                let _ = write!(line, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        o.push_str(line.trim_end());
+        o.push('\n');
+    }
+    o
+}

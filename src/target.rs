@@ -1,0 +1,378 @@
+//! The target strategy: how the view should look, tensor by tensor.
+//!
+//! Users say it in one of four ways (`--mesh`, `--pp`, `--strategy`,
+//! `--unshard`); each is resolved against a source iteration into one
+//! [`Placement`] per tensor: the layout the tensor takes and the ranks that
+//! hold it. Everything after this point (plan, metadata, bytes) only sees
+//! placements.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Result, source_io};
+use crate::format::metadata::{LayoutJson, StorageEntry, from_value, parse_shard_id};
+use crate::layout::{Layout, Slice};
+use crate::source::{Iteration, Tensor};
+use crate::{bad, bail};
+
+/// What the user asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetSpec {
+    /// New sizes for named device axes (possibly none) and optionally a new
+    /// number of pipeline stages.
+    Mesh {
+        sizes: Vec<(String, u64)>,
+        pp: Option<u64>,
+    },
+    /// Layouts taken from a file.
+    Strategy(PathBuf),
+    /// One rank holding every tensor whole.
+    Unshard,
+}
+
+/// Where one tensor goes in the view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    /// `None`: the tensor is not split and every rank in `ranks` holds it whole.
+    pub layout: Option<Layout>,
+    /// The ranks holding the tensor; `layout.rank_list` when there is a layout.
+    pub ranks: Vec<u64>,
+}
+
+impl Placement {
+    /// The slice that position `i` of `ranks` holds.
+    pub fn slice(&self, i: usize, global_shape: &[u64]) -> Slice {
+        match &self.layout {
+            Some(l) => l.slice(i, global_shape),
+            None => Slice::whole(global_shape),
+        }
+    }
+}
+
+/// A resolved target for one iteration: a placement per source tensor.
+#[derive(Debug)]
+pub struct Target {
+    /// Parallel to `Iteration::tensors`.
+    pub placements: Vec<Placement>,
+    pub world: u64,
+}
+
+impl TargetSpec {
+    /// Parses `--mesh tp=2,dp=1` (repeated flags are joined).
+    pub fn parse_mesh(values: &[String]) -> Result<Vec<(String, u64)>> {
+        let mut sizes: Vec<(String, u64)> = Vec::new();
+        for item in values.iter().flat_map(|v| v.split(',')) {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let (alias, n) = item
+                .split_once('=')
+                .ok_or_else(|| bad!("--mesh: {item:?} is not ALIAS=N (e.g. tp=2)"))?;
+            let n: u64 = n
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| bad!("--mesh: {item:?}: the size must be a positive integer"))?;
+            let alias = alias.trim().to_string();
+            if sizes.iter().any(|(a, _)| *a == alias) {
+                bail!("--mesh names {alias} twice");
+            }
+            sizes.push((alias, n));
+        }
+        Ok(sizes)
+    }
+
+    /// A short human description (`tp=2 pp=1`, `unshard`, `strategy FILE`).
+    pub fn describe(&self) -> String {
+        match self {
+            TargetSpec::Mesh { sizes, pp } => {
+                let mut parts: Vec<String> = sizes.iter().map(|(a, n)| format!("{a}={n}")).collect();
+                if let Some(pp) = pp {
+                    parts.push(format!("pp={pp}"));
+                }
+                if parts.is_empty() {
+                    "same strategy as the source".into()
+                } else {
+                    parts.join(",")
+                }
+            }
+            TargetSpec::Strategy(p) => format!("strategy {}", p.display()),
+            TargetSpec::Unshard => "unshard".into(),
+        }
+    }
+
+    /// Resolves the target against one source iteration.
+    pub fn resolve(&self, it: &Iteration) -> Result<Target> {
+        let placements = match self {
+            TargetSpec::Mesh { sizes, pp } => resolve_mesh(it, sizes, *pp)?,
+            TargetSpec::Strategy(path) => resolve_strategy(it, path)?,
+            TargetSpec::Unshard => it
+                .tensors
+                .iter()
+                .map(|_| Placement {
+                    layout: None,
+                    ranks: vec![0],
+                })
+                .collect(),
+        };
+        let world = placements
+            .iter()
+            .flat_map(|p| p.ranks.iter().copied())
+            .max()
+            .map_or(1, |m| m + 1);
+        Ok(Target { placements, world })
+    }
+}
+
+/// The layer index in a parameter name: `i` in `...layers.<i>....`.
+pub fn layer_index(name: &str) -> Option<u64> {
+    let mut rest = name;
+    loop {
+        let at = rest.find("layers.")?;
+        let at_boundary = at == 0 || rest.as_bytes()[at - 1] == b'.';
+        let after = &rest[at + "layers.".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if at_boundary && digits > 0 && after.as_bytes().get(digits) == Some(&b'.') {
+            return after[..digits].parse().ok();
+        }
+        rest = &rest[at + 1..];
+    }
+}
+
+fn resolve_mesh(it: &Iteration, sizes: &[(String, u64)], pp: Option<u64>) -> Result<Vec<Placement>> {
+    let present: BTreeSet<&str> = it
+        .tensors
+        .iter()
+        .filter_map(|t| t.layout.as_ref())
+        .flat_map(|l| l.alias_name.iter().map(String::as_str))
+        .collect();
+    for (alias, _) in sizes {
+        if !present.contains(alias.as_str()) {
+            let list = if present.is_empty() {
+                "none (the source has no layouts; use --unshard, --pp or --strategy)".to_string()
+            } else {
+                present.iter().copied().collect::<Vec<_>>().join(", ")
+            };
+            bail!("--mesh {alias}=...: no tensor has a device axis named {alias}; aliases present: {list}");
+        }
+    }
+    let size_of: HashMap<&str, u64> = sizes.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+
+    // New layouts (rank lists filled in below, once stages are known).
+    let mut layouts: Vec<Option<Layout>> = Vec::with_capacity(it.tensors.len());
+    let mut devices: Option<(u64, &str)> = None;
+    for t in &it.tensors {
+        let Some(src) = &t.layout else {
+            layouts.push(None);
+            continue;
+        };
+        let mut l = src.clone();
+        for (axis, alias) in l.alias_name.iter().enumerate() {
+            if let Some(&n) = size_of.get(alias.as_str()) {
+                l.device_matrix[axis] = n;
+            }
+        }
+        l.check_divides(&t.global_shape)
+            .map_err(|e| bad!("target: tensor {}: {e}", t.name))?;
+        let n = l.devices();
+        match devices {
+            None => devices = Some((n, &t.name)),
+            Some((m, other)) if m != n => bail!(
+                "target: tensors disagree on ranks per stage: {other} has {m} ({}), {} has {n} ({})",
+                it.tensors.iter().find(|x| x.name == other).and_then(|x| x.layout.as_ref()).map(|l| mesh_after(l, &size_of)).unwrap_or_default(),
+                t.name,
+                l.describe_mesh()
+            ),
+            _ => {}
+        }
+        layouts.push(Some(l));
+    }
+    let stage_devices = devices.map_or(1, |d| d.0);
+    let stages_of = stage_rule(it, pp)?;
+
+    Ok(it
+        .tensors
+        .iter()
+        .zip(layouts)
+        .map(|(t, layout)| {
+            let s = stages_of(t);
+            let ranks: Vec<u64> = (s * stage_devices..(s + 1) * stage_devices).collect();
+            match layout {
+                Some(mut l) => {
+                    l.rank_list = ranks.clone();
+                    Placement {
+                        layout: Some(l),
+                        ranks,
+                    }
+                }
+                None => Placement {
+                    layout: None,
+                    ranks,
+                },
+            }
+        })
+        .collect())
+}
+
+fn mesh_after(l: &Layout, size_of: &HashMap<&str, u64>) -> String {
+    let mut l = l.clone();
+    for (axis, alias) in l.alias_name.iter().enumerate() {
+        if let Some(&n) = size_of.get(alias.as_str()) {
+            l.device_matrix[axis] = n;
+        }
+    }
+    l.describe_mesh()
+}
+
+/// The target stage of each tensor. Without `--pp` a tensor stays on its
+/// source stage (which also keeps any uneven split the source job chose);
+/// with `--pp N`, layer `i` of `L` goes to stage `i*N/L` and a tensor outside
+/// the layers stays first if it was first, else goes last.
+fn stage_rule(it: &Iteration, pp: Option<u64>) -> Result<Box<dyn Fn(&Tensor) -> u64 + '_>> {
+    let Some(n) = pp else {
+        return Ok(Box::new(|t: &Tensor| t.stage));
+    };
+    if n == 0 {
+        bail!("--pp must be at least 1");
+    }
+    let layers = it
+        .tensors
+        .iter()
+        .filter_map(|t| layer_index(&t.name))
+        .max()
+        .map_or(0, |m| m + 1);
+    if n > 1 && n > layers {
+        bail!(
+            "--pp {n}: the checkpoint has {layers} layers (names with `layers.<i>.`), so at most {} stages",
+            layers.max(1)
+        );
+    }
+    Ok(Box::new(move |t: &Tensor| match layer_index(&t.name) {
+        Some(i) => i * n / layers,
+        None if t.stage == 0 => 0,
+        None => n - 1,
+    }))
+}
+
+fn resolve_strategy(it: &Iteration, path: &Path) -> Result<Vec<Placement>> {
+    let raw = std::fs::read(path).map_err(|e| source_io(path, e))?;
+    let p = path.display();
+    let json: Value =
+        serde_json::from_slice(&raw).map_err(|e| bad!("{p}: not valid JSON: {e}"))?;
+    let obj = json
+        .as_object()
+        .ok_or_else(|| bad!("{p}: expected a metadata.json or an object {{tensor name: layout}}"))?;
+    // A target job's metadata.json, or a bare {name: layout} object.
+    let (entries, holders) = match obj.get("state_dict_metadata") {
+        Some(sdm) => {
+            let sdm = sdm
+                .as_object()
+                .ok_or_else(|| bad!("{p}: `state_dict_metadata` is not an object"))?;
+            (sdm, strategy_holders(obj.get("storage_data"), &p.to_string())?)
+        }
+        None => (obj, HashMap::new()),
+    };
+    let from_metadata = obj.contains_key("state_dict_metadata");
+    let mut missing = Vec::new();
+    let mut placements = Vec::with_capacity(it.tensors.len());
+    for t in &it.tensors {
+        let Some(entry) = entries.get(&t.name) else {
+            missing.push(t.name.as_str());
+            continue;
+        };
+        let at = |e: String| bad!("{p}: tensor {}: {e}", t.name);
+        let layout_value = if from_metadata {
+            if let Some(gs) = entry.get("global_shape") {
+                let gs: Vec<u64> = from_value(gs).map_err(|e| at(format!("global_shape: {e}")))?;
+                if gs != t.global_shape {
+                    return Err(at(format!(
+                        "global_shape is {gs:?}, but the source's is {:?}",
+                        t.global_shape
+                    )));
+                }
+            }
+            entry.get("layout").unwrap_or(&Value::Null)
+        } else {
+            entry
+        };
+        let lj: Option<LayoutJson> = from_value(layout_value).map_err(|e| at(format!("layout: {e}")))?;
+        let placement = match lj {
+            Some(lj) => {
+                let l = Layout::from_json(&lj, t.global_shape.len()).map_err(at)?;
+                l.check_divides(&t.global_shape).map_err(at)?;
+                Placement {
+                    ranks: l.rank_list.clone(),
+                    layout: Some(l),
+                }
+            }
+            None => Placement {
+                layout: None,
+                ranks: holders.get(&t.name).cloned().unwrap_or_else(|| vec![0]),
+            },
+        };
+        placements.push(placement);
+    }
+    if !missing.is_empty() {
+        bail!(
+            "{p}: has no layout for {} source tensor(s): {}{}",
+            missing.len(),
+            missing.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+            if missing.len() > 5 { ", ..." } else { "" }
+        );
+    }
+    Ok(placements)
+}
+
+/// For a strategy metadata.json: the ranks that hold each tensor, from its
+/// storage_data (used for tensors whose layout is null).
+fn strategy_holders(sd: Option<&Value>, p: &str) -> Result<HashMap<String, Vec<u64>>> {
+    let mut out: HashMap<String, BTreeSet<u64>> = HashMap::new();
+    if let Some(sd) = sd.and_then(Value::as_object) {
+        for (key, value) in sd {
+            let (name, _) = parse_shard_id(key).map_err(|e| bad!("{p}: storage_data: {e}"))?;
+            let entries: Vec<StorageEntry> =
+                from_value(value).map_err(|e| bad!("{p}: storage_data[{key:?}]: {e}"))?;
+            let set = out.entry(name).or_default();
+            for e in entries {
+                set.insert(e.storage_rank);
+                set.extend(e.rank_group.unwrap_or_default());
+            }
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().collect()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_indices() {
+        assert_eq!(layer_index("decoder.layers.12.mlp.w"), Some(12));
+        assert_eq!(layer_index("adam_m.decoder.layers.3.w"), Some(3));
+        assert_eq!(layer_index("layers.0.w"), Some(0));
+        assert_eq!(layer_index("model.sublayers.4.w"), None);
+        assert_eq!(layer_index("decoder.layers.x.w"), None);
+        assert_eq!(layer_index("decoder.layers.7"), None);
+        assert_eq!(layer_index("embedding.word_embeddings.weight"), None);
+    }
+
+    #[test]
+    fn mesh_arguments() {
+        let m = TargetSpec::parse_mesh(&["dp=1,tp=4".into(), "cp=2".into()]).unwrap();
+        assert_eq!(
+            m,
+            vec![("dp".into(), 1), ("tp".into(), 4), ("cp".into(), 2)]
+        );
+        assert!(TargetSpec::parse_mesh(&["tp".into()]).is_err());
+        assert!(TargetSpec::parse_mesh(&["tp=0".into()]).is_err());
+        assert!(TargetSpec::parse_mesh(&["tp=2,tp=4".into()]).is_err());
+    }
+}
