@@ -108,7 +108,8 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
     for d in &dirs {
         fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     }
-    let total: u64 = jobs.iter().map(Job::size).sum::<u64>() + tracker.as_ref().map_or(0, Job::size);
+    let total: u64 =
+        jobs.iter().map(Job::size).sum::<u64>() + tracker.as_ref().map_or(0, Job::size);
     let bar = if opts.progress && std::io::stderr().is_terminal() {
         let b = ProgressBar::new(total);
         b.set_style(
@@ -150,7 +151,7 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
         return Err(e);
     }
     if let Some(t) = &tracker {
-        write_job(&engine, t, &mut Vec::new(), &bar)?;
+        write_job(&engine, t, &mut [], &bar)?;
     }
     bar.finish_and_clear();
     Ok(ExportStats {
@@ -164,8 +165,8 @@ fn prepare_dest(dest: &Path, force: bool) -> Result<()> {
     match fs::metadata(dest) {
         Ok(m) if !m.is_dir() => bail!("{}: exists and is not a directory", dest.display()),
         Ok(_) => {
-            let mut entries =
-                fs::read_dir(dest).map_err(|e| Error::io(format!("reading {}", dest.display()), e))?;
+            let mut entries = fs::read_dir(dest)
+                .map_err(|e| Error::io(format!("reading {}", dest.display()), e))?;
             if entries.next().is_some() && !force {
                 bail!(
                     "{}: is not empty; pass --force to write into it anyway",
@@ -179,7 +180,7 @@ fn prepare_dest(dest: &Path, force: bool) -> Result<()> {
     }
 }
 
-fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut Vec<u8>, bar: &ProgressBar) -> Result<()> {
+fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressBar) -> Result<()> {
     let name = job
         .path
         .file_name()
@@ -201,14 +202,19 @@ fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut Vec<u8>, bar: &Progre
                     if n == 0 {
                         break;
                     }
-                    f.write_all(&buf[..n]).map_err(|e| Error::io(ctx("writing"), e))?;
+                    f.write_all(&buf[..n])
+                        .map_err(|e| Error::io(ctx("writing"), e))?;
                     off += n as u64;
                     bar.inc(n as u64);
                 }
             }
         }
-        fs::rename(&tmp, &job.path)
-            .map_err(|e| Error::io(format!("renaming {} to {}", tmp.display(), job.path.display()), e))
+        fs::rename(&tmp, &job.path).map_err(|e| {
+            Error::io(
+                format!("renaming {} to {}", tmp.display(), job.path.display()),
+                e,
+            )
+        })
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

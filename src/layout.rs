@@ -359,17 +359,32 @@ mod tests {
         };
         let mut j = base.clone();
         j.rank_list = vec![0, 1, 2];
-        assert!(Layout::from_json(&j, 1).unwrap_err().contains("rank_list has 3"));
+        assert!(
+            Layout::from_json(&j, 1)
+                .unwrap_err()
+                .contains("rank_list has 3")
+        );
         let mut j = base.clone();
         j.rank_list = vec![0, 1, 1, 2];
         assert!(Layout::from_json(&j, 1).unwrap_err().contains("twice"));
         let mut j = base.clone();
         j.tensor_map = vec![One(2)];
-        assert!(Layout::from_json(&j, 1).unwrap_err().contains("tensor_map[0] holds 2"));
-        assert!(Layout::from_json(&base, 2).unwrap_err().contains("tensor_map has 1"));
+        assert!(
+            Layout::from_json(&j, 1)
+                .unwrap_err()
+                .contains("tensor_map[0] holds 2")
+        );
+        assert!(
+            Layout::from_json(&base, 2)
+                .unwrap_err()
+                .contains("tensor_map has 1")
+        );
         let l = Layout::from_json(&base, 1).unwrap();
         let e = l.check_divides(&[5]).unwrap_err();
-        assert!(e.contains("dimension 0 of size 5") && e.contains("tp=2"), "{e}");
+        assert!(
+            e.contains("dimension 0 of size 5") && e.contains("tp=2"),
+            "{e}"
+        );
     }
 
     #[test]

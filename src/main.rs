@@ -115,7 +115,8 @@ impl TargetArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
     if let Some(level) = &cli.log_level {
         logger.parse_filters(level);
     }
@@ -152,9 +153,8 @@ fn run(command: Command) -> Result<()> {
         } => {
             let spec = target.spec()?;
             let plan = Plan::build(Source::open(&src)?, spec)?;
-            let threads = threads.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(2, |n| n.get())
-            });
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let start = std::time::Instant::now();
             let stats = export(
                 &plan,
@@ -179,7 +179,11 @@ fn run(command: Command) -> Result<()> {
     }
 }
 
-fn print_report<T: serde::Serialize>(json: bool, r: &T, text: impl FnOnce() -> String) -> Result<()> {
+fn print_report<T: serde::Serialize>(
+    json: bool,
+    r: &T,
+    text: impl FnOnce() -> String,
+) -> Result<()> {
     use std::io::Write;
     let out = if json {
         let mut s = serde_json::to_string_pretty(r)

@@ -205,7 +205,12 @@ fn view_metadata(it: &Iteration, placements: &[Placement], world: u64) -> Result
             Some(l) => l.fragmentations(),
             None => vec![1; t.global_shape.len()],
         };
-        let chunk_shape: Vec<u64> = t.global_shape.iter().zip(&frag).map(|(s, f)| s / f).collect();
+        let chunk_shape: Vec<u64> = t
+            .global_shape
+            .iter()
+            .zip(&frag)
+            .map(|(s, f)| s / f)
+            .collect();
         let nchunks: u64 = frag.iter().product();
         let replica_id: Vec<u64> = match &p.layout {
             Some(l) => (0..p.ranks.len()).map(|i| l.replica_id(i)).collect(),

@@ -118,7 +118,11 @@ fn inspect_iteration(it: &Iteration) -> InspectIteration {
                             .map(|(g, s)| g * s)
                             .collect(),
                         shape: t.chunk_shape.clone(),
-                        files: c.holders.iter().map(|h| it.files[h.0].name.clone()).collect(),
+                        files: c
+                            .holders
+                            .iter()
+                            .map(|h| it.files[h.0].name.clone())
+                            .collect(),
                     })
                     .collect(),
             })
@@ -144,7 +148,10 @@ impl InspectReport {
             let _ = writeln!(
                 o,
                 "\n{}world {} = {} stage(s) x {} rank(s); prefix {}; {} rank file(s)",
-                it.name.as_ref().map(|n| format!("{n}: ")).unwrap_or_default(),
+                it.name
+                    .as_ref()
+                    .map(|n| format!("{n}: "))
+                    .unwrap_or_default(),
                 it.world,
                 it.stages,
                 it.ranks_per_stage,
@@ -191,7 +198,10 @@ impl InspectReport {
                     format!(
                         "{} x {:?}",
                         t.chunks.len(),
-                        t.chunks.first().map(|c| c.shape.clone()).unwrap_or_default()
+                        t.chunks
+                            .first()
+                            .map(|c| c.shape.clone())
+                            .unwrap_or_default()
                     ),
                     files.join(" "),
                 ]);
@@ -352,7 +362,10 @@ impl PlanReport {
             let _ = writeln!(
                 o,
                 "\n{}world {}: {} file(s) + metadata.json ({} bytes)",
-                it.name.as_ref().map(|n| format!("{n}: ")).unwrap_or_default(),
+                it.name
+                    .as_ref()
+                    .map(|n| format!("{n}: "))
+                    .unwrap_or_default(),
                 it.world,
                 it.files.len(),
                 it.metadata_json_bytes

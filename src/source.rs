@@ -119,7 +119,10 @@ impl Source {
     pub fn open(path: &Path) -> Result<Source> {
         let meta = fs::metadata(path).map_err(|e| source_io(path, e))?;
         if !meta.is_dir() {
-            bail!("{}: not a directory; give a checkpoint root, an iteration folder or a folder of safetensors files", path.display());
+            bail!(
+                "{}: not a directory; give a checkpoint root, an iteration folder or a folder of safetensors files",
+                path.display()
+            );
         }
         let tracker_path = path.join(names::TRACKER);
         if tracker_path.exists() {
@@ -308,7 +311,9 @@ fn load_iteration(dir: &Path, name: Option<String>, number: Option<u64>) -> Resu
             bail!("{mp}: storage_data[{key:?}] lists no file");
         }
         if !sdm.contains_key(&tname) {
-            bail!("{mp}: storage_data[{key:?}] names tensor {tname}, which state_dict_metadata does not list");
+            bail!(
+                "{mp}: storage_data[{key:?}] names tensor {tname}, which state_dict_metadata does not list"
+            );
         }
         entries.sort_by_key(|e| e.storage_rank);
         if storage.insert((tname, k), entries).is_some() {
@@ -326,8 +331,7 @@ fn load_iteration(dir: &Path, name: Option<String>, number: Option<u64>) -> Resu
     let mut max_rank = 0u64;
     let mut used_shards = 0usize;
     for (tname, value) in sdm {
-        let tm: TensorMeta =
-            from_value(value).map_err(|e| bad!("{mp}: tensor {tname}: {e}"))?;
+        let tm: TensorMeta = from_value(value).map_err(|e| bad!("{mp}: tensor {tname}: {e}"))?;
         let t = check_tensor(tname, &tm, &storage, &mut files, &mp.to_string())?;
         used_shards += t.chunks.len();
         if let Some(l) = &t.layout {
@@ -425,7 +429,8 @@ fn check_tensor(
     let at = |what: String| bad!("{mp}: tensor {name}: {what}");
     let shape = &tm.global_shape;
     let ndim = shape.len();
-    let nelems = checked_product(shape).ok_or_else(|| at("global_shape: element count overflows".into()))?;
+    let nelems =
+        checked_product(shape).ok_or_else(|| at("global_shape: element count overflows".into()))?;
     let layout = match &tm.layout {
         Some(lj) => Some(Layout::from_json(lj, ndim).map_err(at)?),
         None => None,
@@ -460,7 +465,8 @@ fn check_tensor(
         }
     }
     let chunk_shape: Vec<u64> = shape.iter().zip(&frag).map(|(s, f)| s / f).collect();
-    let nchunks = checked_product(&frag).ok_or_else(|| at("axis_fragmentations overflow".into()))?;
+    let nchunks =
+        checked_product(&frag).ok_or_else(|| at("axis_fragmentations overflow".into()))?;
     if tm.chunk.len() as u64 != nchunks {
         return Err(at(format!(
             "chunk lists {} slices, but axis_fragmentations {:?} make {nchunks}: the slices {}",
@@ -531,7 +537,10 @@ fn check_tensor(
                 _ => {}
             }
             let st = f.tensors.get(name).ok_or_else(|| {
-                bad!("{}: tensor {name} is missing (metadata.json says slice [{k}] is here)", f.path.display())
+                bad!(
+                    "{}: tensor {name} is missing (metadata.json says slice [{k}] is here)",
+                    f.path.display()
+                )
             })?;
             if let Some(md) = meta_dtype
                 && st.dtype != md
@@ -652,7 +661,8 @@ fn load_plain(dir: &Path) -> Result<Iteration> {
     for fname in &file_names {
         let fi = set.get(fname)?;
         let f = &set.files[fi];
-        let mut stored: Vec<(&String, &crate::format::rankfile::StoredTensor)> = f.tensors.iter().collect();
+        let mut stored: Vec<(&String, &crate::format::rankfile::StoredTensor)> =
+            f.tensors.iter().collect();
         stored.sort_by_key(|(_, st)| st.offset);
         for (tname, st) in stored {
             if let Some(other) = seen.insert(tname.clone(), f.name.clone()) {

@@ -90,7 +90,8 @@ impl TargetSpec {
     pub fn describe(&self) -> String {
         match self {
             TargetSpec::Mesh { sizes, pp } => {
-                let mut parts: Vec<String> = sizes.iter().map(|(a, n)| format!("{a}={n}")).collect();
+                let mut parts: Vec<String> =
+                    sizes.iter().map(|(a, n)| format!("{a}={n}")).collect();
                 if let Some(pp) = pp {
                     parts.push(format!("pp={pp}"));
                 }
@@ -143,7 +144,11 @@ pub fn layer_index(name: &str) -> Option<u64> {
     }
 }
 
-fn resolve_mesh(it: &Iteration, sizes: &[(String, u64)], pp: Option<u64>) -> Result<Vec<Placement>> {
+fn resolve_mesh(
+    it: &Iteration,
+    sizes: &[(String, u64)],
+    pp: Option<u64>,
+) -> Result<Vec<Placement>> {
     let present: BTreeSet<&str> = it
         .tensors
         .iter()
@@ -157,7 +162,9 @@ fn resolve_mesh(it: &Iteration, sizes: &[(String, u64)], pp: Option<u64>) -> Res
             } else {
                 present.iter().copied().collect::<Vec<_>>().join(", ")
             };
-            bail!("--mesh {alias}=...: no tensor has a device axis named {alias}; aliases present: {list}");
+            bail!(
+                "--mesh {alias}=...: no tensor has a device axis named {alias}; aliases present: {list}"
+            );
         }
     }
     let size_of: HashMap<&str, u64> = sizes.iter().map(|(a, n)| (a.as_str(), *n)).collect();
@@ -183,7 +190,12 @@ fn resolve_mesh(it: &Iteration, sizes: &[(String, u64)], pp: Option<u64>) -> Res
             None => devices = Some((n, &t.name)),
             Some((m, other)) if m != n => bail!(
                 "target: tensors disagree on ranks per stage: {other} has {m} ({}), {} has {n} ({})",
-                it.tensors.iter().find(|x| x.name == other).and_then(|x| x.layout.as_ref()).map(|l| mesh_after(l, &size_of)).unwrap_or_default(),
+                it.tensors
+                    .iter()
+                    .find(|x| x.name == other)
+                    .and_then(|x| x.layout.as_ref())
+                    .map(|l| mesh_after(l, &size_of))
+                    .unwrap_or_default(),
                 t.name,
                 l.describe_mesh()
             ),
@@ -192,14 +204,14 @@ fn resolve_mesh(it: &Iteration, sizes: &[(String, u64)], pp: Option<u64>) -> Res
         layouts.push(Some(l));
     }
     let stage_devices = devices.map_or(1, |d| d.0);
-    let stages_of = stage_rule(it, pp)?;
+    let rule = StageRule::new(it, pp)?;
 
     Ok(it
         .tensors
         .iter()
         .zip(layouts)
         .map(|(t, layout)| {
-            let s = stages_of(t);
+            let s = rule.stage(t);
             let ranks: Vec<u64> = (s * stage_devices..(s + 1) * stage_devices).collect();
             match layout {
                 Some(mut l) => {
@@ -232,47 +244,63 @@ fn mesh_after(l: &Layout, size_of: &HashMap<&str, u64>) -> String {
 /// source stage (which also keeps any uneven split the source job chose);
 /// with `--pp N`, layer `i` of `L` goes to stage `i*N/L` and a tensor outside
 /// the layers stays first if it was first, else goes last.
-fn stage_rule(it: &Iteration, pp: Option<u64>) -> Result<Box<dyn Fn(&Tensor) -> u64 + '_>> {
-    let Some(n) = pp else {
-        return Ok(Box::new(|t: &Tensor| t.stage));
-    };
-    if n == 0 {
-        bail!("--pp must be at least 1");
+enum StageRule {
+    Keep,
+    Pp { stages: u64, layers: u64 },
+}
+
+impl StageRule {
+    fn new(it: &Iteration, pp: Option<u64>) -> Result<StageRule> {
+        let Some(stages) = pp else {
+            return Ok(StageRule::Keep);
+        };
+        if stages == 0 {
+            bail!("--pp must be at least 1");
+        }
+        let layers = it
+            .tensors
+            .iter()
+            .filter_map(|t| layer_index(&t.name))
+            .max()
+            .map_or(0, |m| m + 1);
+        if stages > 1 && stages > layers {
+            bail!(
+                "--pp {stages}: the checkpoint has {layers} layers (names with `layers.<i>.`), so at most {} stages",
+                layers.max(1)
+            );
+        }
+        Ok(StageRule::Pp { stages, layers })
     }
-    let layers = it
-        .tensors
-        .iter()
-        .filter_map(|t| layer_index(&t.name))
-        .max()
-        .map_or(0, |m| m + 1);
-    if n > 1 && n > layers {
-        bail!(
-            "--pp {n}: the checkpoint has {layers} layers (names with `layers.<i>.`), so at most {} stages",
-            layers.max(1)
-        );
+
+    fn stage(&self, t: &Tensor) -> u64 {
+        match *self {
+            StageRule::Keep => t.stage,
+            StageRule::Pp { stages, layers } => match layer_index(&t.name) {
+                Some(i) => i * stages / layers,
+                None if t.stage == 0 => 0,
+                None => stages - 1,
+            },
+        }
     }
-    Ok(Box::new(move |t: &Tensor| match layer_index(&t.name) {
-        Some(i) => i * n / layers,
-        None if t.stage == 0 => 0,
-        None => n - 1,
-    }))
 }
 
 fn resolve_strategy(it: &Iteration, path: &Path) -> Result<Vec<Placement>> {
     let raw = std::fs::read(path).map_err(|e| source_io(path, e))?;
     let p = path.display();
-    let json: Value =
-        serde_json::from_slice(&raw).map_err(|e| bad!("{p}: not valid JSON: {e}"))?;
-    let obj = json
-        .as_object()
-        .ok_or_else(|| bad!("{p}: expected a metadata.json or an object {{tensor name: layout}}"))?;
+    let json: Value = serde_json::from_slice(&raw).map_err(|e| bad!("{p}: not valid JSON: {e}"))?;
+    let obj = json.as_object().ok_or_else(|| {
+        bad!("{p}: expected a metadata.json or an object {{tensor name: layout}}")
+    })?;
     // A target job's metadata.json, or a bare {name: layout} object.
     let (entries, holders) = match obj.get("state_dict_metadata") {
         Some(sdm) => {
             let sdm = sdm
                 .as_object()
                 .ok_or_else(|| bad!("{p}: `state_dict_metadata` is not an object"))?;
-            (sdm, strategy_holders(obj.get("storage_data"), &p.to_string())?)
+            (
+                sdm,
+                strategy_holders(obj.get("storage_data"), &p.to_string())?,
+            )
         }
         None => (obj, HashMap::new()),
     };
@@ -299,7 +327,8 @@ fn resolve_strategy(it: &Iteration, path: &Path) -> Result<Vec<Placement>> {
         } else {
             entry
         };
-        let lj: Option<LayoutJson> = from_value(layout_value).map_err(|e| at(format!("layout: {e}")))?;
+        let lj: Option<LayoutJson> =
+            from_value(layout_value).map_err(|e| at(format!("layout: {e}")))?;
         let placement = match lj {
             Some(lj) => {
                 let l = Layout::from_json(&lj, t.global_shape.len()).map_err(at)?;
@@ -320,7 +349,12 @@ fn resolve_strategy(it: &Iteration, path: &Path) -> Result<Vec<Placement>> {
         bail!(
             "{p}: has no layout for {} source tensor(s): {}{}",
             missing.len(),
-            missing.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+            missing
+                .iter()
+                .take(5)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", "),
             if missing.len() > 5 { ", ..." } else { "" }
         );
     }

@@ -92,12 +92,18 @@ pub fn from_value<T: serde::de::DeserializeOwned>(value: &Value) -> Result<T, St
 pub fn parse_shard_id(key: &str) -> Result<(String, u64), String> {
     let err = |why: &str| format!("shard id {key:?}: {why}; expected the form \"('name', (k,))\"");
     let rest = key.trim();
-    let rest = rest.strip_prefix('(').ok_or_else(|| err("no opening '('"))?;
+    let rest = rest
+        .strip_prefix('(')
+        .ok_or_else(|| err("no opening '('"))?;
     let (name, rest) = parse_py_str(rest.trim_start()).map_err(|e| err(&e))?;
     let rest = rest.trim_start();
-    let rest = rest.strip_prefix(',').ok_or_else(|| err("no ',' after the name"))?;
+    let rest = rest
+        .strip_prefix(',')
+        .ok_or_else(|| err("no ',' after the name"))?;
     let rest = rest.trim_start();
-    let rest = rest.strip_prefix('(').ok_or_else(|| err("no '(' before the index"))?;
+    let rest = rest
+        .strip_prefix('(')
+        .ok_or_else(|| err("no '(' before the index"))?;
     let close = rest.find(')').ok_or_else(|| err("unclosed index tuple"))?;
     let inner = &rest[..close];
     let after = rest[close + 1..].trim();
@@ -109,9 +115,12 @@ pub fn parse_shard_id(key: &str) -> Result<(String, u64), String> {
     if parts.len() != 1 {
         return Err(err("the index tuple must hold exactly one integer"));
     }
-    let k: u64 = parts[0]
-        .parse()
-        .map_err(|_| err(&format!("index {:?} is not a non-negative integer", parts[0])))?;
+    let k: u64 = parts[0].parse().map_err(|_| {
+        err(&format!(
+            "index {:?} is not a non-negative integer",
+            parts[0]
+        ))
+    })?;
     let after = after.strip_prefix(',').unwrap_or(after).trim();
     if after != ")" {
         return Err(err("trailing text after the index tuple"));
@@ -147,7 +156,9 @@ fn parse_py_str(s: &str) -> Result<(String, &str), String> {
                     'u' => 4,
                     _ => 8,
                 };
-                let hex: String = (0..n).filter_map(|_| chars.next().map(|(_, h)| h)).collect();
+                let hex: String = (0..n)
+                    .filter_map(|_| chars.next().map(|(_, h)| h))
+                    .collect();
                 let code = u32::from_str_radix(&hex, 16)
                     .ok()
                     .filter(|_| hex.len() == n)
@@ -217,9 +228,20 @@ mod tests {
 
     #[test]
     fn shard_ids_round_trip_through_python_repr() {
-        for name in ["w", "it's", "say \"hi\"", "both ' and \"", "back\\slash", "tab\there"] {
+        for name in [
+            "w",
+            "it's",
+            "say \"hi\"",
+            "both ' and \"",
+            "back\\slash",
+            "tab\there",
+        ] {
             let key = format_shard_id(name, 7);
-            assert_eq!(parse_shard_id(&key).unwrap(), (name.to_string(), 7), "{key}");
+            assert_eq!(
+                parse_shard_id(&key).unwrap(),
+                (name.to_string(), 7),
+                "{key}"
+            );
         }
         assert_eq!(format_shard_id("it's", 0), "(\"it's\", (0,))");
         assert_eq!(format_shard_id("w", 3), "('w', (3,))");

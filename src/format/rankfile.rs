@@ -54,8 +54,13 @@ impl RankFile {
         // SAFETY: the map is read-only and private; a source changed under us
         // is the mount's concern (see the engine), not the parser's.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| source_io(path, e))?;
-        let (n, meta) = SafeTensors::read_metadata(&map)
-            .map_err(|e| bad!("{}: invalid safetensors header: {}", path.display(), explain(&e, len)))?;
+        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+            bad!(
+                "{}: invalid safetensors header: {}",
+                path.display(),
+                explain(&e, len)
+            )
+        })?;
         let data_start = 8 + n as u64;
         let mut tensors = HashMap::new();
         for (tname, info) in meta.tensors() {
@@ -224,7 +229,10 @@ mod tests {
         assert_eq!(offsets, vec![0, 24, 26]);
         assert_eq!(header.len() % 8, 0);
         let json = std::str::from_utf8(&header[8..]).unwrap();
-        assert!(json.starts_with(r#"{"__metadata__":{"format":"ms"},"a":"#), "{json}");
+        assert!(
+            json.starts_with(r#"{"__metadata__":{"format":"ms"},"a":"#),
+            "{json}"
+        );
         let mut file = header.clone();
         file.resize(header.len() + 26, 0);
         let st = SafeTensors::deserialize(&file).unwrap();
