@@ -138,8 +138,7 @@ fn run(command: Command) -> Result<()> {
             print_report(json, &r, || r.text())
         }
         Command::Plan { src, target, json } => {
-            let spec = target.spec()?;
-            let plan = Plan::build(Source::open(&src)?, spec)?;
+            let plan = load_plan(&src, &target)?;
             let r = report::plan(&plan, true);
             print_report(json, &r, || r.text())
         }
@@ -151,8 +150,7 @@ fn run(command: Command) -> Result<()> {
             threads,
             no_progress,
         } => {
-            let spec = target.spec()?;
-            let plan = Plan::build(Source::open(&src)?, spec)?;
+            let plan = load_plan(&src, &target)?;
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let start = std::time::Instant::now();
@@ -177,6 +175,21 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Reads and checks the source, then plans the view, logging how long each took.
+fn load_plan(src: &std::path::Path, target: &TargetArgs) -> Result<Plan> {
+    let spec = target.spec()?;
+    let t0 = std::time::Instant::now();
+    let source = Source::open(src)?;
+    let t1 = std::time::Instant::now();
+    let plan = Plan::build(source, spec)?;
+    log::info!(
+        "read and checked the source in {:.1} ms, planned in {:.1} ms",
+        (t1 - t0).as_secs_f64() * 1e3,
+        t1.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(plan)
 }
 
 fn print_report<T: serde::Serialize>(
