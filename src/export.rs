@@ -150,6 +150,7 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
         bar.abandon();
         return Err(e);
     }
+    remove_stale_rank_files(&dirs, &jobs)?;
     if let Some(t) = &tracker {
         write_job(&engine, t, &mut [], &bar)?;
     }
@@ -158,6 +159,30 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
         files: jobs.len() + usize::from(tracker.is_some()),
         bytes: total,
     })
+}
+
+/// After a forced export over an earlier view, rank files the new view does
+/// not have (another world size, say) would sit beside the new metadata.json
+/// and mislead a loader: remove them. Other files are left alone.
+fn remove_stale_rank_files(dirs: &[PathBuf], jobs: &[Job<'_>]) -> Result<()> {
+    let written: std::collections::HashSet<&Path> = jobs.iter().map(|j| j.path.as_path()).collect();
+    for dir in dirs {
+        let entries =
+            fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name();
+            let is_rank_file = name
+                .to_str()
+                .is_some_and(|n| names::parse_rank_file_name(n).is_some());
+            if is_rank_file && !written.contains(path.as_path()) {
+                log::info!("removing {}, left by an earlier export", path.display());
+                fs::remove_file(&path)
+                    .map_err(|e| Error::io(format!("removing stale {}", path.display()), e))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a destination that holds anything, unless forced.

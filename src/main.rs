@@ -61,7 +61,8 @@ enum Command {
         dest: PathBuf,
         #[command(flatten)]
         target: TargetArgs,
-        /// Write into a non-empty DEST, replacing files of the same names.
+        /// Write into a non-empty DEST, replacing files of the same names and
+        /// removing rank files of an earlier view that this view does not have.
         #[arg(long)]
         force: bool,
         /// Files written in parallel (default: the number of CPUs).

@@ -17,6 +17,10 @@ use crate::layout::{Layout, Slice};
 use crate::source::{Iteration, Tensor};
 use crate::{bad, bail};
 
+/// Views have at most this many ranks: far beyond any training job, yet it
+/// keeps a hostile rank number from sizing a huge allocation.
+pub const MAX_WORLD: u64 = 1 << 20;
+
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetSpec {
@@ -125,6 +129,12 @@ impl TargetSpec {
             .flat_map(|p| p.ranks.iter().copied())
             .max()
             .map_or(1, |m| m + 1);
+        if world > MAX_WORLD {
+            bail!(
+                "target: rank {} is beyond the {MAX_WORLD} ranks a view may have",
+                world - 1
+            );
+        }
         Ok(Target { placements, world })
     }
 }
@@ -205,6 +215,12 @@ fn resolve_mesh(
     }
     let stage_devices = devices.map_or(1, |d| d.0);
     let rule = StageRule::new(it, pp)?;
+    let stages = pp.unwrap_or(it.stages);
+    if stage_devices.saturating_mul(stages) > MAX_WORLD {
+        bail!(
+            "target: {stages} stage(s) x {stage_devices} rank(s) is more than the {MAX_WORLD} ranks a view may have"
+        );
+    }
 
     Ok(it
         .tensors

@@ -1,0 +1,311 @@
+"""Bad inputs: exit code 2, a message naming the offending file / tensor / field, no panic or
+traceback, and nothing written to DEST by export."""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import TRACKER
+
+TP4 = "tp4-f32"
+GPT = "gpt-dp2-tp2-pp2-bf16"
+TP4_IT = "iteration_00000005"
+GPT_IT = "iteration_00000001"
+QKV = "decoder.layers.0.self_attention.linear_qkv.weight"  # tp4: [192, 64] split 4 on dim 0
+QKV_FILE = "model-0000001-0000004.safetensors"  # holds QKV chunk 1 (and only that copy)
+
+
+# ---------------------------------------------------------------------------
+# mutation helpers (they work on a writable copy of a fixture root)
+# ---------------------------------------------------------------------------
+
+
+def edit_meta(fn, it=TP4_IT):
+    def mutate(root: Path):
+        p = root / it / "metadata.json"
+        meta = json.loads(p.read_text())
+        fn(meta)
+        p.write_text(ckpt.dumps_metadata(meta))
+
+    return mutate
+
+
+def edit_header(fname, fn, it=TP4_IT):
+    """Rewrite a rank file's header (fn edits the parsed header dict), keeping the data."""
+
+    def mutate(root: Path):
+        p = root / it / fname
+        raw = p.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        fn(header)
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)
+        p.write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n :])
+
+    return mutate
+
+
+def write(rel, text):
+    def mutate(root: Path):
+        (root / rel).write_text(text)
+
+    return mutate
+
+
+def remove(rel):
+    def mutate(root: Path):
+        (root / rel).unlink()
+
+    return mutate
+
+
+def sdm(meta, name=QKV):
+    return meta["state_dict_metadata"][name]
+
+
+def drop_chunk_1(meta):
+    m = sdm(meta)
+    m["chunk"] = [c for c in m["chunk"] if c["global_offset"] != [1]]
+    del meta["storage_data"][ckpt.shard_key(QKV, 1)]
+
+
+def dup_chunk(meta):
+    sdm(meta)["chunk"].append(dict(sdm(meta)["chunk"][1]))
+
+
+def rename_shard_key(meta):
+    st = meta["storage_data"]
+    st["decoder.layers.0.self_attention.linear_qkv.weight@1"] = st.pop(ckpt.shard_key(QKV, 1))
+
+
+def set_field(key, value, name=QKV, sub=None):
+    def fn(meta):
+        d = sdm(meta, name)
+        if sub:
+            d = d[sub]
+        if value is DELETE:
+            del d[key]
+        else:
+            d[key] = value
+
+    return fn
+
+
+DELETE = object()
+
+
+def storage_file(fname):
+    def fn(meta):
+        for e in meta["storage_data"][ckpt.shard_key(QKV, 1)]:
+            e["file_name"] = fname
+
+    return fn
+
+
+def header_tensor(key, value, name=QKV):
+    def fn(h):
+        h[name][key] = value
+
+    return fn
+
+
+def truncate(rel, nbytes):
+    def mutate(root: Path):
+        p = root / rel
+        p.write_bytes(p.read_bytes()[:-nbytes])
+
+    return mutate
+
+
+def empty_folder(root: Path):
+    for f in sorted(root.rglob("*"), reverse=True):
+        f.rmdir() if f.is_dir() else f.unlink()
+
+
+# ---------------------------------------------------------------------------
+# the corpus
+# ---------------------------------------------------------------------------
+
+SOURCE_CMDS = ("inspect", "plan", "export")
+TARGET_CMDS = ("plan", "export")
+
+
+@dataclass
+class Bad:
+    id: str
+    mutate: Callable | None  # edits the copied fixture root
+    any_of: object  # substrings, at least one must be in stderr; or a callable(root) -> list
+    fixture: str = TP4
+    target: list = field(default_factory=lambda: ["--mesh", "tp=2"])
+    cmds: tuple = SOURCE_CMDS
+    src: str = "root"  # "root", "iter" (the iteration folder) or "plain" (a folder built by make_plain)
+    all_of: tuple = ()  # substrings that must all be present too
+
+
+CASES = [
+    Bad("invalid_json_metadata", write(f"{TP4_IT}/metadata.json", '{"state_dict_metadata": {"x": '), ["metadata.json"]),
+    Bad("metadata_not_object", write(f"{TP4_IT}/metadata.json", "[]"), ["metadata.json"]),
+    Bad("missing_global_shape", edit_meta(set_field("global_shape", DELETE)), ["global_shape"]),
+    Bad("global_shape_is_string", edit_meta(set_field("global_shape", "192,64")), ["global_shape"]),
+    Bad("negative_global_shape", edit_meta(set_field("global_shape", [-192, 64])), ["global_shape", QKV]),
+    Bad("missing_layout_key", edit_meta(set_field("tensor_map", DELETE, sub="layout")), ["tensor_map"]),
+    Bad("unknown_dtype_in_rank_header", edit_header(QKV_FILE, header_tensor("dtype", "Q8")), [QKV_FILE]),
+    Bad("rank_shape_not_matching_metadata", edit_header(QKV_FILE, header_tensor("shape", [64, 48])), [QKV_FILE, QKV]),
+    Bad("rank_dtype_not_matching_metadata", edit_header(QKV_FILE, header_tensor("dtype", "I32")), [QKV_FILE, QKV]),
+    Bad("rank_file_truncated", truncate(f"{TP4_IT}/{QKV_FILE}", 100), [QKV_FILE]),
+    Bad("rank_file_not_safetensors", write(f"{TP4_IT}/{QKV_FILE}", "hello"), [QKV_FILE]),
+    Bad("rank_file_lacks_tensor", edit_meta(storage_file("gpt-model-0000004-0000008.safetensors"), it=GPT_IT),
+        [QKV, "gpt-model-0000004-0000008.safetensors"], fixture=GPT, target=["--mesh", "tp=1"]),
+    Bad("chunk_gap", edit_meta(drop_chunk_1), [QKV]),
+    Bad("chunk_overlap", edit_meta(dup_chunk), [QKV]),
+    Bad("unparsable_shard_id", edit_meta(rename_shard_key), ["linear_qkv.weight@1", "storage_data"]),
+    Bad("storage_names_missing_file", edit_meta(storage_file("model-0000009-0000004.safetensors")),
+        ["model-0000009-0000004.safetensors"]),
+    Bad("missing_rank_file", remove(f"{TP4_IT}/model-0000002-0000004.safetensors"), ["model-0000002-0000004.safetensors"]),
+    Bad("rank_list_wrong_length", edit_meta(set_field("rank_list", [0, 1, 2], sub="layout")), ["rank_list", QKV]),
+    Bad("rank_list_duplicates", edit_meta(set_field("rank_list", [0, 1, 1, 3], sub="layout")), ["rank_list", QKV]),
+    Bad("tensor_map_out_of_range", edit_meta(set_field("tensor_map", [5, -1], sub="layout")), ["tensor_map", QKV]),
+    Bad("tensor_map_wrong_rank", edit_meta(set_field("tensor_map", [0, -1, -1], sub="layout")), ["tensor_map", QKV]),
+    Bad("uneven_split", edit_meta(set_field("global_shape", [194, 64])), [QKV]),
+    Bad("tracker_missing_iteration", write(TRACKER, "7"), ["iteration_00000007", TRACKER]),
+    Bad("tracker_not_a_number", write(TRACKER, "latest"), [TRACKER]),
+    Bad("empty_folder", empty_folder, lambda root: [str(root), "empty", "no safetensors", "metadata.json"]),
+    Bad("gpt_opt_file_missing", remove(f"{GPT_IT}/gpt-opt-0000005-0000008.safetensors"),
+        ["gpt-opt-0000005-0000008.safetensors"], fixture=GPT, target=["--mesh", "tp=1"], src="iter"),
+    # --- targets --------------------------------------------------------------------------
+    Bad("mesh_tp3_does_not_divide", None, None, target=["--mesh", "tp=3"], cmds=TARGET_CMDS),
+    Bad("mesh_unknown_alias", None, ["xx"], target=["--mesh", "xx=2"], cmds=TARGET_CMDS, all_of=("xx", "dp", "tp")),
+    Bad("mesh_zero", None, ["tp"], target=["--mesh", "tp=0"], cmds=TARGET_CMDS),
+    Bad("mesh_syntax", None, ["tp"], target=["--mesh", "tp"], cmds=TARGET_CMDS),
+    Bad("pp5_with_2_layers", None, ["layer", "Layer", "pp", "--pp"], fixture=GPT, target=["--pp", "5"],
+        cmds=TARGET_CMDS, all_of=("5",)),
+    Bad("strategy_file_missing", None, lambda root: [str(root.parent / "nope.json")],
+        target=["--strategy", "{tmp}/nope.json"], cmds=TARGET_CMDS),
+    Bad("strategy_not_dividing", None, [QKV], target=["--strategy", "{tmp}/strategy.json"], cmds=TARGET_CMDS),
+    Bad("strategy_lacks_tensor", None, ["output_layer.weight"], target=["--strategy", "{tmp}/strategy.json"],
+        cmds=TARGET_CMDS),
+    Bad("strategy_not_json", None, ["strategy.json"], target=["--strategy", "{tmp}/strategy.json"], cmds=TARGET_CMDS),
+    # --- plain safetensors folders (no metadata.json) -------------------------------------
+    Bad("plain_index_names_missing_file", None, ["b.safetensors"], src="plain"),
+    Bad("plain_file_not_safetensors", None, ["broken.safetensors"], src="plain"),
+]
+
+
+def write_strategy(case, tmp: Path):
+    meta = json.loads((ckpt.resolve_iteration(ckpt.FIXTURES / TP4) / "metadata.json").read_text())
+    layouts = {n: m["layout"] for n, m in meta["state_dict_metadata"].items()}
+    if case.id == "strategy_not_dividing":
+        write_bad_strategy(tmp)
+    elif case.id == "strategy_lacks_tensor":
+        del layouts["output_layer.weight"]
+        (tmp / "strategy.json").write_text(json.dumps(layouts))
+    elif case.id == "strategy_not_json":
+        (tmp / "strategy.json").write_text(json.dumps(layouts)[:-10])
+
+
+def make_plain(case, tmp: Path) -> Path:
+    plain = tmp / "plain"
+    plain.mkdir()
+    w = ("F32", np.arange(12, dtype="<f4"))
+    if case.id == "plain_index_names_missing_file":
+        ckpt.write_safetensors(plain / "a.safetensors", {"w": w})
+        (plain / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {"w": "a.safetensors", "v": "b.safetensors"}}))
+    else:
+        ckpt.write_safetensors(plain / "model.safetensors", {"w": w})
+        (plain / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    return plain
+
+
+def write_bad_strategy(tmp: Path):
+    meta = json.loads((ckpt.resolve_iteration(ckpt.FIXTURES / TP4) / "metadata.json").read_text())
+    layouts = {n: m["layout"] for n, m in meta["state_dict_metadata"].items()}
+    layouts[QKV] = ckpt.make_layout([1, 5], [0, -1], ["dp", "tp"], [0, 1, 2, 3, 4])  # 192 / 5
+    for n, lay in layouts.items():
+        if n != QKV:
+            layouts[n] = dict(lay, device_matrix=[1, 5], rank_list=[0, 1, 2, 3, 4], tensor_map=[-1] * len(lay["tensor_map"]))
+    (tmp / "strategy.json").write_text(json.dumps(layouts))
+
+
+PARAMS = [pytest.param(c, cmd, id=f"{c.id}-{cmd}") for c in CASES for cmd in c.cmds]
+
+
+def mesh_failures(root):
+    """Tensors of the tp4 fixture that --mesh tp=3 cannot split, with their bad dimension sizes."""
+    params, S, P = ckpt.load_checkpoint(ckpt.resolve_iteration(root))
+    out = {}
+    for p in params:
+        if p.layout is None:
+            continue
+        lay = dict(p.layout, device_matrix=[1, 3])
+        for n, s in zip(p.shape, ckpt.splits(lay, p.shape)):
+            if n % s:
+                out[p.name] = n
+    return out
+
+
+@pytest.mark.parametrize("case,cmd", PARAMS)
+def test_bad_input(case: Bad, cmd, tmp_path, fixture_copy, reshardfs_bin):
+    root = fixture_copy(case.fixture)
+    if case.mutate:
+        case.mutate(root)
+    write_strategy(case, tmp_path)
+    if case.src == "plain":
+        src = make_plain(case, tmp_path)
+        target = ["--unshard"]
+    else:
+        src = root if case.src == "root" else ckpt.resolve_iteration(root)
+        target = [a.replace("{tmp}", str(tmp_path)) for a in case.target]
+    dest = tmp_path / "dest"
+    if cmd == "inspect":
+        args = ["inspect", src]
+    elif cmd == "plan":
+        args = ["plan", src, *target]
+    else:
+        args = ["export", src, dest, *target]
+    run = ckpt.run_cli(args)
+    assert run.code == 2, f"expected exit 2\n{run}"
+    err = run.stderr
+    assert err.strip(), f"no message on stderr\n{run}"
+    for bad in ("panicked", "Traceback", "RUST_BACKTRACE", "stack backtrace"):
+        assert bad not in err, f"{bad!r} in stderr\n{run}"
+    if case.id == "mesh_tp3_does_not_divide":
+        fails = mesh_failures(root)
+        named = [n for n in fails if n in err]
+        assert named, f"stderr names none of the tensors tp=3 cannot split {sorted(fails)}\n{run}"
+        assert str(fails[named[0]]) in err and "3" in err, f"stderr lacks the size {fails[named[0]]} or split 3\n{run}"
+    else:
+        any_of = case.any_of(root) if callable(case.any_of) else case.any_of
+        assert any(s in err for s in any_of), f"stderr names none of {any_of}\n{run}"
+    for s in case.all_of:
+        assert s in err, f"stderr lacks {s!r}\n{run}"
+    if cmd == "export":
+        assert not dest.exists() or not any(dest.iterdir()), f"export wrote into DEST: {sorted(os.listdir(dest))}\n{run}"
+
+
+def test_dest_not_empty_without_force(tmp_path, reshardfs_bin):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("precious")
+    run = ckpt.export(ckpt.FIXTURES / TP4, dest, ["--mesh", "tp=2"])
+    assert run.code == 2, f"expected exit 2\n{run}"
+    assert "panicked" not in run.stderr and run.stderr.strip(), str(run)
+    assert any(s in run.stderr for s in (str(dest), "--force", "not empty")), str(run)
+    assert sorted(os.listdir(dest)) == ["keep.txt"] and (dest / "keep.txt").read_text() == "precious"
+
+
+def test_source_left_untouched(tmp_path, reshardfs_bin):
+    """A failed and a successful export leave the source byte-identical."""
+    root = ckpt.FIXTURES / TP4
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    ckpt.export(root, tmp_path / "a", ["--mesh", "tp=3"])
+    ckpt.export(root, tmp_path / "b", ["--mesh", "tp=2"])
+    after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    assert before == after
