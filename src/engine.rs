@@ -7,9 +7,27 @@
 //! dimensions, so copying is done with `copy_from_slice` over long spans, never
 //! element by element. The same engine serves `export` and the FUSE mount.
 
+use std::path::PathBuf;
+
 use crate::layout::{ravel, unravel};
 use crate::plan::{IterationPlan, Plan, PlannedTensor, VirtualFile};
 use crate::source::{Iteration, Tensor};
+
+/// A source file changed under the view: its bytes can no longer be trusted.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: the source file shrank or became unreadable while in use", path.display())]
+pub struct SourceFault {
+    pub path: PathBuf,
+}
+
+/// What one read produced.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// Bytes written to the caller's buffer.
+    pub bytes: usize,
+    /// Of those, bytes copied from source files (the rest is generated header).
+    pub from_source: usize,
+}
 
 /// Reads view files of a plan.
 pub struct Engine<'p> {
@@ -24,7 +42,13 @@ impl<'p> Engine<'p> {
     /// Fills `buf` with the bytes of file `file` of iteration `it` starting at
     /// `offset`; returns how many bytes were written (short only at the end of
     /// the file).
-    pub fn read(&self, it: usize, file: usize, offset: u64, buf: &mut [u8]) -> usize {
+    pub fn read(
+        &self,
+        it: usize,
+        file: usize,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Served, SourceFault> {
         let plan: &IterationPlan = &self.plan.iterations[it];
         let source: &Iteration = &self.plan.source.iterations[it];
         read_file(source, &plan.files[file], offset, buf)
@@ -32,9 +56,14 @@ impl<'p> Engine<'p> {
 }
 
 /// Reads a range of one view file.
-pub fn read_file(source: &Iteration, vf: &VirtualFile, offset: u64, buf: &mut [u8]) -> usize {
+pub fn read_file(
+    source: &Iteration,
+    vf: &VirtualFile,
+    offset: u64,
+    buf: &mut [u8],
+) -> Result<Served, SourceFault> {
     if offset >= vf.size {
-        return 0;
+        return Ok(Served::default());
     }
     let end = vf.size.min(offset + buf.len() as u64);
     let total = (end - offset) as usize;
@@ -60,15 +89,23 @@ pub fn read_file(source: &Iteration, vf: &VirtualFile, offset: u64, buf: &mut [u
             continue;
         }
         let (now, rest) = out.split_at_mut(n);
-        copy_tensor(source, pt, pos - pt.offset, now);
+        copy_tensor(source, pt, pos - pt.offset, now)?;
         out = rest;
         pos += n as u64;
     }
-    total
+    Ok(Served {
+        bytes: total,
+        from_source: (end - offset.max(hlen).min(end)) as usize,
+    })
 }
 
 /// Copies bytes `[at, at + out.len())` of a planned tensor's target slice.
-fn copy_tensor(source: &Iteration, pt: &PlannedTensor, mut at: u64, out: &mut [u8]) {
+fn copy_tensor(
+    source: &Iteration,
+    pt: &PlannedTensor,
+    mut at: u64,
+    out: &mut [u8],
+) -> Result<(), SourceFault> {
     let t: &Tensor = &source.tensors[pt.source];
     let es = t.elem_size();
     let shape = &pt.slice.shape;
@@ -102,8 +139,16 @@ fn copy_tensor(source: &Iteration, pt: &PlannedTensor, mut at: u64, out: &mut [u
         });
         let src = chunk.offset + src_elem * es + intra;
         let take = ((run_elems * es - intra) as usize).min(out.len() - done);
-        out[done..done + take].copy_from_slice(source.files[chunk.file].bytes(src, take as u64));
+        let file = &source.files[chunk.file];
+        out[done..done + take].copy_from_slice(file.bytes(src, take as u64));
+        // Checked after the copy: a fault during it has set the flag by now.
+        if file.is_damaged() {
+            return Err(SourceFault {
+                path: file.path.clone(),
+            });
+        }
         done += take;
         at += take as u64;
     }
+    Ok(())
 }

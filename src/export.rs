@@ -223,7 +223,10 @@ fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressB
             Content::View { it, file, size } => {
                 let mut off = 0u64;
                 while off < *size {
-                    let n = engine.read(*it, *file, off, buf);
+                    let n = engine
+                        .read(*it, *file, off, buf)
+                        .map_err(|e| crate::bad!("{e}"))?
+                        .bytes;
                     if n == 0 {
                         break;
                     }

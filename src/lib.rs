@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod guard;
 pub mod layout;
 pub mod plan;
 pub mod report;

@@ -298,13 +298,13 @@ proptest! {
             prop_assert_eq!(vf.size, want.len() as u64);
             // One read of everything, then random ranges (some past the end).
             let mut got = vec![0u8; want.len() + 7];
-            let n = engine.read(0, fi, 0, &mut got);
+            let n = engine.read(0, fi, 0, &mut got).unwrap().bytes;
             prop_assert_eq!(n, want.len());
             prop_assert!(got[..n] == want[..], "file {} differs", vf.name);
             for &(off, len) in &c.reads {
                 let off = off % (want.len() as u64 + 2);
                 let mut buf = vec![0u8; len as usize];
-                let n = engine.read(0, fi, off, &mut buf);
+                let n = engine.read(0, fi, off, &mut buf).unwrap().bytes;
                 let end = (off as usize + len as usize).min(want.len());
                 let expect = if off as usize >= want.len() { &[][..] } else { &want[off as usize..end] };
                 prop_assert_eq!(&buf[..n], expect, "file {} range {}+{}", vf.name, off, len);

@@ -16,6 +16,7 @@ use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::bad;
 use crate::error::{Result, source_io};
+use crate::guard;
 
 /// A source rank file, memory-mapped, with its header checked.
 #[derive(Debug)]
@@ -24,7 +25,9 @@ pub struct RankFile {
     pub path: PathBuf,
     pub len: u64,
     pub tensors: HashMap<String, StoredTensor>,
-    pub map: Mmap,
+    map: Mmap,
+    /// The map's entry in the SIGBUS guard.
+    region: guard::RegionId,
 }
 
 /// Where a tensor sits in a rank file.
@@ -54,6 +57,7 @@ impl RankFile {
         // SAFETY: the map is read-only and private; a source changed under us
         // is the mount's concern (see the engine), not the parser's.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| source_io(path, e))?;
+        let region = guard::register(map.as_ptr(), map.len());
         let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
             bad!(
                 "{}: invalid safetensors header: {}",
@@ -87,11 +91,25 @@ impl RankFile {
             len,
             tensors,
             map,
+            region,
         })
     }
 
+    /// Bytes of the map. Ranges come from headers checked at open.
     pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
         &self.map[offset as usize..(offset + len) as usize]
+    }
+
+    /// Whether the file has shrunk (or failed) under its map since it was
+    /// opened: bytes copied from it may then be zeros and must not be served.
+    pub fn is_damaged(&self) -> bool {
+        guard::is_damaged(self.region)
+    }
+}
+
+impl Drop for RankFile {
+    fn drop(&mut self) {
+        guard::unregister(self.region);
     }
 }
 
