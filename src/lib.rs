@@ -9,15 +9,20 @@
 //! source. [`export`] writes a view to disk; [`report`] renders `inspect`
 //! and `plan`.
 
+pub mod cache;
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod export;
 pub mod format;
+pub mod fs;
 pub mod guard;
 pub mod layout;
 pub mod plan;
 pub mod report;
+pub mod serve;
 pub mod source;
 pub mod target;
+pub mod tree;
 
 pub use error::{Error, Result};

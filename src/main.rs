@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use reshardfs::daemon;
 use reshardfs::export::{ExportOptions, export};
 use reshardfs::plan::Plan;
 use reshardfs::report;
+use reshardfs::serve::Server;
 use reshardfs::source::Source;
 use reshardfs::target::TargetSpec;
 use reshardfs::{Result, bail};
@@ -72,6 +74,56 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Mount the view read-only at MNT; bytes are computed when read.
+    ///
+    /// Returns once the mount is live (or fails, leaving nothing mounted)
+    /// and serves from a background process until `umount MNT`. Without a
+    /// target the view has the source's own strategy. A `.reshardfs/` folder
+    /// at the mount's root shows each file's plan and live counters.
+    Mount {
+        /// Checkpoint root, iteration folder, or plain safetensors folder.
+        src: PathBuf,
+        /// An existing, empty directory.
+        mnt: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Stay attached and log to stderr; SIGINT/SIGTERM/SIGHUP unmount.
+        #[arg(long)]
+        foreground: bool,
+        /// Block cache budget, e.g. 512M or 2G.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+        cache_size: u64,
+        /// FUSE request threads (default: the number of CPUs, at least 2).
+        #[arg(long, value_name = "N")]
+        threads: Option<usize>,
+        /// Let other users read the mount (default: only the mounting user).
+        #[arg(long)]
+        allow_other: bool,
+        /// Append the background daemon's log to FILE.
+        #[arg(long, value_name = "FILE")]
+        log_file: Option<PathBuf>,
+    },
+}
+
+/// Parses `1048576`, `64K`, `512M`, `2G`, `1GiB`, `1.5G` into bytes.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 2G"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use K, M, G or T")),
+    };
+    Ok((n * mult as f64) as u64)
 }
 
 /// The target strategy. Give --mesh and/or --pp, or --strategy, or --unshard.
@@ -97,6 +149,17 @@ struct TargetArgs {
 }
 
 impl TargetArgs {
+    /// The target, or the source's own strategy when none is given.
+    fn spec_or_identity(&self) -> Result<TargetSpec> {
+        if self.mesh.is_empty() && self.pp.is_none() && self.strategy.is_none() && !self.unshard {
+            return Ok(TargetSpec::Mesh {
+                sizes: Vec::new(),
+                pp: None,
+            });
+        }
+        self.spec()
+    }
+
     fn spec(&self) -> Result<TargetSpec> {
         if let Some(path) = &self.strategy {
             return Ok(TargetSpec::Strategy(path.clone()));
@@ -119,7 +182,7 @@ fn main() -> ExitCode {
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
     if let Some(level) = &cli.log_level {
-        logger.parse_filters(level);
+        logger.parse_filters(&format!("{level},fuser=error"));
     }
     logger.init();
     match run(cli.command) {
@@ -139,7 +202,7 @@ fn run(command: Command) -> Result<()> {
             print_report(json, &r, || r.text())
         }
         Command::Plan { src, target, json } => {
-            let plan = load_plan(&src, &target)?;
+            let plan = load_plan(&src, target.spec()?)?;
             let r = report::plan(&plan, true);
             print_report(json, &r, || r.text())
         }
@@ -151,7 +214,7 @@ fn run(command: Command) -> Result<()> {
             threads,
             no_progress,
         } => {
-            let plan = load_plan(&src, &target)?;
+            let plan = load_plan(&src, target.spec()?)?;
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let start = std::time::Instant::now();
@@ -175,12 +238,37 @@ fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Mount {
+            src,
+            mnt,
+            target,
+            foreground,
+            cache_size,
+            threads,
+            allow_other,
+            log_file,
+        } => {
+            // Everything that can be wrong with the input is found here,
+            // before anything is mounted.
+            daemon::check_mount_point(&mnt)?;
+            let plan = load_plan(&src, target.spec_or_identity()?)?;
+            let server = Server::new(plan, cache_size);
+            daemon::mount(
+                server,
+                &mnt,
+                &daemon::MountOptions {
+                    foreground,
+                    threads: threads.unwrap_or_else(|| cpus().max(2)),
+                    allow_other,
+                    log_file,
+                },
+            )
+        }
     }
 }
 
 /// Reads and checks the source, then plans the view, logging how long each took.
-fn load_plan(src: &std::path::Path, target: &TargetArgs) -> Result<Plan> {
-    let spec = target.spec()?;
+fn load_plan(src: &std::path::Path, spec: TargetSpec) -> Result<Plan> {
     let t0 = std::time::Instant::now();
     let source = Source::open(src)?;
     let t1 = std::time::Instant::now();
@@ -191,6 +279,10 @@ fn load_plan(src: &std::path::Path, target: &TargetArgs) -> Result<Plan> {
         t1.elapsed().as_secs_f64() * 1e3
     );
     Ok(plan)
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
 fn print_report<T: serde::Serialize>(

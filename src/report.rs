@@ -355,59 +355,116 @@ pub fn plan(plan: &Plan, with_pieces: bool) -> PlanReport {
 }
 
 impl PlanReport {
+    /// The whole plan: the summary's header, then every file.
     pub fn text(&self) -> String {
-        let mut o = String::new();
-        let _ = writeln!(o, "source    {}\ntarget    {}", self.source, self.target);
+        let mut o = self.head();
         for it in &self.iterations {
-            let _ = writeln!(
-                o,
-                "\n{}world {}: {} file(s) + metadata.json ({} bytes)",
-                it.name
-                    .as_ref()
-                    .map(|n| format!("{n}: "))
-                    .unwrap_or_default(),
-                it.world,
-                it.files.len(),
-                it.metadata_json_bytes
-            );
+            o.push_str(&iteration_line(it));
             for f in &it.files {
-                let _ = writeln!(
-                    o,
-                    "\n  {}  {} bytes ({}), {} tensor(s)",
-                    f.name,
-                    f.size,
-                    human(f.size),
-                    f.tensors.len()
-                );
-                for t in &f.tensors {
-                    let sources: Vec<String> = t
-                        .pieces
-                        .iter()
-                        .map(|p| format!("{} {}", ranges(&p.start, &p.shape), p.file))
-                        .collect();
-                    let _ = writeln!(
-                        o,
-                        "    {} {} {} <- {}",
-                        t.name,
-                        t.dtype,
-                        ranges(&t.global_start, &t.shape),
-                        sources.join("; ")
-                    );
-                }
+                o.push('\n');
+                o.push_str(&f.text());
             }
         }
+        o.push_str(&self.totals_line());
+        o
+    }
+
+    /// Source, target, each iteration's world and files, totals.
+    pub fn summary(&self) -> String {
+        let mut o = self.head();
+        for it in &self.iterations {
+            o.push_str(&iteration_line(it));
+            let rows: Vec<[String; 3]> = it
+                .files
+                .iter()
+                .map(|f| {
+                    [
+                        f.name.clone(),
+                        format!("{} bytes", f.size),
+                        format!("{} tensor(s)", f.tensors.len()),
+                    ]
+                })
+                .collect();
+            o.push_str(&indent(&table(&rows), "  "));
+        }
+        o.push_str(&self.totals_line());
+        o
+    }
+
+    fn head(&self) -> String {
+        format!("source    {}\ntarget    {}\n", self.source, self.target)
+    }
+
+    fn totals_line(&self) -> String {
         let t = &self.totals;
-        let _ = writeln!(
-            o,
-            "\ntotal     {} file(s), {} bytes ({}), {} piece(s); source bytes read per byte served: {:.4}",
+        format!(
+            "\ntotal     {} file(s), {} bytes ({}), {} piece(s); source bytes read per byte served: {:.4}\n",
             t.files,
             t.bytes,
             human(t.bytes),
             t.pieces,
             t.source_bytes_per_byte_served
+        )
+    }
+}
+
+fn iteration_line(it: &PlanIteration) -> String {
+    format!(
+        "\n{}world {}: {} file(s) + metadata.json ({} bytes)\n",
+        it.name
+            .as_ref()
+            .map(|n| format!("{n}: "))
+            .unwrap_or_default(),
+        it.world,
+        it.files.len(),
+        it.metadata_json_bytes
+    )
+}
+
+impl PlanFile {
+    /// One view file: its size and, per tensor, the byte range it occupies
+    /// and the source regions its bytes come from.
+    pub fn text(&self) -> String {
+        let mut o = format!(
+            "{}  rank {} {}: {} bytes ({}), header {} bytes, {} tensor(s)\n",
+            self.name,
+            self.rank,
+            self.kind.as_str(),
+            self.size,
+            human(self.size),
+            self.header_bytes,
+            self.tensors.len()
         );
+        let mut rows = vec![[
+            "OFFSET".to_string(),
+            "BYTES".into(),
+            "TENSOR".into(),
+            "DTYPE".into(),
+            "SLICE".into(),
+            "<- SOURCE REGIONS".into(),
+        ]];
+        for t in &self.tensors {
+            let sources: Vec<String> = t
+                .pieces
+                .iter()
+                .map(|p| format!("{} {}", ranges(&p.start, &p.shape), p.file))
+                .collect();
+            rows.push([
+                t.offset.to_string(),
+                t.bytes.to_string(),
+                t.name.clone(),
+                t.dtype.clone(),
+                ranges(&t.global_start, &t.shape),
+                sources.join("; "),
+            ]);
+        }
+        o.push_str(&indent(&table(&rows), "  "));
         o
     }
+}
+
+fn indent(text: &str, by: &str) -> String {
+    text.lines().map(|l| format!("{by}{l}\n")).collect()
 }
 
 /// `[0:64, 32:64]`: a box as Python slices.

@@ -117,6 +117,16 @@ impl Iteration {
 impl Source {
     /// Loads and checks a checkpoint root, an iteration folder or a plain folder.
     pub fn open(path: &Path) -> Result<Source> {
+        let mut source = Self::open_at(path)?;
+        // Reports and a daemon that has left the working directory need the
+        // absolute path; messages before this point use the path as given.
+        if let Ok(abs) = fs::canonicalize(path) {
+            source.path = abs;
+        }
+        Ok(source)
+    }
+
+    fn open_at(path: &Path) -> Result<Source> {
         let meta = fs::metadata(path).map_err(|e| source_io(path, e))?;
         if !meta.is_dir() {
             bail!(

@@ -1,0 +1,262 @@
+//! The FUSE adapter: translates kernel requests to [`Server`] calls.
+//!
+//! Nothing is decided here that the server or the tree does not already
+//! know. View files are opened with the kernel's page cache kept (their bytes
+//! never change while mounted); the counters file is opened direct-I/O so every
+//! read sees fresh numbers.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use crate::serve::{Attr, NodeKind, ReadError, Server};
+
+/// Attributes of the view never change while mounted.
+const TTL: Duration = Duration::from_secs(3600);
+/// Largest read request and readahead asked of the kernel.
+const MAX_IO: u32 = 1 << 20;
+
+pub struct ViewFs {
+    server: Server,
+    uid: u32,
+    gid: u32,
+    /// Live files are rendered once per open, so that one reader's several
+    /// reads see one consistent text.
+    snapshots: Mutex<HashMap<u64, Arc<[u8]>>>,
+    next_fh: AtomicU64,
+}
+
+impl ViewFs {
+    pub fn new(server: Server) -> Self {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        ViewFs {
+            server,
+            uid,
+            gid,
+            snapshots: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn file_attr(&self, a: &Attr) -> FileAttr {
+        let (kind, perm, nlink) = match a.kind {
+            NodeKind::Dir => (FileType::Directory, 0o555, 2),
+            NodeKind::File => (FileType::RegularFile, 0o444, 1),
+        };
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.size.div_ceil(512),
+            atime: a.mtime,
+            mtime: a.mtime,
+            ctime: a.mtime,
+            crtime: a.mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            flags: 0,
+            blksize: MAX_IO,
+        }
+    }
+
+    fn ttl(a: &Attr) -> Duration {
+        if a.live { Duration::ZERO } else { TTL }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Filesystem for ViewFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Large requests: the kernel sends reads of up to max(max_write,
+        // max_readahead) bytes once FUSE_MAX_PAGES is negotiated.
+        if let Err(max) = config.set_max_readahead(MAX_IO) {
+            let _ = config.set_max_readahead(max);
+        }
+        if let Err(max) = config.set_max_write(MAX_IO) {
+            let _ = config.set_max_write(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match name.to_str().and_then(|n| self.server.lookup(parent.0, n)) {
+            Some(a) => reply.entry(&Self::ttl(&a), &self.file_attr(&a), Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.server.attr(ino.0) {
+            Some(a) => reply.attr(&Self::ttl(&a), &self.file_attr(&a)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.server.attr(ino.0) {
+            Some(a) if a.kind == NodeKind::Dir => reply.error(Errno::EISDIR),
+            Some(a) if a.live => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                let text: Arc<[u8]> = Arc::from(self.server.stats_text().into_bytes());
+                lock(&self.snapshots).insert(fh, text);
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
+            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let snapshot = lock(&self.snapshots).get(&fh.0).cloned();
+        if let Some(text) = snapshot {
+            let start = (offset as usize).min(text.len());
+            let end = start.saturating_add(size as usize).min(text.len());
+            return reply.data(&text[start..end]);
+        }
+        // `reply` moves into the closure on success; keep errors for after.
+        let mut reply = Some(reply);
+        let result = self.server.read(ino.0, offset, size as usize, |bytes| {
+            if let Some(r) = reply.take() {
+                r.data(bytes);
+            }
+        });
+        if let (Err(e), Some(r)) = (result, reply) {
+            r.error(match e {
+                ReadError::NotFound => Errno::ENOENT,
+                ReadError::IsDir => Errno::EISDIR,
+                ReadError::Source(_) => Errno::EIO,
+            });
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.snapshots).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.server.attr(ino.0) {
+            Some(a) if a.kind == NodeKind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(children) = self.server.children(ino.0) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        let parent = self.server.tree().get(ino.0).map_or(ino.0, |n| n.parent);
+        let dots = [(".", ino.0), ("..", parent)];
+        let entries = dots
+            .iter()
+            .map(|&(n, i)| (n, i, FileType::Directory))
+            .chain(children.iter().map(|(n, i)| {
+                let kind = match self.server.attr(*i).map(|a| a.kind) {
+                    Some(NodeKind::Dir) => FileType::Directory,
+                    _ => FileType::RegularFile,
+                };
+                (n.as_str(), *i, kind)
+            }));
+        // Offsets are positions in this fixed listing: the kernel resumes a
+        // listing by handing back the offset of the last entry it took.
+        for (pos, (name, child, kind)) in entries.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), pos as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let files = self.server.tree().len() as u64;
+        reply.statfs(0, 0, 0, files, 0, MAX_IO, 255, MAX_IO);
+    }
+
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if self.server.attr(ino.0).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if mask.contains(fuser::AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+}

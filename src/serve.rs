@@ -1,0 +1,283 @@
+//! Serving a view: attributes and bytes of every node of the tree, through
+//! the block cache, with live counters. No FUSE types here: the FUSE adapter
+//! (`fs`) only translates, and this is tested without a mount.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use crate::cache::BlockCache;
+use crate::engine::{SourceFault, read_file};
+use crate::plan::Plan;
+use crate::report;
+use crate::tree::{Content, Ino, Tree};
+
+/// View bytes are computed and cached in blocks of this size: large enough
+/// that a sequential reader computes each block once for several kernel
+/// requests, small enough that a random reader wastes little.
+pub const BLOCK_SIZE: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Dir,
+    File,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: NodeKind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// Content that changes while mounted (counters): never cache it.
+    pub live: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("no such file")]
+    NotFound,
+    #[error("is a directory")]
+    IsDir,
+    #[error(transparent)]
+    Source(#[from] SourceFault),
+}
+
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    bytes_served: AtomicU64,
+    source_bytes_read: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+pub struct Server {
+    plan: Plan,
+    tree: Tree,
+    cache: BlockCache,
+    counters: Counters,
+    started: Instant,
+}
+
+impl Server {
+    pub fn new(plan: Plan, cache_bytes: u64) -> Server {
+        let report = report::plan(&plan, true);
+        let tree = Tree::build(&plan, &report);
+        Server {
+            plan,
+            tree,
+            cache: BlockCache::new(cache_bytes),
+            counters: Counters::default(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    pub fn attr(&self, ino: Ino) -> Option<Attr> {
+        let node = self.tree.get(ino)?;
+        let (kind, size, live) = match &node.content {
+            Content::Dir(_) => (NodeKind::Dir, 0, false),
+            Content::Bytes(b) => (NodeKind::File, b.len() as u64, false),
+            Content::View { it, file, .. } => (
+                NodeKind::File,
+                self.plan.iterations[*it].files[*file].size,
+                false,
+            ),
+            Content::Stats => (NodeKind::File, self.stats_text().len() as u64, true),
+        };
+        Some(Attr {
+            ino,
+            kind,
+            size,
+            mtime: node.mtime,
+            live,
+        })
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &str) -> Option<Attr> {
+        self.attr(self.tree.lookup(parent, name)?)
+    }
+
+    /// Children of a directory, sorted by name.
+    pub fn children(&self, ino: Ino) -> Option<&[(String, Ino)]> {
+        match &self.tree.get(ino)?.content {
+            Content::Dir(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Reads up to `size` bytes at `offset` and hands them to `out` (one
+    /// call; an empty slice at or past the end of the file).
+    pub fn read<R>(
+        &self,
+        ino: Ino,
+        offset: u64,
+        size: usize,
+        out: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ReadError> {
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        let result = self.read_inner(ino, offset, size, out);
+        if let Err(ReadError::Source(e)) = &result {
+            self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+            log::error!("{}: {e}", self.tree.path(ino));
+        }
+        result
+    }
+
+    fn read_inner<R>(
+        &self,
+        ino: Ino,
+        offset: u64,
+        size: usize,
+        out: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ReadError> {
+        let node = self.tree.get(ino).ok_or(ReadError::NotFound)?;
+        let served = |bytes: &[u8]| {
+            self.counters
+                .bytes_served
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        };
+        match &node.content {
+            Content::Dir(_) => Err(ReadError::IsDir),
+            Content::Bytes(b) => {
+                let s = slice_at(b, offset, size);
+                served(s);
+                Ok(out(s))
+            }
+            Content::Stats => {
+                let text = self.stats_text();
+                let s = slice_at(text.as_bytes(), offset, size);
+                served(s);
+                Ok(out(s))
+            }
+            &Content::View { it, file, id } => {
+                let vf = &self.plan.iterations[it].files[file];
+                let end = vf.size.min(offset.saturating_add(size as u64));
+                if offset >= end {
+                    return Ok(out(&[]));
+                }
+                let first = offset / BLOCK_SIZE;
+                let last = (end - 1) / BLOCK_SIZE;
+                let block = |b: u64| {
+                    let start = b * BLOCK_SIZE;
+                    let len = BLOCK_SIZE.min(vf.size - start) as usize;
+                    self.cache.get((id, b), len, |buf| {
+                        let got = read_file(&self.plan.source.iterations[it], vf, start, buf)?;
+                        self.counters
+                            .source_bytes_read
+                            .fetch_add(got.from_source as u64, Ordering::Relaxed);
+                        Ok::<(), SourceFault>(())
+                    })
+                };
+                if first == last {
+                    // The common case: reply straight from the cached block.
+                    let data = block(first)?;
+                    let s = &data[(offset - first * BLOCK_SIZE) as usize
+                        ..(end - first * BLOCK_SIZE) as usize];
+                    served(s);
+                    return Ok(out(s));
+                }
+                let mut buf = Vec::with_capacity((end - offset) as usize);
+                for b in first..=last {
+                    let data = block(b)?;
+                    let lo = offset.max(b * BLOCK_SIZE) - b * BLOCK_SIZE;
+                    let hi = end.min((b + 1) * BLOCK_SIZE) - b * BLOCK_SIZE;
+                    buf.extend_from_slice(&data[lo as usize..hi as usize]);
+                }
+                served(&buf);
+                Ok(out(&buf))
+            }
+        }
+    }
+
+    /// `.reshardfs/stats`: one `key: value` per line.
+    pub fn stats_text(&self) -> String {
+        let c = &self.counters;
+        let cache = self.cache.stats();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "pid: {}\nuptime_s: {:.1}\nreads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\n",
+            std::process::id(),
+            self.started.elapsed().as_secs_f64(),
+            get(&c.reads),
+            get(&c.bytes_served),
+            get(&c.source_bytes_read),
+            get(&c.read_errors),
+            cache.hits,
+            cache.misses,
+            cache.bytes,
+            cache.capacity,
+            cache.blocks,
+            BLOCK_SIZE,
+        )
+    }
+}
+
+fn slice_at(b: &[u8], offset: u64, size: usize) -> &[u8] {
+    let start = (offset.min(b.len() as u64)) as usize;
+    let end = start.saturating_add(size).min(b.len());
+    &b[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::Source;
+    use crate::target::TargetSpec;
+    use crate::tree::ROOT;
+    use std::path::Path;
+
+    fn server(cache: u64) -> Server {
+        let plan = Plan::build(
+            Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap(),
+            TargetSpec::Mesh {
+                sizes: vec![("tp".into(), 2)],
+                pp: None,
+            },
+        )
+        .unwrap();
+        Server::new(plan, cache)
+    }
+
+    #[test]
+    fn reads_match_the_engine_at_any_offset_and_count() {
+        let s = server(1 << 20);
+        let it = s.tree().lookup(ROOT, "iteration_00000005").unwrap();
+        let f = s
+            .tree()
+            .lookup(it, "model-0000001-0000002.safetensors")
+            .unwrap();
+        let size = s.attr(f).unwrap().size;
+        let whole = s.read(f, 0, size as usize + 10, |b| b.to_vec()).unwrap();
+        assert_eq!(whole.len() as u64, size);
+        for (off, len) in [(0, 8), (7, 1000), (size - 3, 100), (size, 5), (size + 9, 5)] {
+            let part = s.read(f, off, len, |b| b.to_vec()).unwrap();
+            let lo = off.min(size) as usize;
+            let hi = (off as usize + len).min(size as usize);
+            assert_eq!(part, whole[lo..hi.max(lo)]);
+        }
+        let stats = s.stats_text();
+        assert!(stats.contains("read_errors: 0"), "{stats}");
+        assert!(stats.contains(&format!("pid: {}", std::process::id())));
+    }
+
+    #[test]
+    fn small_caches_still_serve_and_count() {
+        let s = server(4096);
+        let it = s.tree().lookup(ROOT, "iteration_00000005").unwrap();
+        let f = s
+            .tree()
+            .lookup(it, "model-0000000-0000002.safetensors")
+            .unwrap();
+        let a = s.read(f, 100, 5000, |b| b.to_vec()).unwrap();
+        let b = s.read(f, 100, 5000, |b| b.to_vec()).unwrap();
+        assert_eq!(a, b);
+        assert!(s.read(it, 0, 1, |_| ()).is_err());
+        assert!(matches!(
+            s.read(9999, 0, 1, |_| ()),
+            Err(ReadError::NotFound)
+        ));
+    }
+}
