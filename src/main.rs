@@ -83,14 +83,15 @@ enum Command {
     Mount {
         /// Checkpoint root, iteration folder, or plain safetensors folder.
         src: PathBuf,
-        /// An existing, empty directory.
+        /// An existing directory (what it holds is hidden while mounted).
         mnt: PathBuf,
         #[command(flatten)]
         target: TargetArgs,
         /// Stay attached and log to stderr; SIGINT/SIGTERM/SIGHUP unmount.
         #[arg(long)]
         foreground: bool,
-        /// Block cache budget, e.g. 512M or 2G.
+        /// Block cache budget, e.g. 512M or 2G. Never exceeded: blocks are at
+        /// most a quarter of it (and at most 1 MiB).
         #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
         cache_size: u64,
         /// FUSE request threads (default: the number of CPUs, at least 2).

@@ -11,10 +11,18 @@ use crate::plan::Plan;
 use crate::report;
 use crate::tree::{Content, Ino, Tree};
 
-/// View bytes are computed and cached in blocks of this size: large enough
-/// that a sequential reader computes each block once for several kernel
-/// requests, small enough that a random reader wastes little.
-pub const BLOCK_SIZE: u64 = 1 << 20;
+/// View bytes are computed and cached in blocks of at most this size: large
+/// enough that a sequential reader computes each block once for several
+/// kernel requests, small enough that a random reader wastes little.
+pub const MAX_BLOCK_SIZE: u64 = 1 << 20;
+
+/// The block size for a cache budget: at most a quarter of the budget (so a
+/// small cache still holds a few blocks and never exceeds its budget), a
+/// power of two between 4 KiB and [`MAX_BLOCK_SIZE`].
+pub fn block_size_for(cache_bytes: u64) -> u64 {
+    let quarter = (cache_bytes / 4).clamp(4096, MAX_BLOCK_SIZE);
+    1 << (63 - quarter.leading_zeros())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
@@ -56,6 +64,7 @@ pub struct Server {
     cache: BlockCache,
     counters: Counters,
     started: Instant,
+    block_size: u64,
 }
 
 impl Server {
@@ -68,6 +77,7 @@ impl Server {
             cache: BlockCache::new(cache_bytes),
             counters: Counters::default(),
             started: Instant::now(),
+            block_size: block_size_for(cache_bytes),
         }
     }
 
@@ -158,11 +168,12 @@ impl Server {
                 if offset >= end {
                     return Ok(out(&[]));
                 }
-                let first = offset / BLOCK_SIZE;
-                let last = (end - 1) / BLOCK_SIZE;
+                let bs = self.block_size;
+                let first = offset / bs;
+                let last = (end - 1) / bs;
                 let block = |b: u64| {
-                    let start = b * BLOCK_SIZE;
-                    let len = BLOCK_SIZE.min(vf.size - start) as usize;
+                    let start = b * bs;
+                    let len = bs.min(vf.size - start) as usize;
                     self.cache.get((id, b), len, |buf| {
                         let got = read_file(&self.plan.source.iterations[it], vf, start, buf)?;
                         self.counters
@@ -174,16 +185,15 @@ impl Server {
                 if first == last {
                     // The common case: reply straight from the cached block.
                     let data = block(first)?;
-                    let s = &data[(offset - first * BLOCK_SIZE) as usize
-                        ..(end - first * BLOCK_SIZE) as usize];
+                    let s = &data[(offset - first * bs) as usize..(end - first * bs) as usize];
                     served(s);
                     return Ok(out(s));
                 }
                 let mut buf = Vec::with_capacity((end - offset) as usize);
                 for b in first..=last {
                     let data = block(b)?;
-                    let lo = offset.max(b * BLOCK_SIZE) - b * BLOCK_SIZE;
-                    let hi = end.min((b + 1) * BLOCK_SIZE) - b * BLOCK_SIZE;
+                    let lo = offset.max(b * bs) - b * bs;
+                    let hi = end.min((b + 1) * bs) - b * bs;
                     buf.extend_from_slice(&data[lo as usize..hi as usize]);
                 }
                 served(&buf);
@@ -210,7 +220,7 @@ impl Server {
             cache.bytes,
             cache.capacity,
             cache.blocks,
-            BLOCK_SIZE,
+            self.block_size,
         )
     }
 }
@@ -261,6 +271,14 @@ mod tests {
         let stats = s.stats_text();
         assert!(stats.contains("read_errors: 0"), "{stats}");
         assert!(stats.contains(&format!("pid: {}", std::process::id())));
+    }
+
+    #[test]
+    fn block_sizes_follow_the_budget() {
+        assert_eq!(block_size_for(1 << 30), MAX_BLOCK_SIZE);
+        assert_eq!(block_size_for(64 << 10), 16 << 10);
+        assert_eq!(block_size_for(100_000), 16 << 10);
+        assert_eq!(block_size_for(0), 4096);
     }
 
     #[test]

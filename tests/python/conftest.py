@@ -40,3 +40,23 @@ def fixture_copy(tmp_path):
         return copy_tree_writable(ckpt.FIXTURES / name, tmp_path / ("src-" + name))
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_fuse_mount_left_behind(tmp_path_factory):
+    """At session end no FUSE mount may remain under this session's tmp dirs: leftovers are
+    lazily unmounted and the session fails."""
+    yield
+    import subprocess
+
+    import mountutil
+
+    base = tmp_path_factory.getbasetemp()
+    left = mountutil.fuse_mounts_under(base)
+    for e in left:
+        subprocess.run(["umount", "-l", e.mount_point], capture_output=True, timeout=30)
+    if left:
+        pytest.fail(
+            "FUSE mounts left behind (now lazily unmounted): " + ", ".join(e.mount_point for e in left),
+            pytrace=False,
+        )
