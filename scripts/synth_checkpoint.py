@@ -20,23 +20,33 @@ DTYPES = {"BF16": (2, "BFloat16"), "F16": (2, "Float16"), "F32": (4, "Float32")}
 
 
 def params(a):
-    """(name, shape, split_dim or None, stage) per parameter, Megatron names."""
+    """(name, shape, split_dim or None, stage) per parameter, Megatron names.
+
+    --split megatron splits qkv/fc1/embeddings on dimension 0 and proj/fc2 on
+    dimension 1, as Megatron does; `row` splits every matrix on dimension 0
+    (slices are contiguous runs), `col` on dimension 1 (slices are strided
+    rows) - the two extremes a reshard meets.
+    """
     h, L = a.hidden, a.layers
-    out = [("embedding.word_embeddings.weight", [a.vocab, h], 0, 0)]
+
+    def d(natural):
+        return {"megatron": natural, "row": 0, "col": 1}[a.split]
+
+    out = [("embedding.word_embeddings.weight", [a.vocab, h], d(0), 0)]
     for i in range(L):
         stage = i * a.pp // L
         p = f"decoder.layers.{i}."
         out += [
             (p + "input_layernorm.weight", [h], None, stage),
-            (p + "self_attention.linear_qkv.weight", [h + 2 * a.kv, h], 0, stage),
-            (p + "self_attention.linear_proj.weight", [h, h], 1, stage),
+            (p + "self_attention.linear_qkv.weight", [h + 2 * a.kv, h], d(0), stage),
+            (p + "self_attention.linear_proj.weight", [h, h], d(1), stage),
             (p + "pre_mlp_layernorm.weight", [h], None, stage),
-            (p + "mlp.linear_fc1.weight", [2 * a.ffn, h], 0, stage),
-            (p + "mlp.linear_fc2.weight", [h, a.ffn], 1, stage),
+            (p + "mlp.linear_fc1.weight", [2 * a.ffn, h], d(0), stage),
+            (p + "mlp.linear_fc2.weight", [h, a.ffn], d(1), stage),
         ]
     out += [
         ("decoder.final_layernorm.weight", [h], None, a.pp - 1),
-        ("output_layer.weight", [a.vocab, h], 0, a.pp - 1),
+        ("output_layer.weight", [a.vocab, h], d(0), a.pp - 1),
     ]
     return out
 
@@ -55,6 +65,8 @@ def main():
     ap.add_argument("--dtype", default="BF16", choices=sorted(DTYPES))
     ap.add_argument("--opt", action="store_true", help="also write adam_m/adam_v (F32) in opt files")
     ap.add_argument("--fill", default="random", choices=["random", "sparse", "zero"])
+    ap.add_argument("--split", default="megatron", choices=["megatron", "row", "col"],
+                    help="which dimension matrices are split on (see params())")
     ap.add_argument("--prefix", default="synth")
     ap.add_argument("--iteration", type=int, default=1)
     a = ap.parse_args()

@@ -103,6 +103,9 @@ enum Command {
         /// Append the background daemon's log to FILE.
         #[arg(long, value_name = "FILE")]
         log_file: Option<PathBuf>,
+        /// Benchmarks only: view files read as zeros (FUSE cost alone).
+        #[arg(long, hide = true)]
+        serve_zeros: bool,
     },
 }
 
@@ -248,12 +251,16 @@ fn run(command: Command) -> Result<()> {
             threads,
             allow_other,
             log_file,
+            serve_zeros,
         } => {
             // Everything that can be wrong with the input is found here,
             // before anything is mounted.
             daemon::check_mount_point(&mnt)?;
             let plan = load_plan(&src, target.spec_or_identity()?)?;
-            let server = Server::new(plan, cache_size);
+            let mut server = Server::new(plan, cache_size);
+            if serve_zeros {
+                server = server.serve_zeros();
+            }
             daemon::mount(
                 server,
                 &mnt,

@@ -65,9 +65,20 @@ pub struct Server {
     counters: Counters,
     started: Instant,
     block_size: u64,
+    zeros: bool,
 }
 
+/// What `--serve-zeros` replies with: no allocation, no computation.
+static ZEROS: [u8; MAX_BLOCK_SIZE as usize] = [0; MAX_BLOCK_SIZE as usize];
+
 impl Server {
+    /// For benchmarks: view files keep their names and sizes but read as
+    /// zeros, so a run measures FUSE itself with zero-cost data.
+    pub fn serve_zeros(mut self) -> Self {
+        self.zeros = true;
+        self
+    }
+
     pub fn new(plan: Plan, cache_bytes: u64) -> Server {
         let report = report::plan(&plan, true);
         let tree = Tree::build(&plan, &report);
@@ -78,6 +89,7 @@ impl Server {
             counters: Counters::default(),
             started: Instant::now(),
             block_size: block_size_for(cache_bytes),
+            zeros: false,
         }
     }
 
@@ -167,6 +179,12 @@ impl Server {
                 let end = vf.size.min(offset.saturating_add(size as u64));
                 if offset >= end {
                     return Ok(out(&[]));
+                }
+                if self.zeros {
+                    let n = (end - offset) as usize;
+                    let s = if n <= ZEROS.len() { &ZEROS[..n] } else { &vec![0u8; n][..] };
+                    served(s);
+                    return Ok(out(s));
                 }
                 let bs = self.block_size;
                 let first = offset / bs;
