@@ -102,6 +102,16 @@ fn unescape_mountinfo(s: &str) -> String {
 /// with `foreground`, else in a daemon, returning once the mount is live.
 pub fn mount(server: Server, mnt: &Path, opts: &MountOptions) -> Result<()> {
     let mnt = check_mount_point(mnt)?;
+    // Cache blocks are allocated by one request thread and often freed
+    // (evicted) by another; with glibc's per-thread arenas the freed space
+    // stays pinned in the arena it came from, and the daemon's RSS ran
+    // 40-110 MiB over the cache budget. One arena keeps RSS within a few
+    // MiB of it (measured: 213 MiB peak for a 200 MiB cache, was 328 MiB).
+    // SAFETY: mallopt only tunes the allocator.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let fs = ViewFs::new(server);
     if opts.foreground {
         let session = start(fs, &mnt, opts)?;

@@ -80,6 +80,7 @@ pub fn read_file(
     // Tensors are back to back after the header: find the first one that
     // reaches past `pos`.
     let first = vf.tensors.partition_point(|t| t.offset + t.len <= pos);
+    let mut touched = Touched::default();
     for pt in &vf.tensors[first..] {
         if pos >= end {
             break;
@@ -89,14 +90,39 @@ pub fn read_file(
             continue;
         }
         let (now, rest) = out.split_at_mut(n);
-        copy_tensor(source, pt, pos - pt.offset, now)?;
+        copy_tensor(source, pt, pos - pt.offset, now, &mut touched)?;
         out = rest;
         pos += n as u64;
     }
+    touched.release(source);
     Ok(Served {
         bytes: total,
         from_source: (end - offset.max(hlen).min(end)) as usize,
     })
+}
+
+/// The span of each source file one read copied from, so the pages can be
+/// released from the process's page tables afterwards (see
+/// [`crate::format::rankfile::RankFile::release`]).
+#[derive(Default)]
+struct Touched(Vec<(usize, u64, u64)>);
+
+impl Touched {
+    fn add(&mut self, file: usize, start: u64, end: u64) {
+        match self.0.iter_mut().find(|t| t.0 == file) {
+            Some(t) => {
+                t.1 = t.1.min(start);
+                t.2 = t.2.max(end);
+            }
+            None => self.0.push((file, start, end)),
+        }
+    }
+
+    fn release(&self, source: &Iteration) {
+        for &(file, start, end) in &self.0 {
+            source.files[file].release(start, end - start);
+        }
+    }
 }
 
 /// Copies bytes `[at, at + out.len())` of a planned tensor's target slice.
@@ -105,6 +131,7 @@ fn copy_tensor(
     pt: &PlannedTensor,
     mut at: u64,
     out: &mut [u8],
+    touched: &mut Touched,
 ) -> Result<(), SourceFault> {
     let t: &Tensor = &source.tensors[pt.source];
     let es = t.elem_size();
@@ -141,6 +168,7 @@ fn copy_tensor(
         let take = ((run_elems * es - intra) as usize).min(out.len() - done);
         let file = &source.files[chunk.file];
         out[done..done + take].copy_from_slice(file.bytes(src, take as u64));
+        touched.add(chunk.file, src, src + take as u64);
         // Checked after the copy: a fault during it has set the flag by now.
         if file.is_damaged() {
             return Err(SourceFault {

@@ -182,7 +182,11 @@ impl Server {
                 }
                 if self.zeros {
                     let n = (end - offset) as usize;
-                    let s = if n <= ZEROS.len() { &ZEROS[..n] } else { &vec![0u8; n][..] };
+                    let s = if n <= ZEROS.len() {
+                        &ZEROS[..n]
+                    } else {
+                        &vec![0u8; n][..]
+                    };
                     served(s);
                     return Ok(out(s));
                 }

@@ -100,6 +100,36 @@ impl RankFile {
         &self.map[offset as usize..(offset + len) as usize]
     }
 
+    /// Drops `[offset, offset+len)` from this process's page tables once
+    /// copied: the pages stay in the page cache (a later read maps them again
+    /// at the cost of a minor fault), but they no longer count towards the
+    /// process's RSS, which the cache budget alone should bound.
+    pub fn release(&self, offset: u64, len: u64) {
+        // Widen to whole 2 MiB spans: the kernel maps large folios and
+        // faults around a touched page, so pages just outside the range
+        // were mapped by this read too.
+        const SPAN: u64 = 2 << 20;
+        let end = (offset + len)
+            .next_multiple_of(SPAN)
+            .min(self.map.len() as u64);
+        let offset = offset / SPAN * SPAN;
+        if offset >= end {
+            return;
+        }
+        // SAFETY: MADV_DONTNEED on a read-only shared file map only unmaps
+        // pages; their contents (the file's) are unchanged on the next access.
+        let r = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                offset as usize,
+                (end - offset) as usize,
+            )
+        };
+        if let Err(e) = r {
+            log::debug!("{}: madvise: {e}", self.path.display());
+        }
+    }
+
     /// Whether the file has shrunk (or failed) under its map since it was
     /// opened: bytes copied from it may then be zeros and must not be served.
     pub fn is_damaged(&self) -> bool {
