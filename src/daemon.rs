@@ -176,13 +176,11 @@ fn raise_readahead(mnt: &Path) {
 /// The `major:minor` of the filesystem mounted at `path` (the last such mount).
 fn mount_device(path: &Path) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            (Path::new(&unescape_mountinfo(fields.get(4)?)) == path)
-                .then(|| fields.get(2).map(|s| s.to_string()))?
-        })
-        .last()
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let point = unescape_mountinfo(fields.get(4)?);
+        (Path::new(&point) == path).then(|| fields.get(2).map(|s| s.to_string()))?
+    })
 }
 
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
