@@ -15,7 +15,7 @@ use crate::source::{Iteration, Tensor};
 
 /// A source file changed under the view: its bytes can no longer be trusted.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: the source file shrank or became unreadable while in use", path.display())]
+#[error("{}: the source file changed (truncated, deleted, replaced or rewritten) or became unreadable while in use", path.display())]
 pub struct SourceFault {
     pub path: PathBuf,
 }
@@ -95,6 +95,7 @@ pub fn read_file(
         pos += n as u64;
     }
     touched.release(source);
+    touched.check_unchanged(source)?;
     Ok(Served {
         bytes: total,
         from_source: (end - offset.max(hlen).min(end)) as usize,
@@ -122,6 +123,20 @@ impl Touched {
         for &(file, start, end) in &self.0 {
             source.files[file].release(start, end - start);
         }
+    }
+
+    /// Fails the read if a file it copied from was deleted, replaced or
+    /// rewritten since planning (its bytes may belong to another save).
+    fn check_unchanged(&self, source: &Iteration) -> Result<(), SourceFault> {
+        for &(file, _, _) in &self.0 {
+            let f = &source.files[file];
+            if !f.is_unchanged() {
+                return Err(SourceFault {
+                    path: f.path.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 

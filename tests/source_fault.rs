@@ -22,8 +22,10 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn truncated_source_fails_reads_that_need_it_and_only_those() {
+/// Plans the identity view of a copy of tp4-f32, reads every file, applies
+/// `change` to rank 3's source file, and checks that exactly the reads that
+/// need that file fail (naming it) while the others return the same bytes.
+fn check_change(change: impl FnOnce(&Path)) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ckpt");
     copy_dir(Path::new("tests/fixtures/tp4-f32"), &root);
@@ -43,20 +45,13 @@ fn truncated_source_fails_reads_that_need_it_and_only_those() {
         before.push(buf);
     }
 
-    let victim = root.join("iteration_00000005/model-0000003-0000004.safetensors");
-    let len = fs::metadata(&victim).unwrap().len();
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&victim)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    change(&root.join("iteration_00000005/model-0000003-0000004.safetensors"));
 
     for (i, f) in files.iter().enumerate() {
         let mut buf = vec![0u8; f.size as usize];
         let r = engine.read(0, i, 0, &mut buf);
         if f.rank == 3 {
-            let e = r.expect_err("a read over the truncated half must fail");
+            let e = r.expect_err("a read that needs the changed file must fail");
             assert!(
                 e.to_string().contains("model-0000003-0000004.safetensors"),
                 "{e}"
@@ -71,4 +66,38 @@ fn truncated_source_fails_reads_that_need_it_and_only_those() {
     let mut head = vec![0u8; hlen];
     engine.read(0, 3, 0, &mut head).unwrap();
     assert_eq!(head[..], before[3][..hlen]);
+}
+
+#[test]
+fn truncated_source_fails_only_the_reads_that_need_it() {
+    check_change(|p| {
+        let len = fs::metadata(p).unwrap().len();
+        let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.set_len(len / 2).unwrap();
+    });
+}
+
+#[test]
+fn deleted_source_fails_only_the_reads_that_need_it() {
+    check_change(|p| fs::remove_file(p).unwrap());
+}
+
+#[test]
+fn replaced_source_fails_only_the_reads_that_need_it() {
+    // A new save renamed over the old file: same name, same size, other inode.
+    check_change(|p| {
+        let new = p.with_extension("new");
+        fs::copy(p, &new).unwrap();
+        fs::rename(&new, p).unwrap();
+    });
+}
+
+#[test]
+fn source_rewritten_in_place_fails_only_the_reads_that_need_it() {
+    check_change(|p| {
+        let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+        let later =
+            fs::metadata(p).unwrap().modified().unwrap() + std::time::Duration::from_secs(5);
+        f.set_modified(later).unwrap();
+    });
 }

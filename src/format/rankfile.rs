@@ -28,6 +28,30 @@ pub struct RankFile {
     map: Mmap,
     /// The map's entry in the SIGBUS guard.
     region: guard::RegionId,
+    /// What the path named when opened: a later change means the bytes we
+    /// map are no longer the checkpoint's.
+    identity: Identity,
+}
+
+/// Device, inode, size and modification time of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Identity {
+    fn of(m: &std::fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
 }
 
 /// Where a tensor sits in a rank file.
@@ -47,7 +71,9 @@ impl RankFile {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let file = File::open(path).map_err(|e| source_io(path, e))?;
-        let len = file.metadata().map_err(|e| source_io(path, e))?.len();
+        let meta = file.metadata().map_err(|e| source_io(path, e))?;
+        let identity = Identity::of(&meta);
+        let len = meta.len();
         if len < 8 {
             return Err(bad!(
                 "{}: not a safetensors file: {len} bytes, shorter than the 8-byte header length",
@@ -92,6 +118,7 @@ impl RankFile {
             tensors,
             map,
             region,
+            identity,
         })
     }
 
@@ -132,8 +159,17 @@ impl RankFile {
 
     /// Whether the file has shrunk (or failed) under its map since it was
     /// opened: bytes copied from it may then be zeros and must not be served.
+    /// Cheap (an atomic load): checked after every copy.
     pub fn is_damaged(&self) -> bool {
         guard::is_damaged(self.region)
+    }
+
+    /// Whether the path still names the file that was opened, unchanged:
+    /// a source deleted, replaced (renamed over) or rewritten in place
+    /// since the view was planned no longer holds the bytes the plan
+    /// describes. A `stat`: checked once per read, not per copy.
+    pub fn is_unchanged(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| Identity::of(&m) == self.identity)
     }
 }
 
