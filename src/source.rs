@@ -229,7 +229,12 @@ fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
 
 /// Opens a file named by the checkpoint, refusing names and links that lead
 /// outside the folder: a checkpoint only ever names its own files.
-fn open_rank_file(dir: &Path, file_name: &str, named_in: &Path) -> Result<RankFile> {
+fn open_rank_file(
+    dir: &Path,
+    file_name: &str,
+    named_in: &Path,
+    referrer: impl FnOnce() -> String,
+) -> Result<RankFile> {
     let bare = !file_name.is_empty()
         && file_name != "."
         && file_name != ".."
@@ -237,15 +242,17 @@ fn open_rank_file(dir: &Path, file_name: &str, named_in: &Path) -> Result<RankFi
         && !file_name.contains('\0');
     if !bare {
         bail!(
-            "{}: file_name {file_name:?} is not a bare file name in the same folder",
-            named_in.display()
+            "{}: {}file_name {file_name:?} is not a bare file name in the same folder",
+            named_in.display(),
+            referrer()
         );
     }
     let path = dir.join(file_name);
     if !path.exists() {
         bail!(
-            "{}: names {file_name}, which does not exist in {}",
+            "{}: {}names {file_name}, which does not exist in {}",
             named_in.display(),
+            referrer(),
             dir.display()
         );
     }
@@ -270,11 +277,13 @@ struct FileSet<'a> {
 }
 
 impl FileSet<'_> {
-    fn get(&mut self, name: &str) -> Result<usize> {
+    /// The index of file `name`, opening it on first use; `referrer` says
+    /// who named it, for the message if it cannot be opened.
+    fn get(&mut self, name: &str, referrer: impl FnOnce() -> String) -> Result<usize> {
         if let Some(&i) = self.index.get(name) {
             return Ok(i);
         }
-        let f = open_rank_file(self.dir, name, self.named_in)?;
+        let f = open_rank_file(self.dir, name, self.named_in, referrer)?;
         self.files.push(f);
         self.index.insert(name.to_string(), self.files.len() - 1);
         Ok(self.files.len() - 1)
@@ -531,7 +540,7 @@ fn check_tensor(
         let mut holders = Vec::with_capacity(entries.len());
         let mut chosen: Option<(usize, u64, Vec<u64>, Vec<u64>)> = None;
         for e in entries {
-            let fi = files.get(&e.file_name)?;
+            let fi = files.get(&e.file_name, || format!("tensor {name}: slice [{k}]: "))?;
             let f = &files.files[fi];
             let fk = kind_of_file(&f.name);
             match &kind {
@@ -669,7 +678,7 @@ fn load_plain(dir: &Path) -> Result<Iteration> {
     let mut tensors: Vec<Tensor> = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for fname in &file_names {
-        let fi = set.get(fname)?;
+        let fi = set.get(fname, String::new)?;
         let f = &set.files[fi];
         let mut stored: Vec<(&String, &crate::format::rankfile::StoredTensor)> =
             f.tensors.iter().collect();

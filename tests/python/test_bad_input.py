@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import ckpt
+import mountutil
 from ckpt import TRACKER
 
 TP4 = "tp4-f32"
@@ -124,6 +125,55 @@ def truncate(rel, nbytes):
     return mutate
 
 
+def raw_header_len(fname, n, it=TP4_IT):
+    """Overwrite a rank file's 8-byte header length."""
+
+    def mutate(root: Path):
+        p = root / it / fname
+        raw = p.read_bytes()
+        p.write_bytes(int(n).to_bytes(8, "little") + raw[8:])
+
+    return mutate
+
+
+def garble_header(fname, it=TP4_IT):
+    """Keep the header length but fill the header with non-JSON bytes."""
+
+    def mutate(root: Path):
+        p = root / it / fname
+        raw = p.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        p.write_bytes(raw[:8] + b"#" * n + raw[8 + n :])
+
+    return mutate
+
+
+def symlink_outside(fname, it=TP4_IT):
+    """Move a rank file outside the checkpoint and leave a symlink to it."""
+
+    def mutate(root: Path):
+        p = root / it / fname
+        outside = root.parent / ("outside-" + fname)
+        p.rename(outside)
+        p.symlink_to(outside)
+
+    return mutate
+
+
+def shift_offsets(fname, name, delta, it=TP4_IT):
+    """Move one tensor's data_offsets by delta (overlap with < 0, gap with > 0)."""
+
+    def fn(h):
+        a, b = h[name]["data_offsets"]
+        h[name]["data_offsets"] = [a + delta, b + delta]
+
+    return edit_header(fname, fn, it)
+
+
+def edit_layout(key, value, name=QKV):
+    return edit_meta(set_field(key, value, name=name, sub="layout"))
+
+
 def empty_folder(root: Path):
     for f in sorted(root.rglob("*"), reverse=True):
         f.rmdir() if f.is_dir() else f.unlink()
@@ -133,8 +183,12 @@ def empty_folder(root: Path):
 # the corpus
 # ---------------------------------------------------------------------------
 
-SOURCE_CMDS = ("inspect", "plan", "export")
-TARGET_CMDS = ("plan", "export")
+SOURCE_CMDS = ("inspect", "plan", "export", "mount")
+TARGET_CMDS = ("plan", "export", "mount")
+
+# QKV_FILE's tensors in data order: the first and the last, for offset edits.
+FIRST_IN_QKV_FILE = "decoder.final_layernorm.weight"
+LAST_IN_QKV_FILE = "output_layer.weight"
 
 
 @dataclass
@@ -179,6 +233,36 @@ CASES = [
     Bad("empty_folder", empty_folder, lambda root: [str(root), "empty", "no safetensors", "metadata.json"]),
     Bad("gpt_opt_file_missing", remove(f"{GPT_IT}/gpt-opt-0000005-0000008.safetensors"),
         ["gpt-opt-0000005-0000008.safetensors"], fixture=GPT, target=["--mesh", "tp=1"], src="iter"),
+    # --- paths that leave the checkpoint folder ------------------------------------------
+    Bad("file_name_with_slash", edit_meta(storage_file("sub/" + QKV_FILE)), ["sub/" + QKV_FILE, "file_name"]),
+    Bad("file_name_dotdot", edit_meta(storage_file("../" + QKV_FILE)), ["../" + QKV_FILE, "file_name"]),
+    Bad("file_name_absolute", edit_meta(storage_file("/etc/passwd")), ["/etc/passwd", "file_name"]),
+    Bad("symlink_leading_outside", symlink_outside(QKV_FILE), [QKV_FILE], all_of=("outside",)),
+    # --- safetensors headers --------------------------------------------------------------
+    Bad("header_longer_than_file", raw_header_len(QKV_FILE, 1 << 20), [QKV_FILE], all_of=("header",)),
+    Bad("header_over_100MiB", raw_header_len(QKV_FILE, 200 << 20), [QKV_FILE], all_of=("100",)),
+    Bad("header_not_json", garble_header(QKV_FILE), [QKV_FILE], all_of=("header",)),
+    Bad("data_offsets_out_of_bounds", shift_offsets(QKV_FILE, LAST_IN_QKV_FILE, 4096), [QKV_FILE]),
+    Bad("data_offsets_overlapping", shift_offsets(QKV_FILE, LAST_IN_QKV_FILE, -4), [QKV_FILE]),
+    Bad("data_offsets_not_contiguous", shift_offsets(QKV_FILE, FIRST_IN_QKV_FILE, 8), [QKV_FILE]),
+    Bad("header_shape_negative", edit_header(QKV_FILE, header_tensor("shape", [-48, 64])), [QKV_FILE]),
+    # --- metadata.json structure ----------------------------------------------------------
+    Bad("missing_storage_data", edit_meta(lambda m: m.pop("storage_data")), ["storage_data"]),
+    Bad("no_tensors", edit_meta(lambda m: (m["state_dict_metadata"].clear(), m["storage_data"].clear())),
+        ["state_dict_metadata"]),
+    Bad("overflowing_global_shape", edit_meta(set_field("global_shape", [2**62, 2**62])), [QKV, "global_shape"]),
+    Bad("chunk_offset_huge", edit_meta(lambda m: sdm(m)["chunk"][1].__setitem__("global_offset", [2**63])),
+        [QKV, "chunk"]),
+    Bad("fragmentations_disagree_with_layout", edit_meta(set_field("axis_fragmentations", [1, 4])),
+        [QKV, "axis_fragmentations"]),
+    Bad("interleaved_parallel", edit_layout("interleaved_parallel", True), [QKV, "interleaved"]),
+    Bad("device_matrix_zero", edit_layout("device_matrix", [0, 4]), [QKV, "device_matrix"]),
+    Bad("alias_names_wrong_count", edit_layout("alias_name", ["tp"]), [QKV, "alias_name"]),
+    Bad("storage_rank_not_a_number", edit_meta(lambda m: m["storage_data"][ckpt.shard_key(QKV, 1)][0]
+                                               .__setitem__("storage_rank", "one")), ["storage_rank"]),
+    Bad("shard_id_names_unknown_tensor", edit_meta(lambda m: m["storage_data"].__setitem__(
+        ckpt.shard_key("no.such.tensor", 0), m["storage_data"][ckpt.shard_key(QKV, 1)])), ["no.such.tensor"]),
+    Bad("tracker_empty", write(TRACKER, ""), [TRACKER]),
     # --- targets --------------------------------------------------------------------------
     Bad("mesh_tp3_does_not_divide", None, None, target=["--mesh", "tp=3"], cmds=TARGET_CMDS),
     Bad("mesh_unknown_alias", None, ["xx"], target=["--mesh", "xx=2"], cmds=TARGET_CMDS, all_of=("xx", "dp", "tp")),
@@ -264,13 +348,22 @@ def test_bad_input(case: Bad, cmd, tmp_path, fixture_copy, reshardfs_bin):
         src = root if case.src == "root" else ckpt.resolve_iteration(root)
         target = [a.replace("{tmp}", str(tmp_path)) for a in case.target]
     dest = tmp_path / "dest"
+    mnt = tmp_path / "mnt"
     if cmd == "inspect":
         args = ["inspect", src]
     elif cmd == "plan":
         args = ["plan", src, *target]
+    elif cmd == "mount":
+        mnt.mkdir()
+        args = ["mount", src, mnt, *target]
     else:
         args = ["export", src, dest, *target]
-    run = ckpt.run_cli(args)
+    try:
+        run = ckpt.run_cli(args)
+    finally:
+        if cmd == "mount" and mountutil.is_mounted(mnt):
+            mountutil.run(["umount", "-l", str(mnt)])
+            pytest.fail(f"bad input left a mount at {mnt}")
     assert run.code == 2, f"expected exit 2\n{run}"
     err = run.stderr
     assert err.strip(), f"no message on stderr\n{run}"
