@@ -80,37 +80,18 @@ impl RankFile {
                 path.display()
             ));
         }
-        // SAFETY: the map is read-only and private; a source changed under us
-        // is the mount's concern (see the engine), not the parser's.
+        // SAFETY: a read-only map; a file changed under it is caught by the
+        // SIGBUS guard and the identity check, never trusted silently.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| source_io(path, e))?;
         let region = guard::register(map.as_ptr(), map.len());
-        let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
-            bad!(
-                "{}: invalid safetensors header: {}",
-                path.display(),
-                explain(&e, len)
-            )
-        })?;
-        let data_start = 8 + n as u64;
-        let mut tensors = HashMap::new();
-        for (tname, info) in meta.tensors() {
-            if info.dtype.bitsize() % 8 != 0 {
-                return Err(bad!(
-                    "{}: tensor {tname}: dtype {:?} has sub-byte elements, which cannot be resliced",
-                    path.display(),
-                    info.dtype
-                ));
+        let tensors = match parse_header(&map) {
+            Ok(t) => t,
+            Err(e) => {
+                // The map is dropped here: its guard entry must not outlive it.
+                guard::unregister(region);
+                return Err(bad!("{}: {e}", path.display()));
             }
-            tensors.insert(
-                tname,
-                StoredTensor {
-                    dtype: info.dtype,
-                    shape: info.shape.iter().map(|&s| s as u64).collect(),
-                    offset: data_start + info.data_offsets.0 as u64,
-                    len: (info.data_offsets.1 - info.data_offsets.0) as u64,
-                },
-            );
-        }
+        };
         Ok(RankFile {
             name,
             path: path.to_path_buf(),
@@ -177,6 +158,34 @@ impl Drop for RankFile {
     fn drop(&mut self) {
         guard::unregister(self.region);
     }
+}
+
+/// Checks a whole safetensors file's header against its length and returns
+/// where each tensor sits. Errors say what is wrong, without the path.
+pub fn parse_header(file: &[u8]) -> Result<HashMap<String, StoredTensor>, String> {
+    let len = file.len() as u64;
+    let (n, meta) = SafeTensors::read_metadata(file)
+        .map_err(|e| format!("invalid safetensors header: {}", explain(&e, len)))?;
+    let data_start = 8 + n as u64;
+    let mut tensors = HashMap::new();
+    for (tname, info) in meta.tensors() {
+        if info.dtype.bitsize() % 8 != 0 {
+            return Err(format!(
+                "tensor {tname}: dtype {:?} has sub-byte elements, which cannot be resliced",
+                info.dtype
+            ));
+        }
+        tensors.insert(
+            tname,
+            StoredTensor {
+                dtype: info.dtype,
+                shape: info.shape.iter().map(|&s| s as u64).collect(),
+                offset: data_start + info.data_offsets.0 as u64,
+                len: (info.data_offsets.1 - info.data_offsets.0) as u64,
+            },
+        );
+    }
+    Ok(tensors)
 }
 
 fn explain(e: &SafeTensorError, file_len: u64) -> String {
