@@ -16,6 +16,8 @@ pub mod error;
 pub mod export;
 pub mod format;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 pub mod layout;
 pub mod plan;

@@ -4,6 +4,8 @@
 //! Planning reads no tensor data: its cost grows with tensors and ranks, not
 //! with bytes, so a view of any size is listed (and mounted) at once.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 use crate::error::Result;
@@ -17,7 +19,8 @@ use crate::target::{Placement, TargetSpec};
 /// The whole view of a source under one target.
 #[derive(Debug)]
 pub struct Plan {
-    pub source: Source,
+    /// Shared so that several plans (targets) of one source load it once.
+    pub source: Arc<Source>,
     pub spec: TargetSpec,
     /// Parallel to `source.iterations`.
     pub iterations: Vec<IterationPlan>,
@@ -74,7 +77,8 @@ pub struct Piece {
 
 impl Plan {
     /// Plans the view of every iteration of `source` under `spec`.
-    pub fn build(source: Source, spec: TargetSpec) -> Result<Plan> {
+    pub fn build(source: impl Into<Arc<Source>>, spec: TargetSpec) -> Result<Plan> {
+        let source = source.into();
         let mut iterations = Vec::with_capacity(source.iterations.len());
         for it in &source.iterations {
             let target = spec.resolve(it).map_err(|e| in_iteration(e, it))?;
