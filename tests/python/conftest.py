@@ -2,6 +2,7 @@ import os
 import shutil
 import stat
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ckpt  # noqa: E402
+import mountutil  # noqa: E402
+from mountutil import Mount, run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +52,6 @@ def _no_fuse_mount_left_behind(tmp_path_factory):
     yield
     import subprocess
 
-    import mountutil
-
     base = tmp_path_factory.getbasetemp()
     left = mountutil.fuse_mounts_under(base)
     for e in left:
@@ -60,3 +61,73 @@ def _no_fuse_mount_left_behind(tmp_path_factory):
             "FUSE mounts left behind (now lazily unmounted): " + ", ".join(e.mount_point for e in left),
             pytrace=False,
         )
+
+
+@pytest.fixture(scope="session")
+def mount_bin(reshardfs_bin):
+    """The binary, once FUSE is usable here and it has a `mount` subcommand. Fails, never skips."""
+    problems = []
+    if os.geteuid() != 0:
+        problems.append(f"not root (euid {os.geteuid()})")
+    if not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse does not exist")
+    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        problems.append("/dev/fuse is not readable and writable")
+    if problems:
+        pytest.fail("cannot test the FUSE mount on this machine: " + "; ".join(problems), pytrace=False)
+    r = run([reshardfs_bin, "mount", "--help"], timeout=30)
+    if r.code != 0:
+        pytest.fail(f"the binary has no working `mount` subcommand (`mount --help` must exit 0):\n{r}", pytrace=False)
+    return reshardfs_bin
+
+
+@pytest.fixture
+def mounts(tmp_path, mount_bin):
+    """mounts(name="mnt", create=True) -> a guarded Mount at tmp_path/name. Every Mount made
+    is cleaned up after the test (lazy unmount, daemon reaped, fusectl abort as last resort)."""
+    made = []
+
+    def make(name="mnt", create=True):
+        mnt = tmp_path / name
+        if create:
+            mnt.mkdir()
+        m = Mount(mnt, mount_bin)
+        made.append(m)
+        return m
+
+    yield make
+    notes = []
+    for m in reversed(made):
+        notes += m.cleanup()
+    if notes:
+        warnings.warn("mount cleanup had to force things: " + "; ".join(notes))
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, reshardfs_bin):
+    """exports(src, target_args) -> folder holding `reshardfs export src ... target_args`."""
+    cache = {}
+
+    def get(src, args):
+        key = (str(src), tuple(args))
+        if key not in cache:
+            dest = tmp_path_factory.mktemp("mexport") / "out"
+            r = ckpt.export(src, dest, list(args))
+            assert r.code == 0, str(r)
+            cache[key] = dest
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def synth_ckpt(tmp_path_factory):
+    """A synthetic checkpoint of real random data, larger than the fixtures
+    (~120 MiB: 2 layers, hidden 512, tp=4 x pp=2, Adam states), written by
+    scripts/synth_checkpoint.py."""
+    out = tmp_path_factory.mktemp("synth") / "ckpt"
+    script = ckpt.REPO_ROOT / "scripts" / "synth_checkpoint.py"
+    r = run([sys.executable, script, out, "--layers", "2", "--hidden", "512", "--vocab", "4096",
+             "--tp", "4", "--pp", "2", "--opt", "--fill", "random"], timeout=300)
+    assert r.code == 0, str(r)
+    return out

@@ -36,63 +36,6 @@ RO_ERRORS = ("Read-only file system", "Permission denied", "Operation not permit
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def mount_bin(reshardfs_bin):
-    """The binary, once FUSE is usable here and it has a `mount` subcommand. Fails, never skips."""
-    problems = []
-    if os.geteuid() != 0:
-        problems.append(f"not root (euid {os.geteuid()})")
-    if not os.path.exists("/dev/fuse"):
-        problems.append("/dev/fuse does not exist")
-    elif not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        problems.append("/dev/fuse is not readable and writable")
-    if problems:
-        pytest.fail("cannot test the FUSE mount on this machine: " + "; ".join(problems), pytrace=False)
-    r = run([reshardfs_bin, "mount", "--help"], timeout=30)
-    if r.code != 0:
-        pytest.fail(f"the binary has no working `mount` subcommand (`mount --help` must exit 0):\n{r}", pytrace=False)
-    return reshardfs_bin
-
-
-@pytest.fixture
-def mounts(tmp_path, mount_bin):
-    """mounts(name="mnt", create=True) -> a guarded Mount at tmp_path/name. Every Mount made
-    is cleaned up after the test (lazy unmount, daemon reaped, fusectl abort as last resort)."""
-    made = []
-
-    def make(name="mnt", create=True):
-        mnt = tmp_path / name
-        if create:
-            mnt.mkdir()
-        m = Mount(mnt, mount_bin)
-        made.append(m)
-        return m
-
-    yield make
-    notes = []
-    for m in reversed(made):
-        notes += m.cleanup()
-    if notes:
-        warnings.warn("mount cleanup had to force things: " + "; ".join(notes))
-
-
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory, reshardfs_bin):
-    """exports(src, target_args) -> folder holding `reshardfs export src ... target_args`."""
-    cache = {}
-
-    def get(src, args):
-        key = (str(src), tuple(args))
-        if key not in cache:
-            dest = tmp_path_factory.mktemp("mexport") / "out"
-            r = ckpt.export(src, dest, list(args))
-            assert r.code == 0, str(r)
-            cache[key] = dest
-        return cache[key]
-
-    return get
-
-
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""Load: 16 readers at random offsets and lengths across every view file of a
+~120 MiB checkpoint for a bounded time (RESHARDFS_LOAD_SECONDS, default 30):
+zero wrong bytes, zero errors, no read slower than the timeout, and the
+daemon's memory within its cache budget. Every reader is a subprocess with a
+timeout; the mount is torn down by its guard on every path."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ckpt
+import mountutil
+
+READERS = 16
+SECONDS = float(os.environ.get("RESHARDFS_LOAD_SECONDS", "30"))
+CACHE = 32 << 20
+TARGET = ["--mesh", "tp=2", "--pp", "1"]
+READER = str(Path(__file__).resolve().parent / "loadreader.py")
+
+
+def view_files(ref: Path) -> list[str]:
+    return sorted(str(p.relative_to(ref)) for p in ref.rglob("*") if p.is_file())
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_sixteen_random_readers(synth_ckpt, mounts, exports):
+    ref = exports(synth_ckpt, TARGET)
+    files = view_files(ref)
+    m = mounts()
+    m.start_ok(synth_ckpt, TARGET + ["--cache-size", str(CACHE)])
+    pid = m.stats()["pid"]
+    procs = [
+        subprocess.Popen([sys.executable, READER, str(seed), str(SECONDS), m.path(), str(ref), *files],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mountutil.SUB_ENV)
+        for seed in range(READERS)
+    ]
+    rss = []
+    deadline = time.monotonic() + SECONDS + 60
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            rss.append(rss_kib(pid))
+            time.sleep(1)
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            assert p.returncode == 0, f"reader failed ({p.returncode}): {out.decode()} {err.decode()[-2000:]}"
+            results.append(json.loads(out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    reads = sum(r["reads"] for r in results)
+    nbytes = sum(r["bytes"] for r in results)
+    slowest = max(r["max_read_s"] for r in results)
+    print(f"\n{READERS} readers, {SECONDS:.0f} s: {reads} reads, {nbytes / 2**20:.0f} MiB, "
+          f"slowest read {slowest:.3f} s, daemon RSS {min(rss) // 1024}-{max(rss) // 1024} MiB")
+    assert reads > READERS * 10, "the readers barely ran"
+    assert all(r["mismatches"] == 0 and r["errors"] == 0 for r in results)
+    stats = m.stats()
+    assert stats["read_errors"] == 0, stats
+    assert mountutil.pid_alive(pid), "daemon died"
+    budget_kib = (CACHE + (64 << 20)) // 1024
+    assert max(rss) <= budget_kib, f"daemon RSS peaked at {max(rss)} KiB, budget {budget_kib} KiB: {rss}"
