@@ -110,7 +110,17 @@ fn in_iteration(e: crate::error::Error, it: &Iteration) -> crate::error::Error {
     }
 }
 
+/// Tensor slices a view may hold in all (a tensor held by n ranks counts n):
+/// each costs a few hundred bytes of plan. A 70B view at 64 ranks has ~20k.
+const MAX_SLICES: usize = 1 << 24;
+
 fn plan_iteration(it: &Iteration, placements: Vec<Placement>, world: u64) -> Result<IterationPlan> {
+    let slices: usize = placements.iter().map(|p| p.ranks.len()).sum();
+    if slices > MAX_SLICES {
+        crate::bail!(
+            "target: {slices} tensor slices across {world} ranks, more than the {MAX_SLICES} a view may have"
+        );
+    }
     // Which (tensor, position in ranks) each target rank holds.
     let mut held: Vec<Vec<(usize, usize)>> = vec![Vec::new(); world as usize];
     for (ti, p) in placements.iter().enumerate() {

@@ -19,8 +19,14 @@ use crate::format::rankfile::{RankFile, dtype_from_mindspore, dtype_to_mindspore
 use crate::layout::{Layout, checked_product};
 use crate::{bad, bail};
 
-/// metadata.json larger than this is refused rather than read into memory.
-const MAX_METADATA_BYTES: u64 = 1 << 30;
+/// metadata.json larger than this is refused rather than parsed: parsing
+/// costs several times the file in memory. A 70B save's is 2.6 MB; this
+/// allows about a million storage entries.
+const MAX_METADATA_BYTES: u64 = 256 << 20;
+/// Tensors per iteration, and rank files per iteration (each is mapped and
+/// has a SIGBUS guard entry).
+const MAX_TENSORS: usize = 1 << 20;
+const MAX_FILES: usize = 1 << 15;
 /// common.json and the tracker are small; a large one is not a checkpoint's.
 const MAX_SMALL_FILE_BYTES: u64 = 16 << 20;
 
@@ -283,6 +289,12 @@ impl FileSet<'_> {
         if let Some(&i) = self.index.get(name) {
             return Ok(i);
         }
+        if self.files.len() >= MAX_FILES {
+            bail!(
+                "{}: names more than {MAX_FILES} rank files, more than supported",
+                self.named_in.display()
+            );
+        }
         let f = open_rank_file(self.dir, name, self.named_in, referrer)?;
         self.files.push(f);
         self.index.insert(name.to_string(), self.files.len() - 1);
@@ -317,6 +329,12 @@ fn load_iteration(dir: &Path, name: Option<String>, number: Option<u64>) -> Resu
         .ok_or_else(|| bad!("{mp}: `storage_data` is not an object"))?;
     if sdm.is_empty() {
         bail!("{mp}: `state_dict_metadata` lists no tensors");
+    }
+    if sdm.len() > MAX_TENSORS {
+        bail!(
+            "{mp}: `state_dict_metadata` lists {} tensors, more than the {MAX_TENSORS} supported",
+            sdm.len()
+        );
     }
 
     // storage_data, grouped by shard id.
