@@ -128,6 +128,12 @@ impl BlockCache {
         }
     }
 
+    /// Whether the block is cached (or being computed), without touching
+    /// its recency.
+    pub fn contains(&self, key: BlockKey) -> bool {
+        lock(&self.inner).lru.contains(&key)
+    }
+
     pub fn stats(&self) -> CacheStats {
         let g = lock(&self.inner);
         CacheStats {

@@ -50,9 +50,17 @@ pub enum ReadError {
     Source(#[from] SourceFault),
 }
 
+thread_local! {
+    /// Per request thread: where whole-block reads are computed (reused, so
+    /// its pages are touched once).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Default)]
 struct Counters {
     reads: AtomicU64,
+    /// Reads of whole blocks computed straight into a scratch buffer.
+    direct_reads: AtomicU64,
     bytes_served: AtomicU64,
     source_bytes_read: AtomicU64,
     read_errors: AtomicU64,
@@ -193,6 +201,33 @@ impl Server {
                 let bs = self.block_size;
                 let first = offset / bs;
                 let last = (end - 1) / bs;
+                let whole_blocks = offset % bs == 0 && (end % bs == 0 || end == vf.size);
+                if whole_blocks && !(first..=last).any(|b| self.cache.contains((id, b))) {
+                    // A request for whole blocks nobody has cached: the
+                    // sequential reader's case (1 MiB readahead requests).
+                    // The kernel keeps these pages itself, so caching them
+                    // too would only cost memory, and fresh cache memory is
+                    // what costs most here (first touch of a page). Compute
+                    // into this thread's reused buffer instead.
+                    return SCRATCH.with_borrow_mut(|scratch| {
+                        let n = (end - offset) as usize;
+                        if scratch.len() < n {
+                            scratch.resize(n, 0);
+                        }
+                        let got = read_file(
+                            &self.plan.source.iterations[it],
+                            vf,
+                            offset,
+                            &mut scratch[..n],
+                        )?;
+                        self.counters
+                            .source_bytes_read
+                            .fetch_add(got.from_source as u64, Ordering::Relaxed);
+                        self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
+                        served(&scratch[..n]);
+                        Ok(out(&scratch[..n]))
+                    });
+                }
                 let block = |b: u64| {
                     let start = b * bs;
                     let len = bs.min(vf.size - start) as usize;
@@ -230,10 +265,11 @@ impl Server {
         let cache = self.cache.stats();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "pid: {}\nuptime_s: {:.1}\nreads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\n",
+            "pid: {}\nuptime_s: {:.1}\nreads: {}\ndirect_reads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\n",
             std::process::id(),
             self.started.elapsed().as_secs_f64(),
             get(&c.reads),
+            get(&c.direct_reads),
             get(&c.bytes_served),
             get(&c.source_bytes_read),
             get(&c.read_errors),
