@@ -201,7 +201,8 @@ impl Server {
                 let bs = self.block_size;
                 let first = offset / bs;
                 let last = (end - 1) / bs;
-                let whole_blocks = offset % bs == 0 && (end % bs == 0 || end == vf.size);
+                let whole_blocks =
+                    offset.is_multiple_of(bs) && (end.is_multiple_of(bs) || end == vf.size);
                 if whole_blocks && !(first..=last).any(|b| self.cache.contains((id, b))) {
                     // A request for whole blocks nobody has cached: the
                     // sequential reader's case (1 MiB readahead requests).
