@@ -259,13 +259,18 @@ impl Layout {
 }
 
 /// Row-major unravel of `index` over `dims` (last fastest).
-pub fn unravel(mut index: u64, dims: &[u64]) -> Vec<u64> {
+pub fn unravel(index: u64, dims: &[u64]) -> Vec<u64> {
     let mut out = vec![0; dims.len()];
+    unravel_into(index, dims, &mut out);
+    out
+}
+
+/// [`unravel`] into a caller's buffer of `dims.len()` entries.
+pub fn unravel_into(mut index: u64, dims: &[u64], out: &mut [u64]) {
     for (o, &d) in out.iter_mut().zip(dims).rev() {
         *o = index % d;
         index /= d;
     }
-    out
 }
 
 /// Row-major ravel of `idx` over `dims`.
