@@ -468,6 +468,11 @@ class Bench:
                 nbytes = size_of(files)
                 cold.append(cat(files))
                 s1 = self.mounts.stats(self.mnt)
+                # Like the disk ceiling (dd after warming, repeated), the
+                # re-read is timed after one untimed pass: the first pass
+                # after the cold read pays one-off costs in this VM for
+                # both file systems alike.
+                dd(files)
                 warm.append(dd(files))
                 s2 = self.mounts.stats(self.mnt)
                 stats.append((s1, s2))
