@@ -17,7 +17,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use crate::serve::{Attr, NodeKind, ReadError, Server};
+use crate::serve::{Attr, NodeKind, ReadError, Server, slice_at};
 
 /// Attributes of the view never change while mounted.
 const TTL: Duration = Duration::from_secs(3600);
@@ -137,9 +137,7 @@ impl Filesystem for ViewFs {
     ) {
         let snapshot = lock(&self.snapshots).get(&fh.0).cloned();
         if let Some(text) = snapshot {
-            let start = (offset as usize).min(text.len());
-            let end = start.saturating_add(size as usize).min(text.len());
-            return reply.data(&text[start..end]);
+            return reply.data(slice_at(&text, offset, size as usize));
         }
         // `reply` moves into the closure on success; keep errors for after.
         let mut reply = Some(reply);

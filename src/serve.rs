@@ -165,7 +165,19 @@ impl Server {
         out: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, ReadError> {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        let result = self.read_inner(ino, offset, size, out);
+        let out = |bytes: &[u8]| {
+            self.counters
+                .bytes_served
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            out(bytes)
+        };
+        let node = self.tree.get(ino).ok_or(ReadError::NotFound)?;
+        let result = match &node.content {
+            Content::Dir(_) => Err(ReadError::IsDir),
+            Content::Bytes(b) => Ok(out(slice_at(b, offset, size))),
+            Content::Stats => Ok(out(slice_at(self.stats_text().as_bytes(), offset, size))),
+            &Content::View { it, file, id } => self.read_view(it, file, id, offset, size, out),
+        };
         if let Err(ReadError::Source(e)) = &result {
             self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
             log::error!("{}: {e}", self.tree.path(ino));
@@ -173,103 +185,70 @@ impl Server {
         result
     }
 
-    fn read_inner<R>(
+    /// A view file's bytes: whole blocks nobody cached straight from the
+    /// engine, everything else through the block cache.
+    fn read_view<R>(
         &self,
-        ino: Ino,
+        it: usize,
+        file: usize,
+        id: u32,
         offset: u64,
         size: usize,
         out: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, ReadError> {
-        let node = self.tree.get(ino).ok_or(ReadError::NotFound)?;
-        let served = |bytes: &[u8]| {
-            self.counters
-                .bytes_served
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        };
-        match &node.content {
-            Content::Dir(_) => Err(ReadError::IsDir),
-            Content::Bytes(b) => {
-                let s = slice_at(b, offset, size);
-                served(s);
-                Ok(out(s))
-            }
-            Content::Stats => {
-                let text = self.stats_text();
-                let s = slice_at(text.as_bytes(), offset, size);
-                served(s);
-                Ok(out(s))
-            }
-            &Content::View { it, file, id } => {
-                let vf = &self.plan.iterations[it].files[file];
-                let end = vf.size.min(offset.saturating_add(size as u64));
-                if offset >= end {
-                    return Ok(out(&[]));
-                }
-                if self.zeros {
-                    let n = (end - offset) as usize;
-                    let s = if n <= ZEROS.len() {
-                        &ZEROS[..n]
-                    } else {
-                        &vec![0u8; n][..]
-                    };
-                    served(s);
-                    return Ok(out(s));
-                }
-                let bs = self.block_size;
-                let first = offset / bs;
-                let last = (end - 1) / bs;
-                let whole_blocks =
-                    offset.is_multiple_of(bs) && (end.is_multiple_of(bs) || end == vf.size);
-                if whole_blocks && !(first..=last).any(|b| self.cache.contains((id, b))) {
-                    // A request for whole blocks nobody has cached: the
-                    // sequential reader's case (1 MiB readahead requests).
-                    // The kernel keeps these pages itself, so caching them
-                    // too would only cost memory, and fresh cache memory is
-                    // what costs most here (first touch of a page). Compute
-                    // into this thread's reused buffer instead.
-                    return SCRATCH.with_borrow_mut(|scratch| {
-                        let n = (end - offset) as usize;
-                        if scratch.len() < n {
-                            scratch.resize(n, 0);
-                        }
-                        let got = self.read_source(it, vf, offset, &mut scratch[..n])?;
-                        self.counters
-                            .source_bytes_read
-                            .fetch_add(got.from_source as u64, Ordering::Relaxed);
-                        self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
-                        served(&scratch[..n]);
-                        Ok(out(&scratch[..n]))
-                    });
-                }
-                let block = |b: u64| {
-                    let start = b * bs;
-                    let len = bs.min(vf.size - start) as usize;
-                    self.cache.get((id, b), len, |buf| {
-                        let got = self.read_source(it, vf, start, buf)?;
-                        self.counters
-                            .source_bytes_read
-                            .fetch_add(got.from_source as u64, Ordering::Relaxed);
-                        Ok::<(), SourceFault>(())
-                    })
-                };
-                if first == last {
-                    // The common case: reply straight from the cached block.
-                    let data = block(first)?;
-                    let s = &data[(offset - first * bs) as usize..(end - first * bs) as usize];
-                    served(s);
-                    return Ok(out(s));
-                }
-                let mut buf = Vec::with_capacity((end - offset) as usize);
-                for b in first..=last {
-                    let data = block(b)?;
-                    let lo = offset.max(b * bs) - b * bs;
-                    let hi = end.min((b + 1) * bs) - b * bs;
-                    buf.extend_from_slice(&data[lo as usize..hi as usize]);
-                }
-                served(&buf);
-                Ok(out(&buf))
-            }
+        let vf = &self.plan.iterations[it].files[file];
+        let end = vf.size.min(offset.saturating_add(size as u64));
+        if offset >= end {
+            return Ok(out(&[]));
         }
+        let n = (end - offset) as usize;
+        if self.zeros {
+            return Ok(if n <= ZEROS.len() {
+                out(&ZEROS[..n])
+            } else {
+                out(&vec![0u8; n])
+            });
+        }
+        let bs = self.block_size;
+        let first = offset / bs;
+        let last = (end - 1) / bs;
+        let whole_blocks = offset.is_multiple_of(bs) && (end.is_multiple_of(bs) || end == vf.size);
+        if whole_blocks && !(first..=last).any(|b| self.cache.contains((id, b))) {
+            // A request for whole blocks nobody has cached: the sequential
+            // reader's case (1 MiB readahead requests). The kernel keeps
+            // these pages itself, so caching them too would only cost
+            // memory, and fresh cache memory is what costs most here (first
+            // touch of a page). Compute into this thread's reused buffer.
+            return SCRATCH.with_borrow_mut(|scratch| {
+                if scratch.len() < n {
+                    scratch.resize(n, 0);
+                }
+                self.read_source(it, vf, offset, &mut scratch[..n])?;
+                self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
+                Ok(out(&scratch[..n]))
+            });
+        }
+        let block = |b: u64| {
+            let start = b * bs;
+            let len = bs.min(vf.size - start) as usize;
+            self.cache.get((id, b), len, |buf| {
+                self.read_source(it, vf, start, buf).map(|_| ())
+            })
+        };
+        if first == last {
+            // The common case: reply straight from the cached block.
+            let data = block(first)?;
+            let lo = (offset - first * bs) as usize;
+            return Ok(out(&data[lo..lo + n]));
+        }
+        let mut buf = Vec::with_capacity(n);
+        for b in first..=last {
+            let data = block(b)?;
+            let lo = offset.max(b * bs) - b * bs;
+            let hi = end.min((b + 1) * bs) - b * bs;
+            buf.extend_from_slice(&data[lo as usize..hi as usize]);
+        }
+        Ok(out(&buf))
     }
 
     /// The engine's read, with this thread's spans released now and then.
@@ -296,6 +275,11 @@ impl Server {
             let got = read_file(source, vf, offset, buf, touched);
             if got.is_err() || touched.span_bytes() >= RELEASE_EVERY {
                 touched.release(source);
+            }
+            if let Ok(g) = &got {
+                self.counters
+                    .source_bytes_read
+                    .fetch_add(g.from_source as u64, Ordering::Relaxed);
             }
             got
         })
@@ -325,7 +309,8 @@ impl Server {
     }
 }
 
-fn slice_at(b: &[u8], offset: u64, size: usize) -> &[u8] {
+/// `b[offset..offset+size]`, clipped to `b`.
+pub fn slice_at(b: &[u8], offset: u64, size: usize) -> &[u8] {
     let start = (offset.min(b.len() as u64)) as usize;
     let end = start.saturating_add(size).min(b.len());
     &b[start..end]
