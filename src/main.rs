@@ -207,7 +207,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Plan { src, target, json } => {
             let plan = load_plan(&src, target.spec()?)?;
-            let r = report::plan(&plan, true);
+            let r = report::plan(&plan);
             print_report(json, &r, || r.text())
         }
         Command::Export {

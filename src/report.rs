@@ -279,7 +279,7 @@ pub struct PlanTotals {
     pub source_bytes_per_byte_served: f64,
 }
 
-pub fn plan(plan: &Plan, with_pieces: bool) -> PlanReport {
+pub fn plan(plan: &Plan) -> PlanReport {
     let mut totals = PlanTotals {
         files: 0,
         bytes: 0,
@@ -298,20 +298,16 @@ pub fn plan(plan: &Plan, with_pieces: bool) -> PlanReport {
                 let t = &it.tensors[pt.source];
                 totals.tensor_bytes += pt.len;
                 totals.pieces += piece_count(t, &pt.slice);
-                let ps = if with_pieces {
-                    pieces(t, &pt.slice)
-                        .into_iter()
-                        .map(|p| PlanPiece {
-                            file: it.files[p.file].name.clone(),
-                            chunk: p.chunk,
-                            bytes: p.shape.iter().product::<u64>() * t.elem_size(),
-                            start: p.start,
-                            shape: p.shape,
-                        })
-                        .collect()
-                } else {
-                    Vec::new()
-                };
+                let ps = pieces(t, &pt.slice)
+                    .into_iter()
+                    .map(|p| PlanPiece {
+                        file: it.files[p.file].name.clone(),
+                        chunk: p.chunk,
+                        bytes: p.shape.iter().product::<u64>() * t.elem_size(),
+                        start: p.start,
+                        shape: p.shape,
+                    })
+                    .collect();
                 tensors.push(PlanTensor {
                     name: t.name.clone(),
                     dtype: format!("{:?}", t.dtype),

@@ -100,7 +100,7 @@ impl Server {
     }
 
     pub fn new(plan: Plan, cache_bytes: u64) -> Server {
-        let report = report::plan(&plan, true);
+        let report = report::plan(&plan);
         let tree = Tree::build(&plan, &report);
         Server {
             plan,

@@ -54,7 +54,6 @@ pub struct Iteration {
     pub dir: PathBuf,
     /// `iteration_N` when part of a root, else `None`.
     pub name: Option<String>,
-    pub number: Option<u64>,
     pub prefix: Option<String>,
     pub files: Vec<RankFile>,
     /// In metadata.json order (file order for plain sources).
@@ -145,7 +144,7 @@ impl Source {
             return Self::open_root(path, &tracker_path);
         }
         if path.join(names::METADATA).exists() {
-            let it = load_iteration(path, None, None)?;
+            let it = load_iteration(path, None)?;
             return Ok(Source {
                 path: path.to_path_buf(),
                 kind: SourceKind::Iteration,
@@ -187,8 +186,8 @@ impl Source {
             );
         }
         let mut iterations = Vec::with_capacity(dirs.len());
-        for (n, name) in dirs {
-            iterations.push(load_iteration(&path.join(&name), Some(name), Some(n))?);
+        for (_, name) in dirs {
+            iterations.push(load_iteration(&path.join(&name), Some(name))?);
         }
         Ok(Source {
             path: path.to_path_buf(),
@@ -311,7 +310,7 @@ fn kind_of_file(name: &str) -> Kind {
 }
 
 /// Loads an iteration folder with metadata.json and checks it against its rank files.
-fn load_iteration(dir: &Path, name: Option<String>, number: Option<u64>) -> Result<Iteration> {
+fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iteration> {
     let meta_path = dir.join(names::METADATA);
     let raw = read_small(&meta_path, MAX_METADATA_BYTES)?;
     let json: Value = serde_json::from_slice(&raw)
@@ -421,7 +420,6 @@ fn load_iteration(dir: &Path, name: Option<String>, number: Option<u64>) -> Resu
     Ok(Iteration {
         dir: dir.to_path_buf(),
         name,
-        number,
         prefix,
         files: files.files,
         tensors,
@@ -744,7 +742,6 @@ fn load_plain(dir: &Path) -> Result<Iteration> {
     Ok(Iteration {
         dir: dir.to_path_buf(),
         name: None,
-        number: None,
         prefix,
         files: set.files,
         tensors,

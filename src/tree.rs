@@ -211,7 +211,7 @@ mod tests {
 
     fn tree(src: &str, spec: TargetSpec) -> (Plan, Tree) {
         let plan = Plan::build(Source::open(Path::new(src)).unwrap(), spec).unwrap();
-        let r = report::plan(&plan, true);
+        let r = report::plan(&plan);
         let t = Tree::build(&plan, &r);
         (plan, t)
     }
