@@ -122,13 +122,10 @@ impl Iteration {
 impl Source {
     /// Loads and checks a checkpoint root, an iteration folder or a plain folder.
     pub fn open(path: &Path) -> Result<Source> {
-        let mut source = Self::open_at(path)?;
-        // Reports and a daemon that has left the working directory need the
-        // absolute path; messages before this point use the path as given.
-        if let Ok(abs) = fs::canonicalize(path) {
-            source.path = abs;
-        }
-        Ok(source)
+        // Every path kept is absolute: the mount's daemon leaves the working
+        // directory, and still checks source paths on every read.
+        let abs = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
+        Self::open_at(&abs)
     }
 
     fn open_at(path: &Path) -> Result<Source> {

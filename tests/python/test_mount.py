@@ -316,6 +316,19 @@ def test_identity_mount_is_the_source(src, mounts):
     assert_cmp_all(m, src, files_of(tree))
 
 
+def test_relative_source_path(mounts):
+    """The daemon leaves its working directory: a relative SRC must still serve every byte."""
+    m = mounts()
+    cmd = m.command(TP4, [])
+    r = subprocess.run(cmd, cwd=FIXTURES, capture_output=True, timeout=30, env=mountutil.SUB_ENV)
+    m.remember()
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert m.is_mounted()
+    tree = mount_tree(m)
+    assert_cmp_all(m, FIXTURES / TP4, files_of(tree))
+    assert m.stats()["read_errors"] == 0
+
+
 # ---------------------------------------------------------------------------
 # 4. .reshardfs/: stats, plan, summary
 # ---------------------------------------------------------------------------
