@@ -210,22 +210,31 @@ fn block_stop_signals() {
 /// Serves until the mount goes away: `umount`, or a stop signal, which
 /// detaches the mount (lazily, so open files finish) and ends the loop once
 /// the kernel lets go.
-fn run(session: Session<ViewFs>, mnt: &Path) -> Result<()> {
+fn run(mut session: Session<ViewFs>, mnt: &Path) -> Result<()> {
     let target = std::ffi::CString::new(mnt.as_os_str().as_bytes())
         .map_err(|_| crate::bad!("{}: path holds a NUL byte", mnt.display()))?;
+    // The unmounter takes the mount out of the session, so the session does
+    // not try (and warn about failing) to unmount it again when it ends.
+    let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let set = stop_set();
             let mut sig: libc::c_int = 0;
             // SAFETY: waits for one of the blocked signals.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                log::info!("signal {sig}: unmounting");
-                // SAFETY: a plain syscall on a valid C string.
-                if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-                    log::error!("unmount failed: {}", std::io::Error::last_os_error());
-                    std::process::exit(1);
-                }
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            log::info!("signal {sig}: unmounting");
+            if unmounter.unmount().is_ok() {
+                return;
+            }
+            // Busy (files still open): detach now, finish their reads, and
+            // end once the kernel lets go.
+            // SAFETY: a plain syscall on a valid C string.
+            if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+                log::error!("unmount failed: {}", std::io::Error::last_os_error());
+                std::process::exit(1);
             }
         })
         .map_err(|e| Error::io("starting the signal thread", e))?;

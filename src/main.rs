@@ -186,6 +186,7 @@ fn main() -> ExitCode {
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
     if let Some(level) = &cli.log_level {
+        // fuser logs every request at debug; the daemon logs what matters.
         logger.parse_filters(&format!("{level},fuser=error"));
     }
     logger.init();
