@@ -208,9 +208,11 @@ impl Filesystem for ViewFs {
             .iter()
             .map(|&(n, i)| (n, i, FileType::Directory))
             .chain(children.iter().map(|(n, i)| {
-                let kind = match self.server.attr(*i).map(|a| a.kind) {
-                    Some(NodeKind::Dir) => FileType::Directory,
-                    _ => FileType::RegularFile,
+                // From the tree: attr() would render the counters file.
+                let kind = if self.server.tree().is_dir(*i) {
+                    FileType::Directory
+                } else {
+                    FileType::RegularFile
                 };
                 (n.as_str(), *i, kind)
             }));

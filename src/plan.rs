@@ -81,8 +81,10 @@ impl Plan {
         let source = source.into();
         let mut iterations = Vec::with_capacity(source.iterations.len());
         for it in &source.iterations {
-            let target = spec.resolve(it).map_err(|e| in_iteration(e, it))?;
-            iterations.push(plan_iteration(it, target.placements, target.world)?);
+            let planned = spec
+                .resolve(it)
+                .and_then(|t| plan_iteration(it, t.placements, t.world));
+            iterations.push(planned.map_err(|e| in_iteration(e, it))?);
         }
         Ok(Plan {
             source,
@@ -100,13 +102,11 @@ impl Plan {
     }
 }
 
-/// Prefixes an error with the iteration folder when the source has several.
+/// In a checkpoint root, says which iteration a target failed on.
 fn in_iteration(e: crate::error::Error, it: &Iteration) -> crate::error::Error {
-    match (&e, &it.name) {
-        (crate::error::Error::Input(m), Some(n)) if !m.contains(n.as_str()) => {
-            crate::bad!("{n}: {m}")
-        }
-        _ => e,
+    match (e, &it.name) {
+        (crate::error::Error::Input(m), Some(n)) => crate::bad!("{n}: {m}"),
+        (e, _) => e,
     }
 }
 

@@ -218,6 +218,16 @@ fn list_iteration_dirs(path: &Path) -> Result<Vec<(u64, String)>> {
     Ok(dirs)
 }
 
+/// common.json, kept byte for byte, when the folder has one.
+fn read_common(dir: &Path) -> Result<Option<Vec<u8>>> {
+    let path = dir.join(names::COMMON);
+    if path.exists() {
+        read_small(&path, MAX_SMALL_FILE_BYTES).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
     let len = fs::metadata(path).map_err(|e| source_io(path, e))?.len();
     if len > cap {
@@ -408,12 +418,7 @@ fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iteration> {
     }
     let stages = world.div_ceil(stage_devices);
     let prefix = common_prefix(&files.files, dir)?;
-    let common_path = dir.join(names::COMMON);
-    let common_json = if common_path.exists() {
-        Some(read_small(&common_path, MAX_SMALL_FILE_BYTES)?)
-    } else {
-        None
-    };
+    let common_json = read_common(dir)?;
     Ok(Iteration {
         dir: dir.to_path_buf(),
         name,
@@ -730,12 +735,7 @@ fn load_plain(dir: &Path) -> Result<Iteration> {
         bail!("{}: the safetensors files hold no tensors", dir.display());
     }
     let prefix = common_prefix(&set.files, dir)?;
-    let common_path = dir.join(names::COMMON);
-    let common_json = if common_path.exists() {
-        Some(read_small(&common_path, MAX_SMALL_FILE_BYTES)?)
-    } else {
-        None
-    };
+    let common_json = read_common(dir)?;
     Ok(Iteration {
         dir: dir.to_path_buf(),
         name: None,

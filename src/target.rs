@@ -181,7 +181,8 @@ fn resolve_mesh(
 
     // New layouts (rank lists filled in below, once stages are known).
     let mut layouts: Vec<Option<Layout>> = Vec::with_capacity(it.tensors.len());
-    let mut devices: Option<(u64, &str)> = None;
+    // The first tensor's ranks per stage, which every other must match.
+    let mut first: Option<(u64, &str, String)> = None;
     for t in &it.tensors {
         let Some(src) = &t.layout else {
             layouts.push(None);
@@ -196,16 +197,10 @@ fn resolve_mesh(
         l.check_divides(&t.global_shape)
             .map_err(|e| bad!("target: tensor {}: {e}", t.name))?;
         let n = l.devices();
-        match devices {
-            None => devices = Some((n, &t.name)),
-            Some((m, other)) if m != n => bail!(
-                "target: tensors disagree on ranks per stage: {other} has {m} ({}), {} has {n} ({})",
-                it.tensors
-                    .iter()
-                    .find(|x| x.name == other)
-                    .and_then(|x| x.layout.as_ref())
-                    .map(|l| mesh_after(l, &size_of))
-                    .unwrap_or_default(),
+        match &first {
+            None => first = Some((n, &t.name, l.describe_mesh())),
+            Some((m, other, mesh)) if *m != n => bail!(
+                "target: tensors disagree on ranks per stage: {other} has {m} ({mesh}), {} has {n} ({})",
                 t.name,
                 l.describe_mesh()
             ),
@@ -213,7 +208,7 @@ fn resolve_mesh(
         }
         layouts.push(Some(l));
     }
-    let stage_devices = devices.map_or(1, |d| d.0);
+    let stage_devices = first.map_or(1, |d| d.0);
     let rule = StageRule::new(it, pp)?;
     let stages = pp.unwrap_or(it.stages);
     if stage_devices.saturating_mul(stages) > MAX_WORLD {
@@ -244,16 +239,6 @@ fn resolve_mesh(
             }
         })
         .collect())
-}
-
-fn mesh_after(l: &Layout, size_of: &HashMap<&str, u64>) -> String {
-    let mut l = l.clone();
-    for (axis, alias) in l.alias_name.iter().enumerate() {
-        if let Some(&n) = size_of.get(alias.as_str()) {
-            l.device_matrix[axis] = n;
-        }
-    }
-    l.describe_mesh()
 }
 
 /// The target stage of each tensor. Without `--pp` a tensor stays on its

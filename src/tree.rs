@@ -176,6 +176,11 @@ impl Tree {
         }
     }
 
+    pub fn is_dir(&self, ino: Ino) -> bool {
+        self.get(ino)
+            .is_some_and(|n| matches!(n.content, Content::Dir(_)))
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -23,7 +23,6 @@ use crate::guard;
 pub struct RankFile {
     pub name: String,
     pub path: PathBuf,
-    pub len: u64,
     pub tensors: HashMap<String, StoredTensor>,
     map: Mmap,
     /// The map's entry in the SIGBUS guard.
@@ -95,7 +94,6 @@ impl RankFile {
         Ok(RankFile {
             name,
             path: path.to_path_buf(),
-            len,
             tensors,
             map,
             region,
