@@ -14,11 +14,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::bail;
-use crate::engine::Engine;
+use crate::checkpoint::names;
+use crate::checkpoint::source::SourceKind;
 use crate::error::{Error, Result};
-use crate::format::names;
-use crate::plan::Plan;
-use crate::source::SourceKind;
+use crate::reshard::engine::Engine;
+use crate::reshard::plan::Plan;
 
 /// How much of a view file is produced per engine call.
 const BUF_BYTES: usize = 8 << 20;

@@ -7,12 +7,12 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::engine::Engine;
-use crate::format::metadata::{format_shard_id, parse_shard_id};
-use crate::format::rankfile::parse_header;
-use crate::plan::Plan;
-use crate::source::Source;
-use crate::target::TargetSpec;
+use crate::checkpoint::header::parse_header;
+use crate::checkpoint::metadata::{format_shard_id, parse_shard_id};
+use crate::checkpoint::source::Source;
+use crate::reshard::engine::Engine;
+use crate::reshard::plan::Plan;
+use crate::reshard::target::TargetSpec;
 
 /// Any string parses or is rejected; what parses formats back to a key
 /// that parses to the same id.

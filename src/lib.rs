@@ -1,30 +1,28 @@
 //! reshardfs: a distributed checkpoint (MindSpore Transformers Checkpoint
 //! 2.0) seen as if it had been saved with another parallel strategy.
 //!
-//! The pipeline, one module per step:
-//! [`source`] reads and checks a checkpoint (using [`format`] and [`layout`]),
-//! [`target`] turns what the user asked for into a placement per tensor,
-//! [`plan`] lays out every view file without touching tensor data, and
-//! [`engine`] produces any byte range of any view file from the memory-mapped
-//! source. [`export`] writes a view to disk; [`report`] renders `inspect`
-//! and `plan`.
+//! The pipeline, one folder per stage:
+//!
+//! 1. [`checkpoint`] reads a source: the on-disk format (`metadata.json`,
+//!    rank-file headers, file names), the memory-mapped rank files with their
+//!    SIGBUS guard, and every cross-check, giving a [`checkpoint::source::Source`].
+//! 2. [`reshard`] turns the user's target into a placement per tensor
+//!    ([`reshard::target`]), lays out every view file without touching tensor
+//!    data ([`reshard::plan`]), and computes any byte range of any view file
+//!    from the source ([`reshard::engine`]).
+//! 3. [`mount`] serves a plan through FUSE: block cache, namespace, server,
+//!    the thin FUSE adapter and the background daemon.
+//!
+//! Beside them, [`export`] writes a plan to disk and [`report`] renders
+//! `inspect` and `plan`; `main.rs` is the command line.
 
-pub mod cache;
-pub mod daemon;
-pub mod engine;
+pub mod checkpoint;
 pub mod error;
 pub mod export;
-pub mod format;
-pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod guard;
-pub mod layout;
-pub mod plan;
+pub mod mount;
 pub mod report;
-pub mod serve;
-pub mod source;
-pub mod target;
-pub mod tree;
+pub mod reshard;
 
 pub use error::{Error, Result};

@@ -5,13 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use reshardfs::daemon;
+use reshardfs::checkpoint::source::Source;
 use reshardfs::export::{ExportOptions, export};
-use reshardfs::plan::Plan;
+use reshardfs::mount::daemon;
+use reshardfs::mount::serve::Server;
 use reshardfs::report;
-use reshardfs::serve::Server;
-use reshardfs::source::Source;
-use reshardfs::target::TargetSpec;
+use reshardfs::reshard::plan::Plan;
+use reshardfs::reshard::target::TargetSpec;
 use reshardfs::{Result, bail};
 
 /// Distributed checkpoints, resharded on the fly.

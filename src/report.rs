@@ -6,10 +6,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::format::names::Kind;
-use crate::layout::unravel;
-use crate::plan::{Plan, piece_count, pieces};
-use crate::source::{Iteration, Source, SourceKind};
+use crate::checkpoint::names::Kind;
+use crate::checkpoint::source::{Iteration, Source, SourceKind};
+use crate::reshard::layout::unravel;
+use crate::reshard::plan::{Plan, piece_count, pieces};
 
 #[derive(Serialize)]
 pub struct InspectReport {
@@ -214,7 +214,7 @@ impl InspectReport {
 
 /// `gpt-model-0000004-0000008.safetensors` -> `model#4`, for dense tables.
 fn short_file(name: &str) -> String {
-    match crate::format::names::parse_rank_file_name(name) {
+    match crate::checkpoint::names::parse_rank_file_name(name) {
         Some(n) => format!("{}#{}", n.kind.as_str(), n.idx),
         None => name.to_string(),
     }

@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use proptest::prelude::*;
-use reshardfs::engine::Engine;
-use reshardfs::plan::Plan;
-use reshardfs::source::Source;
-use reshardfs::target::TargetSpec;
+use reshardfs::checkpoint::source::Source;
+use reshardfs::reshard::engine::Engine;
+use reshardfs::reshard::plan::Plan;
+use reshardfs::reshard::target::TargetSpec;
 
 const ALIASES: [&str; 3] = ["dp", "tp", "cp"];
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use reshardfs::checkpoint::source::Source;
 use reshardfs::fuzzing;
-use reshardfs::source::Source;
 
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();

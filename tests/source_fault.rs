@@ -4,10 +4,10 @@
 use std::fs;
 use std::path::Path;
 
-use reshardfs::engine::Engine;
-use reshardfs::plan::Plan;
-use reshardfs::source::Source;
-use reshardfs::target::TargetSpec;
+use reshardfs::checkpoint::source::Source;
+use reshardfs::reshard::engine::Engine;
+use reshardfs::reshard::plan::Plan;
+use reshardfs::reshard::target::TargetSpec;
 
 fn copy_dir(from: &Path, to: &Path) {
     fs::create_dir_all(to).unwrap();

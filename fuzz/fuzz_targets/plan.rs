@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use reshardfs::source::Source;
+use reshardfs::checkpoint::source::Source;
 
 fn source() -> Arc<Source> {
     static SOURCE: OnceLock<Arc<Source>> = OnceLock::new();

@@ -9,9 +9,9 @@
 
 use std::path::PathBuf;
 
-use crate::layout::{ravel, unravel_into};
-use crate::plan::{IterationPlan, Plan, PlannedTensor, VirtualFile};
-use crate::source::{Iteration, Tensor};
+use crate::checkpoint::source::{Iteration, Tensor};
+use crate::reshard::layout::{ravel, unravel_into};
+use crate::reshard::plan::{IterationPlan, Plan, PlannedTensor, VirtualFile};
 
 /// A source file changed under the view: its bytes can no longer be trusted.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +115,7 @@ pub fn read_file(
 
 /// The span of each source file reads copied from, so the pages can be
 /// released from the process's page tables afterwards (see
-/// [`crate::format::rankfile::RankFile::release`]).
+/// [`crate::checkpoint::mapped::RankFile::release`]).
 #[derive(Default)]
 pub struct Touched(Vec<(usize, u64, u64)>);
 

@@ -9,10 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::format::names;
-use crate::plan::Plan;
+use crate::checkpoint::names;
+use crate::checkpoint::source::SourceKind;
 use crate::report::PlanReport;
-use crate::source::SourceKind;
+use crate::reshard::plan::Plan;
 
 /// Inode number; the root is 1.
 pub type Ino = u64;
@@ -210,9 +210,9 @@ fn bytes(b: &[u8]) -> Content {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::source::Source;
     use crate::report;
-    use crate::source::Source;
-    use crate::target::TargetSpec;
+    use crate::reshard::target::TargetSpec;
 
     fn tree(src: &str, spec: TargetSpec) -> (Plan, Tree) {
         let plan = Plan::build(Source::open(Path::new(src)).unwrap(), spec).unwrap();

@@ -16,8 +16,8 @@ use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::bail;
 use crate::error::{Error, Result};
-use crate::fs::ViewFs;
-use crate::serve::Server;
+use crate::mount::fuse::ViewFs;
+use crate::mount::serve::Server;
 
 pub struct MountOptions {
     /// Stay attached, logging to stderr, instead of daemonizing.

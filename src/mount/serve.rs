@@ -5,11 +5,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
-use crate::cache::BlockCache;
-use crate::engine::{Served, SourceFault, Touched, read_file};
-use crate::plan::Plan;
+use crate::mount::cache::BlockCache;
+use crate::mount::tree::{Content, Ino, Tree};
 use crate::report;
-use crate::tree::{Content, Ino, Tree};
+use crate::reshard::engine::{Served, SourceFault, Touched, read_file};
+use crate::reshard::plan::Plan;
 
 /// View bytes are computed and cached in blocks of at most this size: large
 /// enough that a sequential reader computes each block once for several
@@ -255,7 +255,7 @@ impl Server {
     fn read_source(
         &self,
         it: usize,
-        vf: &crate::plan::VirtualFile,
+        vf: &crate::reshard::plan::VirtualFile,
         offset: u64,
         buf: &mut [u8],
     ) -> Result<Served, SourceFault> {
@@ -319,9 +319,9 @@ pub fn slice_at(b: &[u8], offset: u64, size: usize) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::Source;
-    use crate::target::TargetSpec;
-    use crate::tree::ROOT;
+    use crate::checkpoint::source::Source;
+    use crate::mount::tree::ROOT;
+    use crate::reshard::target::TargetSpec;
     use std::path::Path;
 
     fn server(cache: u64) -> Server {

@@ -17,7 +17,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use crate::serve::{Attr, NodeKind, ReadError, Server, slice_at};
+use crate::mount::serve::{Attr, NodeKind, ReadError, Server, slice_at};
 
 /// Attributes of the view never change while mounted.
 const TTL: Duration = Duration::from_secs(3600);

@@ -8,13 +8,15 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::checkpoint::header::{HeaderEntry, build_header};
+use crate::checkpoint::metadata::{
+    ChunkJson, Properties, StorageEntry, TensorMeta, format_shard_id,
+};
+use crate::checkpoint::names::{self, Kind};
+use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
 use crate::error::Result;
-use crate::format::metadata::{ChunkJson, Properties, StorageEntry, TensorMeta, format_shard_id};
-use crate::format::names::{self, Kind};
-use crate::format::rankfile::{HeaderEntry, build_header};
-use crate::layout::{Slice, ravel};
-use crate::source::{Iteration, Source, SourceKind, Tensor};
-use crate::target::{Placement, TargetSpec};
+use crate::reshard::layout::{Slice, ravel};
+use crate::reshard::target::{Placement, TargetSpec};
 
 /// The whole view of a source under one target.
 #[derive(Debug)]

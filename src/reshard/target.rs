@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::checkpoint::metadata::{LayoutJson, StorageEntry, from_value, parse_shard_id};
+use crate::checkpoint::source::{Iteration, Tensor};
 use crate::error::{Result, source_io};
-use crate::format::metadata::{LayoutJson, StorageEntry, from_value, parse_shard_id};
-use crate::layout::{Layout, Slice};
-use crate::source::{Iteration, Tensor};
+use crate::reshard::layout::{Layout, Slice};
 use crate::{bad, bail};
 
 /// Views have at most this many ranks: far beyond any training job, yet it

@@ -1,0 +1,356 @@
+//! An iteration folder with `metadata.json`: every tensor's layout and
+//! slices, checked against the rank files that hold them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde_json::Value;
+
+use super::header::{dtype_from_mindspore, elem_size};
+use super::mapped::RankFile;
+use super::metadata::{self, StorageEntry, TensorMeta, from_value};
+use super::names::{self, Kind};
+use super::paths::{FileSet, MAX_METADATA_BYTES, MAX_TENSORS, read_small};
+use super::source::{Chunk, Iteration, Tensor, read_common};
+use crate::error::Result;
+use crate::reshard::layout::{Layout, checked_product};
+use crate::{bad, bail};
+
+pub(crate) fn kind_of_file(name: &str) -> Kind {
+    match names::parse_rank_file_name(name) {
+        Some(n) => n.kind,
+        None if name.starts_with("opt") || name.contains("-opt") => Kind::Opt,
+        None => Kind::Model,
+    }
+}
+
+/// Loads an iteration folder with metadata.json and checks it against its rank files.
+pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iteration> {
+    let meta_path = dir.join(names::METADATA);
+    let raw = read_small(&meta_path, MAX_METADATA_BYTES)?;
+    let json: Value = serde_json::from_slice(&raw)
+        .map_err(|e| bad!("{}: not valid JSON: {e}", meta_path.display()))?;
+    let mp = meta_path.display();
+    let sdm = json
+        .get("state_dict_metadata")
+        .ok_or_else(|| bad!("{mp}: missing key `state_dict_metadata`"))?
+        .as_object()
+        .ok_or_else(|| bad!("{mp}: `state_dict_metadata` is not an object"))?;
+    let sd = json
+        .get("storage_data")
+        .ok_or_else(|| bad!("{mp}: missing key `storage_data`"))?
+        .as_object()
+        .ok_or_else(|| bad!("{mp}: `storage_data` is not an object"))?;
+    if sdm.is_empty() {
+        bail!("{mp}: `state_dict_metadata` lists no tensors");
+    }
+    if sdm.len() > MAX_TENSORS {
+        bail!(
+            "{mp}: `state_dict_metadata` lists {} tensors, more than the {MAX_TENSORS} supported",
+            sdm.len()
+        );
+    }
+
+    // storage_data, grouped by shard id.
+    let mut storage: HashMap<(String, u64), Vec<StorageEntry>> = HashMap::new();
+    for (key, value) in sd {
+        let (tname, k) =
+            metadata::parse_shard_id(key).map_err(|e| bad!("{mp}: storage_data: {e}"))?;
+        let mut entries: Vec<StorageEntry> =
+            from_value(value).map_err(|e| bad!("{mp}: storage_data[{key:?}]: {e}"))?;
+        if entries.is_empty() {
+            bail!("{mp}: storage_data[{key:?}] lists no file");
+        }
+        if !sdm.contains_key(&tname) {
+            bail!(
+                "{mp}: storage_data[{key:?}] names tensor {tname}, which state_dict_metadata does not list"
+            );
+        }
+        entries.sort_by_key(|e| e.storage_rank);
+        if storage.insert((tname, k), entries).is_some() {
+            bail!("{mp}: storage_data lists shard id {key:?} twice");
+        }
+    }
+
+    let mut files = FileSet {
+        dir,
+        named_in: &meta_path,
+        files: Vec::new(),
+        index: HashMap::new(),
+    };
+    let mut tensors = Vec::with_capacity(sdm.len());
+    let mut max_rank = 0u64;
+    let mut used_shards = 0usize;
+    for (tname, value) in sdm {
+        let tm: TensorMeta = from_value(value).map_err(|e| bad!("{mp}: tensor {tname}: {e}"))?;
+        let t = check_tensor(tname, &tm, &storage, &mut files, &mp.to_string())?;
+        used_shards += t.chunks.len();
+        if let Some(l) = &t.layout {
+            max_rank = max_rank.max(l.rank_list.iter().copied().max().unwrap_or(0));
+        }
+        for c in &t.chunks {
+            max_rank = max_rank.max(c.holders.iter().map(|h| h.1).max().unwrap_or(0));
+        }
+        tensors.push(t);
+    }
+    if used_shards != storage.len() {
+        // Some key names a slice index beyond the tensor's grid.
+        let mut extra: Vec<String> = storage
+            .keys()
+            .filter(|(n, k)| {
+                tensors
+                    .iter()
+                    .find(|t| &t.name == n)
+                    .is_none_or(|t| *k >= t.chunks.len() as u64)
+            })
+            .map(|(n, k)| metadata::format_shard_id(n, *k))
+            .collect();
+        extra.sort();
+        bail!(
+            "{mp}: storage_data lists {} shard id(s) that match no chunk, e.g. {}",
+            extra.len(),
+            extra.first().map(String::as_str).unwrap_or("?")
+        );
+    }
+
+    let world = max_rank + 1;
+    let stage_devices = tensors
+        .iter()
+        .find_map(|t| t.layout.as_ref().map(Layout::devices))
+        .unwrap_or(world);
+    for t in &mut tensors {
+        t.stage = match &t.layout {
+            Some(l) => l.rank_list.iter().min().copied().unwrap_or(0) / l.devices(),
+            None => t.chunks[0].holders[0].1 / stage_devices,
+        };
+    }
+    let stages = world.div_ceil(stage_devices);
+    let prefix = common_prefix(&files.files, dir)?;
+    let common_json = read_common(dir)?;
+    Ok(Iteration {
+        dir: dir.to_path_buf(),
+        name,
+        prefix,
+        files: files.files,
+        tensors,
+        common_json,
+        world,
+        stage_devices,
+        stages,
+    })
+}
+
+/// The prefix the source's rank files share (`gpt` in `gpt-model-...`).
+pub(crate) fn common_prefix(files: &[RankFile], dir: &Path) -> Result<Option<String>> {
+    let mut prefixes: Vec<Option<String>> = files
+        .iter()
+        .filter_map(|f| names::parse_rank_file_name(&f.name))
+        .map(|n| n.prefix)
+        .collect();
+    prefixes.sort();
+    prefixes.dedup();
+    match prefixes.len() {
+        0 => Ok(None),
+        1 => Ok(prefixes.pop().flatten()),
+        _ => {
+            log::warn!(
+                "{}: rank files use several prefixes ({:?}); the view uses the first",
+                dir.display(),
+                prefixes
+            );
+            Ok(prefixes.swap_remove(0))
+        }
+    }
+}
+
+/// Checks one tensor's metadata entry against its layout, chunks and files.
+fn check_tensor(
+    name: &str,
+    tm: &TensorMeta,
+    storage: &HashMap<(String, u64), Vec<StorageEntry>>,
+    files: &mut FileSet<'_>,
+    mp: &str,
+) -> Result<Tensor> {
+    let at = |what: String| bad!("{mp}: tensor {name}: {what}");
+    let shape = &tm.global_shape;
+    let ndim = shape.len();
+    let nelems =
+        checked_product(shape).ok_or_else(|| at("global_shape: element count overflows".into()))?;
+    let layout = match &tm.layout {
+        Some(lj) => Some(Layout::from_json(lj, ndim).map_err(at)?),
+        None => None,
+    };
+    // A 0-d tensor has no dimensions to split; tolerate `[1]` for it.
+    let frag: Vec<u64> = if ndim == 0 && tm.axis_fragmentations.iter().all(|&f| f == 1) {
+        Vec::new()
+    } else {
+        tm.axis_fragmentations.clone()
+    };
+    if frag.len() != ndim {
+        return Err(at(format!(
+            "axis_fragmentations has {} entries, global_shape {:?} has {ndim} dimensions",
+            frag.len(),
+            shape
+        )));
+    }
+    for (d, (&f, &s)) in frag.iter().zip(shape).enumerate() {
+        if f == 0 || s % f != 0 {
+            return Err(at(format!(
+                "axis_fragmentations[{d}] = {f} does not split dimension {d} of size {s} evenly"
+            )));
+        }
+    }
+    if let Some(l) = &layout {
+        let want = l.fragmentations();
+        if let Some(d) = (0..ndim).find(|&d| want[d] != frag[d]) {
+            return Err(at(format!(
+                "axis_fragmentations[{d}] is {}, but the layout splits dimension {d} into {}",
+                frag[d], want[d]
+            )));
+        }
+    }
+    let chunk_shape: Vec<u64> = shape.iter().zip(&frag).map(|(s, f)| s / f).collect();
+    let nchunks =
+        checked_product(&frag).ok_or_else(|| at("axis_fragmentations overflow".into()))?;
+    if tm.chunk.len() as u64 != nchunks {
+        return Err(at(format!(
+            "chunk lists {} slices, but axis_fragmentations {:?} make {nchunks}: the slices {}",
+            tm.chunk.len(),
+            frag,
+            if (tm.chunk.len() as u64) < nchunks {
+                "leave a gap"
+            } else {
+                "overlap"
+            }
+        )));
+    }
+
+    let ms_dtype = tm.properties.dtype.clone();
+    let meta_dtype = dtype_from_mindspore(&ms_dtype);
+    let mut dtype: Option<Dtype> = None;
+    let mut kind: Option<(Kind, String)> = None;
+    let mut chunks: Vec<Option<Chunk>> = vec![None; nchunks as usize];
+    for (ci, c) in tm.chunk.iter().enumerate() {
+        let k = match c.global_offset.as_slice() {
+            [k] => *k,
+            other => {
+                return Err(at(format!(
+                    "chunk[{ci}].global_offset is {other:?}; expected [k], the slice's index in the axis_fragmentations grid"
+                )));
+            }
+        };
+        if k >= nchunks {
+            return Err(at(format!(
+                "chunk[{ci}].global_offset [{k}] is outside the {nchunks} slices of axis_fragmentations {frag:?}"
+            )));
+        }
+        if c.local_shape != chunk_shape {
+            return Err(at(format!(
+                "chunk[{ci}].local_shape is {:?}; global_shape {shape:?} split by {frag:?} gives {chunk_shape:?}, so the slices would overlap or leave a gap",
+                c.local_shape
+            )));
+        }
+        if chunks[k as usize].is_some() {
+            return Err(at(format!(
+                "chunk[{ci}] repeats slice [{k}]: the slices overlap"
+            )));
+        }
+        let entries = storage.get(&(name.to_string(), k)).ok_or_else(|| {
+            at(format!(
+                "slice [{k}] has no storage_data entry {}",
+                metadata::format_shard_id(name, k)
+            ))
+        })?;
+        let grid = crate::reshard::layout::unravel(k, &frag);
+        let start: Vec<u64> = grid.iter().zip(&chunk_shape).map(|(g, c)| g * c).collect();
+        let mut holders = Vec::with_capacity(entries.len());
+        let mut chosen: Option<(usize, u64, Vec<u64>, Vec<u64>)> = None;
+        for e in entries {
+            let fi = files.get(&e.file_name, || format!("tensor {name}: slice [{k}]: "))?;
+            let f = &files.files[fi];
+            let fk = kind_of_file(&f.name);
+            match &kind {
+                None => kind = Some((fk, f.name.clone())),
+                Some((k0, f0)) if *k0 != fk => {
+                    return Err(at(format!(
+                        "stored both in {f0} ({}) and in {} ({})",
+                        k0.as_str(),
+                        f.name,
+                        fk.as_str()
+                    )));
+                }
+                _ => {}
+            }
+            let st = f.tensors.get(name).ok_or_else(|| {
+                bad!(
+                    "{}: tensor {name} is missing (metadata.json says slice [{k}] is here)",
+                    f.path.display()
+                )
+            })?;
+            if let Some(md) = meta_dtype
+                && st.dtype != md
+            {
+                bail!(
+                    "{}: tensor {name}: dtype is {:?}, but metadata.json says {ms_dtype}",
+                    f.path.display(),
+                    st.dtype
+                );
+            }
+            match dtype {
+                None => dtype = Some(st.dtype),
+                Some(d) if d != st.dtype => bail!(
+                    "{}: tensor {name}: dtype is {:?}, but other files hold it as {d:?}",
+                    f.path.display(),
+                    st.dtype
+                ),
+                _ => {}
+            }
+            let origin = if st.shape == chunk_shape {
+                start.clone()
+            } else if st.shape == *shape {
+                vec![0; ndim]
+            } else {
+                bail!(
+                    "{}: tensor {name}: shape is {:?}, but metadata.json says slice [{k}] has local_shape {:?} (global_shape {:?})",
+                    f.path.display(),
+                    st.shape,
+                    chunk_shape,
+                    shape
+                );
+            };
+            holders.push((fi, e.storage_rank));
+            if chosen.is_none() {
+                chosen = Some((fi, st.offset, origin, st.shape.clone()));
+            }
+        }
+        let (file, offset, origin, stored_shape) =
+            chosen.ok_or_else(|| at(format!("slice [{k}] has no file")))?;
+        chunks[k as usize] = Some(Chunk {
+            file,
+            offset,
+            origin,
+            stored_shape,
+            holders,
+        });
+    }
+    let chunks: Vec<Chunk> = chunks.into_iter().flatten().collect();
+    let dtype = dtype.ok_or_else(|| at("no slice is stored anywhere".into()))?;
+    nelems
+        .checked_mul(elem_size(dtype))
+        .ok_or_else(|| at("byte size overflows".into()))?;
+    Ok(Tensor {
+        name: name.to_string(),
+        kind: kind.map(|k| k.0).unwrap_or(Kind::Model),
+        dtype,
+        ms_dtype,
+        global_shape: shape.clone(),
+        layout,
+        frag,
+        chunk_shape,
+        chunks,
+        stage: 0,
+        allow_shape_mismatch: tm.properties.allow_shape_mismatch,
+        allow_to_save: tm.properties.allow_to_save,
+    })
+}

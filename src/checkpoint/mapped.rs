@@ -1,0 +1,147 @@
+//! A source rank file: memory-mapped, its header checked, guarded against
+//! SIGBUS, and able to tell when the file under it has changed.
+//!
+//! Kept apart from [`super::header`] (the pure format) because everything here
+//! is about living with a file that another process may truncate, replace or
+//! rewrite while a view serves from it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::guard;
+use super::header::{StoredTensor, parse_header};
+use crate::bad;
+use crate::error::{Result, source_io};
+
+/// A source rank file, memory-mapped, with its header checked.
+#[derive(Debug)]
+pub struct RankFile {
+    pub name: String,
+    pub path: PathBuf,
+    pub tensors: HashMap<String, StoredTensor>,
+    map: Mmap,
+    /// The map's entry in the SIGBUS guard.
+    region: guard::RegionId,
+    /// What the path named when opened: a later change means the bytes we
+    /// map are no longer the checkpoint's.
+    identity: Identity,
+}
+
+/// Device, inode, size and modification time of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Identity {
+    fn of(m: &std::fs::Metadata) -> Identity {
+        use std::os::unix::fs::MetadataExt;
+        Identity {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        }
+    }
+}
+
+impl RankFile {
+    pub fn open(path: &Path) -> Result<RankFile> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = File::open(path).map_err(|e| source_io(path, e))?;
+        let meta = file.metadata().map_err(|e| source_io(path, e))?;
+        let identity = Identity::of(&meta);
+        let len = meta.len();
+        if len < 8 {
+            return Err(bad!(
+                "{}: not a safetensors file: {len} bytes, shorter than the 8-byte header length",
+                path.display()
+            ));
+        }
+        // SAFETY: a read-only map; a file changed under it is caught by the
+        // SIGBUS guard and the identity check, never trusted silently.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| source_io(path, e))?;
+        let region = guard::register(map.as_ptr(), map.len());
+        let tensors = match parse_header(&map) {
+            Ok(t) => t,
+            Err(e) => {
+                // The map is dropped here: its guard entry must not outlive it.
+                guard::unregister(region);
+                return Err(bad!("{}: {e}", path.display()));
+            }
+        };
+        Ok(RankFile {
+            name,
+            path: path.to_path_buf(),
+            tensors,
+            map,
+            region,
+            identity,
+        })
+    }
+
+    /// Bytes of the map. Ranges come from headers checked at open.
+    pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
+        &self.map[offset as usize..(offset + len) as usize]
+    }
+
+    /// Drops `[offset, offset+len)` from this process's page tables once
+    /// copied: the pages stay in the page cache (a later read maps them again
+    /// at the cost of a minor fault), but they no longer count towards the
+    /// process's RSS, which the cache budget alone should bound.
+    pub fn release(&self, offset: u64, len: u64) {
+        // Widen to whole 2 MiB spans: the kernel maps large folios and
+        // faults around a touched page, so pages just outside the range
+        // were mapped by this read too.
+        const SPAN: u64 = 2 << 20;
+        let end = (offset + len)
+            .next_multiple_of(SPAN)
+            .min(self.map.len() as u64);
+        let offset = offset / SPAN * SPAN;
+        if offset >= end {
+            return;
+        }
+        // SAFETY: MADV_DONTNEED on a read-only shared file map only unmaps
+        // pages; their contents (the file's) are unchanged on the next access.
+        let r = unsafe {
+            self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                offset as usize,
+                (end - offset) as usize,
+            )
+        };
+        if let Err(e) = r {
+            log::debug!("{}: madvise: {e}", self.path.display());
+        }
+    }
+
+    /// Whether the file has shrunk (or failed) under its map since it was
+    /// opened: bytes copied from it may then be zeros and must not be served.
+    /// Cheap (an atomic load): checked after every copy.
+    pub fn is_damaged(&self) -> bool {
+        guard::is_damaged(self.region)
+    }
+
+    /// Whether the path still names the file that was opened, unchanged:
+    /// a source deleted, replaced (renamed over) or rewritten in place
+    /// since the view was planned no longer holds the bytes the plan
+    /// describes. A `stat`: checked once per read, not per copy.
+    pub fn is_unchanged(&self) -> bool {
+        std::fs::metadata(&self.path).is_ok_and(|m| Identity::of(&m) == self.identity)
+    }
+}
+
+impl Drop for RankFile {
+    fn drop(&mut self) {
+        guard::unregister(self.region);
+    }
+}

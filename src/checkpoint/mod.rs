@@ -1,0 +1,18 @@
+//! Reading checkpoints: the on-disk format of Checkpoint 2.0 (`metadata.json`
+//! and shard-id keys, rank-file headers, file names), the mapped source files,
+//! and a whole source checked and ready to plan from.
+//!
+//! [`header`], [`metadata`] and [`names`] are pure parsing and building;
+//! [`mapped`] and [`guard`] live with files that may change under them;
+//! [`source`] (with [`iteration`], [`plain`] and [`paths`]) turns a folder
+//! into a [`source::Source`].
+
+pub mod guard;
+pub mod header;
+pub mod iteration;
+pub mod mapped;
+pub mod metadata;
+pub mod names;
+pub mod paths;
+pub mod plain;
+pub mod source;

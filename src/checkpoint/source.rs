@@ -1,0 +1,222 @@
+//! A source checkpoint as the rest of the pipeline sees it, and how a path is
+//! recognised as a checkpoint root, one iteration folder or a plain folder.
+//!
+//! Everything a view will ever need from the source is established when it
+//! is opened, once: which file and byte offset holds each slice of each
+//! tensor. The cross-checks live in [`super::iteration`] and
+//! [`super::plain`], so a checkpoint that opens is one the plan and the byte
+//! engine can serve without further validation.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+
+use super::header::elem_size;
+use super::iteration::load_iteration;
+use super::mapped::RankFile;
+use super::names::{self, Kind};
+use super::paths::{MAX_SMALL_FILE_BYTES, read_small};
+use super::plain::load_plain;
+use crate::bad;
+use crate::bail;
+use crate::error::{Result, source_io};
+use crate::reshard::layout::Layout;
+
+/// A loaded source checkpoint.
+#[derive(Debug)]
+pub struct Source {
+    pub path: PathBuf,
+    pub kind: SourceKind,
+    pub iterations: Vec<Iteration>,
+}
+
+#[derive(Debug)]
+pub enum SourceKind {
+    /// A checkpoint root: the tracker (kept byte for byte) and iteration folders.
+    Root { tracker: Vec<u8>, latest: u64 },
+    /// One iteration folder with metadata.json.
+    Iteration,
+    /// Plain safetensors without metadata.json: every tensor whole.
+    Plain,
+}
+
+/// One iteration: its rank files and every tensor's slices.
+#[derive(Debug)]
+pub struct Iteration {
+    pub dir: PathBuf,
+    /// `iteration_N` when part of a root, else `None`.
+    pub name: Option<String>,
+    pub prefix: Option<String>,
+    pub files: Vec<RankFile>,
+    /// In metadata.json order (file order for plain sources).
+    pub tensors: Vec<Tensor>,
+    pub common_json: Option<Vec<u8>>,
+    /// Ranks in the source job, pipeline stages included.
+    pub world: u64,
+    /// Ranks per pipeline stage (the product of the device matrix).
+    pub stage_devices: u64,
+    pub stages: u64,
+}
+
+/// One tensor of the source and where each of its slices is stored.
+#[derive(Debug)]
+pub struct Tensor {
+    pub name: String,
+    pub kind: Kind,
+    pub dtype: Dtype,
+    /// MindSpore's name for the dtype, as the source wrote it.
+    pub ms_dtype: String,
+    pub global_shape: Vec<u64>,
+    pub layout: Option<Layout>,
+    /// Slices per dimension (`axis_fragmentations`).
+    pub frag: Vec<u64>,
+    /// The shape of every slice: `global_shape / frag`.
+    pub chunk_shape: Vec<u64>,
+    /// Indexed by the slice's row-major grid index.
+    pub chunks: Vec<Chunk>,
+    /// The source pipeline stage holding the tensor.
+    pub stage: u64,
+    /// MindSpore's `allow_shape_mismatch` / `allow_to_save`, passed to the view.
+    pub allow_shape_mismatch: bool,
+    pub allow_to_save: bool,
+}
+
+/// One slice of a tensor as stored on disk.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The replica reads come from: an index into `Iteration::files`.
+    pub file: usize,
+    /// Byte offset of the stored tensor's first element in that file.
+    pub offset: u64,
+    /// Global coordinates of the stored tensor's first element: the slice's
+    /// start, or all zeros when a file holds the whole tensor.
+    pub origin: Vec<u64>,
+    pub stored_shape: Vec<u64>,
+    /// Every (file, storage rank) holding this slice.
+    pub holders: Vec<(usize, u64)>,
+}
+
+impl Tensor {
+    pub fn elem_size(&self) -> u64 {
+        elem_size(self.dtype)
+    }
+    pub fn nbytes(&self) -> u64 {
+        self.global_shape.iter().product::<u64>() * self.elem_size()
+    }
+}
+
+impl Iteration {
+    pub fn has_opt(&self) -> bool {
+        self.tensors.iter().any(|t| t.kind == Kind::Opt)
+    }
+}
+
+impl Source {
+    /// Loads and checks a checkpoint root, an iteration folder or a plain folder.
+    pub fn open(path: &Path) -> Result<Source> {
+        // Every path kept is absolute: the mount's daemon leaves the working
+        // directory, and still checks source paths on every read.
+        let abs = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
+        Self::open_at(&abs)
+    }
+
+    fn open_at(path: &Path) -> Result<Source> {
+        let meta = fs::metadata(path).map_err(|e| source_io(path, e))?;
+        if !meta.is_dir() {
+            bail!(
+                "{}: not a directory; give a checkpoint root, an iteration folder or a folder of safetensors files",
+                path.display()
+            );
+        }
+        let tracker_path = path.join(names::TRACKER);
+        if tracker_path.exists() {
+            return Self::open_root(path, &tracker_path);
+        }
+        if path.join(names::METADATA).exists() {
+            let it = load_iteration(path, None)?;
+            return Ok(Source {
+                path: path.to_path_buf(),
+                kind: SourceKind::Iteration,
+                iterations: vec![it],
+            });
+        }
+        let iteration_dirs = list_iteration_dirs(path)?;
+        if !iteration_dirs.is_empty() {
+            bail!(
+                "{}: has iteration folders but no {}; give one iteration folder instead",
+                path.display(),
+                names::TRACKER
+            );
+        }
+        let it = load_plain(path)?;
+        Ok(Source {
+            path: path.to_path_buf(),
+            kind: SourceKind::Plain,
+            iterations: vec![it],
+        })
+    }
+
+    fn open_root(path: &Path, tracker_path: &Path) -> Result<Source> {
+        let tracker = read_small(tracker_path, MAX_SMALL_FILE_BYTES)?;
+        let text = String::from_utf8_lossy(&tracker);
+        let latest: u64 = text.trim().parse().map_err(|_| {
+            bad!(
+                "{}: expected the latest iteration as a bare decimal number, found {:?}",
+                tracker_path.display(),
+                text.chars().take(40).collect::<String>()
+            )
+        })?;
+        let dirs = list_iteration_dirs(path)?;
+        if !dirs.iter().any(|(n, _)| *n == latest) {
+            bail!(
+                "{}: names iteration {latest}, but {} does not exist",
+                tracker_path.display(),
+                path.join(names::iteration_dir(latest)).display()
+            );
+        }
+        let mut iterations = Vec::with_capacity(dirs.len());
+        for (_, name) in dirs {
+            iterations.push(load_iteration(&path.join(&name), Some(name))?);
+        }
+        Ok(Source {
+            path: path.to_path_buf(),
+            kind: SourceKind::Root { tracker, latest },
+            iterations,
+        })
+    }
+}
+
+/// `iteration_N` folders of a root, by number.
+fn list_iteration_dirs(path: &Path) -> Result<Vec<(u64, String)>> {
+    let mut dirs = Vec::new();
+    for entry in fs::read_dir(path).map_err(|e| source_io(path, e))? {
+        let entry = entry.map_err(|e| source_io(path, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(n) = names::parse_iteration_dir(&name)
+            && entry.path().is_dir()
+        {
+            dirs.push((n, name));
+        }
+    }
+    dirs.sort();
+    if let Some(w) = dirs.windows(2).find(|w| w[0].0 == w[1].0) {
+        bail!(
+            "{}: {} and {} are the same iteration",
+            path.display(),
+            w[0].1,
+            w[1].1
+        );
+    }
+    Ok(dirs)
+}
+
+/// common.json, kept byte for byte, when the folder has one.
+pub(crate) fn read_common(dir: &Path) -> Result<Option<Vec<u8>>> {
+    let path = dir.join(names::COMMON);
+    if path.exists() {
+        read_small(&path, MAX_SMALL_FILE_BYTES).map(Some)
+    } else {
+        Ok(None)
+    }
+}
