@@ -82,16 +82,12 @@ fn jobs<'a>(plan: &'a Plan, dest: &Path) -> (Vec<Job<'a>>, Vec<PathBuf>, Option<
                 },
             });
         }
-        if let Some(common) = &it.common_json {
+        for (name, bytes) in &ip.small {
             jobs.push(Job {
-                path: dir.join(names::COMMON),
-                content: Content::Bytes(common),
+                path: dir.join(name),
+                content: Content::Bytes(bytes),
             });
         }
-        jobs.push(Job {
-            path: dir.join(names::METADATA),
-            content: Content::Bytes(&ip.metadata_json),
-        });
         dirs.push(dir);
     }
     let tracker = plan.tracker().map(|t| Job {

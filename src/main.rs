@@ -5,14 +5,18 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use reshardfs::checkpoint::models::{self, Config, ModelChoice};
 use reshardfs::checkpoint::source::Source;
+use reshardfs::checkpoint::source::SourceKind;
 use reshardfs::export::{ExportOptions, export};
 use reshardfs::mount::daemon;
 use reshardfs::mount::serve::Server;
 use reshardfs::report;
-use reshardfs::reshard::plan::Plan;
+use reshardfs::reshard::cast;
+use reshardfs::reshard::plan::{HfOptions, Plan, ViewOptions};
 use reshardfs::reshard::target::TargetSpec;
 use reshardfs::{Result, bail};
+use safetensors::Dtype;
 
 /// Distributed checkpoints, resharded on the fly.
 ///
@@ -40,6 +44,9 @@ enum Command {
         /// Checkpoint root (with latest_checkpointed_iteration.txt), one
         /// iteration folder, or a folder of plain safetensors files.
         src: PathBuf,
+        /// Read the source through a model's map (`qwen3`) or as stored (`none`).
+        #[arg(long, value_name = "MODEL", value_parser = ModelChoice::parse)]
+        model: Option<ModelChoice>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -51,6 +58,8 @@ enum Command {
         src: PathBuf,
         #[command(flatten)]
         target: TargetArgs,
+        #[command(flatten)]
+        view: ViewArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -63,6 +72,8 @@ enum Command {
         dest: PathBuf,
         #[command(flatten)]
         target: TargetArgs,
+        #[command(flatten)]
+        view: ViewArgs,
         /// Write into a non-empty DEST, replacing files of the same names and
         /// removing rank files of an earlier view that this view does not have.
         #[arg(long)]
@@ -87,6 +98,8 @@ enum Command {
         mnt: PathBuf,
         #[command(flatten)]
         target: TargetArgs,
+        #[command(flatten)]
+        view: ViewArgs,
         /// Stay attached and log to stderr; SIGINT/SIGTERM/SIGHUP unmount.
         #[arg(long)]
         foreground: bool,
@@ -109,25 +122,107 @@ enum Command {
     },
 }
 
-/// Parses `1048576`, `64K`, `512M`, `2G`, `1GiB`, `1.5G` into bytes.
+/// Parses `1048576`, `64K`, `512M`, `2G`, `1GiB`, `1.5G` into bytes; K, M,
+/// G, T (with or without B) are binary here, as for memory.
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    parse_bytes(s, false)
+}
+
+/// Parses a shard size as transformers does: `5GB` is 5*10^9 bytes, `5GiB`
+/// is 5*2^30.
+fn parse_shard_size(s: &str) -> std::result::Result<u64, String> {
+    match parse_bytes(s, true)? {
+        0 => Err(format!("{s:?}: a shard size must be positive")),
+        n => Ok(n),
+    }
+}
+
+/// A byte count with an optional fraction and unit, computed in integers so
+/// `1.5G` is exactly 1610612736. `decimal`: K, M, G, T (and KB...) are
+/// powers of 1000; KiB, MiB, GiB, TiB are always powers of 1024.
+fn parse_bytes(s: &str, decimal: bool) -> std::result::Result<u64, String> {
+    let bad = || format!("{s:?} is not a size like 512M, 2G or 5GB");
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 512M or 2G"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    if int.is_empty() && frac.is_empty() || frac.len() > 18 {
+        return Err(bad());
+    }
+    let unit = unit.trim().to_ascii_lowercase();
+    let step: u128 = if unit.ends_with("ib") || !decimal {
+        1024
+    } else {
+        1000
+    };
+    let power = match unit.trim_end_matches("ib").trim_end_matches('b') {
+        "" => 0,
+        "k" => 1,
+        "m" => 2,
+        "g" => 3,
+        "t" => 4,
         _ => return Err(format!("{s:?}: unknown unit {unit:?}; use K, M, G or T")),
     };
-    Ok((n * mult as f64) as u64)
+    let mult = step.pow(power);
+    let int: u128 = if int.is_empty() {
+        0
+    } else {
+        int.parse().map_err(|_| bad())?
+    };
+    let frac_value: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| bad())?
+    };
+    let scale = 10u128.pow(frac.len() as u32);
+    let total = int
+        .checked_mul(mult)
+        .and_then(|v| v.checked_add(frac_value * mult / scale))
+        .filter(|&v| v <= u128::from(u64::MAX))
+        .ok_or_else(|| format!("{s:?} is too large"))?;
+    Ok(total as u64)
+}
+
+/// How the view's files look: a model map, a Hugging Face folder, a cast.
+#[derive(Args)]
+struct ViewArgs {
+    /// Read the source through a model's map: `qwen3`, or `none` for the
+    /// tensors as stored. Default: a folder whose config.json says
+    /// `model_type: qwen3` is a Hugging Face Qwen3, read as the MindSpore
+    /// Transformers checkpoint it converts to.
+    #[arg(long, value_name = "MODEL", value_parser = ModelChoice::parse)]
+    model: Option<ModelChoice>,
+    /// Show each iteration as a Hugging Face folder: HF names, fused
+    /// tensors split back, model-0000i-of-0000N.safetensors shards and
+    /// model.safetensors.index.json, no optimizer states.
+    #[arg(long, conflicts_with_all = ["mesh", "pp", "strategy", "unshard", "prefix"])]
+    hf: bool,
+    /// With --hf: show every file of DIR except its weights (config.json,
+    /// tokenizer files, ...) beside the view's weights. Default for a
+    /// Hugging Face source: its own folder; else config.json is generated.
+    #[arg(long, value_name = "DIR", requires = "hf")]
+    hf_files: Option<PathBuf>,
+    /// With --hf: the largest shard, as transformers counts (5GB = 5*10^9
+    /// bytes, 5GiB = 5*2^30).
+    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_shard_size, requires = "hf")]
+    max_shard_size: u64,
+    /// Cast floating-point tensors to bf16, f16 or f32 when read (round to
+    /// nearest even, as torch); the view's metadata says the new dtype.
+    #[arg(long, value_name = "DTYPE", value_parser = cast::parse_dtype)]
+    dtype: Option<Dtype>,
+    /// The rank files' prefix (`{prefix}-model-0000000-0000002.safetensors`).
+    /// Default: the source's (`qwen3` for a Hugging Face Qwen3).
+    #[arg(long, value_name = "PREFIX", value_parser = parse_prefix)]
+    prefix: Option<String>,
+}
+
+fn parse_prefix(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() || s.contains(['/', '\0']) || s == "." || s == ".." {
+        return Err(format!("{s:?} is not a file-name prefix"));
+    }
+    Ok(s.to_string())
 }
 
 /// The target strategy. Give --mesh and/or --pp, or --strategy, or --unshard.
@@ -201,13 +296,23 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Inspect { src, json } => {
-            let source = Source::open(&src)?;
+        Command::Inspect { src, model, json } => {
+            let source = Source::open_with(&src, model.unwrap_or_default())?;
             let r = report::inspect(&source);
             print_report(json, &r, || r.text())
         }
-        Command::Plan { src, target, json } => {
-            let plan = load_plan(&src, target.spec()?)?;
+        Command::Plan {
+            src,
+            target,
+            view,
+            json,
+        } => {
+            let spec = if view.hf {
+                target.spec_or_identity()?
+            } else {
+                target.spec()?
+            };
+            let plan = load_plan(&src, spec, &view)?;
             let r = report::plan(&plan);
             print_report(json, &r, || r.text())
         }
@@ -215,11 +320,17 @@ fn run(command: Command) -> Result<()> {
             src,
             dest,
             target,
+            view,
             force,
             threads,
             no_progress,
         } => {
-            let plan = load_plan(&src, target.spec()?)?;
+            let spec = if view.hf {
+                target.spec_or_identity()?
+            } else {
+                target.spec()?
+            };
+            let plan = load_plan(&src, spec, &view)?;
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let start = std::time::Instant::now();
@@ -247,6 +358,7 @@ fn run(command: Command) -> Result<()> {
             src,
             mnt,
             target,
+            view,
             foreground,
             cache_size,
             threads,
@@ -257,7 +369,7 @@ fn run(command: Command) -> Result<()> {
             // Everything that can be wrong with the input is found here,
             // before anything is mounted.
             daemon::check_mount_point(&mnt)?;
-            let plan = load_plan(&src, target.spec_or_identity()?)?;
+            let plan = load_plan(&src, target.spec_or_identity()?, &view)?;
             let mut server = Server::new(plan, cache_size);
             if serve_zeros {
                 server = server.serve_zeros();
@@ -277,11 +389,46 @@ fn run(command: Command) -> Result<()> {
 }
 
 /// Reads and checks the source, then plans the view, logging how long each took.
-fn load_plan(src: &std::path::Path, spec: TargetSpec) -> Result<Plan> {
+fn load_plan(src: &std::path::Path, spec: TargetSpec, view: &ViewArgs) -> Result<Plan> {
     let t0 = std::time::Instant::now();
-    let source = Source::open(src)?;
+    let model = view.model.unwrap_or_default();
+    let mut source = Source::open_with(src, model)?;
+    let mut hf = None;
+    if view.hf {
+        // The files shown beside the weights: --hf-files, else a Hugging
+        // Face source's own folder.
+        let files_dir = match &view.hf_files {
+            Some(d) => Some(d.clone()),
+            None if matches!(source.kind, SourceKind::Plain) => Some(source.path.clone()),
+            None => None,
+        };
+        let config = match &files_dir {
+            Some(d) => Config::find(d)?,
+            None => None,
+        };
+        if view.hf_files.is_some() && config.is_none() && model == ModelChoice::Auto {
+            reshardfs::bail!(
+                "--hf-files {}: no config.json there to say which model this is; pass --model qwen3",
+                files_dir.as_deref().unwrap_or(src).display()
+            );
+        }
+        source = models::as_hf(source, model, config.as_ref())?;
+        let files = match &files_dir {
+            Some(d) => models::read_hf_files(d)?,
+            None => Vec::new(),
+        };
+        hf = Some(HfOptions {
+            max_shard_size: view.max_shard_size,
+            files,
+        });
+    }
+    let options = ViewOptions {
+        dtype: view.dtype,
+        prefix: view.prefix.clone(),
+        hf,
+    };
     let t1 = std::time::Instant::now();
-    let plan = Plan::build(source, spec)?;
+    let plan = Plan::build_with(source, spec, options)?;
     log::info!(
         "read and checked the source in {:.1} ms, planned in {:.1} ms",
         (t1 - t0).as_secs_f64() * 1e3,

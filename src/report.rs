@@ -297,8 +297,8 @@ pub fn plan(plan: &Plan) -> PlanReport {
             for pt in &vf.tensors {
                 let t = &it.tensors[pt.source];
                 totals.tensor_bytes += pt.len;
-                totals.pieces += piece_count(t, &pt.slice);
-                let ps = pieces(t, &pt.slice)
+                totals.pieces += piece_count(it, t, &pt.slice);
+                let ps = pieces(it, t, &pt.slice)
                     .into_iter()
                     .map(|p| PlanPiece {
                         file: it.files[p.file].name.clone(),
@@ -327,12 +327,12 @@ pub fn plan(plan: &Plan) -> PlanReport {
                 tensors,
             });
         }
-        totals.bytes += ip.metadata_json.len() as u64;
+        totals.bytes += ip.small.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
         iterations.push(PlanIteration {
             name: it.name.clone(),
             world: ip.world,
             files,
-            metadata_json_bytes: ip.metadata_json.len(),
+            metadata_json_bytes: ip.small.iter().map(|(_, b)| b.len()).sum(),
         });
     }
     // Each piece is read once from one replica, so the source bytes read

@@ -86,8 +86,9 @@ pub struct HeaderEntry<'a> {
 /// Builds a complete safetensors header (length prefix + JSON padded with
 /// spaces to a multiple of 8) for tensors stored back to back in the order
 /// given, and returns it with each tensor's data offset relative to the data
-/// section. `__metadata__` is `{"format":"ms"}`, as MindSpore writes.
-pub fn build_header(entries: &[HeaderEntry<'_>]) -> Result<(Vec<u8>, Vec<u64>)> {
+/// section. `__metadata__` is `{"format": format}`: `ms` as MindSpore
+/// writes, `pt` as transformers does.
+pub fn build_header(entries: &[HeaderEntry<'_>], format: &str) -> Result<(Vec<u8>, Vec<u64>)> {
     let mut offset = 0usize;
     let mut infos = Vec::with_capacity(entries.len());
     let mut offsets = Vec::with_capacity(entries.len());
@@ -105,7 +106,7 @@ pub fn build_header(entries: &[HeaderEntry<'_>]) -> Result<(Vec<u8>, Vec<u64>)> 
         ));
         offset += len;
     }
-    let meta_map = HashMap::from([("format".to_string(), "ms".to_string())]);
+    let meta_map = HashMap::from([("format".to_string(), format.to_string())]);
     let meta = Metadata::new(Some(meta_map), infos)
         .map_err(|e| bad!("internal: cannot build a safetensors header: {e}"))?;
     let mut json = serde_json::to_vec(&meta)
@@ -182,7 +183,7 @@ mod tests {
                 shape: &[0, 4],
             },
         ];
-        let (header, offsets) = build_header(&entries).unwrap();
+        let (header, offsets) = build_header(&entries, "ms").unwrap();
         assert_eq!(offsets, vec![0, 24, 26]);
         assert_eq!(header.len() % 8, 0);
         let json = std::str::from_utf8(&header[8..]).unwrap();

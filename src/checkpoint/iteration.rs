@@ -138,6 +138,9 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
         world,
         stage_devices,
         stages,
+        parts: Vec::new(),
+        omitted: Vec::new(),
+        model: None,
     })
 }
 
@@ -352,5 +355,7 @@ fn check_tensor(
         stage: 0,
         allow_shape_mismatch: tm.properties.allow_shape_mismatch,
         allow_to_save: tm.properties.allow_to_save,
+        rows: None,
+        rules: Default::default(),
     })
 }

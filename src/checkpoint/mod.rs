@@ -12,6 +12,7 @@ pub mod header;
 pub mod iteration;
 pub mod mapped;
 pub mod metadata;
+pub mod models;
 pub mod names;
 pub mod paths;
 pub mod plain;

@@ -20,6 +20,8 @@ use crate::{bad, bail};
 /// Face folder with `model.safetensors`, or one with an index.json.
 pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
     let mut file_names: Vec<String> = Vec::new();
+    // With an index, the tensors it names and the file it says holds each.
+    let mut listed: Option<(std::path::PathBuf, BTreeMap<String, String>)> = None;
     let index = fs::read_dir(dir)
         .map_err(|e| source_io(dir, e))?
         .filter_map(|e| e.ok())
@@ -35,9 +37,10 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
                 .ok_or_else(|| bad!("{}: missing key `weight_map`", ip.display()))?,
         )
         .map_err(|e| bad!("{}: weight_map: {e}", ip.display()))?;
-        file_names.extend(map.into_values());
+        file_names.extend(map.values().cloned());
         file_names.sort();
         file_names.dedup();
+        listed = Some((ip, map));
     } else {
         for e in fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
             let e = e.map_err(|e| source_io(dir, e))?;
@@ -56,7 +59,10 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
             names::METADATA
         );
     }
-    let named_in = dir.to_path_buf();
+    let named_in = match &listed {
+        Some((ip, _)) => ip.clone(),
+        None => dir.to_path_buf(),
+    };
     let mut set = FileSet {
         dir,
         named_in: &named_in,
@@ -66,11 +72,38 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
     let mut tensors: Vec<Tensor> = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
     for fname in &file_names {
-        let fi = set.get(fname, String::new)?;
+        let fi = match &listed {
+            Some(_) => set.get(fname, || "weight_map ".to_string())?,
+            None => set.get(fname, String::new)?,
+        };
         let f = &set.files[fi];
+        if let Some((ip, map)) = &listed {
+            // Every tensor the index places in this file must be there.
+            if let Some(missing) = map
+                .iter()
+                .find(|(t, file)| *file == fname && !f.tensors.contains_key(*t))
+            {
+                bail!(
+                    "{}: weight_map says tensor {} is in {fname}, but {} does not hold it",
+                    ip.display(),
+                    missing.0,
+                    f.path.display()
+                );
+            }
+        }
         let mut stored: Vec<(&String, &super::header::StoredTensor)> = f.tensors.iter().collect();
         stored.sort_by_key(|(_, st)| st.offset);
         for (tname, st) in stored {
+            if let Some((ip, map)) = &listed
+                && map.get(tname) != Some(fname)
+            {
+                log::warn!(
+                    "{}: holds {tname}, which {} does not place there; left out",
+                    f.path.display(),
+                    ip.display()
+                );
+                continue;
+            }
             if let Some(other) = seen.insert(tname.clone(), f.name.clone()) {
                 bail!(
                     "{}: tensor {tname} is also in {other}; a plain folder must hold each tensor once",
@@ -97,6 +130,8 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
                 stage: 0,
                 allow_shape_mismatch: false,
                 allow_to_save: true,
+                rows: None,
+                rules: Default::default(),
             });
         }
     }
@@ -115,5 +150,8 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
         world: 1,
         stage_devices: 1,
         stages: 1,
+        parts: Vec::new(),
+        omitted: Vec::new(),
+        model: None,
     })
 }

@@ -15,6 +15,7 @@ use safetensors::Dtype;
 use super::header::elem_size;
 use super::iteration::load_iteration;
 use super::mapped::RankFile;
+use super::models::{self, Config, ModelChoice, qwen3};
 use super::names::{self, Kind};
 use super::paths::{MAX_SMALL_FILE_BYTES, read_small};
 use super::plain::load_plain;
@@ -57,6 +58,27 @@ pub struct Iteration {
     /// Ranks per pipeline stage (the product of the device matrix).
     pub stage_devices: u64,
     pub stages: u64,
+    /// Stored tensors that are not in the view themselves but whose rows
+    /// make up tensors that are ([`RowMap`]): a Hugging Face folder's
+    /// `q_proj`/`k_proj`/`v_proj` behind MindFormers' fused `linear_qkv`,
+    /// or the other way round.
+    pub parts: Vec<Tensor>,
+    /// Source tensors a model map knows nothing of, left out of the view.
+    pub omitted: Vec<String>,
+    /// What a model map did to this iteration, for `inspect` and summaries.
+    pub model: Option<ModelInfo>,
+}
+
+/// What a model map made of an iteration: which model, and where its sizes
+/// came from.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `qwen3`.
+    pub model_type: String,
+    /// One line each: `hidden_size = 64 (inferred from embedding.word_embeddings.weight)`.
+    pub notes: Vec<String>,
+    /// The sizes, for a generated `config.json`.
+    pub dims: crate::checkpoint::models::qwen3::Dims,
 }
 
 /// One tensor of the source and where each of its slices is stored.
@@ -80,6 +102,68 @@ pub struct Tensor {
     /// MindSpore's `allow_shape_mismatch` / `allow_to_save`, passed to the view.
     pub allow_shape_mismatch: bool,
     pub allow_to_save: bool,
+    /// Set when the tensor is assembled from rows of `Iteration::parts`
+    /// rather than stored: `chunks` is then empty and `frag` all ones.
+    pub rows: Option<RowMap>,
+    /// What a target may not do to this tensor.
+    pub rules: SplitRules,
+}
+
+/// Constraints a model puts on how a tensor may be split.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SplitRules {
+    /// Dimension 0 may only be cut between whole groups of this many rows,
+    /// named for messages: a fused QKV's key/value groups, a fused gate/up's
+    /// row pairs. A cut inside a group would give a rank half a head.
+    pub dim0_group: Option<(u64, &'static str)>,
+    /// A split that does not divide the tensor leaves it whole instead of
+    /// failing (MindFormers' embedding when the vocabulary does not divide).
+    pub whole_if_uneven: bool,
+}
+
+/// Rows of a tensor taken from rows of other tensors, in a pattern that
+/// repeats every `period` rows. Row `R` lies in period `p = R / period` at
+/// `w = R % period`; the segment holding `w` says which part it comes from
+/// and that part's row: `p * stride + base + (w - out_start)`.
+///
+/// One small pattern describes both directions of a fused tensor without
+/// materialising anything: QKV fused per key/value group (period
+/// `(heads/groups + 2) * head_dim`, three segments) and gate/up interleaved
+/// row by row (period 2), and each of their parts read back out of the
+/// fused tensor (one segment with a stride).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowMap {
+    pub period: u64,
+    /// Sorted by `out_start`, tiling `0..period`.
+    pub segments: Vec<RowSegment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowSegment {
+    pub out_start: u64,
+    pub len: u64,
+    /// Index into `Iteration::parts`.
+    pub part: usize,
+    /// Part rows per period.
+    pub stride: u64,
+    /// The part's row for `out_start` in period 0.
+    pub base: u64,
+}
+
+impl RowMap {
+    /// The part holding row `row`, that part's row, and how many rows from
+    /// `row` on come from consecutive rows of the same part.
+    pub fn locate(&self, row: u64) -> (usize, u64, u64) {
+        let p = row / self.period;
+        let w = row % self.period;
+        let i = self
+            .segments
+            .partition_point(|s| s.out_start + s.len <= w)
+            .min(self.segments.len() - 1);
+        let s = &self.segments[i];
+        let within = w - s.out_start;
+        (s.part, p * s.stride + s.base + within, s.len - within)
+    }
 }
 
 /// One slice of a tensor as stored on disk.
@@ -115,10 +199,41 @@ impl Iteration {
 impl Source {
     /// Loads and checks a checkpoint root, an iteration folder or a plain folder.
     pub fn open(path: &Path) -> Result<Source> {
+        Self::open_with(path, ModelChoice::Auto)
+    }
+
+    /// Like [`Source::open`]; a folder of safetensors files with a model's
+    /// `config.json` is read through that model's map (`model` overrides
+    /// the detection): a Hugging Face Qwen3 folder becomes the MindSpore
+    /// Transformers checkpoint it converts to.
+    pub fn open_with(path: &Path, model: ModelChoice) -> Result<Source> {
         // Every path kept is absolute: the mount's daemon leaves the working
         // directory, and still checks source paths on every read.
         let abs = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
-        Self::open_at(&abs)
+        let mut src = Self::open_at(&abs)?;
+        if !matches!(src.kind, SourceKind::Plain) || model == ModelChoice::None {
+            return Ok(src);
+        }
+        let config = match (Config::find(&abs)?, model) {
+            (None, ModelChoice::Auto) => return Ok(src),
+            (None, _) => bail!(
+                "{}: no {}: --model qwen3 reads a Hugging Face folder's config.json",
+                abs.display(),
+                models::CONFIG
+            ),
+            (Some(c), _) => c,
+        };
+        match (config.model()?, model) {
+            (found, ModelChoice::Qwen3) if found != ModelChoice::Qwen3 => bail!(
+                "{}: model_type is {:?}, not qwen3 as --model says",
+                config.path.display(),
+                config.model_type()?
+            ),
+            _ => {}
+        }
+        let it = src.iterations.remove(0);
+        src.iterations.push(qwen3::hf_to_mf(it, &config)?);
+        Ok(src)
     }
 
     fn open_at(path: &Path) -> Result<Source> {

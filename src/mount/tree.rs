@@ -123,15 +123,13 @@ impl Tree {
                     time,
                 );
             }
-            if let Some(common) = &it.common_json {
-                t.add(
-                    dir,
-                    names::COMMON,
-                    bytes(common),
-                    mtime(&it.dir.join(names::COMMON)),
-                );
+            for (name, content) in &ip.small {
+                let time = match name.as_str() {
+                    names::COMMON => mtime(&it.dir.join(names::COMMON)),
+                    _ => time,
+                };
+                t.add(dir, name, bytes(content), time);
             }
-            t.add(dir, names::METADATA, bytes(&ip.metadata_json), time);
         }
         for n in &mut t.nodes {
             if let Content::Dir(children) = &mut n.content {

@@ -9,7 +9,11 @@
 
 use std::path::PathBuf;
 
-use crate::checkpoint::source::{Iteration, Tensor};
+use safetensors::Dtype;
+
+use crate::checkpoint::header::elem_size;
+use crate::checkpoint::source::{Iteration, RowMap, Tensor};
+use crate::reshard::cast;
 use crate::reshard::layout::{ravel, unravel_into};
 use crate::reshard::plan::{IterationPlan, Plan, PlannedTensor, VirtualFile};
 
@@ -165,18 +169,158 @@ impl Touched {
     }
 }
 
-/// Copies bytes `[at, at + out.len())` of a planned tensor's target slice.
+/// Copies bytes `[at, at + out.len())` of a planned tensor's target slice,
+/// cast to the view's dtype when it differs from the source's.
 fn copy_tensor(
     source: &Iteration,
     pt: &PlannedTensor,
-    mut at: u64,
+    at: u64,
     out: &mut [u8],
     touched: &mut Touched,
 ) -> Result<(), SourceFault> {
     let t: &Tensor = &source.tensors[pt.source];
+    let region = Region {
+        start: &pt.slice.start,
+        shape: &pt.slice.shape,
+    };
+    if pt.dtype == t.dtype {
+        copy_region(source, t, region, at, out, touched)
+    } else {
+        copy_cast(source, t, pt.dtype, region, at, out, touched)
+    }
+}
+
+/// A box of a tensor, in global coordinates.
+#[derive(Clone, Copy)]
+struct Region<'a> {
+    start: &'a [u64],
+    shape: &'a [u64],
+}
+
+/// Elements converted per step of a cast: 64 KiB of float32 keeps the two
+/// scratch buffers in L2 while amortising the per-step region walk.
+const CAST_ELEMS: u64 = 16 << 10;
+
+thread_local! {
+    /// Scratch for casts: (source-dtype bytes, view-dtype bytes). Reused so
+    /// a cast read allocates nothing after a thread's first.
+    static CAST_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Like [`copy_region`], but the bytes are those of the region cast to
+/// `to`: whole source elements are read, converted, and the requested
+/// bytes (possibly starting or ending inside an element) copied out.
+fn copy_cast(
+    source: &Iteration,
+    t: &Tensor,
+    to: Dtype,
+    region: Region<'_>,
+    at: u64,
+    out: &mut [u8],
+    touched: &mut Touched,
+) -> Result<(), SourceFault> {
+    let (es_in, es_out) = (t.elem_size(), elem_size(to));
+    CAST_SCRATCH.with(|cell| {
+        let mut scratch = cell.borrow_mut();
+        let (input, output) = &mut *scratch;
+        let mut done = 0usize;
+        while done < out.len() {
+            let pos = at + done as u64;
+            let first = pos / es_out;
+            let skip = (pos % es_out) as usize;
+            let want = (out.len() - done) as u64;
+            let end = (pos + want).div_ceil(es_out);
+            let n = (end - first).min(CAST_ELEMS);
+            input.resize((n * es_in) as usize, 0);
+            output.resize((n * es_out) as usize, 0);
+            copy_region(source, t, region, first * es_in, input, touched)?;
+            cast::convert(t.dtype, to, input, output);
+            let take = (output.len() - skip).min(out.len() - done);
+            out[done..done + take].copy_from_slice(&output[skip..skip + take]);
+            done += take;
+        }
+        Ok(())
+    })
+}
+
+/// Copies bytes `[at, at + out.len())` of the row-major bytes of `region`
+/// of tensor `t`, from wherever its elements are stored.
+fn copy_region(
+    source: &Iteration,
+    t: &Tensor,
+    region: Region<'_>,
+    at: u64,
+    out: &mut [u8],
+    touched: &mut Touched,
+) -> Result<(), SourceFault> {
+    match &t.rows {
+        Some(map) => copy_rows(source, t, map, region, at, out, touched),
+        None => copy_stored(source, t, region, at, out, touched),
+    }
+}
+
+/// A region of a tensor assembled from rows of parts: cut at the row map's
+/// segment boundaries into runs of consecutive part rows, each copied from
+/// its part as a region of that part. Rows are outermost, so the runs'
+/// bytes follow each other in the output.
+fn copy_rows(
+    source: &Iteration,
+    t: &Tensor,
+    map: &RowMap,
+    region: Region<'_>,
+    mut at: u64,
+    out: &mut [u8],
+    touched: &mut Touched,
+) -> Result<(), SourceFault> {
+    let Some((&rows, inner)) = region.shape.split_first() else {
+        return Ok(());
+    };
+    let row_bytes = inner.iter().product::<u64>() * t.elem_size();
+    if row_bytes == 0 || rows == 0 {
+        return Ok(());
+    }
+    let mut start = region.start.to_vec();
+    let mut shape = region.shape.to_vec();
+    let mut done = 0usize;
+    while done < out.len() {
+        let r = at / row_bytes;
+        let within = at % row_bytes;
+        let (part, part_row, run) = map.locate(region.start[0] + r);
+        let run = run.min(rows - r);
+        start[0] = part_row;
+        shape[0] = run;
+        let n = ((run * row_bytes - within) as usize).min(out.len() - done);
+        let sub = Region {
+            start: &start,
+            shape: &shape,
+        };
+        copy_region(
+            source,
+            &source.parts[part],
+            sub,
+            within,
+            &mut out[done..done + n],
+            touched,
+        )?;
+        done += n;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+/// A region of a stored tensor, copied run by run from its slices.
+fn copy_stored(
+    source: &Iteration,
+    t: &Tensor,
+    region: Region<'_>,
+    mut at: u64,
+    out: &mut [u8],
+    touched: &mut Touched,
+) -> Result<(), SourceFault> {
     let es = t.elem_size();
-    let shape = &pt.slice.shape;
-    let start = &pt.slice.start;
+    let shape = region.shape;
+    let start = region.start;
     let n = shape.len();
     // Coordinates of the run's first element: local, global, and its source
     // slice in the grid. Allocated once per call, rewritten per run (runs can

@@ -3,6 +3,7 @@
 //! without touching tensor data ([`plan`]), and any byte range of any view
 //! file computed from the source ([`engine`]).
 
+pub mod cast;
 pub mod engine;
 pub mod layout;
 pub mod plan;

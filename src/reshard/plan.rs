@@ -6,15 +6,18 @@
 
 use std::sync::Arc;
 
+use safetensors::Dtype;
 use serde::Serialize;
 
-use crate::checkpoint::header::{HeaderEntry, build_header};
+use crate::checkpoint::header::{HeaderEntry, build_header, dtype_to_mindspore, elem_size};
 use crate::checkpoint::metadata::{
     ChunkJson, Properties, StorageEntry, TensorMeta, format_shard_id,
 };
+use crate::checkpoint::models::qwen3;
 use crate::checkpoint::names::{self, Kind};
 use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
 use crate::error::Result;
+use crate::reshard::cast;
 use crate::reshard::layout::{Slice, ravel};
 use crate::reshard::target::{Placement, TargetSpec};
 
@@ -24,19 +27,50 @@ pub struct Plan {
     /// Shared so that several plans (targets) of one source load it once.
     pub source: Arc<Source>,
     pub spec: TargetSpec,
+    pub options: ViewOptions,
     /// Parallel to `source.iterations`.
     pub iterations: Vec<IterationPlan>,
 }
+
+/// How the view's files look, beyond which ranks hold what.
+#[derive(Debug, Clone, Default)]
+pub struct ViewOptions {
+    /// Floating-point tensors are cast to this dtype when read; `None`
+    /// keeps every tensor's own (a cast is never silent).
+    pub dtype: Option<Dtype>,
+    /// The rank files' prefix (default: the source's).
+    pub prefix: Option<String>,
+    /// Show each iteration as a Hugging Face folder instead of rank files.
+    pub hf: Option<HfOptions>,
+}
+
+/// A Hugging Face folder view: whole tensors in `model-0000i-of-0000N`
+/// shards with an index, plus the model's other files.
+#[derive(Debug, Clone)]
+pub struct HfOptions {
+    /// A shard holds at most this many bytes of tensor data, unless one
+    /// tensor alone is larger (then it is alone), as transformers shards.
+    pub max_shard_size: u64,
+    /// Files shown beside the weights byte for byte (config.json,
+    /// tokenizer files...), by name.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// The Hugging Face index of a sharded folder.
+pub const HF_INDEX: &str = "model.safetensors.index.json";
 
 /// The view of one iteration folder.
 #[derive(Debug)]
 pub struct IterationPlan {
     pub world: u64,
     pub placements: Vec<Placement>,
-    /// Model files for ranks `0..world`, then opt files (when the source has them).
+    /// Model files for ranks `0..world`, then opt files (when the source
+    /// has them); or a Hugging Face view's shards.
     pub files: Vec<VirtualFile>,
-    /// The view's metadata.json, generated in MindSpore's schema.
-    pub metadata_json: Vec<u8>,
+    /// Small files beside them, by name: the view's metadata.json (in
+    /// MindSpore's schema) and common.json; or a Hugging Face view's index,
+    /// config.json and the other files it shows.
+    pub small: Vec<(String, Vec<u8>)>,
 }
 
 /// One safetensors file of the view.
@@ -59,6 +93,8 @@ pub struct PlannedTensor {
     pub source: usize,
     /// The target slice in global coordinates.
     pub slice: Slice,
+    /// The dtype served: the source tensor's, or the view's `--dtype`.
+    pub dtype: Dtype,
     /// Absolute offset of its first byte in the view file.
     pub offset: u64,
     pub len: u64,
@@ -80,17 +116,36 @@ pub struct Piece {
 impl Plan {
     /// Plans the view of every iteration of `source` under `spec`.
     pub fn build(source: impl Into<Arc<Source>>, spec: TargetSpec) -> Result<Plan> {
+        Plan::build_with(source, spec, ViewOptions::default())
+    }
+
+    /// Plans the view of every iteration of `source` under `spec`, its files
+    /// shaped by `options`.
+    pub fn build_with(
+        source: impl Into<Arc<Source>>,
+        spec: TargetSpec,
+        options: ViewOptions,
+    ) -> Result<Plan> {
         let source = source.into();
+        if let Some(d) = options.dtype
+            && !cast::is_target(d)
+        {
+            crate::bail!("--dtype {d:?}: a view can be cast to bf16, f16 or f32 only");
+        }
         let mut iterations = Vec::with_capacity(source.iterations.len());
         for it in &source.iterations {
-            let planned = spec
-                .resolve(it)
-                .and_then(|t| plan_iteration(it, t.placements, t.world));
+            let planned = match &options.hf {
+                Some(hf) => plan_hf(it, &options, hf),
+                None => spec
+                    .resolve(it)
+                    .and_then(|t| plan_iteration(it, t.placements, t.world, &options)),
+            };
             iterations.push(planned.map_err(|e| in_iteration(e, it))?);
         }
         Ok(Plan {
             source,
             spec,
+            options,
             iterations,
         })
     }
@@ -116,7 +171,21 @@ fn in_iteration(e: crate::error::Error, it: &Iteration) -> crate::error::Error {
 /// each costs a few hundred bytes of plan. A 70B view at 64 ranks has ~20k.
 const MAX_SLICES: usize = 1 << 24;
 
-fn plan_iteration(it: &Iteration, placements: Vec<Placement>, world: u64) -> Result<IterationPlan> {
+/// The dtype tensor `t` is served in.
+pub fn view_dtype(t: &Tensor, options: &ViewOptions) -> Dtype {
+    match options.dtype {
+        Some(d) if cast::is_float(t.dtype) => d,
+        _ => t.dtype,
+    }
+}
+
+fn plan_iteration(
+    it: &Iteration,
+    placements: Vec<Placement>,
+    world: u64,
+    options: &ViewOptions,
+) -> Result<IterationPlan> {
+    let prefix = options.prefix.as_deref().or(it.prefix.as_deref());
     let slices: usize = placements.iter().map(|p| p.ranks.len()).sum();
     if slices > MAX_SLICES {
         crate::bail!(
@@ -145,50 +214,156 @@ fn plan_iteration(it: &Iteration, placements: Vec<Placement>, world: u64) -> Res
                 .collect();
             // Keys sorted, data in key order: how MindSpore writes rank files.
             mine.sort_by(|a, b| it.tensors[a.0].name.cmp(&it.tensors[b.0].name));
-            files.push(plan_file(it, &placements, rank as u64, world, kind, &mine)?);
+            let name = names::rank_file_name(prefix, kind, rank as u64, world);
+            let slices: Vec<(usize, Slice)> = mine
+                .iter()
+                .map(|&(ti, pos)| (ti, placements[ti].slice(pos, &it.tensors[ti].global_shape)))
+                .collect();
+            let mut vf = plan_file(it, name, &slices, options, "ms")?;
+            vf.rank = rank as u64;
+            vf.kind = kind;
+            files.push(vf);
         }
     }
-    let metadata_json = view_metadata(it, &placements, world)?;
+    let mut small = vec![(
+        names::METADATA.to_string(),
+        view_metadata(it, &placements, world, prefix, options)?,
+    )];
+    if let Some(common) = &it.common_json {
+        small.push((names::COMMON.to_string(), common.clone()));
+    }
     Ok(IterationPlan {
         world,
         placements,
         files,
-        metadata_json,
+        small,
     })
 }
 
+/// An iteration as a Hugging Face folder: every tensor whole, in the
+/// source's order, cut into shards of at most `max_shard_size` bytes, with
+/// the index transformers reads and the model's other files.
+fn plan_hf(it: &Iteration, options: &ViewOptions, hf: &HfOptions) -> Result<IterationPlan> {
+    let placements: Vec<Placement> = it
+        .tensors
+        .iter()
+        .map(|_| Placement {
+            layout: None,
+            ranks: vec![0],
+        })
+        .collect();
+    let mut shards: Vec<Vec<usize>> = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut current_bytes = 0u64;
+    let mut total = 0u64;
+    let mut params = 0u64;
+    for (ti, t) in it.tensors.iter().enumerate() {
+        if t.kind != Kind::Model {
+            continue;
+        }
+        let n = t.global_shape.iter().product::<u64>();
+        let bytes = n * elem_size(view_dtype(t, options));
+        if !current.is_empty() && current_bytes.saturating_add(bytes) > hf.max_shard_size {
+            shards.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current.push(ti);
+        current_bytes += bytes;
+        total += bytes;
+        params += n;
+    }
+    if !current.is_empty() {
+        shards.push(current);
+    }
+    if shards.is_empty() {
+        crate::bail!("{}: no model tensors to show", it.dir.display());
+    }
+    let count = shards.len();
+    let mut files = Vec::with_capacity(count);
+    let mut weight_map = serde_json::Map::new();
+    let mut entries: Vec<(String, String)> = Vec::new();
+    for (i, mut shard) in shards.into_iter().enumerate() {
+        let name = format!("model-{:05}-of-{count:05}.safetensors", i + 1);
+        shard.sort_by(|a, b| it.tensors[*a].name.cmp(&it.tensors[*b].name));
+        let slices: Vec<(usize, Slice)> = shard
+            .iter()
+            .map(|&ti| (ti, Slice::whole(&it.tensors[ti].global_shape)))
+            .collect();
+        for &ti in &shard {
+            entries.push((it.tensors[ti].name.clone(), name.clone()));
+        }
+        let mut vf = plan_file(it, name, &slices, options, "pt")?;
+        vf.rank = i as u64;
+        files.push(vf);
+    }
+    entries.sort();
+    for (t, f) in entries {
+        weight_map.insert(t, serde_json::Value::String(f));
+    }
+    let index = serde_json::json!({
+        "metadata": {"total_parameters": params, "total_size": total},
+        "weight_map": weight_map,
+    });
+    let mut index = serde_json::to_vec_pretty(&index)
+        .map_err(|e| crate::Error::Input(format!("internal: index.json: {e}")))?;
+    index.push(b'\n');
+    let mut small = vec![(HF_INDEX.to_string(), index)];
+    small.extend(hf.files.iter().cloned());
+    if !small.iter().any(|(n, _)| n == "config.json") {
+        let Some(model) = &it.model else {
+            crate::bail!(
+                "{}: no config.json to show: give --hf-files DIR (the model's Hugging Face folder) or --model qwen3 to generate one",
+                it.dir.display()
+            );
+        };
+        let dtype = it
+            .tensors
+            .first()
+            .map_or(Dtype::BF16, |t| view_dtype(t, options));
+        small.push(("config.json".into(), qwen3::config_json(&model.dims, dtype)));
+    }
+    Ok(IterationPlan {
+        world: 1,
+        placements,
+        files,
+        small,
+    })
+}
+
+/// One view file holding `slices` (tensor index, slice) back to back in the
+/// order given, its header's `__metadata__` saying `format`.
 fn plan_file(
     it: &Iteration,
-    placements: &[Placement],
-    rank: u64,
-    world: u64,
-    kind: Kind,
-    mine: &[(usize, usize)],
+    name: String,
+    slices: &[(usize, Slice)],
+    options: &ViewOptions,
+    format: &str,
 ) -> Result<VirtualFile> {
-    let slices: Vec<Slice> = mine
+    let dtypes: Vec<Dtype> = slices
         .iter()
-        .map(|&(ti, pos)| placements[ti].slice(pos, &it.tensors[ti].global_shape))
+        .map(|(ti, _)| view_dtype(&it.tensors[*ti], options))
         .collect();
-    let entries: Vec<HeaderEntry<'_>> = mine
+    let entries: Vec<HeaderEntry<'_>> = slices
         .iter()
-        .zip(&slices)
-        .map(|(&(ti, _), s)| HeaderEntry {
-            name: &it.tensors[ti].name,
-            dtype: it.tensors[ti].dtype,
+        .zip(&dtypes)
+        .map(|((ti, s), &dtype)| HeaderEntry {
+            name: &it.tensors[*ti].name,
+            dtype,
             shape: &s.shape,
         })
         .collect();
-    let (header, offsets) = build_header(&entries)?;
+    let (header, offsets) = build_header(&entries, format)?;
     let base = header.len() as u64;
-    let tensors: Vec<PlannedTensor> = mine
+    let tensors: Vec<PlannedTensor> = slices
         .iter()
-        .zip(slices)
+        .zip(dtypes)
         .zip(offsets)
-        .map(|((&(ti, _), slice), off)| {
-            let len = slice.shape.iter().product::<u64>() * it.tensors[ti].elem_size();
+        .map(|(((ti, slice), dtype), off)| {
+            let len = slice.shape.iter().product::<u64>() * elem_size(dtype);
             PlannedTensor {
-                source: ti,
-                slice,
+                source: *ti,
+                slice: slice.clone(),
+                dtype,
                 offset: base + off,
                 len,
             }
@@ -196,9 +371,9 @@ fn plan_file(
         .collect();
     let size = tensors.last().map_or(base, |t| t.offset + t.len);
     Ok(VirtualFile {
-        name: names::rank_file_name(it.prefix.as_deref(), kind, rank, world),
-        rank,
-        kind,
+        name,
+        rank: 0,
+        kind: Kind::Model,
         header,
         tensors,
         size,
@@ -208,7 +383,13 @@ fn plan_file(
 /// The view's metadata.json: MindSpore's own schema, describing the target
 /// layout and pointing every slice at the view files that hold it, so that
 /// MindSpore Transformers loads the view as an ordinary checkpoint.
-fn view_metadata(it: &Iteration, placements: &[Placement], world: u64) -> Result<Vec<u8>> {
+fn view_metadata(
+    it: &Iteration,
+    placements: &[Placement],
+    world: u64,
+    prefix: Option<&str>,
+    options: &ViewOptions,
+) -> Result<Vec<u8>> {
     #[derive(Serialize)]
     struct MetadataOut {
         state_dict_metadata: serde_json::Map<String, serde_json::Value>,
@@ -234,7 +415,10 @@ fn view_metadata(it: &Iteration, placements: &[Placement], world: u64) -> Result
         };
         let meta = TensorMeta {
             properties: Properties {
-                dtype: t.ms_dtype.clone(),
+                dtype: match view_dtype(t, options) {
+                    d if d == t.dtype => t.ms_dtype.clone(),
+                    d => dtype_to_mindspore(d),
+                },
                 replica_id: Some(serde_json::json!(replica_id)),
                 allow_shape_mismatch: t.allow_shape_mismatch,
                 allow_to_save: t.allow_to_save,
@@ -274,7 +458,7 @@ fn view_metadata(it: &Iteration, placements: &[Placement], world: u64) -> Result
         let entries: Vec<StorageEntry> = ranks
             .iter()
             .map(|&r| StorageEntry {
-                file_name: names::rank_file_name(it.prefix.as_deref(), t.kind, r, world),
+                file_name: names::rank_file_name(prefix, t.kind, r, world),
                 storage_rank: r,
                 rank_group: Some(ranks.clone()),
             })
@@ -291,8 +475,20 @@ fn view_metadata(it: &Iteration, placements: &[Placement], world: u64) -> Result
 }
 
 /// The pieces of a target slice: its intersections with the source slices,
-/// each read from one replica. They tile the slice.
-pub fn pieces(t: &Tensor, slice: &Slice) -> Vec<Piece> {
+/// each read from one replica. They tile the slice. For a tensor assembled
+/// from rows of parts, the pieces of the parts' row ranges it draws on (per
+/// part, the rows between the first and the last it reads).
+pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<Piece> {
+    if t.rows.is_some() {
+        return part_slices(it, t, slice)
+            .into_iter()
+            .flat_map(|(p, s)| pieces(it, &it.parts[p], &s))
+            .collect();
+    }
+    stored_pieces(t, slice)
+}
+
+fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<Piece> {
     let per_dim: Vec<Vec<(u64, u64, u64)>> = (0..slice.shape.len())
         .map(|d| intervals(slice.start[d], slice.shape[d], t.chunk_shape[d]))
         .collect();
@@ -326,8 +522,71 @@ pub fn pieces(t: &Tensor, slice: &Slice) -> Vec<Piece> {
     }
 }
 
+/// For a tensor assembled from rows of parts: per part it draws on, the
+/// bounding slice of the part's rows that `slice` reads (other dimensions
+/// as in `slice`). Computed per segment of the row map, not per row.
+fn part_slices(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<(usize, Slice)> {
+    let Some(map) = &t.rows else {
+        return Vec::new();
+    };
+    let (Some(&first), Some(&rows)) = (slice.start.first(), slice.shape.first()) else {
+        return Vec::new();
+    };
+    if rows == 0 {
+        return Vec::new();
+    }
+    let last = first + rows - 1;
+    let (p0, p1) = (first / map.period, last / map.period);
+    let mut out: Vec<(usize, Slice)> = Vec::new();
+    let period = map.period;
+    for s in &map.segments {
+        // The first and last rows of this segment inside [first, last].
+        let lo = if first < p0 * period + s.out_start + s.len {
+            first.max(p0 * period + s.out_start)
+        } else {
+            (p0 + 1) * period + s.out_start
+        };
+        let hi = if last >= p1 * period + s.out_start {
+            last.min(p1 * period + s.out_start + s.len - 1)
+        } else if p1 > 0 {
+            (p1 - 1) * period + s.out_start + s.len - 1
+        } else {
+            continue;
+        };
+        if lo > hi {
+            continue;
+        }
+        let row = |r: u64| (r / period) * s.stride + s.base + (r % period - s.out_start);
+        let (a, b) = (row(lo), row(hi));
+        let part_rows = it.parts[s.part].global_shape.first().copied().unwrap_or(0);
+        let b = b.min(part_rows.saturating_sub(1));
+        if a > b {
+            continue;
+        }
+        let mut start = slice.start.clone();
+        let mut shape = slice.shape.clone();
+        start[0] = a;
+        shape[0] = b + 1 - a;
+        match out.iter_mut().find(|(p, _)| *p == s.part) {
+            Some((_, sl)) => {
+                let end = (sl.start[0] + sl.shape[0]).max(b + 1);
+                sl.start[0] = sl.start[0].min(a);
+                sl.shape[0] = end - sl.start[0];
+            }
+            None => out.push((s.part, Slice { start, shape })),
+        }
+    }
+    out
+}
+
 /// How many pieces `pieces` would return, without building them.
-pub fn piece_count(t: &Tensor, slice: &Slice) -> u64 {
+pub fn piece_count(it: &Iteration, t: &Tensor, slice: &Slice) -> u64 {
+    if t.rows.is_some() {
+        return part_slices(it, t, slice)
+            .iter()
+            .map(|(p, s)| piece_count(it, &it.parts[*p], s))
+            .sum();
+    }
     (0..slice.shape.len())
         .map(|d| intervals(slice.start[d], slice.shape[d], t.chunk_shape[d]).len() as u64)
         .product()

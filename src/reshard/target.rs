@@ -124,6 +124,9 @@ impl TargetSpec {
                 })
                 .collect(),
         };
+        for (t, p) in it.tensors.iter().zip(&placements) {
+            check_rules(t, p)?;
+        }
         let world = placements
             .iter()
             .flat_map(|p| p.ranks.iter().copied())
@@ -137,6 +140,29 @@ impl TargetSpec {
         }
         Ok(Target { placements, world })
     }
+}
+
+/// Refuses a placement that cuts a tensor where its model says it may not
+/// be cut: a fused QKV between the heads of one key/value group.
+fn check_rules(t: &Tensor, p: &Placement) -> Result<()> {
+    let (Some((group, what)), Some(l)) = (t.rules.dim0_group, &p.layout) else {
+        return Ok(());
+    };
+    let split = l.split(0);
+    let rows = t.global_shape.first().copied().unwrap_or(0);
+    let groups = rows.checked_div(group).unwrap_or(0);
+    if split > 1 && groups % split != 0 {
+        let axes: Vec<String> = l.tensor_map[0]
+            .iter()
+            .map(|&a| format!("{}={}", l.alias_name[a], l.device_matrix[a]))
+            .collect();
+        bail!(
+            "target: tensor {}: {} does not divide its {groups} {what}; MindSpore Transformers refuses this split",
+            t.name,
+            axes.join("*")
+        );
+    }
+    Ok(())
 }
 
 /// The layer index in a parameter name: `i` in `...layers.<i>....`.
@@ -193,6 +219,10 @@ fn resolve_mesh(
             if let Some(&n) = size_of.get(alias.as_str()) {
                 l.device_matrix[axis] = n;
             }
+        }
+        if t.rules.whole_if_uneven && l.check_divides(&t.global_shape).is_err() {
+            // MindFormers keeps such a tensor whole rather than refusing.
+            l.tensor_map.iter_mut().for_each(Vec::clear);
         }
         l.check_divides(&t.global_shape)
             .map_err(|e| bad!("target: tensor {}: {e}", t.name))?;

@@ -1,0 +1,209 @@
+//! Model maps: how one model's tensors are named and fused in a Hugging Face
+//! folder and in a MindSpore Transformers checkpoint.
+//!
+//! A map is a transform of an [`Iteration`](super::source::Iteration): it
+//! renames tensors and describes fused ones as [`RowMap`](super::source::RowMap)s
+//! over the stored ones, so the planner and the byte engine see ordinary
+//! tensors and nothing is ever materialised.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::paths::read_small;
+use super::source::{Source, SourceKind};
+use crate::error::{Result, source_io};
+use crate::{bad, bail};
+
+pub mod qwen3;
+
+/// The Hugging Face config file of a model folder.
+pub const CONFIG: &str = "config.json";
+
+/// `model_type`s with a map, for messages.
+pub const SUPPORTED: &[&str] = &["qwen3"];
+
+/// config.json is a few KB; a large one is not a model's.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
+/// What `--model` asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelChoice {
+    /// Decided by the folder: a `config.json` names the model.
+    #[default]
+    Auto,
+    Qwen3,
+    /// No map: tensors under their stored names, every one whole.
+    None,
+}
+
+impl ModelChoice {
+    pub fn parse(s: &str) -> std::result::Result<ModelChoice, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(ModelChoice::Auto),
+            "qwen3" => Ok(ModelChoice::Qwen3),
+            "none" => Ok(ModelChoice::None),
+            _ => Err(format!(
+                "unknown model {s:?}; supported: {}, or none",
+                SUPPORTED.join(", ")
+            )),
+        }
+    }
+}
+
+/// A parsed `config.json` and where it came from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: std::path::PathBuf,
+    pub json: Value,
+}
+
+impl Config {
+    /// Reads `dir/config.json` if there is one.
+    pub fn find(dir: &Path) -> Result<Option<Config>> {
+        let path = dir.join(CONFIG);
+        match std::fs::symlink_metadata(&path) {
+            Ok(_) => Config::read(&path).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(source_io(&path, e)),
+        }
+    }
+
+    pub fn read(path: &Path) -> Result<Config> {
+        let raw = read_small(path, MAX_CONFIG_BYTES)?;
+        let json: Value = serde_json::from_slice(&raw)
+            .map_err(|e| bad!("{}: not valid JSON: {e}", path.display()))?;
+        if !json.is_object() {
+            bail!("{}: expected a JSON object", path.display());
+        }
+        Ok(Config {
+            path: path.to_path_buf(),
+            json,
+        })
+    }
+
+    /// `model_type`, which must be present.
+    pub fn model_type(&self) -> Result<&str> {
+        self.json
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                bad!(
+                    "{}: no `model_type` string; supported models: {}",
+                    self.path.display(),
+                    SUPPORTED.join(", ")
+                )
+            })
+    }
+
+    /// The model this config describes, refusing the ones without a map.
+    pub fn model(&self) -> Result<ModelChoice> {
+        let t = self.model_type()?;
+        match t {
+            "qwen3" => Ok(ModelChoice::Qwen3),
+            other => bail!(
+                "{}: model_type {other:?} is not supported (supported: {}); pass --model none to read the safetensors files as they are",
+                self.path.display(),
+                SUPPORTED.join(", ")
+            ),
+        }
+    }
+
+    /// A non-negative integer field.
+    pub fn uint(&self, key: &str) -> Result<Option<u64>> {
+        match self.json.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                bad!(
+                    "{}: `{key}` is {v}, expected a non-negative integer",
+                    self.path.display()
+                )
+            }),
+        }
+    }
+
+    /// A positive integer field that must be present.
+    pub fn need(&self, key: &str) -> Result<u64> {
+        match self.uint(key)? {
+            Some(0) => bail!("{}: `{key}` is 0", self.path.display()),
+            Some(v) => Ok(v),
+            None => bail!("{}: missing `{key}`", self.path.display()),
+        }
+    }
+
+    pub fn flag(&self, key: &str) -> Result<Option<bool>> {
+        match self.json.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => bail!(
+                "{}: `{key}` is {v}, expected true or false",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+/// The source as Hugging Face folders (`--hf`): a MindSpore Transformers
+/// checkpoint's iterations through the model's map back to HF names, whole
+/// tensors, no optimizer states. A Hugging Face folder read through a map is
+/// mapped back (so `--hf` reshapes it); a plain folder stays as it is.
+/// `config` (from `--hf-files`) gives the sizes when there is one.
+pub fn as_hf(mut src: Source, model: ModelChoice, config: Option<&Config>) -> Result<Source> {
+    let plain = matches!(src.kind, SourceKind::Plain);
+    if plain && src.iterations.iter().all(|it| it.model.is_none()) {
+        return Ok(src);
+    }
+    let model = match (model, config) {
+        (ModelChoice::Auto, Some(c)) => c.model()?,
+        (ModelChoice::Auto, None) if plain => ModelChoice::Qwen3,
+        (m, _) => m,
+    };
+    match model {
+        ModelChoice::Qwen3 => {}
+        ModelChoice::Auto => bail!(
+            "{}: --hf needs to know the model: pass --model qwen3, or --hf-files DIR whose config.json names it",
+            src.path.display()
+        ),
+        ModelChoice::None => bail!(
+            "{}: --hf with --model none: a MindSpore Transformers checkpoint needs a model map to become a Hugging Face folder (supported: {})",
+            src.path.display(),
+            SUPPORTED.join(", ")
+        ),
+    }
+    let iterations = std::mem::take(&mut src.iterations);
+    for it in iterations {
+        let name = it.name.clone();
+        let mapped = qwen3::mf_to_hf(it, config).map_err(|e| match (e, name) {
+            (crate::Error::Input(m), Some(n)) => bad!("{n}: {m}"),
+            (e, _) => e,
+        })?;
+        src.iterations.push(mapped);
+    }
+    Ok(src)
+}
+
+/// A file shown beside a Hugging Face view's weights may be this large:
+/// tokenizers are tens of MB; anything far larger is not a model's metadata.
+const MAX_HF_FILE_BYTES: u64 = 1 << 30;
+
+/// Every file of `dir` a Hugging Face view shows beside its weights, by
+/// name, byte for byte: all regular files (symlinks followed, as in a Hub
+/// cache snapshot) except `*.safetensors` and `model.safetensors.index.json`.
+pub fn read_hf_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
+        let e = e.map_err(|e| source_io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if qwen3::is_weight_file(&name) || name.starts_with('.') {
+            continue;
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| source_io(&path, e))?;
+        if !meta.is_file() {
+            continue;
+        }
+        out.push((name, read_small(&path, MAX_HF_FILE_BYTES)?));
+    }
+    out.sort();
+    Ok(out)
+}

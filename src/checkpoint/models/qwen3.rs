@@ -1,0 +1,897 @@
+//! Qwen3 between Hugging Face and MindSpore Transformers.
+//!
+//! The map is the one MindSpore Transformers' own converter applies when it
+//! loads a Hub Qwen3 (`pretrained_model_dir`), pinned by fixtures written by
+//! that converter and by transformers (`tests/fixtures/qwen3-*`):
+//!
+//! * names: `model.embed_tokens` → `embedding.word_embeddings`,
+//!   `model.layers.N.self_attn.{q,k,v}_proj` → `decoder.layers.N.self_attention.linear_qkv`
+//!   (fused), `o_proj` → `linear_proj`, `q_norm`/`k_norm` →
+//!   `q_layernorm`/`k_layernorm`, `mlp.{gate,up}_proj` → `mlp.linear_fc1`
+//!   (fused), `down_proj` → `linear_fc2`, `post_attention_layernorm` →
+//!   `pre_mlp_layernorm`, `model.norm` → `decoder.final_layernorm`, `lm_head`
+//!   → `output_layer` (absent when embeddings are tied);
+//! * fused QKV is interleaved per key/value group: for each group, its
+//!   `heads/groups` query heads, then its key head, then its value head;
+//! * fused gate/up is interleaved row by row: `fc1[2i] = gate[i]`, `fc1[2i+1] = up[i]`;
+//! * layouts over the device matrix `(dp, cp, tp)`: `linear_qkv`,
+//!   `linear_fc1`, `output_layer` split dimension 0 on tp, `linear_proj` and
+//!   `linear_fc2` dimension 1, the embedding dimension 0 when the vocabulary
+//!   divides by tp (else whole), norms whole.
+//!
+//! Both directions are [`RowMap`]s over the stored tensors, so a fused
+//! tensor's bytes are read from its parts (and a part's from the fused
+//! tensor) only when asked for.
+
+use std::collections::HashMap;
+
+use safetensors::Dtype;
+use serde_json::{Value, json};
+
+use super::Config;
+use crate::checkpoint::header::dtype_to_mindspore;
+use crate::checkpoint::names::Kind;
+use crate::checkpoint::source::{Iteration, ModelInfo, RowMap, RowSegment, SplitRules, Tensor};
+use crate::error::Result;
+use crate::reshard::layout::Layout;
+use crate::reshard::target::layer_index;
+use crate::{bad, bail};
+
+/// The sizes that fix every tensor's shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dims {
+    pub vocab: u64,
+    pub hidden: u64,
+    pub intermediate: u64,
+    pub layers: u64,
+    pub heads: u64,
+    pub groups: u64,
+    pub head_dim: u64,
+    pub tied: bool,
+    /// `attention_bias`: q/k/v carry biases (fused like their weights).
+    pub qkv_bias: bool,
+}
+
+impl Dims {
+    /// The sizes `config.json` gives, checked for sense.
+    pub fn from_config(c: &Config) -> Result<Dims> {
+        let hidden = c.need("hidden_size")?;
+        let heads = c.need("num_attention_heads")?;
+        let groups = c.uint("num_key_value_heads")?.unwrap_or(heads);
+        let head_dim = match c.uint("head_dim")? {
+            Some(d) => d,
+            None => hidden / heads,
+        };
+        let d = Dims {
+            vocab: c.need("vocab_size")?,
+            hidden,
+            intermediate: c.need("intermediate_size")?,
+            layers: c.need("num_hidden_layers")?,
+            heads,
+            groups,
+            head_dim,
+            tied: c.flag("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias: c.flag("attention_bias")?.unwrap_or(false),
+        };
+        d.check().map_err(|e| bad!("{}: {e}", c.path.display()))?;
+        Ok(d)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.groups == 0 || self.head_dim == 0 {
+            return Err("num_key_value_heads and head_dim must be positive".into());
+        }
+        if !self.heads.is_multiple_of(self.groups) {
+            return Err(format!(
+                "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
+                self.heads, self.groups
+            ));
+        }
+        // Every size below is a product of these; refuse any that overflows.
+        let rows = (self.heads + 2 * self.groups).checked_mul(self.head_dim);
+        let all = [
+            rows.and_then(|r| r.checked_mul(self.hidden)),
+            self.vocab.checked_mul(self.hidden),
+            self.intermediate
+                .checked_mul(2)
+                .and_then(|r| r.checked_mul(self.hidden)),
+            self.heads
+                .checked_mul(self.head_dim)
+                .and_then(|r| r.checked_mul(self.hidden)),
+        ];
+        if all
+            .iter()
+            .any(|v| v.and_then(|v| v.checked_mul(8)).is_none())
+        {
+            return Err("the sizes overflow 64-bit byte counts".into());
+        }
+        Ok(())
+    }
+
+    fn q_rows(&self) -> u64 {
+        self.heads * self.head_dim
+    }
+    fn kv_rows(&self) -> u64 {
+        self.groups * self.head_dim
+    }
+    /// Query heads per key/value group.
+    fn ratio(&self) -> u64 {
+        self.heads / self.groups
+    }
+    /// Rows of one key/value group in the fused QKV.
+    fn group_rows(&self) -> u64 {
+        (self.ratio() + 2) * self.head_dim
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "hidden_size={}, num_attention_heads={}, num_key_value_heads={}, head_dim={}, intermediate_size={}, vocab_size={}",
+            self.hidden, self.heads, self.groups, self.head_dim, self.intermediate, self.vocab
+        )
+    }
+}
+
+/// Where a tensor is split: by tp on the dimensions marked true.
+fn tp_layout(split: &[bool]) -> Layout {
+    Layout {
+        device_matrix: vec![1, 1, 1],
+        tensor_map: split
+            .iter()
+            .map(|&s| if s { vec![2] } else { Vec::new() })
+            .collect(),
+        alias_name: vec!["dp".into(), "cp".into(), "tp".into()],
+        rank_list: vec![0],
+    }
+}
+
+/// One renamed (not fused) tensor of a layer: HF suffix, MF suffix, split.
+const LAYER_RENAMES: &[(&str, &str, &[bool])] = &[
+    ("input_layernorm.weight", "input_layernorm.weight", &[false]),
+    (
+        "mlp.down_proj.weight",
+        "mlp.linear_fc2.weight",
+        &[false, true],
+    ),
+    (
+        "post_attention_layernorm.weight",
+        "pre_mlp_layernorm.weight",
+        &[false],
+    ),
+    (
+        "self_attn.k_norm.weight",
+        "self_attention.k_layernorm.weight",
+        &[false],
+    ),
+    (
+        "self_attn.o_proj.weight",
+        "self_attention.linear_proj.weight",
+        &[false, true],
+    ),
+    (
+        "self_attn.q_norm.weight",
+        "self_attention.q_layernorm.weight",
+        &[false],
+    ),
+];
+
+fn hf_layer(i: u64, suffix: &str) -> String {
+    format!("model.layers.{i}.{suffix}")
+}
+fn mf_layer(i: u64, suffix: &str) -> String {
+    format!("decoder.layers.{i}.{suffix}")
+}
+
+const HF_EMBED: &str = "model.embed_tokens.weight";
+const HF_NORM: &str = "model.norm.weight";
+const HF_HEAD: &str = "lm_head.weight";
+const MF_EMBED: &str = "embedding.word_embeddings.weight";
+const MF_NORM: &str = "decoder.final_layernorm.weight";
+const MF_HEAD: &str = "output_layer.weight";
+
+/// The shape a Hugging Face tensor must have (by its name within a layer).
+fn hf_shape(d: &Dims, suffix: &str) -> Vec<u64> {
+    match suffix {
+        "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![d.hidden],
+        "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => vec![d.head_dim],
+        "self_attn.o_proj.weight" => vec![d.hidden, d.q_rows()],
+        "mlp.down_proj.weight" => vec![d.hidden, d.intermediate],
+        "self_attn.q_proj.weight" => vec![d.q_rows(), d.hidden],
+        "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![d.kv_rows(), d.hidden],
+        "self_attn.q_proj.bias" => vec![d.q_rows()],
+        "self_attn.k_proj.bias" | "self_attn.v_proj.bias" => vec![d.kv_rows()],
+        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => vec![d.intermediate, d.hidden],
+        _ => Vec::new(),
+    }
+}
+
+/// Tensors by name, taken out one by one as the map places them.
+struct Pool<'a> {
+    it: &'a Iteration,
+    tensors: HashMap<String, Tensor>,
+    /// Says where the sizes came from, for shape errors.
+    sizes_from: String,
+}
+
+impl Pool<'_> {
+    fn file_of(&self, t: &Tensor) -> String {
+        t.chunks
+            .first()
+            .map(|c| self.it.files[c.file].path.display().to_string())
+            .unwrap_or_else(|| self.it.dir.display().to_string())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Takes `name`, which must exist with shape `shape`.
+    fn take(&mut self, name: &str, shape: &[u64], needed_for: &str) -> Result<Tensor> {
+        let t = self.tensors.remove(name).ok_or_else(|| {
+            bad!(
+                "{}: tensor {name} is missing; Qwen3 needs it for {needed_for}",
+                self.it.dir.display()
+            )
+        })?;
+        if t.global_shape != shape {
+            bail!(
+                "{}: tensor {name}: shape {:?}, but {} gives {:?}",
+                self.file_of(&t),
+                t.global_shape,
+                self.sizes_from,
+                shape
+            );
+        }
+        Ok(t)
+    }
+}
+
+/// A tensor under a new name, with a new layout, in the single source stage.
+fn renamed(mut t: Tensor, name: String, layout: Option<Layout>, rules: SplitRules) -> Tensor {
+    t.name = name;
+    t.layout = layout;
+    t.stage = 0;
+    t.kind = Kind::Model;
+    t.rules = rules;
+    t
+}
+
+/// A tensor assembled from rows of `Iteration::parts`.
+fn assembled(
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    map: RowMap,
+    layout: Option<Layout>,
+    rules: SplitRules,
+) -> Tensor {
+    let n = shape.len();
+    Tensor {
+        name,
+        kind: Kind::Model,
+        dtype,
+        ms_dtype: dtype_to_mindspore(dtype),
+        chunk_shape: shape.clone(),
+        global_shape: shape,
+        layout,
+        frag: vec![1; n],
+        chunks: Vec::new(),
+        stage: 0,
+        allow_shape_mismatch: false,
+        allow_to_save: true,
+        rows: Some(map),
+        rules,
+    }
+}
+
+/// All parts of a fused tensor must share one dtype.
+fn same_dtype(pool: &Pool<'_>, parts: &[&Tensor]) -> Result<Dtype> {
+    let d = parts[0].dtype;
+    if let Some(p) = parts.iter().find(|p| p.dtype != d) {
+        bail!(
+            "{}: tensor {}: dtype {:?}, but {} is {:?}; the parts of a fused tensor must share a dtype",
+            pool.file_of(p),
+            p.name,
+            p.dtype,
+            parts[0].name,
+            d
+        );
+    }
+    Ok(d)
+}
+
+/// Reads a Hugging Face Qwen3 folder (already loaded as plain tensors) as
+/// the MindSpore Transformers checkpoint it converts to: MF names, fused
+/// QKV and gate/up, Qwen3's layouts on a `(dp, cp, tp) = (1, 1, 1)` device
+/// matrix (so `--mesh dp=D,tp=T` resizes them), one stage, prefix `qwen3`.
+pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
+    let d = Dims::from_config(config)?;
+    let tensors: HashMap<String, Tensor> =
+        it.tensors.drain(..).map(|t| (t.name.clone(), t)).collect();
+    let mut pool = Pool {
+        it: &it,
+        tensors,
+        sizes_from: format!("{} ({})", config.path.display(), d.describe()),
+    };
+    let mut out: Vec<Tensor> = Vec::new();
+    let mut parts: Vec<Tensor> = Vec::new();
+
+    let embed_rules = SplitRules {
+        dim0_group: None,
+        whole_if_uneven: true,
+    };
+    let t = pool.take(HF_EMBED, &[d.vocab, d.hidden], MF_EMBED)?;
+    out.push(renamed(
+        t,
+        MF_EMBED.into(),
+        Some(tp_layout(&[true, false])),
+        embed_rules,
+    ));
+
+    for i in 0..d.layers {
+        // MindFormers' own order within a layer (its metadata.json's).
+        let mut layer: Vec<Tensor> = Vec::new();
+        for &(hf, mf, split) in LAYER_RENAMES {
+            let t = pool.take(&hf_layer(i, hf), &hf_shape(&d, hf), &mf_layer(i, mf))?;
+            layer.push(renamed(
+                t,
+                mf_layer(i, mf),
+                Some(tp_layout(split)),
+                SplitRules::default(),
+            ));
+        }
+        // gate/up, row by row.
+        let fc1 = mf_layer(i, "mlp.linear_fc1.weight");
+        let gate = pool.take(
+            &hf_layer(i, "mlp.gate_proj.weight"),
+            &hf_shape(&d, "mlp.gate_proj.weight"),
+            &fc1,
+        )?;
+        let up = pool.take(
+            &hf_layer(i, "mlp.up_proj.weight"),
+            &hf_shape(&d, "mlp.up_proj.weight"),
+            &fc1,
+        )?;
+        let dtype = same_dtype(&pool, &[&gate, &up])?;
+        let p = parts.len();
+        parts.push(gate);
+        parts.push(up);
+        layer.push(assembled(
+            fc1,
+            dtype,
+            vec![2 * d.intermediate, d.hidden],
+            fc1_from_parts(p),
+            Some(tp_layout(&[true, false])),
+            SplitRules {
+                dim0_group: Some((2, "gate/up row pairs (intermediate_size)")),
+                whole_if_uneven: false,
+            },
+        ));
+        // q/k/v, per key/value group; biases the same way when present.
+        let kinds: &[(&str, bool)] = if d.qkv_bias {
+            &[("weight", true), ("bias", false)]
+        } else {
+            &[("weight", true)]
+        };
+        for &(what, is_weight) in kinds {
+            let qkv = mf_layer(i, &format!("self_attention.linear_qkv.{what}"));
+            let mut three = Vec::with_capacity(3);
+            for x in ["q", "k", "v"] {
+                let hf = format!("self_attn.{x}_proj.{what}");
+                three.push(pool.take(&hf_layer(i, &hf), &hf_shape(&d, &hf), &qkv)?);
+            }
+            let dtype = same_dtype(&pool, &[&three[0], &three[1], &three[2]])?;
+            let p = parts.len();
+            parts.extend(three);
+            let rows = d.groups * d.group_rows();
+            let (shape, split) = if is_weight {
+                (vec![rows, d.hidden], &[true, false][..])
+            } else {
+                (vec![rows], &[true][..])
+            };
+            layer.push(assembled(
+                qkv,
+                dtype,
+                shape,
+                qkv_from_parts(&d, p),
+                Some(tp_layout(split)),
+                SplitRules {
+                    dim0_group: Some((d.group_rows(), "key/value groups (num_key_value_heads)")),
+                    whole_if_uneven: false,
+                },
+            ));
+        }
+        out.extend(layer);
+    }
+
+    let t = pool.take(HF_NORM, &[d.hidden], MF_NORM)?;
+    out.push(renamed(
+        t,
+        MF_NORM.into(),
+        Some(tp_layout(&[false])),
+        SplitRules::default(),
+    ));
+    if !d.tied || pool.has(HF_HEAD) {
+        let t = pool.take(HF_HEAD, &[d.vocab, d.hidden], MF_HEAD)?;
+        out.push(renamed(
+            t,
+            MF_HEAD.into(),
+            Some(tp_layout(&[true, false])),
+            SplitRules::default(),
+        ));
+    }
+
+    let mut omitted: Vec<String> = pool.tensors.into_keys().collect();
+    omitted.sort();
+    let stray = omitted
+        .iter()
+        .find(|n| layer_index(n).is_some_and(|l| l >= d.layers) && n.starts_with("model.layers."));
+    if let Some(n) = stray {
+        bail!(
+            "{}: tensor {n} belongs to a layer beyond num_hidden_layers = {}",
+            config.path.display(),
+            d.layers
+        );
+    }
+    it.tensors = out;
+    it.parts = parts;
+    it.omitted = omitted;
+    it.prefix = Some("qwen3".into());
+    it.world = 1;
+    it.stage_devices = 1;
+    it.stages = 1;
+    it.model = Some(ModelInfo {
+        model_type: "qwen3".into(),
+        notes: vec![format!(
+            "sizes from {}: {}",
+            config.path.display(),
+            d.describe()
+        )],
+        dims: d,
+    });
+    Ok(it)
+}
+
+/// `fc1[2i] = gate[i]`, `fc1[2i+1] = up[i]`; gate at part `p`, up at `p+1`.
+fn fc1_from_parts(p: usize) -> RowMap {
+    RowMap {
+        period: 2,
+        segments: vec![
+            RowSegment {
+                out_start: 0,
+                len: 1,
+                part: p,
+                stride: 1,
+                base: 0,
+            },
+            RowSegment {
+                out_start: 1,
+                len: 1,
+                part: p + 1,
+                stride: 1,
+                base: 0,
+            },
+        ],
+    }
+}
+
+/// Per key/value group: its query heads, its key head, its value head;
+/// q, k, v at parts `p`, `p+1`, `p+2`.
+fn qkv_from_parts(d: &Dims, p: usize) -> RowMap {
+    let q = d.ratio() * d.head_dim;
+    let h = d.head_dim;
+    RowMap {
+        period: d.group_rows(),
+        segments: vec![
+            RowSegment {
+                out_start: 0,
+                len: q,
+                part: p,
+                stride: q,
+                base: 0,
+            },
+            RowSegment {
+                out_start: q,
+                len: h,
+                part: p + 1,
+                stride: h,
+                base: 0,
+            },
+            RowSegment {
+                out_start: q + h,
+                len: h,
+                part: p + 2,
+                stride: h,
+                base: 0,
+            },
+        ],
+    }
+}
+
+/// Rows `base..base+len` of every period of `period_in` rows of part `p`,
+/// back to back: one of q/k/v out of a fused QKV, gate or up out of fc1.
+fn rows_of(p: usize, len: u64, period_in: u64, base: u64) -> RowMap {
+    RowMap {
+        period: len,
+        segments: vec![RowSegment {
+            out_start: 0,
+            len,
+            part: p,
+            stride: period_in,
+            base,
+        }],
+    }
+}
+
+/// The sizes of a MindFormers Qwen3 read off its tensors, each with the
+/// tensor it came from.
+fn infer_dims(it: &Iteration, by_name: &HashMap<String, Tensor>) -> Result<(Dims, Vec<String>)> {
+    let dir = it.dir.display();
+    let get = |name: &str, ndim: usize| -> Result<&Vec<u64>> {
+        let t = by_name.get(name).ok_or_else(|| {
+            bad!("{dir}: tensor {name} is missing; it is needed to infer the Qwen3 sizes (or give --hf-files DIR with a config.json)")
+        })?;
+        if t.global_shape.len() != ndim || t.global_shape.contains(&0) {
+            bail!(
+                "{dir}: tensor {name}: shape {:?}, expected {ndim} non-zero dimensions",
+                t.global_shape
+            );
+        }
+        Ok(&t.global_shape)
+    };
+    let mut notes = Vec::new();
+    let e = get(MF_EMBED, 2)?;
+    let (vocab, hidden) = (e[0], e[1]);
+    notes.push(format!(
+        "vocab_size = {vocab}, hidden_size = {hidden} (from {MF_EMBED})"
+    ));
+    let layers = by_name
+        .keys()
+        .filter(|n| n.starts_with("decoder.layers."))
+        .filter_map(|n| layer_index(n))
+        .max()
+        .map_or(0, |m| m + 1);
+    if layers == 0 {
+        bail!("{dir}: no decoder.layers.N tensors: not a MindFormers Qwen3 checkpoint");
+    }
+    notes.push(format!(
+        "num_hidden_layers = {layers} (from the decoder.layers.N names)"
+    ));
+    let qn = mf_layer(0, "self_attention.q_layernorm.weight");
+    let head_dim = get(&qn, 1)?[0];
+    notes.push(format!("head_dim = {head_dim} (from {qn})"));
+    let proj = mf_layer(0, "self_attention.linear_proj.weight");
+    let p = get(&proj, 2)?;
+    if p[1] % head_dim != 0 {
+        bail!(
+            "{dir}: tensor {proj}: {} columns are not a whole number of heads of head_dim {head_dim}",
+            p[1]
+        );
+    }
+    let heads = p[1] / head_dim;
+    notes.push(format!("num_attention_heads = {heads} (from {proj})"));
+    let qkv = mf_layer(0, "self_attention.linear_qkv.weight");
+    let rows = get(&qkv, 2)?[0];
+    let groups = (rows / head_dim)
+        .checked_sub(heads)
+        .filter(|r| rows % head_dim == 0 && r % 2 == 0 && *r > 0)
+        .map(|r| r / 2)
+        .ok_or_else(|| {
+            bad!("{dir}: tensor {qkv}: {rows} rows are not (heads + 2 * groups) * head_dim for {heads} heads of {head_dim}")
+        })?;
+    notes.push(format!("num_key_value_heads = {groups} (from {qkv})"));
+    let fc1 = mf_layer(0, "mlp.linear_fc1.weight");
+    let f = get(&fc1, 2)?[0];
+    if f % 2 != 0 {
+        bail!("{dir}: tensor {fc1}: {f} rows, expected an even number (gate and up interleaved)");
+    }
+    notes.push(format!("intermediate_size = {} (from {fc1})", f / 2));
+    let tied = !by_name.contains_key(MF_HEAD);
+    notes.push(format!(
+        "tie_word_embeddings = {tied} ({MF_HEAD} {})",
+        if tied { "absent" } else { "present" }
+    ));
+    let qkv_bias = by_name.contains_key(&mf_layer(0, "self_attention.linear_qkv.bias"));
+    let d = Dims {
+        vocab,
+        hidden,
+        intermediate: f / 2,
+        layers,
+        heads,
+        groups,
+        head_dim,
+        tied,
+        qkv_bias,
+    };
+    d.check().map_err(|e| bad!("{dir}: inferred sizes: {e}"))?;
+    Ok((d, notes))
+}
+
+/// Reads a MindSpore Transformers Qwen3 iteration as the Hugging Face model
+/// it is: HF names, QKV and gate/up split back out of the fused tensors (by
+/// row maps over them, wherever their slices are stored), every tensor
+/// whole, optimizer states left out. Sizes come from `config` when given
+/// (and are checked against the tensors), else from the tensors.
+pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration> {
+    let mut by_name: HashMap<String, Tensor> = HashMap::new();
+    let mut opt = 0usize;
+    for t in it.tensors.drain(..) {
+        if t.kind == Kind::Model {
+            by_name.insert(t.name.clone(), t);
+        } else {
+            opt += 1;
+        }
+    }
+    let (d, mut notes, sizes_from) = match config {
+        Some(c) => {
+            let d = Dims::from_config(c)?;
+            let from = format!("{} ({})", c.path.display(), d.describe());
+            (d, vec![format!("sizes from {from}")], from)
+        }
+        None => {
+            let (d, notes) = infer_dims(&it, &by_name)?;
+            let from = format!("the sizes inferred from the tensors ({})", d.describe());
+            (d, notes, from)
+        }
+    };
+    if opt > 0 {
+        notes.push(format!("{opt} optimizer-state tensors not shown"));
+    }
+    // A Hugging Face source read as MindFormers already has parts; the
+    // fused tensors moved into `parts` here keep pointing at them.
+    let mut parts: Vec<Tensor> = std::mem::take(&mut it.parts);
+    let mut pool = Pool {
+        it: &it,
+        tensors: by_name,
+        sizes_from,
+    };
+    let mut out: Vec<Tensor> = Vec::new();
+    let whole = SplitRules::default;
+
+    let t = pool.take(MF_EMBED, &[d.vocab, d.hidden], HF_EMBED)?;
+    out.push(renamed(t, HF_EMBED.into(), None, whole()));
+    for i in 0..d.layers {
+        // q, k, v out of the fused QKV (weights, then biases if any).
+        let kinds: &[(&str, bool)] = if d.qkv_bias {
+            &[("weight", true), ("bias", false)]
+        } else {
+            &[("weight", true)]
+        };
+        let mut split_qkv: Vec<std::vec::IntoIter<Tensor>> = Vec::new();
+        for &(what, is_weight) in kinds {
+            let name = mf_layer(i, &format!("self_attention.linear_qkv.{what}"));
+            let rows = d.groups * d.group_rows();
+            let shape: Vec<u64> = if is_weight {
+                vec![rows, d.hidden]
+            } else {
+                vec![rows]
+            };
+            let fused = pool.take(
+                &name,
+                &shape,
+                &hf_layer(i, &format!("self_attn.q_proj.{what}")),
+            )?;
+            let (dtype, p) = (fused.dtype, parts.len());
+            parts.push(fused);
+            let q = d.ratio() * d.head_dim;
+            let h = d.head_dim;
+            let mut three = Vec::new();
+            for (x, len, base, total) in [
+                ("q", q, 0, d.q_rows()),
+                ("k", h, q, d.kv_rows()),
+                ("v", h, q + h, d.kv_rows()),
+            ] {
+                let mut s = shape.clone();
+                s[0] = total;
+                three.push(assembled(
+                    hf_layer(i, &format!("self_attn.{x}_proj.{what}")),
+                    dtype,
+                    s,
+                    rows_of(p, len, d.group_rows(), base),
+                    None,
+                    whole(),
+                ));
+            }
+            split_qkv.push(three.into_iter());
+        }
+        // Transpose to q.weight, q.bias, k.weight, ... as transformers orders them.
+        for _ in 0..3 {
+            out.extend(split_qkv.iter_mut().filter_map(Iterator::next));
+        }
+        let mut renames: Vec<Tensor> = Vec::new();
+        for &(hf, mf, _) in LAYER_RENAMES {
+            let t = pool.take(&mf_layer(i, mf), &hf_shape(&d, hf), &hf_layer(i, hf))?;
+            renames.push(renamed(t, hf_layer(i, hf), None, whole()));
+        }
+        let take_renamed = |renames: &mut Vec<Tensor>, hf: &str| -> Option<Tensor> {
+            let name = hf_layer(i, hf);
+            let at = renames.iter().position(|t| t.name == name)?;
+            Some(renames.remove(at))
+        };
+        for hf in [
+            "self_attn.o_proj.weight",
+            "self_attn.q_norm.weight",
+            "self_attn.k_norm.weight",
+        ] {
+            out.extend(take_renamed(&mut renames, hf));
+        }
+        let fc1 = mf_layer(i, "mlp.linear_fc1.weight");
+        let fused = pool.take(
+            &fc1,
+            &[2 * d.intermediate, d.hidden],
+            &hf_layer(i, "mlp.gate_proj.weight"),
+        )?;
+        let (dtype, p) = (fused.dtype, parts.len());
+        parts.push(fused);
+        for (x, base) in [("gate", 0), ("up", 1)] {
+            out.push(assembled(
+                hf_layer(i, &format!("mlp.{x}_proj.weight")),
+                dtype,
+                vec![d.intermediate, d.hidden],
+                rows_of(p, 1, 2, base),
+                None,
+                whole(),
+            ));
+        }
+        for hf in [
+            "mlp.down_proj.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+        ] {
+            out.extend(take_renamed(&mut renames, hf));
+        }
+    }
+    let t = pool.take(MF_NORM, &[d.hidden], HF_NORM)?;
+    out.push(renamed(t, HF_NORM.into(), None, whole()));
+    if !d.tied || pool.has(MF_HEAD) {
+        let t = pool.take(MF_HEAD, &[d.vocab, d.hidden], HF_HEAD)?;
+        out.push(renamed(t, HF_HEAD.into(), None, whole()));
+    }
+    let mut omitted: Vec<String> = pool.tensors.into_keys().collect();
+    omitted.sort();
+    it.tensors = out;
+    it.parts = parts;
+    it.omitted = omitted;
+    it.prefix = None;
+    it.model = Some(ModelInfo {
+        model_type: "qwen3".into(),
+        notes,
+        dims: d,
+    });
+    Ok(it)
+}
+
+/// transformers' name for a dtype, as config.json writes it.
+pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        Dtype::F32 => "float32",
+        Dtype::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// Fields of a generated `config.json` that are Qwen3's defaults in
+/// transformers (`Qwen3Config`), not read from the tensors.
+pub const DEFAULTED: &[&str] = &[
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "initializer_range",
+    "attention_dropout",
+    "use_sliding_window",
+    "sliding_window",
+    "max_window_layers",
+    "use_cache",
+];
+
+/// A `config.json` for transformers: every size from `d`, the rest
+/// `Qwen3Config`'s defaults (listed in [`DEFAULTED`]).
+pub fn config_json(d: &Dims, dtype: Dtype) -> Vec<u8> {
+    let v: Value = json!({
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": d.qkv_bias,
+        "attention_dropout": 0.0,
+        "dtype": torch_dtype_name(dtype),
+        "head_dim": d.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": d.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": d.intermediate,
+        "max_position_embeddings": 32768,
+        "max_window_layers": 28,
+        "model_type": "qwen3",
+        "num_attention_heads": d.heads,
+        "num_hidden_layers": d.layers,
+        "num_key_value_heads": d.groups,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "sliding_window": null,
+        "tie_word_embeddings": d.tied,
+        "torch_dtype": torch_dtype_name(dtype),
+        "use_cache": true,
+        "use_sliding_window": false,
+        "vocab_size": d.vocab,
+    });
+    let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// Whether `dir` holds files of a Hugging Face folder worth copying.
+pub fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == "model.safetensors.index.json"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(heads: u64, groups: u64, head_dim: u64) -> Dims {
+        Dims {
+            vocab: 8,
+            hidden: 4,
+            intermediate: 3,
+            layers: 1,
+            heads,
+            groups,
+            head_dim,
+            tied: false,
+            qkv_bias: false,
+        }
+    }
+
+    /// Row `r` of the fused QKV, computed the slow way from the definition.
+    fn fused_row(d: &Dims, r: u64) -> (usize, u64) {
+        let g = r / d.group_rows();
+        let w = r % d.group_rows();
+        let q = d.ratio() * d.head_dim;
+        if w < q {
+            (0, g * q + w)
+        } else if w < q + d.head_dim {
+            (1, g * d.head_dim + w - q)
+        } else {
+            (2, g * d.head_dim + w - q - d.head_dim)
+        }
+    }
+
+    #[test]
+    fn qkv_rows_follow_the_group_interleave() {
+        for (h, g, hd) in [(4, 2, 16), (8, 1, 2), (6, 3, 1), (2, 2, 3)] {
+            let d = dims(h, g, hd);
+            let m = qkv_from_parts(&d, 0);
+            for r in 0..g * d.group_rows() {
+                let (part, row, left) = m.locate(r);
+                assert_eq!((part, row), fused_row(&d, r), "h={h} g={g} hd={hd} r={r}");
+                assert!(left >= 1);
+            }
+            // Splitting back: q/k/v rows read from the fused rows.
+            let q = d.ratio() * hd;
+            for (p, len, base) in [(0usize, q, 0), (1, hd, q), (2, hd, q + hd)] {
+                let split = rows_of(9, len, d.group_rows(), base);
+                let total = if p == 0 { d.q_rows() } else { d.kv_rows() };
+                for r in 0..total {
+                    let (_, fused, _) = split.locate(r);
+                    assert_eq!(fused_row(&d, fused), (p, r));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fc1_rows_interleave_gate_and_up() {
+        let m = fc1_from_parts(5);
+        assert_eq!(m.locate(0), (5, 0, 1));
+        assert_eq!(m.locate(1), (6, 0, 1));
+        assert_eq!(m.locate(7), (6, 3, 1));
+        let up = rows_of(0, 1, 2, 1);
+        assert_eq!(up.locate(3), (0, 7, 1));
+    }
+
+    #[test]
+    fn groups_must_divide_heads() {
+        assert!(dims(4, 3, 2).check().is_err());
+        assert!(dims(4, 2, 2).check().is_ok());
+    }
+}

@@ -1,0 +1,162 @@
+//! Floating-point casts computed on read (`--dtype`).
+//!
+//! Narrowing rounds to nearest, ties to even, as torch's `Tensor.to()` does
+//! on CPU; NaN stays NaN (the canonical quiet NaN torch writes: `0x7FC0` for
+//! bfloat16, sign | `0x7E00` for float16); widening is exact. float64 is
+//! narrowed through float32 (two roundings), as no checkpoint we read keeps
+//! parameters in float64.
+
+use half::f16;
+use safetensors::Dtype;
+
+/// A dtype a cast may read.
+pub fn is_float(d: Dtype) -> bool {
+    matches!(d, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+}
+
+/// A dtype a view may be cast to.
+pub fn is_target(d: Dtype) -> bool {
+    matches!(d, Dtype::F16 | Dtype::BF16 | Dtype::F32)
+}
+
+/// Parses `--dtype` (`bf16`, `f16`, `f32`, or torch's and MindSpore's names).
+pub fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "bf16" | "bfloat16" => Ok(Dtype::BF16),
+        "f16" | "fp16" | "float16" | "half" => Ok(Dtype::F16),
+        "f32" | "fp32" | "float32" | "float" => Ok(Dtype::F32),
+        _ => Err(format!("{s:?}: expected bf16, f16 or f32")),
+    }
+}
+
+/// float32 bits to bfloat16 bits, round to nearest even.
+#[inline]
+pub fn f32_to_bf16(bits: u32) -> u16 {
+    if bits & 0x7fff_ffff > 0x7f80_0000 {
+        return 0x7fc0;
+    }
+    // Adding 0x7fff plus the lowest kept bit rounds half to even; it cannot
+    // carry out of a finite or infinite value's 32 bits.
+    let bias = 0x7fff + ((bits >> 16) & 1);
+    (bits.wrapping_add(bias) >> 16) as u16
+}
+
+/// float32 to float16 bits, round to nearest even.
+#[inline]
+pub fn f32_to_f16(v: f32) -> u16 {
+    if v.is_nan() {
+        return ((v.to_bits() >> 16) as u16 & 0x8000) | 0x7e00;
+    }
+    f16::from_f32(v).to_bits()
+}
+
+#[inline]
+fn decode(from: Dtype, b: &[u8]) -> f32 {
+    match from {
+        Dtype::BF16 => f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16),
+        Dtype::F16 => f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+        Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        Dtype::F64 => {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[..8]);
+            f64::from_le_bytes(a) as f32
+        }
+        _ => 0.0,
+    }
+}
+
+#[inline]
+fn encode(to: Dtype, v: f32, out: &mut [u8]) {
+    match to {
+        Dtype::BF16 => out.copy_from_slice(&f32_to_bf16(v.to_bits()).to_le_bytes()),
+        Dtype::F16 => out.copy_from_slice(&f32_to_f16(v).to_le_bytes()),
+        Dtype::F32 => out.copy_from_slice(&v.to_le_bytes()),
+        _ => {}
+    }
+}
+
+/// Casts the elements in `src` (dtype `from`) into `dst` (dtype `to`);
+/// both hold the same number of elements. Callers check [`is_float`] and
+/// [`is_target`].
+pub fn convert(from: Dtype, to: Dtype, src: &[u8], dst: &mut [u8]) {
+    let (si, so) = (from.bitsize() / 8, to.bitsize() / 8);
+    debug_assert_eq!(src.len() / si, dst.len() / so);
+    match (from, to) {
+        (a, b) if a == b => dst.copy_from_slice(src),
+        // The common case (float32 training state to a bf16 view) gets a
+        // loop the compiler vectorises.
+        (Dtype::F32, Dtype::BF16) => {
+            for (i, o) in src.chunks_exact(4).zip(dst.chunks_exact_mut(2)) {
+                let bits = u32::from_le_bytes([i[0], i[1], i[2], i[3]]);
+                o.copy_from_slice(&f32_to_bf16(bits).to_le_bytes());
+            }
+        }
+        (Dtype::BF16, Dtype::F32) => {
+            for (i, o) in src.chunks_exact(2).zip(dst.chunks_exact_mut(4)) {
+                o[0] = 0;
+                o[1] = 0;
+                o[2] = i[0];
+                o[3] = i[1];
+            }
+        }
+        _ => {
+            for (i, o) in src.chunks_exact(si).zip(dst.chunks_exact_mut(so)) {
+                encode(to, decode(from, i), o);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16_of(v: f32) -> u16 {
+        let mut o = [0u8; 2];
+        convert(Dtype::F32, Dtype::BF16, &v.to_le_bytes(), &mut o);
+        u16::from_le_bytes(o)
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even() {
+        assert_eq!(bf16_of(1.0), 0x3f80);
+        // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(bf16_of(f32::from_bits(0x3f80_8000)), 0x3f80);
+        // 1 + 3*2^-8: halfway, rounds up to the even 1 + 2^-6.
+        assert_eq!(bf16_of(f32::from_bits(0x3f81_8000)), 0x3f82);
+        assert_eq!(bf16_of(f32::from_bits(0x3f80_8001)), 0x3f81);
+        assert_eq!(bf16_of(f32::INFINITY), 0x7f80);
+        assert_eq!(bf16_of(f32::NEG_INFINITY), 0xff80);
+        assert_eq!(bf16_of(f32::MAX), 0x7f80, "rounds up to infinity");
+        assert_eq!(bf16_of(f32::NAN), 0x7fc0);
+        assert_eq!(bf16_of(-0.0), 0x8000);
+        assert_eq!(
+            bf16_of(f32::from_bits(1)),
+            0,
+            "smallest subnormal rounds to 0"
+        );
+    }
+
+    #[test]
+    fn widening_is_exact() {
+        for bits in [0u16, 0x3f80, 0x8001, 0x7f80, 0xff7f, 0x0001] {
+            let mut o = [0u8; 4];
+            convert(Dtype::BF16, Dtype::F32, &bits.to_le_bytes(), &mut o);
+            assert_eq!(f32::from_le_bytes(o).to_bits(), u32::from(bits) << 16);
+            let mut back = [0u8; 2];
+            convert(Dtype::F32, Dtype::BF16, &o, &mut back);
+            assert_eq!(u16::from_le_bytes(back), bits);
+        }
+    }
+
+    #[test]
+    fn f16_rounds_and_keeps_nan() {
+        assert_eq!(f32_to_f16(1.0), 0x3c00);
+        assert_eq!(f32_to_f16(65520.0), 0x7c00, "past f16::MAX rounds to inf");
+        assert_eq!(f32_to_f16(-f32::NAN) & 0x7e00, 0x7e00);
+        assert_eq!(f32_to_f16(f32::NAN), 0x7e00);
+        // 2^-25 is halfway between 0 and the smallest subnormal: ties to 0.
+        assert_eq!(f32_to_f16(2f32.powi(-25)), 0);
+        assert_eq!(f32_to_f16(3.0 * 2f32.powi(-25)), 2);
+    }
+}
