@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::checkpoint::names::Kind;
-use crate::checkpoint::source::{Iteration, Source, SourceKind};
+use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
 use crate::reshard::layout::unravel;
 use crate::reshard::plan::{Plan, piece_count, pieces};
 
@@ -31,6 +31,15 @@ pub struct InspectIteration {
     pub model_bytes: u64,
     pub opt_bytes: u64,
     pub tensors: Vec<InspectTensor>,
+    /// The model map the source was read through (`qwen3`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Where the model's sizes came from.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub model_notes: Vec<String>,
+    /// Source tensors the model map does not know, left out of every view.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub omitted: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -46,6 +55,10 @@ pub struct InspectTensor {
     pub map: Option<String>,
     pub rank_list: Option<Vec<u64>>,
     pub chunks: Vec<InspectChunk>,
+    /// For a tensor assembled from rows of others (a fused QKV or gate/up,
+    /// or one of them read back out of the fused tensor): those tensors.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rows_of: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -75,6 +88,28 @@ pub fn inspect(source: &Source) -> InspectReport {
         },
         iterations: source.iterations.iter().map(inspect_iteration).collect(),
     }
+}
+
+/// The tensors whose rows make up `t` (and, for each of them that is
+/// itself assembled, its own parts): `q_proj + k_proj + v_proj`.
+fn rows_of(it: &Iteration, t: &Tensor) -> Vec<String> {
+    let Some(map) = &t.rows else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for s in &map.segments {
+        let p = &it.parts[s.part];
+        let inner = rows_of(it, p);
+        let name = if inner.is_empty() {
+            p.name.clone()
+        } else {
+            format!("{} (rows of {})", p.name, inner.join(" + "))
+        };
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
 }
 
 fn inspect_iteration(it: &Iteration) -> InspectIteration {
@@ -125,8 +160,16 @@ fn inspect_iteration(it: &Iteration) -> InspectIteration {
                             .collect(),
                     })
                     .collect(),
+                rows_of: rows_of(it, t),
             })
             .collect(),
+        model: it.model.as_ref().map(|m| m.model_type.clone()),
+        model_notes: it
+            .model
+            .as_ref()
+            .map(|m| m.notes.clone())
+            .unwrap_or_default(),
+        omitted: it.omitted.clone(),
     }
 }
 
@@ -181,35 +224,96 @@ impl InspectReport {
                     (Some(m), Some(p)) => format!("{m} {p}"),
                     _ => "whole".into(),
                 };
-                let files: Vec<String> = t
-                    .chunks
-                    .iter()
-                    .map(|c| {
-                        let ranks: Vec<String> = c.files.iter().map(|f| short_file(f)).collect();
-                        ranks.join("|")
-                    })
-                    .collect();
+                let files: Vec<String> = if t.rows_of.is_empty() {
+                    t.chunks
+                        .iter()
+                        .map(|c| {
+                            let ranks: Vec<String> =
+                                c.files.iter().map(|f| short_file(f)).collect();
+                            ranks.join("|")
+                        })
+                        .collect()
+                } else {
+                    vec![format!("rows of {}", t.rows_of.join(" + "))]
+                };
                 rows.push([
                     t.name.clone(),
                     t.dtype.clone(),
                     format!("{:?}", t.global_shape),
                     t.stage.to_string(),
                     layout,
-                    format!(
-                        "{} x {:?}",
-                        t.chunks.len(),
-                        t.chunks
-                            .first()
-                            .map(|c| c.shape.clone())
-                            .unwrap_or_default()
-                    ),
+                    if t.rows_of.is_empty() {
+                        format!(
+                            "{} x {:?}",
+                            t.chunks.len(),
+                            t.chunks
+                                .first()
+                                .map(|c| c.shape.clone())
+                                .unwrap_or_default()
+                        )
+                    } else {
+                        "assembled".to_string()
+                    },
                     files.join(" "),
                 ]);
             }
             o.push_str(&table(&rows));
+            o.push_str(&model_lines(
+                it.model.as_deref(),
+                &it.model_notes,
+                &it.omitted,
+            ));
         }
         o
     }
+}
+
+/// The target as the user said it, with the view's shape (`--hf`,
+/// `--dtype`, `--prefix`).
+fn describe_target(plan: &Plan) -> String {
+    let o = &plan.options;
+    let mut d = match &o.hf {
+        Some(hf) => format!(
+            "Hugging Face folder, shards of at most {} bytes",
+            hf.max_shard_size
+        ),
+        None => plan.spec.describe(),
+    };
+    if let Some(t) = o.dtype {
+        let _ = write!(d, ", floating-point tensors cast to {t:?}");
+    }
+    if let Some(p) = &o.prefix {
+        let _ = write!(d, ", prefix {p}");
+    }
+    d
+}
+
+/// What a model map did: the model, where its sizes came from, and the
+/// source tensors left out.
+fn model_lines(model: Option<&str>, notes: &[String], omitted: &[String]) -> String {
+    let mut o = String::new();
+    if let Some(m) = model {
+        let _ = writeln!(
+            o,
+            "
+model map {m}"
+        );
+        for n in notes {
+            let _ = writeln!(o, "  {n}");
+        }
+    }
+    if !omitted.is_empty() {
+        let _ = writeln!(
+            o,
+            "
+left out ({} source tensor(s) the model map does not know):",
+            omitted.len()
+        );
+        for n in omitted {
+            let _ = writeln!(o, "  {n}");
+        }
+    }
+    o
 }
 
 /// `gpt-model-0000004-0000008.safetensors` -> `model#4`, for dense tables.
@@ -233,7 +337,16 @@ pub struct PlanIteration {
     pub name: Option<String>,
     pub world: u64,
     pub files: Vec<PlanFile>,
-    pub metadata_json_bytes: usize,
+    /// The small files beside them (metadata.json, common.json; or the
+    /// index, config.json, tokenizer files) and their sizes.
+    pub small_files: Vec<(String, usize)>,
+    /// How the view was made: the model map and where its sizes came from,
+    /// a generated config.json's inferred and defaulted fields.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+    /// Source tensors the model map does not know, left out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub omitted: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -332,7 +445,9 @@ pub fn plan(plan: &Plan) -> PlanReport {
             name: it.name.clone(),
             world: ip.world,
             files,
-            metadata_json_bytes: ip.small.iter().map(|(_, b)| b.len()).sum(),
+            small_files: ip.small.iter().map(|(n, b)| (n.clone(), b.len())).collect(),
+            notes: ip.notes.clone(),
+            omitted: it.omitted.clone(),
         });
     }
     // Each piece is read once from one replica, so the source bytes read
@@ -344,7 +459,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
     };
     PlanReport {
         source: plan.source.path.display().to_string(),
-        target: plan.spec.describe(),
+        target: describe_target(plan),
         iterations,
         totals,
     }
@@ -405,16 +520,33 @@ impl PlanReport {
 }
 
 fn iteration_line(it: &PlanIteration) -> String {
-    format!(
-        "\n{}world {}: {} file(s) + metadata.json ({} bytes)\n",
+    let small: Vec<String> = it
+        .small_files
+        .iter()
+        .map(|(n, b)| format!("{n} ({b} bytes)"))
+        .collect();
+    let mut o = format!(
+        "\n{}world {}: {} file(s) + {}\n",
         it.name
             .as_ref()
             .map(|n| format!("{n}: "))
             .unwrap_or_default(),
         it.world,
         it.files.len(),
-        it.metadata_json_bytes
-    )
+        small.join(", ")
+    );
+    for n in &it.notes {
+        let _ = writeln!(o, "  {n}");
+    }
+    if !it.omitted.is_empty() {
+        let _ = writeln!(
+            o,
+            "  left out ({} source tensor(s) the model map does not know): {}",
+            it.omitted.len(),
+            it.omitted.join(", ")
+        );
+    }
+    o
 }
 
 impl PlanFile {

@@ -71,6 +71,9 @@ pub struct IterationPlan {
     /// MindSpore's schema) and common.json; or a Hugging Face view's index,
     /// config.json and the other files it shows.
     pub small: Vec<(String, Vec<u8>)>,
+    /// How the view was made, for `plan` and `.reshardfs/summary`: the
+    /// model map, where its sizes came from, a generated config.json.
+    pub notes: Vec<String>,
 }
 
 /// One safetensors file of the view.
@@ -171,6 +174,15 @@ fn in_iteration(e: crate::error::Error, it: &Iteration) -> crate::error::Error {
 /// each costs a few hundred bytes of plan. A 70B view at 64 ranks has ~20k.
 const MAX_SLICES: usize = 1 << 24;
 
+fn model_notes(it: &Iteration) -> Vec<String> {
+    match &it.model {
+        Some(m) => std::iter::once(format!("model map {}", m.model_type))
+            .chain(m.notes.iter().cloned())
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
 /// The dtype tensor `t` is served in.
 pub fn view_dtype(t: &Tensor, options: &ViewOptions) -> Dtype {
     match options.dtype {
@@ -237,6 +249,7 @@ fn plan_iteration(
         placements,
         files,
         small,
+        notes: model_notes(it),
     })
 }
 
@@ -309,6 +322,7 @@ fn plan_hf(it: &Iteration, options: &ViewOptions, hf: &HfOptions) -> Result<Iter
     index.push(b'\n');
     let mut small = vec![(HF_INDEX.to_string(), index)];
     small.extend(hf.files.iter().cloned());
+    let mut notes = model_notes(it);
     if !small.iter().any(|(n, _)| n == "config.json") {
         let Some(model) = &it.model else {
             crate::bail!(
@@ -321,12 +335,17 @@ fn plan_hf(it: &Iteration, options: &ViewOptions, hf: &HfOptions) -> Result<Iter
             .first()
             .map_or(Dtype::BF16, |t| view_dtype(t, options));
         small.push(("config.json".into(), qwen3::config_json(&model.dims, dtype)));
+        notes.push(format!(
+            "config.json generated: sizes as above; Qwen3 defaults for {}",
+            qwen3::DEFAULTED.join(", ")
+        ));
     }
     Ok(IterationPlan {
         world: 1,
         placements,
         files,
         small,
+        notes,
     })
 }
 
