@@ -135,8 +135,17 @@ impl Touched {
         }
     }
 
+    /// Records `[start, end)` of `file`, merged with a span of the same file
+    /// it overlaps or nearly touches. Spans far apart stay apart: a fused
+    /// tensor reads rows of parts that lie 100 MB apart in one file, and
+    /// one span covering both would make every release unmap (and count)
+    /// everything in between.
     fn add(&mut self, file: usize, start: u64, end: u64) {
-        match self.0.iter_mut().find(|t| t.0 == file) {
+        /// Releases are widened to 2 MiB anyway; closer spans are one.
+        const SLACK: u64 = 2 << 20;
+        match self.0.iter_mut().find(|t| {
+            t.0 == file && start <= t.2.saturating_add(SLACK) && t.1 <= end.saturating_add(SLACK)
+        }) {
             Some(t) => {
                 t.1 = t.1.min(start);
                 t.2 = t.2.max(end);
