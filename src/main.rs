@@ -23,7 +23,10 @@ use safetensors::Dtype;
 /// reshardfs shows a MindSpore Transformers Checkpoint 2.0 checkpoint as it
 /// would look had it been saved with another parallel strategy: the same
 /// tensors, sliced for the target's ranks, in ordinary safetensors files with
-/// a matching metadata.json.
+/// a matching metadata.json. It also bridges Hugging Face and MindSpore
+/// Transformers: a Hub Qwen3 folder shows as a MindSpore Transformers
+/// checkpoint of any strategy, and `--hf` shows a MindSpore Transformers
+/// checkpoint as a Hugging Face folder transformers and vLLM load.
 ///
 /// Exit codes: 0 success, 2 bad input (checkpoint or target), 1 other failure.
 #[derive(Parser)]
@@ -42,7 +45,8 @@ enum Command {
     /// dtype, shape, layout, slices and files.
     Inspect {
         /// Checkpoint root (with latest_checkpointed_iteration.txt), one
-        /// iteration folder, or a folder of plain safetensors files.
+        /// iteration folder, a Hugging Face model folder, or a folder of
+        /// plain safetensors files.
         src: PathBuf,
         /// Read the source through a model's map (`qwen3`) or as stored (`none`).
         #[arg(long, value_name = "MODEL", value_parser = ModelChoice::parse)]
@@ -54,7 +58,7 @@ enum Command {
     /// Show the view a target gives: every file with its size and tensors,
     /// where each tensor's bytes come from, and totals.
     Plan {
-        /// Checkpoint root, iteration folder, or plain safetensors folder.
+        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder.
         src: PathBuf,
         #[command(flatten)]
         target: TargetArgs,
@@ -66,7 +70,7 @@ enum Command {
     },
     /// Write the view to DEST, with the same tree a mount shows.
     Export {
-        /// Checkpoint root, iteration folder, or plain safetensors folder.
+        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder.
         src: PathBuf,
         /// Destination folder (created if missing; must be empty unless --force).
         dest: PathBuf,
@@ -92,7 +96,7 @@ enum Command {
     /// target the view has the source's own strategy. A `.reshardfs/` folder
     /// at the mount's root shows each file's plan and live counters.
     Mount {
-        /// Checkpoint root, iteration folder, or plain safetensors folder.
+        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder.
         src: PathBuf,
         /// An existing directory (what it holds is hidden while mounted).
         mnt: PathBuf,
