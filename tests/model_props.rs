@@ -37,9 +37,12 @@ impl Case {
     /// A vocabulary tp does not divide: the embedding stays whole, and the
     /// output layer (always split) is left out by tying the embeddings.
     fn tied(&self) -> bool {
-        self.vocab % self.tp != 0
+        !self.vocab.is_multiple_of(self.tp)
     }
 }
+
+/// A tensor's shape and bytes, and the dimension tp splits (if any).
+type Split = (Vec<u64>, Vec<u8>, Option<usize>);
 
 fn es(d: Dtype) -> usize {
     d.bitsize() / 8
@@ -158,10 +161,7 @@ fn write_hf(dir: &Path, c: &Case) -> BTreeMap<String, (Vec<u64>, Vec<u8>)> {
 
 /// The MindFormers tensors of the definition: fused QKV per group, fc1
 /// row by row, renamed others.
-fn mf_tensors(
-    c: &Case,
-    hf: &BTreeMap<String, (Vec<u64>, Vec<u8>)>,
-) -> BTreeMap<String, (Vec<u64>, Vec<u8>, Option<usize>)> {
+fn mf_tensors(c: &Case, hf: &BTreeMap<String, (Vec<u64>, Vec<u8>)>) -> BTreeMap<String, Split> {
     let e = es(c.dtype);
     let row = c.hidden as usize * e;
     let get = |n: &str| hf[n].1.clone();
@@ -180,7 +180,7 @@ fn mf_tensors(
         qkv.extend_from_slice(&k[g * hd * row..(g + 1) * hd * row]);
         qkv.extend_from_slice(&v[g * hd * row..(g + 1) * hd * row]);
     }
-    let rows = (c.groups * (c.heads_per_group + 2) * c.head_dim) as u64;
+    let rows = c.groups * (c.heads_per_group + 2) * c.head_dim;
     out.insert(
         "decoder.layers.0.self_attention.linear_qkv.weight".into(),
         (vec![rows, c.hidden], qkv, Some(0)),
