@@ -202,7 +202,11 @@ fn mf_tensors(c: &Case, hf: &BTreeMap<String, (Vec<u64>, Vec<u8>)>) -> BTreeMap<
         (
             "model.embed_tokens.weight",
             "embedding.word_embeddings.weight",
-            if c.vocab % c.tp == 0 { Some(0) } else { None },
+            if c.vocab.is_multiple_of(c.tp) {
+                Some(0)
+            } else {
+                None
+            },
         ),
         (
             "model.layers.0.self_attn.o_proj.weight",
