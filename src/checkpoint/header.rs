@@ -92,8 +92,23 @@ pub fn build_header(entries: &[HeaderEntry<'_>]) -> Result<(Vec<u8>, Vec<u64>)> 
     let mut infos = Vec::with_capacity(entries.len());
     let mut offsets = Vec::with_capacity(entries.len());
     for e in entries {
-        let shape: Vec<usize> = e.shape.iter().map(|&s| s as usize).collect();
-        let len = shape.iter().product::<usize>() * (e.dtype.bitsize() / 8);
+        let too_big = || {
+            bad!(
+                "tensor {}: shape {:?} is too large for a file",
+                e.name,
+                e.shape
+            )
+        };
+        let shape: Vec<usize> = e
+            .shape
+            .iter()
+            .map(|&s| usize::try_from(s).map_err(|_| too_big()))
+            .collect::<Result<_>>()?;
+        let len = shape
+            .iter()
+            .try_fold(e.dtype.bitsize() / 8, |acc, &s| acc.checked_mul(s))
+            .filter(|len| offset.checked_add(*len).is_some())
+            .ok_or_else(too_big)?;
         offsets.push(offset as u64);
         infos.push((
             e.name.to_string(),

@@ -114,6 +114,12 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
         );
     }
 
+    if max_rank >= crate::reshard::target::MAX_WORLD {
+        bail!(
+            "{mp}: names rank {max_rank}, beyond the {} ranks supported",
+            crate::reshard::target::MAX_WORLD
+        );
+    }
     let world = max_rank + 1;
     let stage_devices = tensors
         .iter()

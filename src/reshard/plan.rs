@@ -117,7 +117,10 @@ fn in_iteration(e: crate::error::Error, it: &Iteration) -> crate::error::Error {
 const MAX_SLICES: usize = 1 << 24;
 
 fn plan_iteration(it: &Iteration, placements: Vec<Placement>, world: u64) -> Result<IterationPlan> {
-    let slices: usize = placements.iter().map(|p| p.ranks.len()).sum();
+    let slices = placements
+        .iter()
+        .try_fold(0usize, |acc, p| acc.checked_add(p.ranks.len()))
+        .unwrap_or(usize::MAX);
     if slices > MAX_SLICES {
         crate::bail!(
             "target: {slices} tensor slices across {world} ranks, more than the {MAX_SLICES} a view may have"
@@ -180,23 +183,38 @@ fn plan_file(
         .collect();
     let (header, offsets) = build_header(&entries)?;
     let base = header.len() as u64;
+    let name = names::rank_file_name(it.prefix.as_deref(), kind, rank, world);
+    // Sizes come from headers and metadata.json: every product and sum is
+    // checked, so a hostile shape is refused rather than wrapped.
     let tensors: Vec<PlannedTensor> = mine
         .iter()
         .zip(slices)
         .zip(offsets)
         .map(|((&(ti, _), slice), off)| {
-            let len = slice.shape.iter().product::<u64>() * it.tensors[ti].elem_size();
-            PlannedTensor {
-                source: ti,
-                slice,
-                offset: base + off,
-                len,
+            let t = &it.tensors[ti];
+            let len = crate::reshard::layout::checked_product(&slice.shape)
+                .and_then(|n| n.checked_mul(t.elem_size()));
+            let offset = base.checked_add(off);
+            match (len, offset) {
+                (Some(len), Some(offset)) if offset.checked_add(len).is_some() => {
+                    Ok(PlannedTensor {
+                        source: ti,
+                        slice,
+                        offset,
+                        len,
+                    })
+                }
+                _ => Err(crate::bad!(
+                    "view file {name}: tensor {}: its slice {:?} at offset {off} overflows a 64-bit file size",
+                    t.name,
+                    slice.shape
+                )),
             }
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let size = tensors.last().map_or(base, |t| t.offset + t.len);
     Ok(VirtualFile {
-        name: names::rank_file_name(it.prefix.as_deref(), kind, rank, world),
+        name,
         rank,
         kind,
         header,

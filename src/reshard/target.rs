@@ -124,18 +124,34 @@ impl TargetSpec {
                 })
                 .collect(),
         };
-        let world = placements
+        let what = self.describe();
+        if let Some((t, _)) = it
+            .tensors
             .iter()
-            .flat_map(|p| p.ranks.iter().copied())
-            .max()
-            .map_or(1, |m| m + 1);
-        if world > MAX_WORLD {
+            .zip(&placements)
+            .find(|(_, p)| p.ranks.is_empty())
+        {
             bail!(
-                "target: rank {} is beyond the {MAX_WORLD} ranks a view may have",
-                world - 1
+                "target {what}: tensor {}: no rank would hold it (an empty placement)",
+                t.name
             );
         }
-        Ok(Target { placements, world })
+        let mut max = 0;
+        for (t, p) in it.tensors.iter().zip(&placements) {
+            for &r in &p.ranks {
+                if r >= MAX_WORLD {
+                    bail!(
+                        "target {what}: tensor {}: rank {r} is beyond the {MAX_WORLD} ranks a view may have",
+                        t.name
+                    );
+                }
+                max = max.max(r);
+            }
+        }
+        Ok(Target {
+            placements,
+            world: max + 1,
+        })
     }
 }
 
@@ -177,7 +193,11 @@ fn resolve_mesh(
             );
         }
     }
-    let size_of: HashMap<&str, u64> = sizes.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+    let what = TargetSpec::Mesh {
+        sizes: sizes.to_vec(),
+        pp,
+    }
+    .describe();
 
     // New layouts (rank lists filled in below, once stages are known).
     let mut layouts: Vec<Option<Layout>> = Vec::with_capacity(it.tensors.len());
@@ -188,19 +208,16 @@ fn resolve_mesh(
             layouts.push(None);
             continue;
         };
-        let mut l = src.clone();
-        for (axis, alias) in l.alias_name.iter().enumerate() {
-            if let Some(&n) = size_of.get(alias.as_str()) {
-                l.device_matrix[axis] = n;
-            }
-        }
+        let l = src
+            .with_sizes(sizes)
+            .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
         l.check_divides(&t.global_shape)
-            .map_err(|e| bad!("target: tensor {}: {e}", t.name))?;
+            .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
         let n = l.devices();
         match &first {
             None => first = Some((n, &t.name, l.describe_mesh())),
             Some((m, other, mesh)) if *m != n => bail!(
-                "target: tensors disagree on ranks per stage: {other} has {m} ({mesh}), {} has {n} ({})",
+                "target {what}: tensors disagree on ranks per stage: {other} has {m} ({mesh}), {} has {n} ({})",
                 t.name,
                 l.describe_mesh()
             ),
@@ -208,23 +225,33 @@ fn resolve_mesh(
         }
         layouts.push(Some(l));
     }
-    let stage_devices = first.map_or(1, |d| d.0);
     let rule = StageRule::new(it, pp)?;
     let stages = pp.unwrap_or(it.stages);
+    let stage_devices = first.as_ref().map_or(1, |d| d.0);
     if stage_devices.saturating_mul(stages) > MAX_WORLD {
+        let (name, mesh) = first.map_or(("", String::new()), |d| (d.1, d.2));
         bail!(
-            "target: {stages} stage(s) x {stage_devices} rank(s) is more than the {MAX_WORLD} ranks a view may have"
+            "target {what}: tensor {name}: {stages} stage(s) x {stage_devices} rank(s) ({mesh}) is more than the {MAX_WORLD} ranks a view may have"
         );
     }
 
-    Ok(it
-        .tensors
+    it.tensors
         .iter()
         .zip(layouts)
         .map(|(t, layout)| {
             let s = rule.stage(t);
-            let ranks: Vec<u64> = (s * stage_devices..(s + 1) * stage_devices).collect();
-            match layout {
+            // A source stage beyond the view's is refused, not wrapped.
+            let first = s
+                .checked_mul(stage_devices)
+                .filter(|f| f.saturating_add(stage_devices) <= MAX_WORLD)
+                .ok_or_else(|| {
+                    bad!(
+                        "target {what}: tensor {}: stage {s} x {stage_devices} rank(s) is beyond the {MAX_WORLD} ranks a view may have",
+                        t.name
+                    )
+                })?;
+            let ranks: Vec<u64> = (first..first + stage_devices).collect();
+            Ok(match layout {
                 Some(mut l) => {
                     l.rank_list = ranks.clone();
                     Placement {
@@ -236,9 +263,9 @@ fn resolve_mesh(
                     layout: None,
                     ranks,
                 },
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The target stage of each tensor. Without `--pp` a tensor stays on its
@@ -263,7 +290,9 @@ impl StageRule {
             .iter()
             .filter_map(|t| layer_index(&t.name))
             .max()
-            .map_or(0, |m| m + 1);
+            // A layer index of u64::MAX (a hostile name) saturates: no stage
+            // count can need more layers than that.
+            .map_or(0, |m| m.saturating_add(1));
         if stages > 1 && stages > layers {
             bail!(
                 "--pp {stages}: the checkpoint has {layers} layers (names with `layers.<i>.`), so at most {} stages",
@@ -277,7 +306,8 @@ impl StageRule {
         match *self {
             StageRule::Keep => t.stage,
             StageRule::Pp { stages, layers } => match layer_index(&t.name) {
-                Some(i) => i * stages / layers,
+                // In u128: `i * stages` may pass u64 for a huge layer index.
+                Some(i) => (u128::from(i) * u128::from(stages) / u128::from(layers)) as u64,
                 None if t.stage == 0 => 0,
                 None => stages - 1,
             },

@@ -186,6 +186,9 @@ def empty_folder(root: Path):
 SOURCE_CMDS = ("inspect", "plan", "export", "mount")
 TARGET_CMDS = ("plan", "export", "mount")
 
+# Tensors of the gpt fixture a target message may name (the first one checked fails).
+GPT_TENSORS = ["embedding.word_embeddings.weight", "decoder.layers.0.", "output_layer.weight", "final_layernorm"]
+
 # QKV_FILE's tensors in data order: the first and the last, for offset edits.
 FIRST_IN_QKV_FILE = "decoder.final_layernorm.weight"
 LAST_IN_QKV_FILE = "output_layer.weight"
@@ -276,6 +279,24 @@ CASES = [
     Bad("strategy_lacks_tensor", None, ["output_layer.weight"], target=["--strategy", "{tmp}/strategy.json"],
         cmds=TARGET_CMDS),
     Bad("strategy_not_json", None, ["strategy.json"], target=["--strategy", "{tmp}/strategy.json"], cmds=TARGET_CMDS),
+    # --- hostile sizes (issue 10): products wrap in u64 unless checked --------------------
+    # dp=2^63 x tp=2 wrapped to 0 ranks per stage: exit 0 and a view whose files held nothing.
+    Bad("mesh_dp_2_63_wraps", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=9223372036854775808"],
+        cmds=TARGET_CMDS, all_of=("dp=9223372036854775808",)),
+    Bad("mesh_product_wraps", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=4294967296,tp=4294967296"],
+        cmds=TARGET_CMDS, all_of=("4294967296",)),
+    Bad("mesh_world_too_large", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=4611686018427387904"],
+        cmds=TARGET_CMDS, all_of=("dp=4611686018427387904",)),
+    Bad("mesh_size_beyond_u64", None, ["dp"], fixture=GPT, target=["--mesh", "dp=18446744073709551616"],
+        cmds=TARGET_CMDS),
+    Bad("pp_huge", None, ["pp", "layers"], fixture=GPT, target=["--pp", "18446744073709551615"], cmds=TARGET_CMDS),
+    Bad("strategy_empty_placement", None, ["output_layer.weight"], target=["--strategy", "{tmp}/strategy.json"],
+        cmds=TARGET_CMDS, all_of=("strategy.json", "no rank")),
+    Bad("strategy_rank_huge", None, [QKV], target=["--strategy", "{tmp}/strategy.json"], cmds=TARGET_CMDS,
+        all_of=("9223372036854775807",)),
+    Bad("storage_rank_huge", edit_meta(lambda m: [e.__setitem__("storage_rank", 2**64 - 1)
+                                                 for e in m["storage_data"][ckpt.shard_key(QKV, 1)]]),
+        ["metadata.json"], all_of=("18446744073709551615",)),
     # --- plain safetensors folders (no metadata.json) -------------------------------------
     Bad("plain_index_names_missing_file", None, ["b.safetensors"], src="plain"),
     Bad("plain_file_not_safetensors", None, ["broken.safetensors"], src="plain"),
@@ -292,6 +313,17 @@ def write_strategy(case, tmp: Path):
         (tmp / "strategy.json").write_text(json.dumps(layouts))
     elif case.id == "strategy_not_json":
         (tmp / "strategy.json").write_text(json.dumps(layouts)[:-10])
+    elif case.id == "strategy_empty_placement":
+        # A metadata.json strategy whose storage_data names no holder of a whole tensor.
+        target = json.loads(json.dumps(meta))
+        target["state_dict_metadata"]["output_layer.weight"]["layout"] = None
+        for key in list(target["storage_data"]):
+            if key.startswith("('output_layer.weight'"):
+                target["storage_data"][key] = []
+        (tmp / "strategy.json").write_text(json.dumps(target))
+    elif case.id == "strategy_rank_huge":
+        layouts[QKV] = dict(layouts[QKV], rank_list=[0, 1, 2, 2**63 - 1])
+        (tmp / "strategy.json").write_text(json.dumps(layouts))
 
 
 def make_plain(case, tmp: Path) -> Path:
