@@ -132,6 +132,13 @@ pub fn build_header(entries: &[HeaderEntry<'_>]) -> Result<(Vec<u8>, Vec<u64>)> 
     Ok((header, offsets))
 }
 
+/// The MindSpore dtype names reshardfs reads (as `str(mindspore.float32)`
+/// prints them; metadata.json may use any case).
+pub const MINDSPORE_DTYPES: &[&str] = &[
+    "Bool", "UInt8", "Int8", "Int16", "UInt16", "Float16", "BFloat16", "Int32", "UInt32",
+    "Float32", "Float64", "Int64", "UInt64",
+];
+
 /// The safetensors name of a MindSpore dtype name, compared case-insensitively.
 pub fn dtype_from_mindspore(name: &str) -> Option<Dtype> {
     Some(match name.to_ascii_lowercase().as_str() {
@@ -218,5 +225,11 @@ mod tests {
         }
         assert_eq!(dtype_from_mindspore("bfloat16"), Some(Dtype::BF16));
         assert_eq!(dtype_from_mindspore("Complex64"), None);
+        for name in MINDSPORE_DTYPES {
+            let d = dtype_from_mindspore(name).unwrap();
+            assert_eq!(dtype_from_mindspore(&name.to_uppercase()), Some(d));
+            assert_eq!(dtype_to_mindspore(d), *name);
+        }
+        assert_eq!(dtype_from_mindspore("F32"), None);
     }
 }

@@ -58,6 +58,9 @@ impl Layout {
             ));
         }
         for (i, a) in json.alias_name.iter().enumerate() {
+            if a.is_empty() {
+                return Err(format!("layout.alias_name[{i}] is empty"));
+            }
             if json.alias_name[..i].contains(a) {
                 return Err(format!("layout.alias_name repeats {a:?}"));
             }

@@ -266,6 +266,24 @@ CASES = [
     Bad("shard_id_names_unknown_tensor", edit_meta(lambda m: m["storage_data"].__setitem__(
         ckpt.shard_key("no.such.tensor", 0), m["storage_data"][ckpt.shard_key(QKV, 1)])), ["no.such.tensor"]),
     Bad("tracker_empty", write(TRACKER, ""), [TRACKER]),
+    # --- values MindSpore does not define (issue 10) ----------------------------------------
+    Bad("dtype_not_mindspore", edit_meta(set_field("dtype", "Float24", sub="properties")),
+        [QKV], all_of=("Float24", "metadata.json")),
+    Bad("dtype_safetensors_name", edit_meta(set_field("dtype", "F32", sub="properties")), [QKV], all_of=("F32",)),
+    Bad("dtype_not_a_string", edit_meta(set_field("dtype", 32, sub="properties")), [QKV], all_of=("dtype",)),
+    Bad("dtype_other_type_than_rank_file", edit_meta(set_field("dtype", "float16", sub="properties")),
+        ["model-0000000-0000004.safetensors"], all_of=(QKV, "float16", "F32")),
+    Bad("device_matrix_not_a_list", edit_layout("device_matrix", "1,4"), [QKV], all_of=("device_matrix",)),
+    Bad("device_matrix_negative", edit_layout("device_matrix", [-1, 4]), [QKV], all_of=("device_matrix",)),
+    Bad("device_matrix_fraction", edit_layout("device_matrix", [1, 4.5]), [QKV], all_of=("device_matrix",)),
+    Bad("tensor_map_below_minus_one", edit_layout("tensor_map", [-2, -1]), [QKV], all_of=("tensor_map",)),
+    Bad("tensor_map_fraction", edit_layout("tensor_map", [0.5, -1]), [QKV], all_of=("tensor_map",)),
+    Bad("alias_name_not_strings", edit_layout("alias_name", [1, 2]), [QKV], all_of=("alias_name",)),
+    Bad("alias_name_empty", edit_layout("alias_name", ["dp", ""]), [QKV], all_of=("alias_name",)),
+    Bad("interleaved_not_bool", edit_layout("interleaved_parallel", "no"), [QKV], all_of=("interleaved_parallel",)),
+    Bad("rank_list_negative", edit_layout("rank_list", [0, 1, 2, -3]), [QKV], all_of=("rank_list",)),
+    Bad("allow_to_save_not_bool", edit_meta(set_field("allow_to_save", "yes", sub="properties")), [QKV],
+        all_of=("allow_to_save",)),
     # --- targets --------------------------------------------------------------------------
     Bad("mesh_tp3_does_not_divide", None, None, target=["--mesh", "tp=3"], cmds=TARGET_CMDS),
     Bad("mesh_unknown_alias", None, ["xx"], target=["--mesh", "xx=2"], cmds=TARGET_CMDS, all_of=("xx", "dp", "tp")),
@@ -434,3 +452,12 @@ def test_source_left_untouched(tmp_path, reshardfs_bin):
     ckpt.export(root, tmp_path / "b", ["--mesh", "tp=2"])
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert before == after
+
+
+@pytest.mark.parametrize("name", ["float32", "FLOAT32", "Float32"])
+def test_dtype_names_compare_case_insensitively(name, fixture_copy, reshardfs_bin):
+    """MindSpore writes `Float32` or `float32` by run mode: any case names the same type."""
+    root = fixture_copy(TP4)
+    edit_meta(set_field("dtype", name, sub="properties"))(root)
+    run = ckpt.run_cli(["inspect", root])
+    assert run.code == 0, str(run)
