@@ -270,11 +270,36 @@ fn resolve_mesh(
 
 /// The target stage of each tensor. Without `--pp` a tensor stays on its
 /// source stage (which also keeps any uneven split the source job chose);
-/// with `--pp N`, layer `i` of `L` goes to stage `i*N/L` and a tensor outside
-/// the layers stays first if it was first, else goes last.
+/// with `--pp N`, layer `i` of `L` goes to stage `i*N/L`. A tensor outside
+/// the layers:
+/// * from a multi-stage source, stays first if it was first, else goes last;
+/// * from a single-stage source (which says nothing about stages), goes where
+///   MindFormers puts it: the final norm and the output layer
+///   ([`on_last_stage`]) on the last stage, everything else on the first.
+///   Keyed on names, not on the kind of source, so any single-stage source
+///   with MindFormers names (a Hugging Face folder mapped to them included)
+///   follows the same rule.
 enum StageRule {
     Keep,
-    Pp { stages: u64, layers: u64 },
+    Pp {
+        stages: u64,
+        layers: u64,
+        single_stage_source: bool,
+    },
+}
+
+/// Whether a tensor outside the layers sits on a MindFormers job's last
+/// pipeline stage: `decoder.final_layernorm.*` and `output_layer.*`, and
+/// their optimizer states (`adam_m.`/`adam_v.` prefixes).
+pub fn on_last_stage(name: &str) -> bool {
+    let base = name
+        .strip_prefix("adam_m.")
+        .or_else(|| name.strip_prefix("adam_v."))
+        .unwrap_or(name);
+    ["decoder.final_layernorm", "output_layer"].iter().any(|p| {
+        base.strip_prefix(p)
+            .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 impl StageRule {
@@ -299,16 +324,25 @@ impl StageRule {
                 layers.max(1)
             );
         }
-        Ok(StageRule::Pp { stages, layers })
+        Ok(StageRule::Pp {
+            stages,
+            layers,
+            single_stage_source: it.stages <= 1,
+        })
     }
 
     fn stage(&self, t: &Tensor) -> u64 {
         match *self {
             StageRule::Keep => t.stage,
-            StageRule::Pp { stages, layers } => match layer_index(&t.name) {
+            StageRule::Pp {
+                stages,
+                layers,
+                single_stage_source,
+            } => match layer_index(&t.name) {
                 // In u128: `i * stages` may pass u64 for a huge layer index.
                 Some(i) => (u128::from(i) * u128::from(stages) / u128::from(layers)) as u64,
-                None if t.stage == 0 => 0,
+                None if single_stage_source && on_last_stage(&t.name) => stages - 1,
+                None if single_stage_source || t.stage == 0 => 0,
                 None => stages - 1,
             },
         }
@@ -427,6 +461,28 @@ mod tests {
         assert_eq!(layer_index("decoder.layers.x.w"), None);
         assert_eq!(layer_index("decoder.layers.7"), None);
         assert_eq!(layer_index("embedding.word_embeddings.weight"), None);
+    }
+
+    #[test]
+    fn last_stage_names() {
+        for n in [
+            "decoder.final_layernorm.weight",
+            "output_layer.weight",
+            "adam_m.output_layer.weight",
+            "adam_v.decoder.final_layernorm.bias",
+        ] {
+            assert!(on_last_stage(n), "{n}");
+        }
+        for n in [
+            "embedding.word_embeddings.weight",
+            "output_layer_norm.weight",
+            "adam_m.embedding.word_embeddings.weight",
+            "model.output_layer.weight",
+            "global_step",
+            "output_layer",
+        ] {
+            assert!(!on_last_stage(n), "{n}");
+        }
     }
 
     #[test]
