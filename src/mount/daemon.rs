@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::bail;
+use crate::checkpoint::paths::overlap_with_source;
 use crate::error::{Error, Result};
 use crate::mount::fuse::ViewFs;
 use crate::mount::serve::Server;
@@ -102,6 +103,18 @@ fn unescape_mountinfo(s: &str) -> String {
 /// with `foreground`, else in a daemon, returning once the mount is live.
 pub fn mount(server: Server, mnt: &Path, opts: &MountOptions) -> Result<()> {
     let mnt = check_mount_point(mnt)?;
+    // Mounting over the source hides it, and every read of the view then
+    // fails: the view's own bytes come from under the mount.
+    let src = server.source_path();
+    if let Some(how) = overlap_with_source(src, &mnt)
+        .map_err(|e| crate::bad!("{}: cannot resolve the mount point: {e}", mnt.display()))?
+    {
+        bail!(
+            "{}: the mount point {how} the source {}; mounting there would hide it",
+            mnt.display(),
+            src.display()
+        );
+    }
     // Cache blocks are allocated by one request thread and often freed
     // (evicted) by another; with glibc's per-thread arenas the freed space
     // stays pinned in the arena it came from, and the daemon's RSS ran

@@ -118,6 +118,11 @@ impl Server {
         }
     }
 
+    /// The source's canonical path (a mount must not hide it).
+    pub fn source_path(&self) -> &std::path::Path {
+        &self.plan.source.path
+    }
+
     pub fn tree(&self) -> &Tree {
         &self.tree
     }
