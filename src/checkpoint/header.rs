@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
-use crate::bad;
 use crate::error::Result;
+use crate::{bad, internal};
 
 /// Where a tensor sits in a rank file.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,9 +122,9 @@ pub fn build_header(entries: &[HeaderEntry<'_>]) -> Result<(Vec<u8>, Vec<u64>)> 
     }
     let meta_map = HashMap::from([("format".to_string(), "ms".to_string())]);
     let meta = Metadata::new(Some(meta_map), infos)
-        .map_err(|e| bad!("internal: cannot build a safetensors header: {e}"))?;
+        .map_err(|e| internal!("cannot build a safetensors header: {e}"))?;
     let mut json = serde_json::to_vec(&meta)
-        .map_err(|e| bad!("internal: cannot serialize a safetensors header: {e}"))?;
+        .map_err(|e| internal!("cannot serialize a safetensors header: {e}"))?;
     json.resize(json.len().next_multiple_of(8), b' ');
     let mut header = Vec::with_capacity(8 + json.len());
     header.extend_from_slice(&(json.len() as u64).to_le_bytes());

@@ -268,7 +268,7 @@ fn view_metadata(it: &Iteration, placements: &[Placement], world: u64) -> Result
                 .collect(),
         };
         let value = serde_json::to_value(&meta)
-            .map_err(|e| crate::bad!("internal: metadata for {}: {e}", t.name))?;
+            .map_err(|e| crate::internal!("metadata for {}: {e}", t.name))?;
         sdm.insert(t.name.clone(), value);
 
         // Holders of each slice, by grid index.
@@ -298,14 +298,14 @@ fn view_metadata(it: &Iteration, placements: &[Placement], world: u64) -> Result
             })
             .collect();
         let entries = serde_json::to_value(entries)
-            .map_err(|e| crate::bad!("internal: storage_data for {}: {e}", t.name))?;
+            .map_err(|e| crate::internal!("storage_data for {}: {e}", t.name))?;
         storage.insert(format_shard_id(&t.name, k), entries);
     }
     serde_json::to_vec(&MetadataOut {
         state_dict_metadata: sdm,
         storage_data: storage,
     })
-    .map_err(|e| crate::bad!("internal: cannot serialize metadata.json: {e}"))
+    .map_err(|e| crate::internal!("cannot serialize metadata.json: {e}"))
 }
 
 /// The pieces of a target slice: its intersections with the source slices,
