@@ -5,8 +5,10 @@
 //! whole. The tracker is written last, so a loader never finds a root whose
 //! latest iteration is still being written.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{IsTerminal, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::bail;
 use crate::checkpoint::names;
+use crate::checkpoint::paths::overlap_with_source;
 use crate::checkpoint::source::SourceKind;
 use crate::error::{Error, Result};
 use crate::reshard::engine::Engine;
@@ -99,8 +102,10 @@ fn jobs<'a>(plan: &'a Plan, dest: &Path) -> (Vec<Job<'a>>, Vec<PathBuf>, Option<
 
 /// Writes the view of `plan` under `dest`.
 pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportStats> {
+    refuse_overlap(&plan.source.path, dest)?;
     prepare_dest(dest, opts.force)?;
     let (jobs, dirs, tracker) = jobs(plan, dest);
+    let stale = stale_rank_files(&dirs, &jobs, &source_files(plan))?;
     for d in &dirs {
         fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     }
@@ -146,7 +151,7 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
         bar.abandon();
         return Err(e);
     }
-    remove_stale_rank_files(&dirs, &jobs)?;
+    remove_stale_rank_files(&stale)?;
     if let Some(t) = &tracker {
         write_job(&engine, t, &mut [], &bar)?;
     }
@@ -159,12 +164,22 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
 
 /// After a forced export over an earlier view, rank files the new view does
 /// not have (another world size, say) would sit beside the new metadata.json
-/// and mislead a loader: remove them. Other files are left alone.
-fn remove_stale_rank_files(dirs: &[PathBuf], jobs: &[Job<'_>]) -> Result<()> {
-    let written: std::collections::HashSet<&Path> = jobs.iter().map(|j| j.path.as_path()).collect();
+/// and mislead a loader: they are removed once the view is written. Listed
+/// before anything is written, so that a file the source holds (a hard link
+/// of one, say) is refused before DEST changes: `--force` never deletes it.
+fn stale_rank_files(
+    dirs: &[PathBuf],
+    jobs: &[Job<'_>],
+    source: &HashSet<(u64, u64)>,
+) -> Result<Vec<PathBuf>> {
+    let written: HashSet<&Path> = jobs.iter().map(|j| j.path.as_path()).collect();
+    let mut stale = Vec::new();
     for dir in dirs {
-        let entries =
-            fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name();
@@ -172,13 +187,61 @@ fn remove_stale_rank_files(dirs: &[PathBuf], jobs: &[Job<'_>]) -> Result<()> {
                 .to_str()
                 .is_some_and(|n| names::parse_rank_file_name(n).is_some());
             if is_rank_file && !written.contains(path.as_path()) {
-                log::info!("removing {}, left by an earlier export", path.display());
-                fs::remove_file(&path)
-                    .map_err(|e| Error::io(format!("removing stale {}", path.display()), e))?;
+                if let Ok(m) = fs::symlink_metadata(&path)
+                    && source.contains(&(m.dev(), m.ino()))
+                {
+                    bail!(
+                        "{}: is a file of the source checkpoint (a hard link to it); --force never removes one",
+                        path.display()
+                    );
+                }
+                stale.push(path);
             }
         }
     }
+    Ok(stale)
+}
+
+fn remove_stale_rank_files(stale: &[PathBuf]) -> Result<()> {
+    for path in stale {
+        log::info!("removing {}, left by an earlier export", path.display());
+        fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing stale {}", path.display()), e))?;
+    }
     Ok(())
+}
+
+/// Refuses a DEST that is the source, lies inside it or contains it (after
+/// resolving symlinks), with or without `--force`: `export CKPT CKPT --force`
+/// once replaced the user's checkpoint with the view.
+fn refuse_overlap(source: &Path, dest: &Path) -> Result<()> {
+    let how = overlap_with_source(source, dest)
+        .map_err(|e| crate::bad!("{}: cannot resolve the destination: {e}", dest.display()))?;
+    if let Some(how) = how {
+        bail!(
+            "{}: the destination {how} the source {}; export to a folder apart from it (--force does not change this)",
+            dest.display(),
+            source.display()
+        );
+    }
+    Ok(())
+}
+
+/// Device and inode of every file the source holds.
+fn source_files(plan: &Plan) -> HashSet<(u64, u64)> {
+    let mut out = HashSet::new();
+    if let Ok(m) = fs::metadata(plan.source.path.join(names::TRACKER)) {
+        out.insert((m.dev(), m.ino()));
+    }
+    for it in &plan.source.iterations {
+        let others = [names::METADATA, names::COMMON].map(|n| it.dir.join(n));
+        for p in it.files.iter().map(|f| f.path.clone()).chain(others) {
+            if let Ok(m) = fs::metadata(&p) {
+                out.insert((m.dev(), m.ino()));
+            }
+        }
+    }
+    out
 }
 
 /// Refuses a destination that holds anything, unless forced.

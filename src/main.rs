@@ -453,7 +453,7 @@ fn print_report<T: serde::Serialize>(
     use std::io::Write;
     let out = if json {
         let mut s = serde_json::to_string_pretty(r)
-            .map_err(|e| reshardfs::bad!("internal: cannot render JSON: {e}"))?;
+            .map_err(|e| reshardfs::internal!("cannot render JSON: {e}"))?;
         s.push('\n');
         s
     } else {

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
-use crate::bad;
 use crate::error::Result;
+use crate::{bad, internal};
 
 /// Where a tensor sits in a rank file.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,8 +93,23 @@ pub fn build_header(entries: &[HeaderEntry<'_>], format: &str) -> Result<(Vec<u8
     let mut infos = Vec::with_capacity(entries.len());
     let mut offsets = Vec::with_capacity(entries.len());
     for e in entries {
-        let shape: Vec<usize> = e.shape.iter().map(|&s| s as usize).collect();
-        let len = shape.iter().product::<usize>() * (e.dtype.bitsize() / 8);
+        let too_big = || {
+            bad!(
+                "tensor {}: shape {:?} is too large for a file",
+                e.name,
+                e.shape
+            )
+        };
+        let shape: Vec<usize> = e
+            .shape
+            .iter()
+            .map(|&s| usize::try_from(s).map_err(|_| too_big()))
+            .collect::<Result<_>>()?;
+        let len = shape
+            .iter()
+            .try_fold(e.dtype.bitsize() / 8, |acc, &s| acc.checked_mul(s))
+            .filter(|len| offset.checked_add(*len).is_some())
+            .ok_or_else(too_big)?;
         offsets.push(offset as u64);
         infos.push((
             e.name.to_string(),
@@ -108,15 +123,22 @@ pub fn build_header(entries: &[HeaderEntry<'_>], format: &str) -> Result<(Vec<u8
     }
     let meta_map = HashMap::from([("format".to_string(), format.to_string())]);
     let meta = Metadata::new(Some(meta_map), infos)
-        .map_err(|e| bad!("internal: cannot build a safetensors header: {e}"))?;
+        .map_err(|e| internal!("cannot build a safetensors header: {e}"))?;
     let mut json = serde_json::to_vec(&meta)
-        .map_err(|e| bad!("internal: cannot serialize a safetensors header: {e}"))?;
+        .map_err(|e| internal!("cannot serialize a safetensors header: {e}"))?;
     json.resize(json.len().next_multiple_of(8), b' ');
     let mut header = Vec::with_capacity(8 + json.len());
     header.extend_from_slice(&(json.len() as u64).to_le_bytes());
     header.extend_from_slice(&json);
     Ok((header, offsets))
 }
+
+/// The MindSpore dtype names reshardfs reads (as `str(mindspore.float32)`
+/// prints them; metadata.json may use any case).
+pub const MINDSPORE_DTYPES: &[&str] = &[
+    "Bool", "UInt8", "Int8", "Int16", "UInt16", "Float16", "BFloat16", "Int32", "UInt32",
+    "Float32", "Float64", "Int64", "UInt64",
+];
 
 /// The safetensors name of a MindSpore dtype name, compared case-insensitively.
 pub fn dtype_from_mindspore(name: &str) -> Option<Dtype> {
@@ -204,5 +226,11 @@ mod tests {
         }
         assert_eq!(dtype_from_mindspore("bfloat16"), Some(Dtype::BF16));
         assert_eq!(dtype_from_mindspore("Complex64"), None);
+        for name in MINDSPORE_DTYPES {
+            let d = dtype_from_mindspore(name).unwrap();
+            assert_eq!(dtype_from_mindspore(&name.to_uppercase()), Some(d));
+            assert_eq!(dtype_to_mindspore(d), *name);
+        }
+        assert_eq!(dtype_from_mindspore("F32"), None);
     }
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use safetensors::Dtype;
 use serde_json::Value;
 
-use super::header::{dtype_from_mindspore, elem_size};
+use super::header::{MINDSPORE_DTYPES, dtype_from_mindspore, elem_size};
 use super::mapped::RankFile;
 use super::metadata::{self, StorageEntry, TensorMeta, from_value};
 use super::names::{self, Kind};
@@ -114,6 +114,12 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
         );
     }
 
+    if max_rank >= crate::reshard::target::MAX_WORLD {
+        bail!(
+            "{mp}: names rank {max_rank}, beyond the {} ranks supported",
+            crate::reshard::target::MAX_WORLD
+        );
+    }
     let world = max_rank + 1;
     let stage_devices = tensors
         .iter()
@@ -230,7 +236,14 @@ fn check_tensor(
     }
 
     let ms_dtype = tm.properties.dtype.clone();
-    let meta_dtype = dtype_from_mindspore(&ms_dtype);
+    // A name MindSpore does not define is refused, not passed through to the
+    // view's metadata.json: a loader would fail on it far from its cause.
+    let meta_dtype = dtype_from_mindspore(&ms_dtype).ok_or_else(|| {
+        at(format!(
+            "properties.dtype {ms_dtype:?} is not one of MindSpore's dtype names ({})",
+            MINDSPORE_DTYPES.join(", ")
+        ))
+    })?;
     let mut dtype: Option<Dtype> = None;
     let mut kind: Option<(Kind, String)> = None;
     let mut chunks: Vec<Option<Chunk>> = vec![None; nchunks as usize];
@@ -291,13 +304,12 @@ fn check_tensor(
                     f.path.display()
                 )
             })?;
-            if let Some(md) = meta_dtype
-                && st.dtype != md
-            {
+            if st.dtype != meta_dtype {
                 bail!(
-                    "{}: tensor {name}: dtype is {:?}, but metadata.json says {ms_dtype}",
+                    "{}: tensor {name}: dtype is {:?}, but metadata.json says {ms_dtype} ({:?})",
                     f.path.display(),
-                    st.dtype
+                    st.dtype,
+                    meta_dtype
                 );
             }
             match dtype {

@@ -99,3 +99,81 @@ impl FileSet<'_> {
         Ok(self.files.len() - 1)
     }
 }
+
+/// `path` made absolute with every symlink resolved, also when its last
+/// components do not exist yet (an export's DEST). Resolved front to back:
+/// each existing component is canonicalized (so a `..` after it goes to its
+/// real parent); once one is missing, the rest cannot hold a symlink and is
+/// resolved lexically.
+pub fn resolve_maybe_missing(path: &Path) -> std::io::Result<std::path::PathBuf> {
+    use std::path::Component;
+    let abs = std::path::absolute(path)?;
+    let mut base = std::path::PathBuf::new();
+    let mut missing = false;
+    for c in abs.components() {
+        match c {
+            Component::Prefix(_) | Component::RootDir => base.push(c.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                base.pop();
+            }
+            Component::Normal(name) => {
+                let next = base.join(name);
+                if missing {
+                    base = next;
+                    continue;
+                }
+                match fs::symlink_metadata(&next) {
+                    Ok(_) => base = fs::canonicalize(&next)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        missing = true;
+                        base = next;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(base)
+}
+
+/// How `other` (a mount point or an export's DEST) overlaps the source at
+/// `source`, both resolved through symlinks: `Some("is")`, `Some("lies
+/// inside")` or `Some("contains")`, or `None` when they are apart. Writing
+/// into or mounting over the source would destroy or hide it.
+pub fn overlap_with_source(source: &Path, other: &Path) -> std::io::Result<Option<&'static str>> {
+    let source = fs::canonicalize(source)?;
+    let other = resolve_maybe_missing(other)?;
+    Ok(if other == source {
+        Some("is")
+    } else if other.starts_with(&source) {
+        Some("lies inside")
+    } else if source.starts_with(&other) {
+        Some("contains")
+    } else {
+        None
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlaps_through_symlinks_and_missing_parts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("ckpt");
+        fs::create_dir_all(src.join("iteration_1")).unwrap();
+        std::os::unix::fs::symlink(&src, tmp.path().join("link")).unwrap();
+        let o = |p: &Path| overlap_with_source(&src, p).unwrap();
+        assert_eq!(o(&src), Some("is"));
+        assert_eq!(o(&tmp.path().join("link")), Some("is"));
+        assert_eq!(o(&tmp.path().join("link/iteration_1")), Some("lies inside"));
+        assert_eq!(o(&tmp.path().join("link/new/deeper")), Some("lies inside"));
+        assert_eq!(o(&tmp.path().join("x/../ckpt")), Some("is"));
+        assert_eq!(o(&tmp.path().join("link/new/..")), Some("is"));
+        assert_eq!(o(tmp.path()), Some("contains"));
+        assert_eq!(o(&tmp.path().join("other")), None);
+        assert_eq!(o(&tmp.path().join("ckpt2")), None);
+    }
+}

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::bail;
+use crate::checkpoint::paths::overlap_with_source;
 use crate::error::{Error, Result};
-use crate::mount::fuse::ViewFs;
+use crate::mount::fuse::{GuardedFs, ViewFs};
 use crate::mount::serve::Server;
 
 pub struct MountOptions {
@@ -102,6 +103,18 @@ fn unescape_mountinfo(s: &str) -> String {
 /// with `foreground`, else in a daemon, returning once the mount is live.
 pub fn mount(server: Server, mnt: &Path, opts: &MountOptions) -> Result<()> {
     let mnt = check_mount_point(mnt)?;
+    // Mounting over the source hides it, and every read of the view then
+    // fails: the view's own bytes come from under the mount.
+    let src = server.source_path();
+    if let Some(how) = overlap_with_source(src, &mnt)
+        .map_err(|e| crate::bad!("{}: cannot resolve the mount point: {e}", mnt.display()))?
+    {
+        bail!(
+            "{}: the mount point {how} the source {}; mounting there would hide it",
+            mnt.display(),
+            src.display()
+        );
+    }
     // Cache blocks are allocated by one request thread and often freed
     // (evicted) by another; with glibc's per-thread arenas the freed space
     // stays pinned in the arena it came from, and the daemon's RSS ran
@@ -112,7 +125,7 @@ pub fn mount(server: Server, mnt: &Path, opts: &MountOptions) -> Result<()> {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
-    let fs = ViewFs::new(server);
+    let fs = GuardedFs::new(ViewFs::new(server));
     if opts.foreground {
         let session = start(fs, &mnt, opts)?;
         log::info!("mounted at {} (pid {})", mnt.display(), std::process::id());
@@ -144,7 +157,7 @@ fn config(opts: &MountOptions) -> Config {
 }
 
 /// Mounts and completes the FUSE handshake: when this returns the mount is live.
-fn start(fs: ViewFs, mnt: &Path, opts: &MountOptions) -> Result<Session<ViewFs>> {
+fn start(fs: GuardedFs, mnt: &Path, opts: &MountOptions) -> Result<Session<GuardedFs>> {
     block_stop_signals();
     let session = Session::new(fs, mnt, &config(opts))
         .map_err(|e| Error::io(format!("mounting at {}", mnt.display()), e))?;
@@ -210,7 +223,7 @@ fn block_stop_signals() {
 /// Serves until the mount goes away: `umount`, or a stop signal, which
 /// detaches the mount (lazily, so open files finish) and ends the loop once
 /// the kernel lets go.
-fn run(mut session: Session<ViewFs>, mnt: &Path) -> Result<()> {
+fn run(mut session: Session<GuardedFs>, mnt: &Path) -> Result<()> {
     let target = std::ffi::CString::new(mnt.as_os_str().as_bytes())
         .map_err(|_| crate::bad!("{}: path holds a NUL byte", mnt.display()))?;
     // The unmounter takes the mount out of the session, so the session does
@@ -247,7 +260,7 @@ fn run(mut session: Session<ViewFs>, mnt: &Path) -> Result<()> {
 
 /// Forks a daemon that mounts and serves; returns once it reports the mount
 /// live, or with its error (and its exit code).
-fn daemonize(fs: ViewFs, mnt: &Path, opts: &MountOptions) -> Result<()> {
+fn daemonize(fs: GuardedFs, mnt: &Path, opts: &MountOptions) -> Result<()> {
     let log = match &opts.log_file {
         Some(p) => Some(
             std::fs::OpenOptions::new()

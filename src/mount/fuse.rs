@@ -260,3 +260,181 @@ impl Filesystem for ViewFs {
         reply.ok();
     }
 }
+
+/// The panic policy of the daemon.
+///
+/// A panic in a request handler is a bug. Left alone, it ends one of fuser
+/// 0.18's worker threads for good: the kernel gets EIO for that request and
+/// the mount slowly stops answering as threads die, while the log (filtered
+/// at `--log-level`) says nothing. `GuardedFs` runs every handler of
+/// [`ViewFs`] under `catch_unwind` instead: the request's reply, dropped
+/// unanswered while unwinding, answers EIO (fuser replies EIO for a reply
+/// dropped unsent), the panic is logged at error level with the operation,
+/// the file and the offset, counted as `internal_errors` in
+/// `.reshardfs/stats`, and the worker thread carries on with the next request.
+///
+/// Kept as a wrapper apart from `ViewFs` so the adapter's handlers stay as
+/// they are; every method `ViewFs` implements must be forwarded here (one it
+/// does not forward falls back to fuser's default, ENOSYS).
+pub struct GuardedFs {
+    inner: ViewFs,
+    /// Test-only hook (debug builds): a read of a file with this name panics.
+    panic_on_read: Option<String>,
+}
+
+/// Environment variable naming a file whose reads panic, read once at
+/// start-up and only in debug builds: how the tests inject a bug.
+pub const TEST_PANIC_ON_READ: &str = "RESHARDFS_TEST_PANIC_ON_READ";
+
+impl GuardedFs {
+    pub fn new(inner: ViewFs) -> Self {
+        let panic_on_read = if cfg!(debug_assertions) {
+            std::env::var(TEST_PANIC_ON_READ).ok()
+        } else {
+            None
+        };
+        GuardedFs {
+            inner,
+            panic_on_read,
+        }
+    }
+
+    /// Runs one handler; see the type's documentation for what a panic does.
+    fn guard(&self, op: &str, ino: INodeNo, offset: Option<u64>, f: impl FnOnce()) {
+        let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) else {
+            return;
+        };
+        self.inner.server.count_internal_error();
+        let msg = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = offset.map_or(String::new(), |o| format!(" at offset {o}"));
+        log::error!(
+            "internal error (a bug): {op} of {}{at} panicked: {msg}; answered EIO",
+            self.inner.server.tree().path(ino.0)
+        );
+    }
+}
+
+impl Filesystem for GuardedFs {
+    fn init(&mut self, req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.inner.init(req, config)
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.guard("lookup", parent, None, || {
+            self.inner.lookup(req, parent, name, reply)
+        });
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.guard("getattr", ino, None, || {
+            self.inner.getattr(req, ino, fh, reply)
+        });
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.guard("open", ino, None, || {
+            self.inner.open(req, ino, flags, reply)
+        });
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.guard("read", ino, Some(offset), || {
+            if let Some(name) = &self.panic_on_read
+                && self
+                    .inner
+                    .server
+                    .tree()
+                    .path(ino.0)
+                    .ends_with(name.as_str())
+            {
+                panic!("injected by {TEST_PANIC_ON_READ} (tests only)");
+            }
+            self.inner
+                .read(req, ino, fh, offset, size, flags, lock_owner, reply)
+        });
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.guard("flush", ino, None, || {
+            self.inner.flush(req, ino, fh, lock_owner, reply)
+        });
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.guard("release", ino, None, || {
+            self.inner
+                .release(req, ino, fh, flags, lock_owner, flush, reply)
+        });
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.guard("opendir", ino, None, || {
+            self.inner.opendir(req, ino, flags, reply)
+        });
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        self.guard("readdir", ino, Some(offset), || {
+            self.inner.readdir(req, ino, fh, offset, reply)
+        });
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.guard("statfs", ino, None, || self.inner.statfs(req, ino, reply));
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.guard("getxattr", ino, None, || {
+            self.inner.getxattr(req, ino, name, size, reply)
+        });
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.guard("listxattr", ino, None, || {
+            self.inner.listxattr(req, ino, size, reply)
+        });
+    }
+
+    fn access(&self, req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        self.guard("access", ino, None, || {
+            self.inner.access(req, ino, mask, reply)
+        });
+    }
+}

@@ -74,6 +74,8 @@ struct Counters {
     bytes_served: AtomicU64,
     source_bytes_read: AtomicU64,
     read_errors: AtomicU64,
+    /// Requests that panicked (bugs), answered EIO by the FUSE adapter.
+    internal_errors: AtomicU64,
 }
 
 pub struct Server {
@@ -116,6 +118,18 @@ impl Server {
                 NEXT.fetch_add(1, Ordering::Relaxed)
             },
         }
+    }
+
+    /// Counts a request that panicked (see `fuse::GuardedFs`).
+    pub fn count_internal_error(&self) {
+        self.counters
+            .internal_errors
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The source's canonical path (a mount must not hide it).
+    pub fn source_path(&self) -> &std::path::Path {
+        &self.plan.source.path
     }
 
     pub fn tree(&self) -> &Tree {
@@ -291,7 +305,7 @@ impl Server {
         let cache = self.cache.stats();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "pid: {}\nuptime_s: {:.1}\nreads: {}\ndirect_reads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\n",
+            "pid: {}\nuptime_s: {:.1}\nreads: {}\ndirect_reads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ninternal_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\n",
             std::process::id(),
             self.started.elapsed().as_secs_f64(),
             get(&c.reads),
@@ -299,6 +313,7 @@ impl Server {
             get(&c.bytes_served),
             get(&c.source_bytes_read),
             get(&c.read_errors),
+            get(&c.internal_errors),
             cache.hits,
             cache.misses,
             cache.bytes,

@@ -58,6 +58,9 @@ impl Layout {
             ));
         }
         for (i, a) in json.alias_name.iter().enumerate() {
+            if a.is_empty() {
+                return Err(format!("layout.alias_name[{i}] is empty"));
+            }
             if json.alias_name[..i].contains(a) {
                 return Err(format!("layout.alias_name repeats {a:?}"));
             }
@@ -143,16 +146,52 @@ impl Layout {
     }
 
     /// Number of ranks in this layout (one pipeline stage).
+    ///
+    /// Every constructor checks that this product fits in a `u64`
+    /// ([`Layout::from_json`], and [`Layout::with_sizes`] for a target that
+    /// resizes axes), so it cannot wrap here; saturating keeps that true even
+    /// for a layout built field by field.
     pub fn devices(&self) -> u64 {
-        self.device_matrix.iter().product()
+        self.device_matrix
+            .iter()
+            .try_fold(1u64, |acc, &m| acc.checked_mul(m))
+            .unwrap_or(u64::MAX)
     }
 
-    /// How many pieces dimension `d` is cut into.
+    /// How many pieces dimension `d` is cut into (a sub-product of
+    /// [`Layout::devices`], so it fits when that does).
     pub fn split(&self, d: usize) -> u64 {
+        self.split_checked(d).unwrap_or(u64::MAX)
+    }
+
+    /// [`Layout::split`], or `None` when the product of the axes overflows.
+    fn split_checked(&self, d: usize) -> Option<u64> {
         self.tensor_map[d]
             .iter()
-            .map(|&a| self.device_matrix[a])
-            .product()
+            .try_fold(1u64, |acc, &a| acc.checked_mul(self.device_matrix[a]))
+    }
+
+    /// This layout with the device axes named in `sizes` resized, checked
+    /// like a layout read from JSON: the new device matrix must have a rank
+    /// count that fits in a `u64`. (A hostile `--mesh dp=2^63` once wrapped
+    /// the product to 0 and gave a view whose files held no tensors.)
+    pub fn with_sizes(&self, sizes: &[(String, u64)]) -> Result<Layout, String> {
+        let mut l = self.clone();
+        for (axis, alias) in l.alias_name.iter().enumerate() {
+            if let Some((_, n)) = sizes.iter().find(|(a, _)| a == alias) {
+                if *n == 0 {
+                    return Err(format!("device axis {alias} of size 0"));
+                }
+                l.device_matrix[axis] = *n;
+            }
+        }
+        if checked_product(&l.device_matrix).is_none() {
+            return Err(format!(
+                "device matrix {} has more ranks than a 64-bit count holds",
+                l.describe_mesh()
+            ));
+        }
+        Ok(l)
     }
 
     /// `axis_fragmentations`: the split of every dimension.
@@ -181,12 +220,20 @@ impl Layout {
     /// The error names the dimension, its size and the split.
     pub fn check_divides(&self, global_shape: &[u64]) -> Result<(), String> {
         for (d, &size) in global_shape.iter().enumerate() {
-            let split = self.split(d);
-            if size % split != 0 {
-                let axes: Vec<String> = self.tensor_map[d]
+            let axes = || -> Vec<String> {
+                self.tensor_map[d]
                     .iter()
                     .map(|&a| format!("{}={}", self.alias_name[a], self.device_matrix[a]))
-                    .collect();
+                    .collect()
+            };
+            let Some(split) = self.split_checked(d) else {
+                return Err(format!(
+                    "dimension {d} of size {size} is split by {}, a product beyond 64 bits",
+                    axes().join(" x ")
+                ));
+            };
+            if size % split != 0 {
+                let axes = axes();
                 return Err(format!(
                     "dimension {d} of size {size} does not split evenly into {split} ({})",
                     axes.join(" x ")
@@ -390,6 +437,34 @@ mod tests {
             e.contains("dimension 0 of size 5") && e.contains("tp=2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn hostile_sizes_are_refused_not_wrapped() {
+        let l = layout(
+            &[2, 2],
+            vec![Many(vec![1, 0])],
+            &["dp", "tp"],
+            &[0, 1, 2, 3],
+        );
+        // dp=2^63 x tp=2 wraps to 0 in u64.
+        let e = l.with_sizes(&[("dp".into(), 1 << 63)]).unwrap_err();
+        assert!(e.contains("dp=9223372036854775808,tp=2"), "{e}");
+        let ok = l.with_sizes(&[("tp".into(), 4)]).unwrap();
+        assert_eq!(ok.device_matrix, vec![2, 4]);
+        assert_eq!(ok.devices(), 8);
+        // A dimension split by two axes whose product wraps: an error, not a
+        // panic on `%` by the wrapped 0.
+        let wide = Layout {
+            device_matrix: vec![1 << 32, 1 << 32],
+            ..l
+        };
+        let e = wide.check_divides(&[1 << 40]).unwrap_err();
+        assert!(
+            e.contains("beyond 64 bits") && e.contains("dp=4294967296"),
+            "{e}"
+        );
+        assert_eq!(wide.devices(), u64::MAX);
     }
 
     #[test]

@@ -198,7 +198,10 @@ fn plan_iteration(
     options: &ViewOptions,
 ) -> Result<IterationPlan> {
     let prefix = options.prefix.as_deref().or(it.prefix.as_deref());
-    let slices: usize = placements.iter().map(|p| p.ranks.len()).sum();
+    let slices = placements
+        .iter()
+        .try_fold(0usize, |acc, p| acc.checked_add(p.ranks.len()))
+        .unwrap_or(usize::MAX);
     if slices > MAX_SLICES {
         crate::bail!(
             "target: {slices} tensor slices across {world} ranks, more than the {MAX_SLICES} a view may have"
@@ -373,21 +376,35 @@ fn plan_file(
         .collect();
     let (header, offsets) = build_header(&entries, format)?;
     let base = header.len() as u64;
+    // Sizes come from headers and metadata.json: every product and sum is
+    // checked, so a hostile shape is refused rather than wrapped.
     let tensors: Vec<PlannedTensor> = slices
         .iter()
         .zip(dtypes)
         .zip(offsets)
         .map(|(((ti, slice), dtype), off)| {
-            let len = slice.shape.iter().product::<u64>() * elem_size(dtype);
-            PlannedTensor {
-                source: *ti,
-                slice: slice.clone(),
-                dtype,
-                offset: base + off,
-                len,
+            let t = &it.tensors[*ti];
+            let len = crate::reshard::layout::checked_product(&slice.shape)
+                .and_then(|n| n.checked_mul(elem_size(dtype)));
+            let offset = base.checked_add(off);
+            match (len, offset) {
+                (Some(len), Some(offset)) if offset.checked_add(len).is_some() => {
+                    Ok(PlannedTensor {
+                        source: *ti,
+                        slice: slice.clone(),
+                        dtype,
+                        offset,
+                        len,
+                    })
+                }
+                _ => Err(crate::bad!(
+                    "view file {name}: tensor {}: its slice {:?} at offset {off} overflows a 64-bit file size",
+                    t.name,
+                    slice.shape
+                )),
             }
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let size = tensors.last().map_or(base, |t| t.offset + t.len);
     Ok(VirtualFile {
         name,
@@ -453,7 +470,7 @@ fn view_metadata(
                 .collect(),
         };
         let value = serde_json::to_value(&meta)
-            .map_err(|e| crate::bad!("internal: metadata for {}: {e}", t.name))?;
+            .map_err(|e| crate::internal!("metadata for {}: {e}", t.name))?;
         sdm.insert(t.name.clone(), value);
 
         // Holders of each slice, by grid index.
@@ -483,14 +500,14 @@ fn view_metadata(
             })
             .collect();
         let entries = serde_json::to_value(entries)
-            .map_err(|e| crate::bad!("internal: storage_data for {}: {e}", t.name))?;
+            .map_err(|e| crate::internal!("storage_data for {}: {e}", t.name))?;
         storage.insert(format_shard_id(&t.name, k), entries);
     }
     serde_json::to_vec(&MetadataOut {
         state_dict_metadata: sdm,
         storage_data: storage,
     })
-    .map_err(|e| crate::bad!("internal: cannot serialize metadata.json: {e}"))
+    .map_err(|e| crate::internal!("cannot serialize metadata.json: {e}"))
 }
 
 /// The pieces of a target slice: its intersections with the source slices,

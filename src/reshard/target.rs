@@ -127,18 +127,34 @@ impl TargetSpec {
         for (t, p) in it.tensors.iter().zip(&placements) {
             check_rules(t, p)?;
         }
-        let world = placements
+        let what = self.describe();
+        if let Some((t, _)) = it
+            .tensors
             .iter()
-            .flat_map(|p| p.ranks.iter().copied())
-            .max()
-            .map_or(1, |m| m + 1);
-        if world > MAX_WORLD {
+            .zip(&placements)
+            .find(|(_, p)| p.ranks.is_empty())
+        {
             bail!(
-                "target: rank {} is beyond the {MAX_WORLD} ranks a view may have",
-                world - 1
+                "target {what}: tensor {}: no rank would hold it (an empty placement)",
+                t.name
             );
         }
-        Ok(Target { placements, world })
+        let mut max = 0;
+        for (t, p) in it.tensors.iter().zip(&placements) {
+            for &r in &p.ranks {
+                if r >= MAX_WORLD {
+                    bail!(
+                        "target {what}: tensor {}: rank {r} is beyond the {MAX_WORLD} ranks a view may have",
+                        t.name
+                    );
+                }
+                max = max.max(r);
+            }
+        }
+        Ok(Target {
+            placements,
+            world: max + 1,
+        })
     }
 }
 
@@ -203,7 +219,11 @@ fn resolve_mesh(
             );
         }
     }
-    let size_of: HashMap<&str, u64> = sizes.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+    let what = TargetSpec::Mesh {
+        sizes: sizes.to_vec(),
+        pp,
+    }
+    .describe();
 
     // New layouts (rank lists filled in below, once stages are known).
     let mut layouts: Vec<Option<Layout>> = Vec::with_capacity(it.tensors.len());
@@ -214,23 +234,20 @@ fn resolve_mesh(
             layouts.push(None);
             continue;
         };
-        let mut l = src.clone();
-        for (axis, alias) in l.alias_name.iter().enumerate() {
-            if let Some(&n) = size_of.get(alias.as_str()) {
-                l.device_matrix[axis] = n;
-            }
-        }
+        let mut l = src
+            .with_sizes(sizes)
+            .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
         if t.rules.whole_if_uneven && l.check_divides(&t.global_shape).is_err() {
             // MindFormers keeps such a tensor whole rather than refusing.
             l.tensor_map.iter_mut().for_each(Vec::clear);
         }
         l.check_divides(&t.global_shape)
-            .map_err(|e| bad!("target: tensor {}: {e}", t.name))?;
+            .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
         let n = l.devices();
         match &first {
             None => first = Some((n, &t.name, l.describe_mesh())),
             Some((m, other, mesh)) if *m != n => bail!(
-                "target: tensors disagree on ranks per stage: {other} has {m} ({mesh}), {} has {n} ({})",
+                "target {what}: tensors disagree on ranks per stage: {other} has {m} ({mesh}), {} has {n} ({})",
                 t.name,
                 l.describe_mesh()
             ),
@@ -238,23 +255,33 @@ fn resolve_mesh(
         }
         layouts.push(Some(l));
     }
-    let stage_devices = first.map_or(1, |d| d.0);
     let rule = StageRule::new(it, pp)?;
     let stages = pp.unwrap_or(it.stages);
+    let stage_devices = first.as_ref().map_or(1, |d| d.0);
     if stage_devices.saturating_mul(stages) > MAX_WORLD {
+        let (name, mesh) = first.map_or(("", String::new()), |d| (d.1, d.2));
         bail!(
-            "target: {stages} stage(s) x {stage_devices} rank(s) is more than the {MAX_WORLD} ranks a view may have"
+            "target {what}: tensor {name}: {stages} stage(s) x {stage_devices} rank(s) ({mesh}) is more than the {MAX_WORLD} ranks a view may have"
         );
     }
 
-    Ok(it
-        .tensors
+    it.tensors
         .iter()
         .zip(layouts)
         .map(|(t, layout)| {
             let s = rule.stage(t);
-            let ranks: Vec<u64> = (s * stage_devices..(s + 1) * stage_devices).collect();
-            match layout {
+            // A source stage beyond the view's is refused, not wrapped.
+            let first = s
+                .checked_mul(stage_devices)
+                .filter(|f| f.saturating_add(stage_devices) <= MAX_WORLD)
+                .ok_or_else(|| {
+                    bad!(
+                        "target {what}: tensor {}: stage {s} x {stage_devices} rank(s) is beyond the {MAX_WORLD} ranks a view may have",
+                        t.name
+                    )
+                })?;
+            let ranks: Vec<u64> = (first..first + stage_devices).collect();
+            Ok(match layout {
                 Some(mut l) => {
                     l.rank_list = ranks.clone();
                     Placement {
@@ -266,18 +293,43 @@ fn resolve_mesh(
                     layout: None,
                     ranks,
                 },
-            }
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The target stage of each tensor. Without `--pp` a tensor stays on its
 /// source stage (which also keeps any uneven split the source job chose);
-/// with `--pp N`, layer `i` of `L` goes to stage `i*N/L` and a tensor outside
-/// the layers stays first if it was first, else goes last.
+/// with `--pp N`, layer `i` of `L` goes to stage `i*N/L`. A tensor outside
+/// the layers:
+/// * from a multi-stage source, stays first if it was first, else goes last;
+/// * from a single-stage source (which says nothing about stages), goes where
+///   MindFormers puts it: the final norm and the output layer
+///   ([`on_last_stage`]) on the last stage, everything else on the first.
+///   Keyed on names, not on the kind of source, so any single-stage source
+///   with MindFormers names (a Hugging Face folder mapped to them included)
+///   follows the same rule.
 enum StageRule {
     Keep,
-    Pp { stages: u64, layers: u64 },
+    Pp {
+        stages: u64,
+        layers: u64,
+        single_stage_source: bool,
+    },
+}
+
+/// Whether a tensor outside the layers sits on a MindFormers job's last
+/// pipeline stage: `decoder.final_layernorm.*` and `output_layer.*`, and
+/// their optimizer states (`adam_m.`/`adam_v.` prefixes).
+pub fn on_last_stage(name: &str) -> bool {
+    let base = name
+        .strip_prefix("adam_m.")
+        .or_else(|| name.strip_prefix("adam_v."))
+        .unwrap_or(name);
+    ["decoder.final_layernorm", "output_layer"].iter().any(|p| {
+        base.strip_prefix(p)
+            .is_some_and(|rest| rest.starts_with('.'))
+    })
 }
 
 impl StageRule {
@@ -293,22 +345,34 @@ impl StageRule {
             .iter()
             .filter_map(|t| layer_index(&t.name))
             .max()
-            .map_or(0, |m| m + 1);
+            // A layer index of u64::MAX (a hostile name) saturates: no stage
+            // count can need more layers than that.
+            .map_or(0, |m| m.saturating_add(1));
         if stages > 1 && stages > layers {
             bail!(
                 "--pp {stages}: the checkpoint has {layers} layers (names with `layers.<i>.`), so at most {} stages",
                 layers.max(1)
             );
         }
-        Ok(StageRule::Pp { stages, layers })
+        Ok(StageRule::Pp {
+            stages,
+            layers,
+            single_stage_source: it.stages <= 1,
+        })
     }
 
     fn stage(&self, t: &Tensor) -> u64 {
         match *self {
             StageRule::Keep => t.stage,
-            StageRule::Pp { stages, layers } => match layer_index(&t.name) {
-                Some(i) => i * stages / layers,
-                None if t.stage == 0 => 0,
+            StageRule::Pp {
+                stages,
+                layers,
+                single_stage_source,
+            } => match layer_index(&t.name) {
+                // In u128: `i * stages` may pass u64 for a huge layer index.
+                Some(i) => (u128::from(i) * u128::from(stages) / u128::from(layers)) as u64,
+                None if single_stage_source && on_last_stage(&t.name) => stages - 1,
+                None if single_stage_source || t.stage == 0 => 0,
                 None => stages - 1,
             },
         }
@@ -427,6 +491,28 @@ mod tests {
         assert_eq!(layer_index("decoder.layers.x.w"), None);
         assert_eq!(layer_index("decoder.layers.7"), None);
         assert_eq!(layer_index("embedding.word_embeddings.weight"), None);
+    }
+
+    #[test]
+    fn last_stage_names() {
+        for n in [
+            "decoder.final_layernorm.weight",
+            "output_layer.weight",
+            "adam_m.output_layer.weight",
+            "adam_v.decoder.final_layernorm.bias",
+        ] {
+            assert!(on_last_stage(n), "{n}");
+        }
+        for n in [
+            "embedding.word_embeddings.weight",
+            "output_layer_norm.weight",
+            "adam_m.embedding.word_embeddings.weight",
+            "model.output_layer.weight",
+            "global_step",
+            "output_layer",
+        ] {
+            assert!(!on_last_stage(n), "{n}");
+        }
     }
 
     #[test]

@@ -389,6 +389,16 @@ def parse_shard_key(key: str) -> tuple[str, int]:
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
+def on_last_stage(name: str) -> bool:
+    """A MindFormers job keeps the final norm and the output layer (and their adam_m./adam_v.
+    states) on its last pipeline stage."""
+    for pre in ("adam_m.", "adam_v."):
+        if name.startswith(pre):
+            name = name[len(pre):]
+            break
+    return name.startswith(("decoder.final_layernorm.", "output_layer."))
+
+
 def layer_of(name: str):
     m = LAYER_RE.search(name)
     return int(m.group(1)) if m else None
@@ -732,6 +742,8 @@ def expected_for(params: list[Param], S: int, P: int, target: Target) -> Expecte
                 li = layer_of(p.name)
                 if li is not None:
                     st = li * Pt // L
+                elif P == 1:  # a single-stage source: where MindFormers puts them (README, --pp)
+                    st = Pt - 1 if on_last_stage(p.name) else 0
                 else:
                     st = 0 if p.stage == 0 else Pt - 1
             lay = None

@@ -293,6 +293,7 @@ class Mount:
         self.devs: set[int] = set()
         self.popens: list[subprocess.Popen] = []
         self.notes: list[str] = []
+        self.env = dict(SUB_ENV)  # the environment the mount command (and its daemon) gets
 
     # -- starting ---------------------------------------------------------------------------
 
@@ -302,7 +303,7 @@ class Mount:
     def start(self, src, args=(), timeout=30) -> Proc:
         """`reshardfs mount SRC MNT ARGS` in the background mode; returns when it exits."""
         cmd = self.command(src, args)
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=SUB_ENV)
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
         self.popens.append(p)
         try:
             out, err = p.communicate(timeout=timeout)
@@ -326,7 +327,7 @@ class Mount:
     def start_foreground(self, src, args=(), log=None) -> subprocess.Popen:
         cmd = self.command(src, args, foreground=True)
         logf = open(log, "wb") if log else subprocess.DEVNULL
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=SUB_ENV)
+        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=self.env)
         if log:
             logf.close()
         self.popens.append(p)

@@ -186,6 +186,9 @@ def empty_folder(root: Path):
 SOURCE_CMDS = ("inspect", "plan", "export", "mount")
 TARGET_CMDS = ("plan", "export", "mount")
 
+# Tensors of the gpt fixture a target message may name (the first one checked fails).
+GPT_TENSORS = ["embedding.word_embeddings.weight", "decoder.layers.0.", "output_layer.weight", "final_layernorm"]
+
 # QKV_FILE's tensors in data order: the first and the last, for offset edits.
 FIRST_IN_QKV_FILE = "decoder.final_layernorm.weight"
 LAST_IN_QKV_FILE = "output_layer.weight"
@@ -263,6 +266,24 @@ CASES = [
     Bad("shard_id_names_unknown_tensor", edit_meta(lambda m: m["storage_data"].__setitem__(
         ckpt.shard_key("no.such.tensor", 0), m["storage_data"][ckpt.shard_key(QKV, 1)])), ["no.such.tensor"]),
     Bad("tracker_empty", write(TRACKER, ""), [TRACKER]),
+    # --- values MindSpore does not define (issue 10) ----------------------------------------
+    Bad("dtype_not_mindspore", edit_meta(set_field("dtype", "Float24", sub="properties")),
+        [QKV], all_of=("Float24", "metadata.json")),
+    Bad("dtype_safetensors_name", edit_meta(set_field("dtype", "F32", sub="properties")), [QKV], all_of=("F32",)),
+    Bad("dtype_not_a_string", edit_meta(set_field("dtype", 32, sub="properties")), [QKV], all_of=("dtype",)),
+    Bad("dtype_other_type_than_rank_file", edit_meta(set_field("dtype", "float16", sub="properties")),
+        ["model-0000000-0000004.safetensors"], all_of=(QKV, "float16", "F32")),
+    Bad("device_matrix_not_a_list", edit_layout("device_matrix", "1,4"), [QKV], all_of=("device_matrix",)),
+    Bad("device_matrix_negative", edit_layout("device_matrix", [-1, 4]), [QKV], all_of=("device_matrix",)),
+    Bad("device_matrix_fraction", edit_layout("device_matrix", [1, 4.5]), [QKV], all_of=("device_matrix",)),
+    Bad("tensor_map_below_minus_one", edit_layout("tensor_map", [-2, -1]), [QKV], all_of=("tensor_map",)),
+    Bad("tensor_map_fraction", edit_layout("tensor_map", [0.5, -1]), [QKV], all_of=("tensor_map",)),
+    Bad("alias_name_not_strings", edit_layout("alias_name", [1, 2]), [QKV], all_of=("alias_name",)),
+    Bad("alias_name_empty", edit_layout("alias_name", ["dp", ""]), [QKV], all_of=("alias_name",)),
+    Bad("interleaved_not_bool", edit_layout("interleaved_parallel", "no"), [QKV], all_of=("interleaved_parallel",)),
+    Bad("rank_list_negative", edit_layout("rank_list", [0, 1, 2, -3]), [QKV], all_of=("rank_list",)),
+    Bad("allow_to_save_not_bool", edit_meta(set_field("allow_to_save", "yes", sub="properties")), [QKV],
+        all_of=("allow_to_save",)),
     # --- targets --------------------------------------------------------------------------
     Bad("mesh_tp3_does_not_divide", None, None, target=["--mesh", "tp=3"], cmds=TARGET_CMDS),
     Bad("mesh_unknown_alias", None, ["xx"], target=["--mesh", "xx=2"], cmds=TARGET_CMDS, all_of=("xx", "dp", "tp")),
@@ -276,6 +297,24 @@ CASES = [
     Bad("strategy_lacks_tensor", None, ["output_layer.weight"], target=["--strategy", "{tmp}/strategy.json"],
         cmds=TARGET_CMDS),
     Bad("strategy_not_json", None, ["strategy.json"], target=["--strategy", "{tmp}/strategy.json"], cmds=TARGET_CMDS),
+    # --- hostile sizes (issue 10): products wrap in u64 unless checked --------------------
+    # dp=2^63 x tp=2 wrapped to 0 ranks per stage: exit 0 and a view whose files held nothing.
+    Bad("mesh_dp_2_63_wraps", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=9223372036854775808"],
+        cmds=TARGET_CMDS, all_of=("dp=9223372036854775808",)),
+    Bad("mesh_product_wraps", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=4294967296,tp=4294967296"],
+        cmds=TARGET_CMDS, all_of=("4294967296",)),
+    Bad("mesh_world_too_large", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=4611686018427387904"],
+        cmds=TARGET_CMDS, all_of=("dp=4611686018427387904",)),
+    Bad("mesh_size_beyond_u64", None, ["dp"], fixture=GPT, target=["--mesh", "dp=18446744073709551616"],
+        cmds=TARGET_CMDS),
+    Bad("pp_huge", None, ["pp", "layers"], fixture=GPT, target=["--pp", "18446744073709551615"], cmds=TARGET_CMDS),
+    Bad("strategy_empty_placement", None, ["output_layer.weight"], target=["--strategy", "{tmp}/strategy.json"],
+        cmds=TARGET_CMDS, all_of=("strategy.json", "no rank")),
+    Bad("strategy_rank_huge", None, [QKV], target=["--strategy", "{tmp}/strategy.json"], cmds=TARGET_CMDS,
+        all_of=("9223372036854775807",)),
+    Bad("storage_rank_huge", edit_meta(lambda m: [e.__setitem__("storage_rank", 2**64 - 1)
+                                                 for e in m["storage_data"][ckpt.shard_key(QKV, 1)]]),
+        ["metadata.json"], all_of=("18446744073709551615",)),
     # --- plain safetensors folders (no metadata.json) -------------------------------------
     Bad("plain_index_names_missing_file", None, ["b.safetensors"], src="plain"),
     Bad("plain_file_not_safetensors", None, ["broken.safetensors"], src="plain"),
@@ -292,6 +331,17 @@ def write_strategy(case, tmp: Path):
         (tmp / "strategy.json").write_text(json.dumps(layouts))
     elif case.id == "strategy_not_json":
         (tmp / "strategy.json").write_text(json.dumps(layouts)[:-10])
+    elif case.id == "strategy_empty_placement":
+        # A metadata.json strategy whose storage_data names no holder of a whole tensor.
+        target = json.loads(json.dumps(meta))
+        target["state_dict_metadata"]["output_layer.weight"]["layout"] = None
+        for key in list(target["storage_data"]):
+            if key.startswith("('output_layer.weight'"):
+                target["storage_data"][key] = []
+        (tmp / "strategy.json").write_text(json.dumps(target))
+    elif case.id == "strategy_rank_huge":
+        layouts[QKV] = dict(layouts[QKV], rank_list=[0, 1, 2, 2**63 - 1])
+        (tmp / "strategy.json").write_text(json.dumps(layouts))
 
 
 def make_plain(case, tmp: Path) -> Path:
@@ -402,3 +452,12 @@ def test_source_left_untouched(tmp_path, reshardfs_bin):
     ckpt.export(root, tmp_path / "b", ["--mesh", "tp=2"])
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert before == after
+
+
+@pytest.mark.parametrize("name", ["float32", "FLOAT32", "Float32"])
+def test_dtype_names_compare_case_insensitively(name, fixture_copy, reshardfs_bin):
+    """MindSpore writes `Float32` or `float32` by run mode: any case names the same type."""
+    root = fixture_copy(TP4)
+    edit_meta(set_field("dtype", name, sub="properties"))(root)
+    run = ckpt.run_cli(["inspect", root])
+    assert run.code == 0, str(run)

@@ -1,0 +1,106 @@
+"""`--pp N` places tensors outside the layers where MindFormers does (issue 10).
+
+The expected views are built here from the rule as the README states it, over sources written by
+the Python writer (`ckpt.write_iteration`), never from reshardfs's own output:
+
+* layer `i` of `L` goes to stage `i*N//L`;
+* from a single-stage source, `decoder.final_layernorm.*` and `output_layer.*` (and their `adam_m.`
+  and `adam_v.` states) go to the last stage, every other tensor outside the layers to the first;
+* from a multi-stage source, such a tensor stays first if it was first, else goes last.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+import ckpt
+from ckpt import Param
+
+L = 4
+S = 2  # ranks per stage: dp=2 x tp=1
+MODEL = ["embedding.word_embeddings.weight"] + [f"decoder.layers.{i}.mlp.weight" for i in range(L)] + [
+    "decoder.final_layernorm.weight",
+    "output_layer.weight",
+]
+
+
+def layout(stage: int, ndim: int) -> dict:
+    return ckpt.make_layout([2, 1], [-1] * ndim, ["dp", "tp"], range(stage * S, (stage + 1) * S))
+
+
+def write_source(root, stage_of: dict, stages: int):
+    """A checkpoint root whose tensors sit on the given source stages, with optimizer states."""
+    rng = np.random.default_rng(7)
+    params = []
+    for name in MODEL:
+        st = stage_of[name]
+        arr = rng.standard_normal((4, 2)).astype("<f4")
+        params.append(Param(name, "F32", arr, layout(st, 2), st))
+        for pre in ("adam_m.", "adam_v."):
+            params.append(Param(pre + name, "F32", arr * 2, layout(st, 2), st, "opt"))
+    params.append(Param("global_step", "I64", np.array([5], dtype="<i8"), None, 0, "opt"))
+    it = root / ckpt.iteration_dir_name(1)
+    ckpt.write_iteration(it, params, S, stages)
+    ckpt.write_tracker(root, 1)
+    return {p.name: p for p in params}
+
+
+def strip(name: str) -> str:
+    for pre in ("adam_m.", "adam_v."):
+        if name.startswith(pre):
+            return name[len(pre):]
+    return name
+
+
+def expected_stage(name: str, n: int, src_stage: int, single_stage: bool) -> int:
+    base = strip(name)
+    if base.startswith("decoder.layers."):
+        return int(base.split(".")[2]) * n // L
+    if single_stage:
+        return n - 1 if base.startswith(("decoder.final_layernorm.", "output_layer.")) else 0
+    return 0 if src_stage == 0 else n - 1
+
+
+def check_view(dest, params: dict, n: int, single_stage: bool):
+    it = dest / ckpt.iteration_dir_name(1)
+    world = n * S
+    meta = json.loads((it / "metadata.json").read_text())
+    held = {}
+    for kind in ("model", "opt"):
+        for r in range(world):
+            sf = ckpt.read_safetensors(it / ckpt.file_name(None, kind, r, world))
+            for name, (_, arr) in sf.tensors.items():
+                held.setdefault(name, []).append(r)
+                np.testing.assert_array_equal(arr, params[name].array, err_msg=f"{name} on rank {r}")
+    assert set(held) == set(params)
+    for name, p in params.items():
+        st = expected_stage(name, n, p.stage, single_stage)
+        want = list(range(st * S, (st + 1) * S))
+        assert sorted(held[name]) == want, f"{name}: held by ranks {held[name]}, expected stage {st}: {want}"
+        lay = meta["state_dict_metadata"][name]["layout"]
+        if lay is not None:
+            assert lay["rank_list"] == want, f"{name}: metadata.json rank_list {lay['rank_list']}, expected {want}"
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("target", [["--pp"], ["--mesh", "dp=2,tp=1", "--pp"]], ids=["pp", "mesh+pp"])
+def test_single_stage_source_puts_norm_and_output_last(tmp_path, reshardfs_bin, n, target):
+    params = write_source(tmp_path / "src", {name: 0 for name in MODEL}, 1)
+    run = ckpt.export(tmp_path / "src", tmp_path / "dest", target + [str(n)])
+    assert run.code == 0, str(run)
+    check_view(tmp_path / "dest", params, n, single_stage=True)
+    if n > 1:  # the rule is not the old one: the output layer left the first stage
+        assert expected_stage("adam_v.output_layer.weight", n, 0, True) == n - 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_multi_stage_source_keeps_first_and_last(tmp_path, reshardfs_bin, n):
+    # Two source stages; the embedding on the first, norm and output on the last, layers split 2/2.
+    stage_of = {name: 0 for name in MODEL}
+    for name in MODEL[3:]:
+        stage_of[name] = 1
+    params = write_source(tmp_path / "src", stage_of, 2)
+    run = ckpt.export(tmp_path / "src", tmp_path / "dest", ["--pp", str(n)])
+    assert run.code == 0, str(run)
+    check_view(tmp_path / "dest", params, n, single_stage=False)
