@@ -39,7 +39,8 @@ TORCH_NAMES = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
 
 PRESETS = {
     "tiny": dict(layers=2, hidden=64, intermediate=96, heads=4, groups=2, head_dim=16, vocab=256, shards=2),
-    # ~2 GiB in bf16: 6 layers of hidden 4096 (~0.37 GiB each incl. fc1/fc2 of 12288) + embeddings
+    # 1.94 GiB in bf16: 4 layers of hidden 4096 (0.36 GiB each, intermediate 12288) + 0.5 GiB of
+    # untied embeddings (vocab 32768)
     "bench-2g": dict(layers=4, hidden=4096, intermediate=12288, heads=32, groups=8, head_dim=128, vocab=32768,
                      shards=2),
     "qwen3-32b": dict(layers=64, hidden=5120, intermediate=25600, heads=64, groups=8, head_dim=128, vocab=151936,
