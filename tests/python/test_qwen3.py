@@ -786,7 +786,8 @@ def test_bad_input_exit_2(case, mounts, tmp_path, reshardfs_bin):
     assert not m.is_mounted(), "mounted despite the error"
     for w in words:
         assert w in p.stderr, f"mount's message must name {w!r}:\n{p}"
-    if case[0] != "hf-without-model-or-files":
+    # inspect reads the source alone: a bad target is not its to refuse
+    if case[0] not in ("hf-without-model-or-files", "groups-not-divisible-by-tp"):
         r = run_bin(["inspect", src] + (["--model", "qwen3"] if "--model" in args else []))
         assert r.code == 2, f"inspect must exit 2:\n{r}"
 
