@@ -607,18 +607,8 @@ fn ranges(start: &[u64], shape: &[u64]) -> String {
 
 /// Bytes with a binary unit.
 pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    // indicatif (already drawing export's progress bar) formats binary units.
+    indicatif::BinaryBytes(bytes).to_string()
 }
 
 /// Left-aligned columns separated by two spaces.
