@@ -9,6 +9,15 @@ cd "$ROOT"
 
 PY="$(scripts/pyenv.sh)"
 
+# The mount tests need FUSE's fusermount3 (Debian's fuse3): install it when missing and root.
+if ! command -v fusermount3 >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 >/dev/null
+    else
+        echo "test.sh: fusermount3 is missing; install Debian's fuse3 (as root: apt-get install fuse3)" >&2
+    fi
+fi
+
 cargo build
 cargo test
 
