@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build, run the Rust tests, then the Python integration tests against the debug binary.
+# Check formatting and lints, build, run the Rust tests, then the Python integration tests
+# against the debug binary.
 #   scripts/test.sh [extra pytest args, e.g. -k fixtures -x]
 # Env: RESHARDFS_PROP_CASES (default 150), RESHARDFS_PROP_SEED (property-test base seed).
 set -euo pipefail
@@ -18,6 +19,12 @@ if ! command -v fusermount3 >/dev/null 2>&1; then
     fi
 fi
 
+# Formatting and lints first: a style or lint failure fails the suite.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy
+fi
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
 cargo build
 cargo test
 
