@@ -229,3 +229,40 @@ def test_no_dev_fuse_is_explained(world, user):
     body = f"{MOUNT.format(b=b)}; echo \"mount-exit $?\"\n" + CHECK_NOTHING_LEFT.format(b=b)
     r = scenario(b, user, body, no_dev_fuse=True)
     refused(r, b, "/dev/fuse", "does not exist", "modprobe")
+
+
+def test_fusermount3_refusal_is_reported(world, user):
+    """A mount point the user may not write: fusermount3 refuses, from inside the daemon; its
+    message comes back as the command's error (exit 2) and nothing is left."""
+    need_mode(os.access("/dev/fuse", os.R_OK | os.W_OK), "/dev/fuse is not accessible to this user")
+    if not IS_ROOT:
+        pytest.skip("needs root to make a mount point the user does not own")
+    b = world
+    (b / "rootmnt").mkdir(mode=0o755)
+    body = (f"{b}/reshardfs mount {b}/src {b}/rootmnt --mesh tp=2; echo \"mount-exit $?\"\n"
+            + CHECK_NOTHING_LEFT.format(b=b).replace(f"{b}/mnt", f"{b}/rootmnt"))
+    r = scenario(b, user, body, fuse_mode=0o666)
+    refused(r, b, "fusermount3", "rootmnt")
+
+
+def test_foreground_user_mount_unmounts_on_sigterm(world, user):
+    """--foreground as an ordinary user: SIGTERM unmounts through fusermount3 -u and ends."""
+    need_mode(os.access("/dev/fuse", os.R_OK | os.W_OK), "/dev/fuse is not accessible to this user")
+    b = world
+    body = f"""{MOUNT.format(b=b)} --foreground &
+fg=$!
+i=0; until grep -q " {b}/mnt " /proc/self/mountinfo || [ $i -ge 200 ]; do sleep 0.05; i=$((i+1)); done
+grep -q " {b}/mnt " /proc/self/mountinfo && echo mounted
+head -c 8 {b}/mnt/iteration_00000005/model-0000000-0000002.safetensors | od -An -tu8 | tr -d ' ' | sed 's/^/header-len /'
+kill -TERM $fg
+i=0; while [ -e /proc/$fg ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+[ -e /proc/$fg ] && echo "still-running" && kill -9 $fg
+wait $fg; echo "fg-exit $?"
+""" + CHECK_NOTHING_LEFT.format(b=b)
+    r = scenario(b, user, body, fuse_mode=0o666)
+    out = r.stdout
+    assert "mounted" in out.split(), out + r.stderr
+    assert "header-len" in out, out
+    assert "still-running" not in out, out
+    assert "fg-exit 0" in out, out + r.stderr
+    assert "mounted-anyway" not in out and "leftover" not in out, out
