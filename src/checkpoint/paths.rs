@@ -20,15 +20,23 @@ pub(crate) const MAX_FILES: usize = 1 << 15;
 /// common.json and the tracker are small; a large one is not a checkpoint's.
 pub(crate) const MAX_SMALL_FILE_BYTES: u64 = 16 << 20;
 
+/// Reads a whole file of at most `cap` bytes. The cap holds while reading,
+/// not only by the size `stat` reports: a FIFO or a device (`/dev/zero`
+/// given as `--strategy`) reports 0 and would otherwise be read forever.
 pub(crate) fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
-    let len = fs::metadata(path).map_err(|e| source_io(path, e))?.len();
-    if len > cap {
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(|e| source_io(path, e))?;
+    let mut buf = Vec::new();
+    file.take(cap.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(|e| source_io(path, e))?;
+    if buf.len() as u64 > cap {
         bail!(
-            "{}: {len} bytes, more than the {cap} this file may hold",
+            "{}: more than the {cap} bytes this file may hold",
             path.display()
         );
     }
-    fs::read(path).map_err(|e| source_io(path, e))
+    Ok(buf)
 }
 
 /// Opens a file named by the checkpoint, refusing names and links that lead
@@ -184,6 +192,16 @@ pub fn overlap_with_source(source: &Path, other: &Path) -> std::io::Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_reads_are_capped_while_reading() {
+        let e = read_small(Path::new("/dev/zero"), 1 << 10).unwrap_err();
+        assert!(e.to_string().contains("more than the 1024 bytes"), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("f"), b"12345").unwrap();
+        assert_eq!(read_small(&tmp.path().join("f"), 5).unwrap(), b"12345");
+        assert!(read_small(&tmp.path().join("f"), 4).is_err());
+    }
 
     #[test]
     fn the_opened_file_is_what_is_checked() {
