@@ -6,7 +6,7 @@
 //! latest iteration is still being written.
 
 use std::collections::HashSet;
-use std::fs::{self, File};
+use std::fs;
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -264,47 +264,56 @@ fn prepare_dest(dest: &Path, force: bool) -> Result<()> {
     }
 }
 
+/// Writes one file under a temporary name in its folder, renamed over the
+/// final name once complete (`tempfile`'s `persist`); a failed write leaves
+/// nothing (the temporary file is removed when dropped).
 fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressBar) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let name = job
         .path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = job.path.with_file_name(format!(".{name}.reshardfs-tmp"));
-    let ctx = |what: &str| format!("{what} {}", tmp.display());
-    let result = (|| -> Result<()> {
-        let mut f = File::create(&tmp).map_err(|e| Error::io(ctx("creating"), e))?;
-        match &job.content {
-            Content::Bytes(b) => {
-                f.write_all(b).map_err(|e| Error::io(ctx("writing"), e))?;
-                bar.inc(b.len() as u64);
-            }
-            Content::View { it, file, size } => {
-                let mut off = 0u64;
-                while off < *size {
-                    let n = engine
-                        .read(*it, *file, off, buf)
-                        .map_err(|e| crate::bad!("{e}"))?
-                        .bytes;
-                    if n == 0 {
-                        break;
-                    }
-                    f.write_all(&buf[..n])
-                        .map_err(|e| Error::io(ctx("writing"), e))?;
-                    off += n as u64;
-                    bar.inc(n as u64);
+    let dir = job.path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".reshardfs-tmp")
+        // As File::create: 0666 less the umask (tempfile's default is 0600).
+        .permissions(fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
+    let ctx = |what: &str| format!("{what} {}", job.path.display());
+    match &job.content {
+        Content::Bytes(b) => {
+            tmp.write_all(b).map_err(|e| Error::io(ctx("writing"), e))?;
+            bar.inc(b.len() as u64);
+        }
+        Content::View { it, file, size } => {
+            let mut off = 0u64;
+            while off < *size {
+                let n = engine
+                    .read(*it, *file, off, buf)
+                    .map_err(|e| crate::bad!("{e}"))?
+                    .bytes;
+                if n == 0 {
+                    break;
                 }
+                tmp.write_all(&buf[..n])
+                    .map_err(|e| Error::io(ctx("writing"), e))?;
+                off += n as u64;
+                bar.inc(n as u64);
             }
         }
-        fs::rename(&tmp, &job.path).map_err(|e| {
-            Error::io(
-                format!("renaming {} to {}", tmp.display(), job.path.display()),
-                e,
-            )
-        })
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
     }
-    result
+    tmp.persist(&job.path).map_err(|e| {
+        Error::io(
+            format!(
+                "renaming {} to {}",
+                e.file.path().display(),
+                job.path.display()
+            ),
+            e.error,
+        )
+    })?;
+    Ok(())
 }

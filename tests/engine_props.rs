@@ -1,7 +1,9 @@
 //! Property test of the planner and byte engine: random tensors, random source
-//! and target layouts, random read ranges. Expected bytes come from slicing
-//! the full tensor element by element with this file's own layout math,
-//! written from FORMAT.md independently of `src/layout.rs`.
+//! layouts, random targets (`--mesh`, `--mesh` with `--pp`, `--strategy`,
+//! `--unshard`), random read ranges. Expected bytes come from slicing the
+//! full tensor element by element with this file's own layout math, and
+//! expected headers are written by hand from the format, both from FORMAT.md
+//! and the README's rules, independently of `src/`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +23,64 @@ struct Case {
     dst_dm: Vec<u64>,
     tensors: Vec<TensorCase>,
     reads: Vec<(u64, u64)>,
+    target: Target,
+    /// Name the first tensor as the embedding, the last as the output layer
+    /// (each only when a layer tensor remains): where `--pp` puts tensors
+    /// outside the layers.
+    embedding: bool,
+    output: bool,
+}
+
+/// Which kind of target, with what it needs.
+#[derive(Debug, Clone)]
+enum Target {
+    /// `--mesh` with `dst_dm`, and `--pp N` (N = 1 + n % layers) when given.
+    Mesh {
+        pp: Option<u64>,
+    },
+    /// `--strategy` {name: layout} with `dst_dm`, each tensor's own map, and
+    /// its ranks in an order drawn from `perm_seed`.
+    Strategy {
+        perm_seed: u64,
+    },
+    Unshard,
+}
+
+impl Case {
+    fn name(&self, ti: usize) -> String {
+        let n = self.tensors.len();
+        if self.embedding && n >= 2 && ti == 0 {
+            "embedding.word_embeddings.weight".into()
+        } else if self.output && n >= 2 + usize::from(self.embedding) && ti == n - 1 {
+            "output_layer.weight".into()
+        } else {
+            format!(
+                "decoder.layers.{}.w",
+                ti - usize::from(self.embedding && n >= 2)
+            )
+        }
+    }
+
+    fn layers(&self) -> u64 {
+        (0..self.tensors.len())
+            .filter(|&ti| self.name(ti).starts_with("decoder.layers."))
+            .count() as u64
+    }
+
+    /// The rank list of tensor `ti` in a `--strategy` target: 0..S in an
+    /// order drawn from the seed (Fisher-Yates with xorshift).
+    fn strategy_ranks(&self, ti: usize, seed: u64) -> Vec<u64> {
+        let s: u64 = self.dst_dm.iter().product();
+        let mut ranks: Vec<u64> = (0..s).collect();
+        let mut rng = (seed ^ (ti as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        for i in (1..ranks.len()).rev() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ranks.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        ranks
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -98,27 +158,58 @@ fn cut(full: &[u8], shape: &[u64], es: u64, start: &[u64], len: &[u64]) -> Vec<u
     out
 }
 
+/// A tensor a target rank holds: (tensor index, slice start, slice shape).
+type Held = (usize, Vec<u64>, Vec<u64>);
+
 /// A rank file's tensors: name -> (dtype, shape, bytes).
 type RankTensors = BTreeMap<String, (&'static str, Vec<u64>, Vec<u8>)>;
 
-fn write_safetensors(path: &Path, tensors: &RankTensors) {
+/// A safetensors header as FORMAT.md section 2 describes MindSpore's: length
+/// prefix, `__metadata__` `{"format":"ms"}` first, keys sorted, tensors back
+/// to back in key order, padded with spaces to a multiple of 8. Built here by
+/// hand, not by the crate's `build_header`, so a view's header is checked
+/// against the format, not against the code under test.
+fn header_bytes(tensors: &[(&str, &str, &[u64])]) -> Vec<u8> {
+    let mut sorted: Vec<_> = tensors.to_vec();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut header = String::from(r#"{"__metadata__":{"format":"ms"}"#);
-    let mut data = Vec::new();
-    for (name, (dtype, shape, bytes)) in tensors {
+    let mut at = 0u64;
+    for (name, dtype, shape) in sorted {
+        let n = shape.iter().product::<u64>() * dtype_size(dtype);
         header += &format!(
-            r#","{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{},{}]}}"#,
-            data.len(),
-            data.len() + bytes.len()
+            r#","{name}":{{"dtype":"{dtype}","shape":{},"data_offsets":[{at},{}]}}"#,
+            serde_json::to_string(shape).unwrap(),
+            at + n
         );
-        data.extend_from_slice(bytes);
+        at += n;
     }
     header.push('}');
     while header.len() % 8 != 0 {
         header.push(' ');
     }
-    let mut file = (header.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(header.as_bytes());
-    file.extend_from_slice(&data);
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out
+}
+
+fn dtype_size(dtype: &str) -> u64 {
+    match dtype {
+        "F32" => 4,
+        "BF16" => 2,
+        "U8" => 1,
+        _ => 8,
+    }
+}
+
+fn write_safetensors(path: &Path, tensors: &RankTensors) {
+    let entries: Vec<(&str, &str, &[u64])> = tensors
+        .iter()
+        .map(|(n, (d, s, _))| (n.as_str(), *d, s.as_slice()))
+        .collect();
+    let mut file = header_bytes(&entries);
+    for (_, _, bytes) in tensors.values() {
+        file.extend_from_slice(bytes);
+    }
     std::fs::write(path, file).unwrap();
 }
 
@@ -140,7 +231,7 @@ fn write_source(c: &Case, dir: &Path, seed: u64) -> BTreeMap<String, (Vec<u64>, 
     let mut storage = serde_json::Map::new();
     let mut rng = seed | 1;
     for (ti, t) in c.tensors.iter().enumerate() {
-        let name = format!("decoder.layers.{ti}.w");
+        let name = c.name(ti);
         let shape = t.shape(c);
         let es = t.dtype.1;
         let n: u64 = shape.iter().product();
@@ -172,19 +263,7 @@ fn write_source(c: &Case, dir: &Path, seed: u64) -> BTreeMap<String, (Vec<u64>, 
                 ),
             );
         }
-        let tensor_map: Vec<serde_json::Value> = t
-            .map
-            .iter()
-            .map(|axes| match axes.as_slice() {
-                [] => serde_json::json!(-1),
-                [a] => serde_json::json!(c.src_dm.len() - 1 - a),
-                many => serde_json::json!(
-                    many.iter()
-                        .map(|a| c.src_dm.len() - 1 - a)
-                        .collect::<Vec<_>>()
-                ),
-            })
-            .collect();
+        let tensor_map = json_map(&t.map, c.src_dm.len());
         sdm.insert(
             name.clone(),
             serde_json::json!({
@@ -225,14 +304,31 @@ fn case() -> impl Strategy<Value = Case> {
                 proptest::collection::vec(1u64..=4, axes),
                 proptest::collection::vec(tensor_case(axes), 1..4),
                 proptest::collection::vec((0u64..100_000, 1u64..5000), 1..12),
+                target(),
+                any::<bool>(),
+                any::<bool>(),
             )
         })
-        .prop_map(|(src_dm, dst_dm, tensors, reads)| Case {
-            src_dm,
-            dst_dm,
-            tensors,
-            reads,
-        })
+        .prop_map(
+            |(src_dm, dst_dm, tensors, reads, target, embedding, output)| Case {
+                src_dm,
+                dst_dm,
+                tensors,
+                reads,
+                target,
+                embedding,
+                output,
+            },
+        )
+}
+
+fn target() -> impl Strategy<Value = Target> {
+    prop_oneof![
+        2 => Just(Target::Mesh { pp: None }),
+        2 => (0u64..8).prop_map(|n| Target::Mesh { pp: Some(n) }),
+        1 => any::<u64>().prop_map(|perm_seed| Target::Strategy { perm_seed }),
+        1 => Just(Target::Unshard),
+    ]
 }
 
 fn tensor_case(axes: usize) -> impl Strategy<Value = TensorCase> {
@@ -279,21 +375,88 @@ proptest! {
     fn every_view_byte_equals_slicing_the_full_tensor(c in case(), seed in any::<u64>()) {
         let dir = tempfile::tempdir().unwrap();
         let full = write_source(&c, dir.path(), seed);
-        let sizes: Vec<(String, u64)> = ALIASES.iter().zip(&c.dst_dm).map(|(a, n)| (a.to_string(), *n)).collect();
-        let plan = Plan::build(Source::open(dir.path()).unwrap(), TargetSpec::Mesh { sizes, pp: None }).unwrap();
+        let s: u64 = c.dst_dm.iter().product();
+        let layers = c.layers();
+        // The target, and the expected holders: per target rank, each tensor
+        // it holds with the slice, from this file's own reading of the README
+        // rules and FORMAT.md section 4.
+        let (spec, world) = match &c.target {
+            Target::Mesh { pp } => {
+                let sizes: Vec<(String, u64)> = ALIASES.iter().zip(&c.dst_dm).map(|(a, n)| (a.to_string(), *n)).collect();
+                let pp = pp.map(|n| 1 + n % layers.max(1));
+                (TargetSpec::Mesh { sizes, pp }, s * pp.unwrap_or(1))
+            }
+            Target::Strategy { perm_seed } => {
+                let path = dir.path().join("strategy.json");
+                let mut obj = serde_json::Map::new();
+                for (ti, t) in c.tensors.iter().enumerate() {
+                    obj.insert(c.name(ti), serde_json::json!({
+                        "device_matrix": c.dst_dm,
+                        "tensor_map": json_map(&t.map, c.dst_dm.len()),
+                        "alias_name": &ALIASES[..c.dst_dm.len()],
+                        "rank_list": c.strategy_ranks(ti, *perm_seed),
+                    }));
+                }
+                std::fs::write(&path, serde_json::to_vec(&obj).unwrap()).unwrap();
+                (TargetSpec::Strategy(path), s)
+            }
+            Target::Unshard => (TargetSpec::Unshard, 1),
+        };
+        // rank -> [(tensor index, start, len)]
+        let mut holds: Vec<Vec<Held>> = vec![vec![]; world as usize];
+        for (ti, t) in c.tensors.iter().enumerate() {
+            let name = c.name(ti);
+            let shape = &full[&name].0;
+            match &c.target {
+                Target::Unshard => holds[0].push((ti, vec![0; shape.len()], shape.clone())),
+                Target::Strategy { perm_seed } => {
+                    for (i, r) in c.strategy_ranks(ti, *perm_seed).into_iter().enumerate() {
+                        let (start, len) = slice_of(i as u64, &c.dst_dm, &t.map, shape);
+                        holds[r as usize].push((ti, start, len));
+                    }
+                }
+                Target::Mesh { pp } => {
+                    let stages = world / s;
+                    let stage = match (pp, name.strip_prefix("decoder.layers.")) {
+                        (None, _) => 0,
+                        (Some(_), Some(rest)) => {
+                            let i: u64 = rest.split('.').next().unwrap().parse().unwrap();
+                            i * stages / layers
+                        }
+                        // A single-stage source: the output layer goes last,
+                        // everything else outside the layers first.
+                        (Some(_), None) if name == "output_layer.weight" => stages - 1,
+                        (Some(_), None) => 0,
+                    };
+                    for i in 0..s {
+                        let (start, len) = slice_of(i, &c.dst_dm, &t.map, shape);
+                        holds[(stage * s + i) as usize].push((ti, start, len));
+                    }
+                }
+            }
+        }
+        let plan = Plan::build(Source::open(dir.path()).unwrap(), spec).unwrap();
         let ip = &plan.iterations[0];
-        let world: u64 = c.dst_dm.iter().product();
         prop_assert_eq!(ip.world, world);
+        prop_assert_eq!(ip.files.len() as u64, world);
         let engine = Engine::new(&plan);
         for (fi, vf) in ip.files.iter().enumerate() {
-            // Expected file: the plan's header, then each tensor's slice cut
-            // from the full tensor by this test's own layout math.
-            let mut want = vf.header.clone();
-            for (ti, t) in c.tensors.iter().enumerate() {
-                let name = format!("decoder.layers.{ti}.w");
-                let (shape, es, bytes) = &full[&name];
-                let (start, len) = slice_of(vf.rank, &c.dst_dm, &t.map, shape);
-                want.extend(cut(bytes, shape, *es, &start, &len));
+            // Expected file: a header built by hand from the expected
+            // holdings, then each tensor's slice cut from the full tensor,
+            // in name order.
+            let mut mine: Vec<(String, &Held)> =
+                holds[vf.rank as usize].iter().map(|h| (c.name(h.0), h)).collect();
+            mine.sort_by(|a, b| a.0.cmp(&b.0));
+            let entries: Vec<(&str, &str, &[u64])> = mine
+                .iter()
+                .map(|(n, (ti, _, len))| (n.as_str(), c.tensors[*ti].dtype.0, len.as_slice()))
+                .collect();
+            let mut want = header_bytes(&entries);
+            prop_assert!(vf.header == want, "file {}: header differs:\n got  {}\n want {}",
+                vf.name, String::from_utf8_lossy(&vf.header[8..]), String::from_utf8_lossy(&want[8..]));
+            for (n, (_, start, len)) in &mine {
+                let (shape, es, bytes) = &full[n];
+                want.extend(cut(bytes, shape, *es, start, len));
             }
             prop_assert_eq!(vf.size, want.len() as u64);
             // One read of everything, then random ranges (some past the end).
@@ -311,4 +474,15 @@ proptest! {
             }
         }
     }
+}
+
+/// A tensor map in MindSpore's JSON form (values count axes from the last).
+fn json_map(map: &[Vec<usize>], axes: usize) -> Vec<serde_json::Value> {
+    map.iter()
+        .map(|m| match m.as_slice() {
+            [] => serde_json::json!(-1),
+            [a] => serde_json::json!(axes - 1 - a),
+            many => serde_json::json!(many.iter().map(|a| axes - 1 - a).collect::<Vec<_>>()),
+        })
+        .collect()
 }

@@ -49,9 +49,16 @@ pub fn register(ptr: *const u8, len: usize) -> RegionId {
         );
         return RegionId(None);
     }
+    // Publication order: `COUNT` already shows slot `i` to the handler, so
+    // the slot must never look live before it is whole. `len` is stored
+    // last (Release) and read first (Acquire) by the handler, which skips a
+    // slot whose `len` is 0; so a live-looking slot always has its `start`.
+    // (Storing `len` first left a window in which the slot read as
+    // `[0, len)`, and a stray fault at a low address would have been
+    // patched with zeros instead of crashing.)
     let r = &REGIONS[i];
+    r.start.store(ptr as usize, Ordering::Relaxed);
     r.len.store(len, Ordering::Release);
-    r.start.store(ptr as usize, Ordering::Release);
     RegionId(Some(i))
 }
 
@@ -93,9 +100,13 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     let addr = unsafe { (*info).si_addr() } as usize;
     let n = COUNT.load(Ordering::Acquire).min(MAX_REGIONS);
     for r in &REGIONS[..n] {
-        let start = r.start.load(Ordering::Acquire);
+        // `len` first: see `register`.
         let len = r.len.load(Ordering::Acquire);
-        if addr >= start && addr < start + len {
+        if len == 0 {
+            continue;
+        }
+        let start = r.start.load(Ordering::Relaxed);
+        if addr >= start && addr - start < len {
             r.damaged.store(true, Ordering::Release);
             let page = PAGE.load(Ordering::Relaxed);
             let at = addr & !(page - 1);

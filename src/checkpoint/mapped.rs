@@ -53,11 +53,19 @@ impl Identity {
 
 impl RankFile {
     pub fn open(path: &Path) -> Result<RankFile> {
+        let file = File::open(path).map_err(|e| source_io(path, e))?;
+        RankFile::from_file(file, path)
+    }
+
+    /// A rank file from a file already opened (and checked) by the caller,
+    /// so that what is mapped is exactly what was checked: reopening by
+    /// path would let a symlink swapped in meanwhile escape the check.
+    /// `path` names it in messages and in the later identity checks.
+    pub fn from_file(file: File, path: &Path) -> Result<RankFile> {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let file = File::open(path).map_err(|e| source_io(path, e))?;
         let meta = file.metadata().map_err(|e| source_io(path, e))?;
         let identity = Identity::of(&meta);
         let len = meta.len();

@@ -20,15 +20,23 @@ pub(crate) const MAX_FILES: usize = 1 << 15;
 /// common.json and the tracker are small; a large one is not a checkpoint's.
 pub(crate) const MAX_SMALL_FILE_BYTES: u64 = 16 << 20;
 
+/// Reads a whole file of at most `cap` bytes. The cap holds while reading,
+/// not only by the size `stat` reports: a FIFO or a device (`/dev/zero`
+/// given as `--strategy`) reports 0 and would otherwise be read forever.
 pub(crate) fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
-    let len = fs::metadata(path).map_err(|e| source_io(path, e))?.len();
-    if len > cap {
+    use std::io::Read;
+    let file = fs::File::open(path).map_err(|e| source_io(path, e))?;
+    let mut buf = Vec::new();
+    file.take(cap.saturating_add(1))
+        .read_to_end(&mut buf)
+        .map_err(|e| source_io(path, e))?;
+    if buf.len() as u64 > cap {
         bail!(
-            "{}: {len} bytes, more than the {cap} this file may hold",
+            "{}: more than the {cap} bytes this file may hold",
             path.display()
         );
     }
-    fs::read(path).map_err(|e| source_io(path, e))
+    Ok(buf)
 }
 
 /// Opens a file named by the checkpoint, refusing names and links that lead
@@ -60,8 +68,12 @@ pub(crate) fn open_rank_file(
             dir.display()
         );
     }
-    let real = fs::canonicalize(&path).map_err(|e| source_io(&path, e))?;
+    // Open once, then check the file that was opened (not the path, which a
+    // symlink swapped in after the check could redirect), and map that
+    // same descriptor.
     let real_dir = fs::canonicalize(dir).map_err(|e| source_io(dir, e))?;
+    let file = fs::File::open(&path).map_err(|e| source_io(&path, e))?;
+    let real = opened_path(&file, &path)?;
     if real.parent() != Some(real_dir.as_path()) {
         bail!(
             "{}: is a link to {}, outside the checkpoint folder",
@@ -69,7 +81,29 @@ pub(crate) fn open_rank_file(
             real.display()
         );
     }
-    RankFile::open(&path)
+    RankFile::from_file(file, &path)
+}
+
+/// Where an opened file really is: the kernel's own answer in
+/// `/proc/self/fd`; without /proc, the canonical path, accepted only if it
+/// names the very file opened (same device and inode).
+fn opened_path(file: &fs::File, path: &Path) -> Result<std::path::PathBuf> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(p) = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+        return Ok(p);
+    }
+    let real = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
+    let opened = file.metadata().map_err(|e| source_io(path, e))?;
+    let named = fs::metadata(&real).map_err(|e| source_io(&real, e))?;
+    if (opened.dev(), opened.ino()) != (named.dev(), named.ino()) {
+        bail!(
+            "{}: changed while being opened (now a link to {})",
+            path.display(),
+            real.display()
+        );
+    }
+    Ok(real)
 }
 
 /// Files of an iteration, opened once each and addressed by index.
@@ -158,6 +192,40 @@ pub fn overlap_with_source(source: &Path, other: &Path) -> std::io::Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_reads_are_capped_while_reading() {
+        let e = read_small(Path::new("/dev/zero"), 1 << 10).unwrap_err();
+        assert!(e.to_string().contains("more than the 1024 bytes"), "{e}");
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("f"), b"12345").unwrap();
+        assert_eq!(read_small(&tmp.path().join("f"), 5).unwrap(), b"12345");
+        assert!(read_small(&tmp.path().join("f"), 4).is_err());
+    }
+
+    #[test]
+    fn the_opened_file_is_what_is_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("it");
+        fs::create_dir(&dir).unwrap();
+        let f = fs::File::create(dir.join("a.safetensors")).unwrap();
+        let p = opened_path(&f, &dir.join("a.safetensors")).unwrap();
+        assert_eq!(p, fs::canonicalize(dir.join("a.safetensors")).unwrap());
+        // A link leading outside is refused by what the kernel opened.
+        fs::write(tmp.path().join("outside"), b"x").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), dir.join("b.safetensors")).unwrap();
+        let e = open_rank_file(
+            &dir,
+            "b.safetensors",
+            Path::new("metadata.json"),
+            String::new,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("outside the checkpoint folder"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn overlaps_through_symlinks_and_missing_parts() {

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::checkpoint::metadata::{LayoutJson, StorageEntry, from_value, parse_shard_id};
+use crate::checkpoint::paths::{MAX_METADATA_BYTES, read_small};
 use crate::checkpoint::source::{Iteration, Tensor};
-use crate::error::{Result, source_io};
+use crate::error::Result;
 use crate::reshard::layout::{Layout, Slice};
 use crate::{bad, bail};
 
@@ -380,7 +381,8 @@ impl StageRule {
 }
 
 fn resolve_strategy(it: &Iteration, path: &Path) -> Result<Vec<Placement>> {
-    let raw = std::fs::read(path).map_err(|e| source_io(path, e))?;
+    // Capped like a source's metadata.json: a strategy is one.
+    let raw = read_small(path, MAX_METADATA_BYTES)?;
     let p = path.display();
     let json: Value = serde_json::from_slice(&raw).map_err(|e| bad!("{p}: not valid JSON: {e}"))?;
     let obj = json.as_object().ok_or_else(|| {

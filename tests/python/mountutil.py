@@ -131,6 +131,35 @@ def wait_gone(pid: int, timeout: float) -> bool:
     return not pid_alive(pid)
 
 
+def open_files_under(pid: int, prefix) -> int:
+    """How many of process `pid`'s descriptors are open on files under `prefix`. Read from
+    /proc/PID/fd (readlink never touches the mount itself)."""
+    prefix = os.path.abspath(str(prefix)).rstrip("/") + "/"
+    n = 0
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def wait_until(cond, timeout: float, what: str, step=0.02):
+    """Poll `cond()` until true; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(step)
+
+
 def daemon_pids(mnt) -> set[int]:
     """Live reshardfs processes whose command line names this mount point (the daemon, a
     foreground mount, or a `reshardfs mount` still starting)."""

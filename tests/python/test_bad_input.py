@@ -297,6 +297,9 @@ CASES = [
     Bad("strategy_lacks_tensor", None, ["output_layer.weight"], target=["--strategy", "{tmp}/strategy.json"],
         cmds=TARGET_CMDS),
     Bad("strategy_not_json", None, ["strategy.json"], target=["--strategy", "{tmp}/strategy.json"], cmds=TARGET_CMDS),
+    # A device reports size 0 and never ends: the cap holds while reading.
+    Bad("strategy_endless", None, ["/dev/zero"], target=["--strategy", "/dev/zero"], cmds=TARGET_CMDS,
+        all_of=("more than",)),
     # --- hostile sizes (issue 10): products wrap in u64 unless checked --------------------
     # dp=2^63 x tp=2 wrapped to 0 ranks per stage: exit 0 and a view whose files held nothing.
     Bad("mesh_dp_2_63_wraps", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=9223372036854775808"],

@@ -67,9 +67,14 @@ def test_reader_killed_mid_read(synth_ckpt, mounts, exports):
     pid = m.stats()["pid"]
     for delay in (0.0, 0.02, 0.1):
         p = subprocess.Popen(["cat", m.path(rel)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
+        try:
+            # Killed mid-read: once the file is open (and at varied points after), not before.
+            mountutil.wait_until(lambda: mountutil.open_files_under(p.pid, m.mnt) > 0 or p.poll() is not None,
+                                 30, f"cat to open {rel}")
+            time.sleep(delay)
+        finally:
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=30)
     assert mountutil.pid_alive(pid), "daemon died when a reader was killed"
     r = cmp(big, m.path(rel), timeout=120)
     assert r.code == 0, f"after killed readers the file reads differently:\n{r}"
@@ -87,7 +92,14 @@ def test_lazy_umount_while_reads_are_in_flight(synth_ckpt, mounts, exports):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mountutil.SUB_ENV)
                for seed in range(4)]
     try:
-        time.sleep(1)
+        # In flight: every reader holds all its files open on the mount, and the daemon is
+        # answering reads (polled, not a fixed sleep that may be too short on a loaded machine).
+        before = m.stats()["reads"]
+        mountutil.wait_until(
+            lambda: all(mountutil.open_files_under(p.pid, m.mnt) >= len(files) for p in readers)
+            and m.stats()["reads"] >= before + 2 * len(readers),
+            30, "every reader to open its files and read")
+        assert all(p.poll() is None for p in readers), "a reader ended before umount -l"
         r = mountutil.run(["umount", "-l", m.mnt], timeout=30)
         assert r.code == 0, str(r)
         assert not m.is_mounted()

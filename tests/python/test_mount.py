@@ -31,9 +31,12 @@ EXPECTED = sorted(
     if p.is_dir() and (p / "rank-0.safetensors").exists()
 )
 META = ".reshardfs"
+# Every key the tests read: a renamed key fails here, instead of an assertion silently skipped.
 STATS_KEYS = ("pid", "bytes_served", "source_bytes_read", "cache_hits", "cache_misses", "cache_bytes",
-              "cache_capacity", "reads", "read_errors")
-RO_ERRORS = ("Read-only file system", "Permission denied", "Operation not permitted")
+              "cache_capacity", "cache_blocks", "reads", "direct_reads", "read_errors", "internal_errors",
+              "block_size")
+# The mount is read-only (README): every write-like call fails with EROFS, none with another error.
+RO_ERROR = "Read-only file system"
 
 
 # ---------------------------------------------------------------------------
@@ -375,7 +378,13 @@ def test_reshardfs_folder(mounts, exports):
     assert after["bytes_served"] - stats["bytes_served"] >= size, (
         f"bytes_served {stats['bytes_served']} -> {after['bytes_served']} after reading {size} bytes of {f}")
     assert after["reads"] > stats["reads"], f"reads {stats['reads']} -> {after['reads']}"
-    assert after["source_bytes_read"] > stats["source_bytes_read"] or after["cache_hits"] > stats["cache_hits"]
+    # The first read of a view file on a fresh mount computes every data byte from the source.
+    header_len = 8 + int.from_bytes((exp_root / f).read_bytes()[:8], "little")
+    data = size - header_len
+    assert after["source_bytes_read"] - stats["source_bytes_read"] >= data, (
+        f"source_bytes_read {stats['source_bytes_read']} -> {after['source_bytes_read']} after a first read of "
+        f"{f} ({data} data bytes)")
+    assert after["internal_errors"] == 0, after
     assert after["pid"] == pid
 
     plan_tree = mount_tree(m, with_meta=True)
@@ -441,8 +450,10 @@ def test_concurrent_random_reads(cache, mounts, exports):
     if cache:
         assert stats["cache_capacity"] == 64 * 1024, stats
         assert stats["cache_misses"] > 0, stats
-        if "cache_blocks" in stats:  # blocks loaded > blocks resident: something was evicted
-            assert stats["cache_misses"] > stats["cache_blocks"], f"no eviction with a 64K cache: {stats}"
+        missing = [k for k in STATS_KEYS if k not in stats]
+        assert not missing, f"stats lacks {missing}: {stats}"
+        # blocks loaded > blocks resident: something was evicted
+        assert stats["cache_misses"] > stats["cache_blocks"], f"no eviction with a 64K cache: {stats}"
         assert stats["cache_bytes"] <= stats["cache_capacity"], f"cache holds more than --cache-size 64K: {stats}"
 
 
@@ -463,7 +474,7 @@ def test_read_only(mounts, exports):
     before = mount_tree(m, with_meta=True)
     _, ls_before = ls_long(m.path(it))
 
-    writes = [  # must fail with EROFS / EACCES / EPERM
+    writes = [  # must fail with EROFS
         ["touch", m.path("x")],
         ["touch", m.path(it, "new.safetensors")],
         ["sh", "-c", f"printf x >> '{f}'"],
@@ -488,8 +499,8 @@ def test_read_only(mounts, exports):
         r = run(cmd, timeout=30)
         if r.code == 0:
             problems.append(f"succeeded: {mountutil.cmdline(cmd)}")
-        elif cmd in writes and not any(e in r.stderr for e in RO_ERRORS):
-            problems.append(f"failed with another error than EROFS/EACCES/EPERM:\n{r}")
+        elif cmd in writes and RO_ERROR not in r.stderr:
+            problems.append(f"failed with another error than EROFS:\n{r}")
     assert not problems, "\n".join(problems)
     after = mount_tree(m, with_meta=True)
     assert after == before, f"tree changed: added {sorted(set(after) - set(before))}, removed {sorted(set(before) - set(after))}"
@@ -569,12 +580,13 @@ def test_mount_point_already_mounted(mounts, exports):
     assert r.code == 2, f"mounting over a live mount: expected exit 2\n{r}"
     assert r.stderr.strip() and "panicked" not in r.stderr, str(r)
     assert len(m.entries()) == 1, f"mounts stacked at {m.mnt}: {m.entries()}"
+    # The refused command has exited (m.start waits for it), and it refuses before forking: no
+    # process but the first daemon exists, checked at once rather than after a sleep.
+    assert m.live_pids() == {pid}, f"extra reshardfs processes for {m.mnt}: {m.live_pids()}"
     assert mountutil.pid_alive(pid), "the first daemon died"
     assert daemon_pid(m) == pid
     assert mount_tree(m) == local_tree(exp_root), "the first mount's tree changed"
     assert_cmp_all(m, exp_root, files_of(local_tree(exp_root)))
-    time.sleep(0.2)
-    assert m.live_pids() == {pid}, f"extra reshardfs processes for {m.mnt}: {m.live_pids()}"
 
 
 # ---------------------------------------------------------------------------

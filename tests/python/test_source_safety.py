@@ -52,9 +52,12 @@ AS_ITERATION = {"is": "contains", "is_via_symlink": "contains", "is_via_dotdot":
                 "contains_via_symlink_parent": "contains"}
 
 
+EXPORT_PARAMS = [(kind, case) for kind in ("root", "iteration") for case in CASES
+                 if kind == "root" or AS_ITERATION[case] is not None]
+
+
 @pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("src_kind", ["root", "iteration"])
+@pytest.mark.parametrize("src_kind,case", EXPORT_PARAMS)
 def test_export_refuses_dest_overlapping_source(tmp_path, fixture_copy, reshardfs_bin, case, force, src_kind):
     root = fixture_copy(TP4)
     (tmp_path / "link-to-parent").symlink_to(tmp_path)
@@ -62,8 +65,6 @@ def test_export_refuses_dest_overlapping_source(tmp_path, fixture_copy, reshardf
     src = root
     if src_kind == "iteration":
         src, how = root / IT, AS_ITERATION[case]
-        if how is None:
-            pytest.skip("DEST is apart from an iteration-folder source")
     before = snapshot(root)
     listing = sorted(os.listdir(tmp_path))
     run = ckpt.export(src, dest, ["--mesh", "tp=2"], force=force)
