@@ -657,7 +657,9 @@ def test_property_random_shapes_against_reference(tmp_path, reshardfs_bin):
     rng = np.random.default_rng(seed)
     for case in range(int(os.environ.get("RESHARDFS_QWEN3_CASES", "8"))):
         s, tp = random_shape(rng)
-        pp = int(rng.integers(1, s["layers"] + 1))
+        # tied embeddings on several stages: where MindFormers keeps the last stage's copy is not
+        # pinned down by any fixture, so tied shapes stay on one stage here
+        pp = 1 if s["tied"] else int(rng.integers(1, s["layers"] + 1))
         dp = int(rng.choice([1, 2]))
         src = make_hf(tmp_path / f"src{case}", s, shards=int(rng.integers(1, 4)), seed=case)
         strat = ref.Strategy(dp=dp, tp=tp, pp=pp)
@@ -895,5 +897,7 @@ def _cmd_copytree(src, dst):
 
 
 if __name__ == "__main__":
+    # never the network (everything is local), no progress bars in the test logs
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     cmd, *rest = sys.argv[1:]
     {"build": _cmd_build, "load": _cmd_load, "copytree": _cmd_copytree}[cmd](*rest)
