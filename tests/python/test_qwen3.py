@@ -820,6 +820,10 @@ def test_bad_input_exit_2(case, tmp_path, reshardfs_bin):
     assert r.code == 2, f"plan must exit 2:\n{r}"
     for w in words:
         assert w in r.stderr, f"plan's message must name {w!r}:\n{r}"
+    # inspect reads the source alone: a bad target is not its to refuse
+    if case[0] not in ("hf-without-model-or-files", "groups-not-divisible-by-tp"):
+        r = run_bin(["inspect", src] + (["--model", "qwen3"] if "--model" in args else []))
+        assert r.code == 2, f"inspect must exit 2:\n{r}"
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
