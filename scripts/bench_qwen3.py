@@ -20,7 +20,7 @@ scripts/bench.py: each run reads the source once first (page cache), then touche
 much anonymous memory as the run will fill (VM first-touch cost, see bench.py's doc), then
 mounts afresh and `cat`s every view file. Results: stdout, WORKDIR/bench_qwen3.md and .json.
 
---quick: a ~64 MiB folder (hidden 1024) and 3 runs: checks the script and the binary end to end in
+--quick: an 80 MiB folder (hidden 1024) and 3 runs: checks the script and the binary end to end in
 about a minute (the figures are not the issue's). --dry-run: writes the synthetic folders and prints
 every command it would time, without running reshardfs (works before the bridge exists).
 Needs root or /dev/fuse access and a release build (scripts/bench.sh builds it).

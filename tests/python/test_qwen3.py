@@ -444,16 +444,25 @@ def test_hf_source_styles_and_prefix(detect, style, tmp_path, reshardfs_bin):
     check_mf_view(out, expected_files(), expected_meta(), prefix="q3x")
 
 
-def test_unknown_hf_tensor_left_out_and_listed(mounts, tmp_path, reshardfs_bin):
-    extra = {"model.rotary_emb.inv_freq": ("F32", np.arange(8, dtype=np.float32)),
-             "model.layers.0.self_attn.extra_bias": ("BF16", np.arange(4, dtype=np.uint16))}
+UNMAPPED = {"model.rotary_emb.inv_freq": ("F32", np.arange(8, dtype=np.float32)),
+            "model.layers.0.self_attn.extra_bias": ("BF16", np.arange(4, dtype=np.uint16))}
+
+
+def test_unknown_hf_tensor_left_out_and_listed(tmp_path, reshardfs_bin):
+    extra = UNMAPPED
     src = hf_from_fixture(tmp_path / "src", add=extra)
     r = ok(run_bin(["inspect", src]))
     for n in extra:
         assert n in r.stdout, f"`inspect` does not list the unmapped tensor {n}:\n{r}"
     out = export_ok(src, tmp_path / "out", EXP_ARGS)
     check_mf_view(out, expected_files(), expected_meta())
-    _, summary = mount_and_copy(mounts, src, EXP_ARGS, tmp_path / "snap")
+
+
+def test_unknown_hf_tensor_in_mount_summary(mounts, tmp_path):
+    extra = UNMAPPED
+    src = hf_from_fixture(tmp_path / "src", add=extra)
+    snap, summary = mount_and_copy(mounts, src, EXP_ARGS, tmp_path / "snap")
+    check_mf_view(snap, expected_files(), expected_meta())
     for n in extra:
         assert n in summary, f".reshardfs/summary does not list the unmapped tensor {n}:\n{summary}"
 
@@ -479,18 +488,28 @@ def test_plan_and_inspect_on_hf_source(reshardfs_bin):
 # --- MF -> HF ---------------------------------------------------------------
 
 
+def mf_to_hf_args(files):
+    return ["--hf", "--dtype", "bf16"] + (["--model", "qwen3"] if files == "generated" else ["--hf-files", HF_FX])
+
+
 @pytest.mark.parametrize("kind", ["root", "iteration"])
 @pytest.mark.parametrize("files", ["generated", "hf-files"])
-def test_mf_to_hf_export_equals_hf_fixture(kind, files, mounts, tmp_path, reshardfs_bin):
-    """--hf --dtype bf16 of the float32 MindFormers fixture holds exactly qwen3-tiny-hf's tensors
-    (exported and mounted, root: per iteration folder with the tracker; iteration: at the root)."""
+def test_mf_to_hf_mount_equals_export(kind, files, mounts, tmp_path, reshardfs_bin):
     src = MF_FX if kind == "root" else MF_IT
-    args = ["--hf", "--dtype", "bf16"] + (["--model", "qwen3"] if files == "generated" else ["--hf-files", HF_FX])
-    out = export_ok(src, tmp_path / "out", args)
-    snap, _ = mount_and_copy(mounts, src, args, tmp_path / "snap")
+    out = export_ok(src, tmp_path / "out", mf_to_hf_args(files))
+    snap, _ = mount_and_copy(mounts, src, mf_to_hf_args(files), tmp_path / "snap")
     assert tree(snap) == tree(out), "mounted tree differs from the export's"
     for f in tree(out):
         assert (snap / f).read_bytes() == (out / f).read_bytes(), f"{f}: mount != export"
+
+
+@pytest.mark.parametrize("kind", ["root", "iteration"])
+@pytest.mark.parametrize("files", ["generated", "hf-files"])
+def test_mf_to_hf_export_equals_hf_fixture(kind, files, tmp_path, reshardfs_bin):
+    """--hf --dtype bf16 of the float32 MindFormers fixture holds exactly qwen3-tiny-hf's tensors
+    (root: per iteration folder with the tracker; iteration: at the root)."""
+    src = MF_FX if kind == "root" else MF_IT
+    out = export_ok(src, tmp_path / "out", mf_to_hf_args(files))
     if kind == "root":
         assert sorted(os.listdir(out)) == sorted([TRACKER, MF_IT.name]), os.listdir(out)
         assert (out / TRACKER).read_bytes() == (MF_FX / TRACKER).read_bytes()
@@ -638,7 +657,9 @@ def test_property_random_shapes_against_reference(tmp_path, reshardfs_bin):
     rng = np.random.default_rng(seed)
     for case in range(int(os.environ.get("RESHARDFS_QWEN3_CASES", "8"))):
         s, tp = random_shape(rng)
-        pp = int(rng.integers(1, s["layers"] + 1))
+        # tied embeddings on several stages: where MindFormers keeps the last stage's copy is not
+        # pinned down by any fixture, so tied shapes stay on one stage here
+        pp = 1 if s["tied"] else int(rng.integers(1, s["layers"] + 1))
         dp = int(rng.choice([1, 2]))
         src = make_hf(tmp_path / f"src{case}", s, shards=int(rng.integers(1, 4)), seed=case)
         strat = ref.Strategy(dp=dp, tp=tp, pp=pp)
@@ -659,14 +680,11 @@ def test_property_random_shapes_against_reference(tmp_path, reshardfs_bin):
 
 @pytest.mark.parametrize("src_dt,dst_dt", [("F32", "BF16"), ("F32", "F16"), ("BF16", "F32"), ("F16", "F32"),
                                            ("BF16", "F16"), ("F16", "BF16")])
-def test_dtype_cast_against_numpy(src_dt, dst_dt, mounts, tmp_path, reshardfs_bin):
+def test_dtype_cast_against_numpy(src_dt, dst_dt, tmp_path, reshardfs_bin):
     """--dtype on a plain folder (--model none --unshard) and on an HF view: RNE like numpy
     (ties, subnormals, overflow to inf), NaN stays NaN, widening exact; metadata states it."""
-    x = _special_f32()[:4096].reshape(64, 64)
-    arr = ref.cast(x, "F32", src_dt)
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    ckpt.write_safetensors(plain / "model.safetensors", {"w": (src_dt, arr)}, metadata={"format": "pt"})
+    plain = cast_source(tmp_path, src_dt)
+    arr = ckpt.read_safetensors(plain / "model.safetensors").tensors["w"][1]
     flag = {"BF16": "bf16", "F16": "f16", "F32": "f32"}[dst_dt]
     out = export_ok(plain, tmp_path / "out", ["--model", "none", "--unshard", "--dtype", flag])
     files = [f for f in os.listdir(out) if f.endswith(".safetensors")]
@@ -681,8 +699,26 @@ def test_dtype_cast_against_numpy(src_dt, dst_dt, mounts, tmp_path, reshardfs_bi
     bad = np.flatnonzero(got.view(np.uint16 if dst_dt != "F32" else np.uint32)[~nan]
                          != want.view(np.uint16 if dst_dt != "F32" else np.uint32)[~nan])
     assert bad.size == 0, f"{bad.size} values differ from numpy's cast, e.g. input {arr.reshape(-1)[~nan.reshape(-1)][bad[:5]]}"
-    snap, _ = mount_and_copy(mounts, plain, ["--model", "none", "--unshard", "--dtype", flag], tmp_path / "snap")
-    assert (snap / files[0]).read_bytes() == (out / files[0]).read_bytes(), "mount != export"
+
+
+def cast_source(tmp_path, src_dt) -> Path:
+    x = _special_f32()[:4096].reshape(64, 64)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    ckpt.write_safetensors(plain / "model.safetensors", {"w": (src_dt, ref.cast(x, "F32", src_dt))},
+                           metadata={"format": "pt"})
+    return plain
+
+
+@pytest.mark.parametrize("src_dt,flag", [("F32", "bf16"), ("BF16", "f32")])
+def test_dtype_cast_mount_equals_export(src_dt, flag, mounts, tmp_path, reshardfs_bin):
+    plain = cast_source(tmp_path, src_dt)
+    args = ["--model", "none", "--unshard", "--dtype", flag]
+    out = export_ok(plain, tmp_path / "out", args)
+    snap, _ = mount_and_copy(mounts, plain, args, tmp_path / "snap")
+    assert tree(snap) == tree(out)
+    for f in tree(out):
+        assert (snap / f).read_bytes() == (out / f).read_bytes(), f"{f}: mount != export"
 
 
 # --- bad input ---------------------------------------------------------------
@@ -771,7 +807,7 @@ BAD = _bad_cases()
 
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_bad_input_exit_2(case, mounts, tmp_path, reshardfs_bin):
+def test_bad_input_exit_2(case, tmp_path, reshardfs_bin):
     _, build, words = case
     src, args = build(tmp_path)
     dest = tmp_path / "out"
@@ -780,16 +816,26 @@ def test_bad_input_exit_2(case, mounts, tmp_path, reshardfs_bin):
     for w in words:
         assert w in r.stderr, f"the message must name {w!r}:\n{r}"
     assert not dest.exists() or not os.listdir(dest), f"export wrote {os.listdir(dest)} despite the error"
+    r = run_bin(["plan", src] + args)
+    assert r.code == 2, f"plan must exit 2:\n{r}"
+    for w in words:
+        assert w in r.stderr, f"plan's message must name {w!r}:\n{r}"
+    # inspect reads the source alone: a bad target is not its to refuse
+    if case[0] not in ("hf-without-model-or-files", "groups-not-divisible-by-tp"):
+        r = run_bin(["inspect", src] + (["--model", "qwen3"] if "--model" in args else []))
+        assert r.code == 2, f"inspect must exit 2:\n{r}"
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_mount_exit_2(case, mounts, tmp_path):
+    _, build, words = case
+    src, args = build(tmp_path)
     m = mounts("mnt")
     p = m.start(src, args)
     assert p.code == 2, f"mount must exit 2:\n{p}"
     assert not m.is_mounted(), "mounted despite the error"
     for w in words:
         assert w in p.stderr, f"mount's message must name {w!r}:\n{p}"
-    # inspect reads the source alone: a bad target is not its to refuse
-    if case[0] not in ("hf-without-model-or-files", "groups-not-divisible-by-tp"):
-        r = run_bin(["inspect", src] + (["--model", "qwen3"] if "--model" in args else []))
-        assert r.code == 2, f"inspect must exit 2:\n{r}"
 
 
 def test_unsupported_model_type_with_model_none(tmp_path, reshardfs_bin):
@@ -855,5 +901,7 @@ def _cmd_copytree(src, dst):
 
 
 if __name__ == "__main__":
+    # never the network (everything is local), no progress bars in the test logs
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     cmd, *rest = sys.argv[1:]
     {"build": _cmd_build, "load": _cmd_load, "copytree": _cmd_copytree}[cmd](*rest)
