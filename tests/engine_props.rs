@@ -1,7 +1,7 @@
 //! Property test of the planner and byte engine: random tensors, random source
 //! and target layouts, random read ranges. Expected bytes come from slicing
 //! the full tensor element by element with this file's own layout math,
-//! written from FORMAT.md independently of `src/layout.rs`.
+//! written from docs/FORMAT.md §4 independently of `src/reshard/layout.rs`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -62,7 +62,7 @@ fn coords(mut i: u64, dm: &[u64]) -> Vec<u64> {
     c
 }
 
-/// (start, shape) of rank position `i`'s slice: FORMAT.md section 4.
+/// (start, shape) of rank position `i`'s slice: docs/FORMAT.md §4.3.
 fn slice_of(i: u64, dm: &[u64], map: &[Vec<usize>], shape: &[u64]) -> (Vec<u64>, Vec<u64>) {
     let ids = piece_ids(i, dm, map);
     let mut start = vec![];
