@@ -4,7 +4,7 @@
 Used by the benchmarks and the planning-scale check: e.g. a 70B-shaped
 checkpoint (80 layers, hidden 8192, tp=8, pp=8, optimizer states) as sparse
 files costs no disk, yet has exactly the headers, metadata.json and file sizes
-MindSpore Transformers would write (FORMAT.md). With --fill random the data
+MindSpore Transformers would write (docs/FORMAT.md). With --fill random the data
 is real, for byte-for-byte checks and throughput runs.
 
     scripts/synth_checkpoint.py OUT --layers 80 --hidden 8192 --ffn 28672 \

@@ -2,8 +2,8 @@
 //! layouts, random targets (`--mesh`, `--mesh` with `--pp`, `--strategy`,
 //! `--unshard`), random read ranges. Expected bytes come from slicing the
 //! full tensor element by element with this file's own layout math, and
-//! expected headers are written by hand from the format, both from FORMAT.md
-//! and the README's rules, independently of `src/`.
+//! expected headers are written by hand from the format, both from
+//! docs/FORMAT.md (§2, §4, §5) and the README's rules, independently of `src/`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -122,7 +122,7 @@ fn coords(mut i: u64, dm: &[u64]) -> Vec<u64> {
     c
 }
 
-/// (start, shape) of rank position `i`'s slice: FORMAT.md section 4.
+/// (start, shape) of rank position `i`'s slice: docs/FORMAT.md §4.3.
 fn slice_of(i: u64, dm: &[u64], map: &[Vec<usize>], shape: &[u64]) -> (Vec<u64>, Vec<u64>) {
     let ids = piece_ids(i, dm, map);
     let mut start = vec![];
@@ -164,7 +164,7 @@ type Held = (usize, Vec<u64>, Vec<u64>);
 /// A rank file's tensors: name -> (dtype, shape, bytes).
 type RankTensors = BTreeMap<String, (&'static str, Vec<u64>, Vec<u8>)>;
 
-/// A safetensors header as FORMAT.md section 2 describes MindSpore's: length
+/// A safetensors header as docs/FORMAT.md §2 describes MindSpore's: length
 /// prefix, `__metadata__` `{"format":"ms"}` first, keys sorted, tensors back
 /// to back in key order, padded with spaces to a multiple of 8. Built here by
 /// hand, not by the crate's `build_header`, so a view's header is checked
@@ -379,7 +379,7 @@ proptest! {
         let layers = c.layers();
         // The target, and the expected holders: per target rank, each tensor
         // it holds with the slice, from this file's own reading of the README
-        // rules and FORMAT.md section 4.
+        // rules and docs/FORMAT.md §4.
         let (spec, world) = match &c.target {
             Target::Mesh { pp } => {
                 let sizes: Vec<(String, u64)> = ALIASES.iter().zip(&c.dst_dm).map(|(a, n)| (a.to_string(), *n)).collect();

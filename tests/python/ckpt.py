@@ -1,6 +1,6 @@
 """Independent Python reference for reshardfs integration tests.
 
-Everything here is written from /work/shared/spec/FORMAT.md (and the real
+Everything here is written from docs/FORMAT.md (and the real
 fixtures), *not* from the Rust sources, so that it can serve as the reference
 the Rust code is checked against.
 
@@ -193,7 +193,7 @@ def read_safetensors(path) -> SafeFile:
 
 
 def format_problems(sf: SafeFile) -> list[str]:
-    """Formatting rules of FORMAT.md §2 beyond validity."""
+    """Formatting rules of docs/FORMAT.md §2 beyond validity."""
     probs = []
     if sf.header_len % 8:
         probs.append(f"{sf.path}: header length {sf.header_len} not a multiple of 8")
@@ -209,7 +209,7 @@ def format_problems(sf: SafeFile) -> list[str]:
 
 
 # --------------------------------------------------------------------------
-# (b) layout math (FORMAT.md §3, §4)
+# (b) layout math (docs/FORMAT.md §3, §4)
 # --------------------------------------------------------------------------
 
 
@@ -342,7 +342,7 @@ def rank_groups(layout, shape) -> dict[int, list[int]]:
 
 
 def chunk_box(global_shape, frags, k: int, local_shape) -> tuple:
-    """Box of chunk {"global_offset": [k], "local_shape": local_shape} (FORMAT.md §3)."""
+    """Box of chunk {"global_offset": [k], "local_shape": local_shape} (docs/FORMAT.md §3.1)."""
     idx = unravel(k, frags)
     return tuple(
         (i * n // f, i * n // f + l) for i, n, f, l in zip(idx, global_shape, frags, local_shape)
@@ -420,7 +420,7 @@ class Param:
     stage: int  # pipeline stage (used for null layouts; must match rank_list otherwise)
     kind: str = "model"  # "model" or "opt"
     ms_dtype: str | None = None  # properties.dtype override (e.g. "bfloat16")
-    store_whole: bool = False  # rank files hold the whole tensor instead of the slice (FORMAT §2)
+    store_whole: bool = False  # rank files hold the whole tensor instead of the slice (docs/FORMAT.md §2.2)
 
     @property
     def shape(self):
@@ -706,7 +706,7 @@ class Expected:
 
 
 def expected_for(params: list[Param], S: int, P: int, target: Target) -> Expected:
-    """What each target rank must hold (the behaviour FORMAT.md §5 + the CLI spec describe)."""
+    """What each target rank must hold (the behaviour docs/FORMAT.md §5 and §6.2 describe)."""
     out: dict[str, Param] = {}
     if target.kind == "unshard":
         world = 1

@@ -92,7 +92,7 @@ def test_reference_writer_regenerates_fixture(fx, tmp_path):
 
 @pytest.mark.parametrize("exp_dir", EXPECTED, ids=lambda p: p.name)
 def test_reference_oracle_matches_expected(exp_dir):
-    """ckpt.expected_for (FORMAT.md layout math + target rules) reproduces expected/."""
+    """ckpt.expected_for (docs/FORMAT.md §4 layout math + §5 target rules) reproduces expected/."""
     fx, target = split_expected_name(exp_dir)
     _, params, S, P = source_of(fx)
     exp = ckpt.expected_for(params, S, P, target)
@@ -106,7 +106,7 @@ def test_reference_oracle_matches_expected(exp_dir):
 
 
 def test_reference_layout_math_examples():
-    # FORMAT.md §3 example: dp=2 x tp=2, tensor_map [-1, 0] on [64, 64]
+    # docs/FORMAT.md §4.6 example: dp=2 x tp=2, tensor_map [-1, 0] on [64, 64]
     lay = ckpt.make_layout([2, 2], [-1, 0], ["dp", "tp"], [4, 5, 6, 7])
     assert ckpt.splits(lay, [64, 64]) == [1, 2]
     assert [ckpt.rank_box(lay, [64, 64], i) for i in range(4)] == [
@@ -266,7 +266,7 @@ def test_export_strategy_from_fixture_metadata(tmp_path, reshardfs_bin):
 
 @pytest.mark.parametrize("style", ["single", "index"])
 def test_export_plain_safetensors_folder(style, tmp_path, reshardfs_bin):
-    """A folder of whole tensors without metadata.json (FORMAT.md §7), resharded with
+    """A folder of whole tensors without metadata.json (docs/FORMAT.md §7.1), resharded with
     --strategy = the tp4 fixture's metadata.json, gives the tp4 fixture's rank files."""
     src4 = ckpt.resolve_iteration(FIXTURES / "tp4-f32")
     params, S, P = ckpt.load_checkpoint(src4)
