@@ -237,9 +237,12 @@ struct TargetArgs {
     /// size. Repeatable.
     #[arg(long, value_name = "ALIAS=N[,ALIAS=N...]", conflicts_with_all = ["strategy", "unshard"])]
     mesh: Vec<String>,
-    /// Number of pipeline stages: layer i of L goes to stage i*N/L; other
-    /// tensors stay on the first stage if they were there, else go to the
-    /// last. Default: every tensor keeps its source stage.
+    /// Number of pipeline stages: layer i of L goes to stage i*N/L. From a
+    /// single-stage source the final norm and the output layer (and their
+    /// optimizer states) go to the last stage and every other tensor outside
+    /// the layers to the first; from a multi-stage source such a tensor stays
+    /// first if it was first, else goes last. Default: every tensor keeps its
+    /// source stage.
     #[arg(long, value_name = "N", conflicts_with_all = ["strategy", "unshard"])]
     pp: Option<u64>,
     /// A target job's metadata.json, or a JSON object {tensor name: layout};

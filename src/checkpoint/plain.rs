@@ -22,11 +22,26 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
     let mut file_names: Vec<String> = Vec::new();
     // With an index, the tensors it names and the file it says holds each.
     let mut listed: Option<(std::path::PathBuf, BTreeMap<String, String>)> = None;
-    let index = fs::read_dir(dir)
+    let mut indexes: Vec<String> = fs::read_dir(dir)
         .map_err(|e| source_io(dir, e))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.ends_with(".safetensors.index.json"));
+        .filter(|n| n.ends_with(".safetensors.index.json"))
+        .collect();
+    indexes.sort();
+    // transformers' own index wins; any other must be the only one, or
+    // which tensors the folder holds would depend on listing order.
+    let index = if indexes.iter().any(|n| n == "model.safetensors.index.json") {
+        Some("model.safetensors.index.json".to_string())
+    } else if indexes.len() > 1 {
+        bail!(
+            "{}: several index files ({}); keep one, or name the folder of one model",
+            dir.display(),
+            indexes.join(", ")
+        );
+    } else {
+        indexes.pop()
+    };
     if let Some(index) = index {
         let ip = dir.join(&index);
         let raw = read_small(&ip, MAX_METADATA_BYTES)?;

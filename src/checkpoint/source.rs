@@ -211,7 +211,24 @@ impl Source {
         // directory, and still checks source paths on every read.
         let abs = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
         let mut src = Self::open_at(&abs)?;
-        if !matches!(src.kind, SourceKind::Plain) || model == ModelChoice::None {
+        if model == ModelChoice::None {
+            return Ok(src);
+        }
+        if !matches!(src.kind, SourceKind::Plain) {
+            // A MindSpore Transformers Qwen3: its fused tensors may only be
+            // cut between whole groups, as for a Hugging Face source. Other
+            // models' checkpoints (no Qwen3 sizes to read) stay as they are.
+            for it in &mut src.iterations {
+                let marked = qwen3::mark_mf_rules(it, None)?;
+                if !marked && model == ModelChoice::Qwen3 {
+                    let name = it.name.as_deref().unwrap_or("");
+                    bail!(
+                        "{}{}{name}: --model qwen3, but the tensors are not a MindSpore Transformers Qwen3's (embedding, q_layernorm, linear_proj, linear_qkv and linear_fc1 of layer 0 are needed)",
+                        abs.display(),
+                        if name.is_empty() { "" } else { "/" }
+                    );
+                }
+            }
             return Ok(src);
         }
         let config = match (Config::find(&abs)?, model) {

@@ -131,6 +131,27 @@ impl Dims {
     }
 }
 
+/// Where a layer's tensor comes in MindSpore Transformers' own order (as its
+/// metadata.json lists a layer): input norm, fc2, fc1, pre-MLP norm, k norm,
+/// attention projection, q norm, fused QKV.
+fn mf_layer_rank(name: &str) -> usize {
+    const ORDER: &[&str] = &[
+        "input_layernorm.weight",
+        "mlp.linear_fc2.weight",
+        "mlp.linear_fc1.weight",
+        "pre_mlp_layernorm.weight",
+        "self_attention.k_layernorm.weight",
+        "self_attention.linear_proj.weight",
+        "self_attention.q_layernorm.weight",
+        "self_attention.linear_qkv.weight",
+        "self_attention.linear_qkv.bias",
+    ];
+    ORDER
+        .iter()
+        .position(|o| name.ends_with(o))
+        .unwrap_or(ORDER.len())
+}
+
 /// Where a tensor is split: by tp on the dimensions marked true.
 fn tp_layout(split: &[bool]) -> Layout {
     Layout {
@@ -328,7 +349,6 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
     ));
 
     for i in 0..d.layers {
-        // MindFormers' own order within a layer (its metadata.json's).
         let mut layer: Vec<Tensor> = Vec::new();
         for &(hf, mf, split) in LAYER_RENAMES {
             let t = pool.take(&hf_layer(i, hf), &hf_shape(&d, hf), &mf_layer(i, mf))?;
@@ -400,6 +420,8 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
                 },
             ));
         }
+        // MindFormers' own order within a layer (its metadata.json's).
+        layer.sort_by_key(|t| mf_layer_rank(&t.name));
         out.extend(layer);
     }
 
@@ -525,18 +547,27 @@ fn rows_of(p: usize, len: u64, period_in: u64, base: u64) -> RowMap {
 /// The sizes of a MindFormers Qwen3 read off its tensors, each with the
 /// tensor it came from.
 fn infer_dims(it: &Iteration, by_name: &HashMap<String, Tensor>) -> Result<(Dims, Vec<String>)> {
+    infer_dims_from(it, &|n| by_name.get(n).map(|t| &t.global_shape), &|| {
+        by_name.keys().cloned().collect()
+    })
+}
+
+/// [`infer_dims`] over any way of looking up a tensor's shape by name.
+#[allow(clippy::type_complexity)]
+fn infer_dims_from<'a>(
+    it: &Iteration,
+    shape_of: &dyn Fn(&str) -> Option<&'a Vec<u64>>,
+    all_names: &dyn Fn() -> Vec<String>,
+) -> Result<(Dims, Vec<String>)> {
     let dir = it.dir.display();
-    let get = |name: &str, ndim: usize| -> Result<&Vec<u64>> {
-        let t = by_name.get(name).ok_or_else(|| {
+    let get = |name: &str, ndim: usize| -> Result<&'a Vec<u64>> {
+        let s = shape_of(name).ok_or_else(|| {
             bad!("{dir}: tensor {name} is missing; it is needed to infer the Qwen3 sizes (or give --hf-files DIR with a config.json)")
         })?;
-        if t.global_shape.len() != ndim || t.global_shape.contains(&0) {
-            bail!(
-                "{dir}: tensor {name}: shape {:?}, expected {ndim} non-zero dimensions",
-                t.global_shape
-            );
+        if s.len() != ndim || s.contains(&0) {
+            bail!("{dir}: tensor {name}: shape {s:?}, expected {ndim} non-zero dimensions");
         }
-        Ok(&t.global_shape)
+        Ok(s)
     };
     let mut notes = Vec::new();
     let e = get(MF_EMBED, 2)?;
@@ -544,8 +575,8 @@ fn infer_dims(it: &Iteration, by_name: &HashMap<String, Tensor>) -> Result<(Dims
     notes.push(format!(
         "vocab_size = {vocab}, hidden_size = {hidden} (from {MF_EMBED})"
     ));
-    let layers = by_name
-        .keys()
+    let layers = all_names()
+        .iter()
         .filter(|n| n.starts_with("decoder.layers."))
         .filter_map(|n| layer_index(n))
         .max()
@@ -585,12 +616,12 @@ fn infer_dims(it: &Iteration, by_name: &HashMap<String, Tensor>) -> Result<(Dims
         bail!("{dir}: tensor {fc1}: {f} rows, expected an even number (gate and up interleaved)");
     }
     notes.push(format!("intermediate_size = {} (from {fc1})", f / 2));
-    let tied = !by_name.contains_key(MF_HEAD);
+    let tied = shape_of(MF_HEAD).is_none();
     notes.push(format!(
         "tie_word_embeddings = {tied} ({MF_HEAD} {})",
         if tied { "absent" } else { "present" }
     ));
-    let qkv_bias = by_name.contains_key(&mf_layer(0, "self_attention.linear_qkv.bias"));
+    let qkv_bias = shape_of(&mf_layer(0, "self_attention.linear_qkv.bias")).is_some();
     let d = Dims {
         vocab,
         hidden,
@@ -604,6 +635,42 @@ fn infer_dims(it: &Iteration, by_name: &HashMap<String, Tensor>) -> Result<(Dims
     };
     d.check().map_err(|e| bad!("{dir}: inferred sizes: {e}"))?;
     Ok((d, notes))
+}
+
+/// Marks the fused tensors of a MindSpore Transformers Qwen3 iteration with
+/// the cuts a target may make (whole key/value groups, whole gate/up row
+/// pairs), as a Hugging Face source's are. `sizes` gives the sizes when
+/// known (a config.json); else they are inferred from the tensors, and an
+/// iteration they cannot be inferred from is left as it is (`Ok(false)`).
+pub fn mark_mf_rules(it: &mut Iteration, config: Option<&Config>) -> Result<bool> {
+    let d = match config {
+        Some(c) => Dims::from_config(c)?,
+        None => {
+            let names: HashMap<String, &Tensor> =
+                it.tensors.iter().map(|t| (t.name.clone(), t)).collect();
+            match infer_dims_from(it, &|n| names.get(n).map(|t| &t.global_shape), &|| {
+                names.keys().cloned().collect()
+            }) {
+                Ok((d, _)) => d,
+                Err(_) => return Ok(false),
+            }
+        }
+    };
+    for t in &mut it.tensors {
+        let base = t
+            .name
+            .strip_prefix("adam_m.")
+            .or_else(|| t.name.strip_prefix("adam_v."))
+            .unwrap_or(&t.name);
+        if base.ends_with(".self_attention.linear_qkv.weight")
+            || base.ends_with(".self_attention.linear_qkv.bias")
+        {
+            t.rules.dim0_group = Some((d.group_rows(), "key/value groups (num_key_value_heads)"));
+        } else if base.ends_with(".mlp.linear_fc1.weight") {
+            t.rules.dim0_group = Some((2, "gate/up row pairs (intermediate_size)"));
+        }
+    }
+    Ok(true)
 }
 
 /// Reads a MindSpore Transformers Qwen3 iteration as the Hugging Face model
