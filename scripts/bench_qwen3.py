@@ -124,6 +124,7 @@ class QBench:
             return
         src_files = self.weights(src)
         ceil, view, nbytes = [], [], 0
+        load0 = os.getloadavg()[0]
         for i in range(self.a.reps):
             for kind, extra in (("ceiling", ["--serve-zeros"]), ("view", [])):
                 bench.cat(src_files)  # source in the page cache
@@ -131,6 +132,10 @@ class QBench:
                 dt, nbytes = self.timed_read(src, list(args) + extra, f"{num} {kind}")
                 (ceil if kind == "ceiling" else view).append(dt)
             log(f"{num} run {i + 1}/{self.a.reps}: ceiling {ceil[-1]:.3f} s, view {view[-1]:.3f} s")
+        load = max(load0, os.getloadavg()[0])
+        if load > 0.75 * (os.cpu_count() or 1) + 1:
+            self.notes.append(f"{num}: load average up to {load:.1f} on {os.cpu_count()} CPUs during the runs "
+                              "(other processes): absolute figures are low, the ratio is the figure to read")
         cg = nbytes / bench.median(ceil) / GB
         vg = nbytes / bench.median(view) / GB
         ratio = vg / cg
