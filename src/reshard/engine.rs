@@ -242,8 +242,15 @@ fn copy_cast(
             let end = (pos + want).div_ceil(es_out);
             let n = (end - first).min(CAST_ELEMS);
             input.resize((n * es_in) as usize, 0);
-            output.resize((n * es_out) as usize, 0);
             copy_region(source, t, region, first * es_in, input, touched)?;
+            let whole = (n * es_out) as usize;
+            if skip == 0 && whole <= out.len() - done {
+                // Whole elements: straight into the caller's buffer.
+                cast::convert(t.dtype, to, input, &mut out[done..done + whole]);
+                done += whole;
+                continue;
+            }
+            output.resize(whole, 0);
             cast::convert(t.dtype, to, input, output);
             let take = (output.len() - skip).min(out.len() - done);
             out[done..done + take].copy_from_slice(&output[skip..skip + take]);
