@@ -124,6 +124,27 @@ impl RankFile {
         }
     }
 
+    /// Asks the kernel to start reading `[offset, offset+len)` now
+    /// (`MADV_WILLNEED`: asynchronous readahead into the page cache), so
+    /// that a copy from it later finds the pages there instead of faulting
+    /// them in one readahead window at a time. Only advice: errors are
+    /// logged, never fatal.
+    pub fn will_need(&self, offset: u64, len: u64) {
+        const PAGE: u64 = 4096;
+        let end = offset.saturating_add(len).min(self.map.len() as u64);
+        let offset = offset / PAGE * PAGE;
+        if offset >= end {
+            return;
+        }
+        if let Err(e) = self.map.advise_range(
+            memmap2::Advice::WillNeed,
+            offset as usize,
+            (end - offset) as usize,
+        ) {
+            log::debug!("{}: madvise(WILLNEED): {e}", self.path.display());
+        }
+    }
+
     /// Whether the file has shrunk (or failed) under its map since it was
     /// opened: bytes copied from it may then be zeros and must not be served.
     /// Cheap (an atomic load): checked after every copy.
