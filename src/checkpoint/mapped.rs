@@ -172,6 +172,31 @@ impl RankFile {
         }
     }
 
+    /// Whether every page of `[offset, offset+len)` is in the page cache
+    /// (`mincore`): a read of it will not wait for the storage. On error,
+    /// false (the caller then prepares as if it had to wait).
+    pub fn is_resident(&self, offset: u64, len: u64) -> bool {
+        const PAGE: u64 = 4096;
+        let end = offset.saturating_add(len).min(self.map.len() as u64);
+        let start = offset / PAGE * PAGE;
+        if start >= end {
+            return true;
+        }
+        let pages = (end - start).div_ceil(PAGE) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range lies within the map (clipped above, start
+        // page-aligned, the map itself page-aligned); `vec` has one byte
+        // per page of it, as mincore writes.
+        let r = unsafe {
+            libc::mincore(
+                self.map.as_ptr().add(start as usize) as *mut libc::c_void,
+                (end - start) as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        r == 0 && vec.iter().all(|v| v & 1 == 1)
+    }
+
     /// Whether the file has shrunk (or failed) under its map since it was
     /// opened: bytes copied from it may then be zeros and must not be served.
     /// Cheap (an atomic load): checked after every copy.
