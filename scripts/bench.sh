@@ -4,7 +4,12 @@
 # figures, ratios and targets (also WORKDIR/bench.md and WORKDIR/bench.json).
 # Needs root or /dev/fuse access; takes a few minutes on 2 cores.
 #
-#   scripts/bench.sh [--size-gib N] [--workdir DIR] [--keep] [--reps N] [--prefault-gib N]
+#   scripts/bench.sh [--size-gib N] [--workdir DIR] [--keep] [--reps N] [--only 11,12,...]
+#                    [--cold-reps N] [--cold-size-gib N]
+#
+# Sections 11-15 drop the page cache before every pass (root); section 13
+# serves the checkpoint over sshfs from an sshd in a network namespace and
+# installs Debian's openssh-server and sshfs when they are missing.
 #
 # WORKDIR defaults to /var/tmp/reshardfs-bench; the checkpoints are removed at
 # the end unless --keep (which also reuses them on the next run). See
@@ -13,5 +18,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="$(scripts/pyenv.sh)"
+if { ! command -v sshfs >/dev/null || [ ! -x /usr/sbin/sshd ]; } && [ "$(id -u)" = 0 ] \
+    && command -v apt-get >/dev/null; then
+    echo "bench: installing openssh-server and sshfs (section 13)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq openssh-server sshfs >&2 \
+        || { apt-get update -qq >&2 && apt-get install -y -qq openssh-server sshfs >&2; } \
+        || echo "bench: could not install them; section 13 will fail" >&2
+fi
 cargo build --release --quiet
 exec "$PY" scripts/bench.py "$@"

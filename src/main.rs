@@ -10,6 +10,7 @@ use reshardfs::checkpoint::source::Source;
 use reshardfs::checkpoint::source::SourceKind;
 use reshardfs::export::{ExportOptions, export};
 use reshardfs::mount::daemon;
+use reshardfs::mount::prefetch::PrefetchConfig;
 use reshardfs::mount::serve::Server;
 use reshardfs::report;
 use reshardfs::reshard::cast;
@@ -111,6 +112,13 @@ enum Command {
         /// most a quarter of it (and at most 1 MiB).
         #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
         cache_size: u64,
+        /// How far ahead of a sequential reader view bytes are computed
+        /// (and their source asked of the disk); at most half the cache.
+        #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
+        prefetch_window: u64,
+        /// Compute nothing ahead of readers.
+        #[arg(long)]
+        no_prefetch: bool,
         /// FUSE request threads (default: the number of CPUs, at least 2).
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
@@ -368,6 +376,8 @@ fn run(command: Command) -> Result<()> {
             view,
             foreground,
             cache_size,
+            prefetch_window,
+            no_prefetch,
             threads,
             allow_other,
             log_file,
@@ -377,7 +387,15 @@ fn run(command: Command) -> Result<()> {
             // before anything is mounted.
             daemon::check_mount_point(&mnt)?;
             let plan = load_plan(&src, target.spec_or_identity()?, &view)?;
-            let mut server = Server::new(plan, cache_size);
+            let prefetch = if no_prefetch {
+                PrefetchConfig::off()
+            } else {
+                PrefetchConfig {
+                    window: prefetch_window,
+                    ..PrefetchConfig::default()
+                }
+            };
+            let mut server = Server::with_prefetch(plan, cache_size, prefetch);
             if serve_zeros {
                 server = server.serve_zeros();
             }

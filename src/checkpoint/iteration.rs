@@ -54,6 +54,9 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
 
     // storage_data, grouped by shard id.
     let mut storage: HashMap<(String, u64), Vec<StorageEntry>> = HashMap::new();
+    // Every file named, in order of first mention, to open in parallel.
+    let mut named: Vec<String> = Vec::new();
+    let mut named_set: std::collections::HashSet<String> = std::collections::HashSet::new();
     for (key, value) in sd {
         let (tname, k) =
             metadata::parse_shard_id(key).map_err(|e| bad!("{mp}: storage_data: {e}"))?;
@@ -68,6 +71,11 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
             );
         }
         entries.sort_by_key(|e| e.storage_rank);
+        for e in &entries {
+            if named_set.insert(e.file_name.clone()) {
+                named.push(e.file_name.clone());
+            }
+        }
         if storage.insert((tname, k), entries).is_some() {
             bail!("{mp}: storage_data lists shard id {key:?} twice");
         }
@@ -79,6 +87,7 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
         files: Vec::new(),
         index: HashMap::new(),
     };
+    files.preopen(&named);
     let mut tensors = Vec::with_capacity(sdm.len());
     let mut max_rank = 0u64;
     let mut used_shards = 0usize;

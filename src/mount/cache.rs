@@ -11,8 +11,13 @@
 //!
 //! A failed computation is not cached: the slot is dropped and the next read
 //! tries again (and fails again if the source is still broken).
+//!
+//! Blocks computed ahead by the prefetcher ([`BlockCache::prefetch`]) live in
+//! the same budget, flagged until a reader takes them: a flagged block that is
+//! evicted was wasted work, and the bytes still flagged are what the
+//! prefetcher may not exceed (see [`BlockCache::pending_prefetch`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use lru::LruCache;
@@ -26,18 +31,38 @@ pub type Block = Arc<Vec<u8>>;
 #[derive(Default)]
 struct Slot {
     data: Mutex<Option<Block>>,
+    /// Put here by the prefetcher and not yet read.
+    prefetched: AtomicBool,
 }
 
 struct Inner {
     lru: LruCache<BlockKey, (Arc<Slot>, u64)>,
     bytes: u64,
+    /// Buffers of prefetched blocks a sequential reader is done with, for
+    /// the next prefetch: on a VM, memory freed and allocated again is
+    /// often fresh to the host, and touching fresh pages cost ~2 s/GiB here
+    /// (README, "Performance"), more than computing the block.
+    spare: Vec<Vec<u8>>,
 }
+
+/// Spare buffers kept (1 MiB each at most): enough for the workers to keep
+/// reusing while a reader consumes; outside the budget, so kept small.
+const SPARES: usize = 4;
 
 pub struct BlockCache {
     inner: Mutex<Inner>,
     capacity: u64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Bytes of blocks the prefetcher put here that nobody has read yet.
+    pending: AtomicU64,
+    prefetch_blocks: AtomicU64,
+    prefetch_hits: AtomicU64,
+    prefetch_wasted: AtomicU64,
+    /// Readers waiting on a slot another thread is filling (tests use it to
+    /// know every reader has arrived, instead of sleeping).
+    #[cfg(test)]
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 /// Counters for `.reshardfs/stats`.
@@ -48,6 +73,12 @@ pub struct CacheStats {
     pub bytes: u64,
     pub capacity: u64,
     pub blocks: usize,
+    /// Blocks computed ahead by the prefetcher.
+    pub prefetch_blocks: u64,
+    /// Of those, blocks a reader then took from the cache.
+    pub prefetch_hits: u64,
+    /// Of those, blocks evicted before anyone read them.
+    pub prefetch_wasted: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -62,10 +93,96 @@ impl BlockCache {
             inner: Mutex::new(Inner {
                 lru: LruCache::unbounded(),
                 bytes: 0,
+                spare: Vec::new(),
             }),
             capacity,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            prefetch_blocks: AtomicU64::new(0),
+            prefetch_hits: AtomicU64::new(0),
+            prefetch_wasted: AtomicU64::new(0),
+            #[cfg(test)]
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Bytes of prefetched blocks not yet read (being computed included).
+    pub fn pending_prefetch(&self) -> u64 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// A slot leaves the prefetched state (read, evicted or failed): its
+    /// bytes no longer count against the prefetcher. Returns whether it was
+    /// in that state.
+    fn unflag(&self, slot: &Slot, len: u64) -> bool {
+        let was = slot.prefetched.swap(false, Ordering::Relaxed);
+        if was {
+            self.pending.fetch_sub(len, Ordering::Relaxed);
+        }
+        was
+    }
+
+    /// Computes block `key` ahead of its reader, unless it is cached or
+    /// being computed already. Returns whether it computed the block.
+    pub fn prefetch<E>(
+        &self,
+        key: BlockKey,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let (slot, spare) = {
+            let mut g = lock(&self.inner);
+            if g.lru.contains(&key) {
+                return Ok(false);
+            }
+            let slot = Arc::new(Slot::default());
+            slot.prefetched.store(true, Ordering::Relaxed);
+            self.pending.fetch_add(len as u64, Ordering::Relaxed);
+            g.lru.put(key, (slot.clone(), len as u64));
+            g.bytes += len as u64;
+            self.evict(&mut g);
+            (slot, g.spare.pop())
+        };
+        // Held while computing: a reader arriving now waits for this
+        // computation rather than starting its own.
+        let mut data = lock(&slot.data);
+        let mut buf = spare.unwrap_or_default();
+        buf.resize(len, 0);
+        if let Err(e) = fill(&mut buf) {
+            drop(data);
+            self.unflag(&slot, len as u64);
+            self.forget(key, &slot);
+            return Err(e);
+        }
+        *data = Some(Arc::new(buf));
+        self.prefetch_blocks.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Drops block `key` from the cache: a sequential reader has taken it
+    /// and the kernel's page cache now holds those bytes, so keeping it
+    /// would only take budget from blocks still to come.
+    pub fn remove(&self, key: BlockKey) {
+        let mut g = lock(&self.inner);
+        if let Some((slot, len)) = g.lru.pop(&key) {
+            g.bytes -= len;
+            self.unflag(&slot, len);
+        }
+    }
+
+    /// Keeps the buffer of a block a reader has finished with (and the
+    /// cache no longer holds) for the next prefetch.
+    pub fn recycle(&self, block: Block) {
+        if let Ok(buf) = Arc::try_unwrap(block) {
+            let mut g = lock(&self.inner);
+            if g.spare.len() < SPARES {
+                g.spare.push(buf);
+            }
         }
     }
 
@@ -79,7 +196,12 @@ impl BlockCache {
         let slot = {
             let mut g = lock(&self.inner);
             match g.lru.get(&key) {
-                Some((slot, _)) => slot.clone(),
+                Some((slot, _)) => {
+                    if self.unflag(slot, len as u64) {
+                        self.prefetch_hits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    slot.clone()
+                }
                 None => {
                     let slot = Arc::new(Slot::default());
                     g.lru.put(key, (slot.clone(), len as u64));
@@ -89,7 +211,11 @@ impl BlockCache {
                 }
             }
         };
+        #[cfg(test)]
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         let mut data = lock(&slot.data);
+        #[cfg(test)]
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
         if let Some(block) = data.as_ref() {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(block.clone());
@@ -112,7 +238,12 @@ impl BlockCache {
     fn evict(&self, g: &mut Inner) {
         while g.bytes > self.capacity {
             match g.lru.pop_lru() {
-                Some((_, (_, len))) => g.bytes -= len,
+                Some((_, (slot, len))) => {
+                    g.bytes -= len;
+                    if self.unflag(&slot, len) {
+                        self.prefetch_wasted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 None => break,
             }
         }
@@ -142,6 +273,9 @@ impl BlockCache {
             bytes: g.bytes,
             capacity: self.capacity,
             blocks: g.lru.len(),
+            prefetch_blocks: self.prefetch_blocks.load(Ordering::Relaxed),
+            prefetch_hits: self.prefetch_hits.load(Ordering::Relaxed),
+            prefetch_wasted: self.prefetch_wasted.load(Ordering::Relaxed),
         }
     }
 }
@@ -199,16 +333,26 @@ mod tests {
 
     #[test]
     fn concurrent_misses_compute_once() {
+        // The first reader's computation holds until the seven others wait
+        // on the same slot: all eight overlap, deterministically.
+        const READERS: usize = 8;
         let c = Arc::new(BlockCache::new(1 << 20));
         let fills = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(std::sync::Barrier::new(READERS));
         std::thread::scope(|s| {
-            for _ in 0..8 {
-                let (c, fills) = (c.clone(), fills.clone());
+            for _ in 0..READERS {
+                let (c, fills, start) = (c.clone(), fills.clone(), start.clone());
                 s.spawn(move || {
+                    start.wait();
                     let b = c
                         .get((0, 42), 4096, |b: &mut [u8]| -> Result<(), ()> {
                             fills.fetch_add(1, Ordering::SeqCst);
-                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            let deadline =
+                                std::time::Instant::now() + std::time::Duration::from_secs(30);
+                            while c.waiting.load(Ordering::SeqCst) < READERS - 1 {
+                                assert!(std::time::Instant::now() < deadline, "readers never met");
+                                std::thread::yield_now();
+                            }
                             b.fill(9);
                             Ok(())
                         })
@@ -218,5 +362,39 @@ mod tests {
             }
         });
         assert_eq!(fills.load(Ordering::SeqCst), 1);
+        assert_eq!(c.stats().misses, 1);
+        assert_eq!(c.stats().hits, READERS as u64 - 1);
+    }
+
+    #[test]
+    fn prefetched_blocks_are_counted_as_hits_or_waste() {
+        let c = BlockCache::new(3000);
+        let fill = |b: &mut [u8]| -> Result<(), ()> {
+            b.fill(3);
+            Ok(())
+        };
+        assert!(c.prefetch((0, 0), 1000, fill).unwrap());
+        assert!(!c.prefetch((0, 0), 1000, fill).unwrap(), "already cached");
+        assert!(c.prefetch((0, 1), 1000, fill).unwrap());
+        assert_eq!(c.pending_prefetch(), 2000);
+        // Read: a hit, no longer pending; the data is the prefetched one.
+        assert_eq!(c.get((0, 0), 1000, |_: &mut [u8]| Err(())).unwrap()[0], 3);
+        assert_eq!(c.pending_prefetch(), 1000);
+        c.remove((0, 0));
+        // Three more blocks push (0, 1) out unread: wasted.
+        for i in 2..5 {
+            c.get((1, i), 1000, fill).unwrap();
+        }
+        let s = c.stats();
+        assert_eq!(
+            (s.prefetch_blocks, s.prefetch_hits, s.prefetch_wasted),
+            (2, 1, 1)
+        );
+        assert_eq!(c.pending_prefetch(), 0);
+        assert!(s.bytes <= 3000);
+        // A failed prefetch leaves nothing behind.
+        assert!(c.prefetch((2, 0), 1000, |_: &mut [u8]| Err("x")).is_err());
+        assert_eq!(c.pending_prefetch(), 0);
+        assert!(!c.contains((2, 0)));
     }
 }

@@ -1,14 +1,12 @@
 //! The FUSE adapter: translates kernel requests to [`Server`] calls.
 //!
 //! Nothing is decided here that the server or the tree does not already
-//! know. View files are opened with the kernel's page cache kept (their bytes
+//! know, and no state is kept here: open handles, their snapshots and
+//! listings live in [`Server`], where they are unit-tested. View files are opened with the kernel's page cache kept (their bytes
 //! never change while mounted); the counters file is opened direct-I/O so every
 //! read sees fresh numbers.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fuser::{
@@ -17,7 +15,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-use crate::mount::serve::{Attr, NodeKind, ReadError, Server, slice_at};
+use crate::mount::serve::{Attr, NodeKind, OpenError, ReadError, Server};
 
 /// Attributes of the view never change while mounted.
 const TTL: Duration = Duration::from_secs(3600);
@@ -28,23 +26,13 @@ pub struct ViewFs {
     server: Server,
     uid: u32,
     gid: u32,
-    /// Live files are rendered once per open, so that one reader's several
-    /// reads see one consistent text.
-    snapshots: Mutex<HashMap<u64, Arc<[u8]>>>,
-    next_fh: AtomicU64,
 }
 
 impl ViewFs {
     pub fn new(server: Server) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        ViewFs {
-            server,
-            uid,
-            gid,
-            snapshots: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
-        }
+        ViewFs { server, uid, gid }
     }
 
     fn file_attr(&self, a: &Attr) -> FileAttr {
@@ -76,8 +64,12 @@ impl ViewFs {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+fn open_errno(e: OpenError) -> Errno {
+    match e {
+        OpenError::NotFound => Errno::ENOENT,
+        OpenError::IsDir => Errno::EISDIR,
+        OpenError::NotDir => Errno::ENOTDIR,
+    }
 }
 
 impl Filesystem for ViewFs {
@@ -111,16 +103,10 @@ impl Filesystem for ViewFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.server.attr(ino.0) {
-            Some(a) if a.kind == NodeKind::Dir => reply.error(Errno::EISDIR),
-            Some(a) if a.live => {
-                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                let text: Arc<[u8]> = Arc::from(self.server.stats_text().into_bytes());
-                lock(&self.snapshots).insert(fh, text);
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
-            }
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            None => reply.error(Errno::ENOENT),
+        match self.server.open(ino.0) {
+            Ok(o) if o.direct_io => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO),
+            Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(open_errno(e)),
         }
     }
 
@@ -135,17 +121,15 @@ impl Filesystem for ViewFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let snapshot = lock(&self.snapshots).get(&fh.0).cloned();
-        if let Some(text) = snapshot {
-            return reply.data(slice_at(&text, offset, size as usize));
-        }
         // `reply` moves into the closure on success; keep errors for after.
         let mut reply = Some(reply);
-        let result = self.server.read(ino.0, offset, size as usize, |bytes| {
-            if let Some(r) = reply.take() {
-                r.data(bytes);
-            }
-        });
+        let result = self
+            .server
+            .read_handle(ino.0, fh.0, offset, size as usize, |bytes| {
+                if let Some(r) = reply.take() {
+                    r.data(bytes);
+                }
+            });
         if let (Err(e), Some(r)) = (result, reply) {
             r.error(match e {
                 ReadError::NotFound => Errno::ENOENT,
@@ -176,7 +160,7 @@ impl Filesystem for ViewFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.snapshots).remove(&fh.0);
+        self.server.release(fh.0);
         reply.ok();
     }
 
@@ -199,27 +183,16 @@ impl Filesystem for ViewFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(children) = self.server.children(ino.0) else {
-            return reply.error(Errno::ENOTDIR);
+        let entries = match self.server.readdir(ino.0, offset) {
+            Ok(e) => e,
+            Err(e) => return reply.error(open_errno(e)),
         };
-        let parent = self.server.tree().get(ino.0).map_or(ino.0, |n| n.parent);
-        let dots = [(".", ino.0), ("..", parent)];
-        let entries = dots
-            .iter()
-            .map(|&(n, i)| (n, i, FileType::Directory))
-            .chain(children.iter().map(|(n, i)| {
-                // From the tree: attr() would render the counters file.
-                let kind = if self.server.tree().is_dir(*i) {
-                    FileType::Directory
-                } else {
-                    FileType::RegularFile
-                };
-                (n.as_str(), *i, kind)
-            }));
-        // Offsets are positions in this fixed listing: the kernel resumes a
-        // listing by handing back the offset of the last entry it took.
-        for (pos, (name, child, kind)) in entries.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), pos as u64 + 1, kind, name) {
+        for e in entries {
+            let kind = match e.kind {
+                NodeKind::Dir => FileType::Directory,
+                NodeKind::File => FileType::RegularFile,
+            };
+            if reply.add(INodeNo(e.ino), e.next, kind, &e.name) {
                 break;
             }
         }

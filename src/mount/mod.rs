@@ -1,5 +1,6 @@
 //! Mounting a view: the block cache ([`cache`]), the namespace ([`tree`]),
-//! attributes and bytes of every node ([`serve`]), the thin FUSE adapter
+//! attributes, handles and bytes of every node ([`serve`]), prefetch for
+//! sequential readers ([`prefetch`]), the thin FUSE adapter
 //! ([`fuse`]) that only translates, and the background daemon ([`daemon`]).
 //!
 //! Only [`fuse`] and [`daemon`] know about FUSE; everything else is plain
@@ -8,5 +9,6 @@
 pub mod cache;
 pub mod daemon;
 pub mod fuse;
+pub mod prefetch;
 pub mod serve;
 pub mod tree;
