@@ -10,7 +10,6 @@ use std::time::{Instant, SystemTime};
 use crate::mount::cache::BlockCache;
 use crate::mount::prefetch::{Job, PrefetchConfig, Sequential, Workers, source_spans};
 use crate::mount::tree::{Content, Ino, Tree};
-use crate::report;
 use crate::reshard::engine::{Served, SourceFault, Touched, read_file};
 use crate::reshard::plan::Plan;
 
@@ -187,8 +186,7 @@ impl Server {
     }
 
     pub fn with_prefetch(plan: Plan, cache_bytes: u64, prefetch: PrefetchConfig) -> Server {
-        let report = report::plan(&plan);
-        let tree = Tree::build(&plan, &report);
+        let tree = Tree::build(&plan);
         let block_size = block_size_for(cache_bytes);
         // Blocks computed ahead and not yet read never take more than half
         // the budget: the rest stays for random readers.
