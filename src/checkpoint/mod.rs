@@ -7,13 +7,13 @@
 //! [`source`] (with [`iteration`], [`plain`] and [`paths`]) turns a folder
 //! into a [`source::Source`].
 
-pub mod guard;
+pub(crate) mod guard;
 pub mod header;
-pub mod iteration;
-pub mod mapped;
+pub(crate) mod iteration;
+pub(crate) mod mapped;
 pub mod metadata;
 pub mod models;
 pub mod names;
-pub mod paths;
-pub mod plain;
+pub(crate) mod paths;
+pub(crate) mod plain;
 pub mod source;

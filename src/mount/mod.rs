@@ -6,9 +6,9 @@
 //! Only [`fuse`] and [`daemon`] know about FUSE; everything else is plain
 //! logic, unit-tested directly.
 
-pub mod cache;
+pub(crate) mod cache;
 pub mod daemon;
-pub mod fuse;
+pub(crate) mod fuse;
 pub mod prefetch;
 pub mod serve;
-pub mod tree;
+pub(crate) mod tree;
