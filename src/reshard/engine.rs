@@ -346,6 +346,28 @@ fn copy_stored(
     let shape = region.shape;
     let start = region.start;
     let n = shape.len();
+    // A tensor stored whole in one file, read in whole rows (a Hugging Face
+    // part behind a fused tensor, a row split of a plain source): the region
+    // is one contiguous span, copied without the per-run walk below. Fused
+    // gate/up rows are 8 KiB each at hidden 4096, so the walk's set-up per
+    // row was a measurable share of a fused view's copy.
+    if let [chunk] = t.chunks.as_slice()
+        && chunk.stored_shape == t.global_shape
+        && (1..n).all(|d| start[d] == 0 && shape[d] == t.global_shape[d])
+    {
+        let row: u64 = shape.iter().skip(1).product();
+        let first = start.first().map_or(0, |&r| r * row);
+        let src = chunk.offset + first * es + at;
+        let file = &source.files[chunk.file];
+        out.copy_from_slice(file.bytes(src, out.len() as u64));
+        touched.add(chunk.file, src, src + out.len() as u64);
+        if file.is_damaged() {
+            return Err(SourceFault {
+                path: file.path.clone(),
+            });
+        }
+        return Ok(());
+    }
     // Coordinates of the run's first element: local, global, and its source
     // slice in the grid. Allocated once per call, rewritten per run (runs can
     // be as short as one row piece).
