@@ -274,6 +274,16 @@ impl TargetArgs {
         self.spec()
     }
 
+    /// The target `plan` and `export` need: one must be given, except for
+    /// a Hugging Face view, whose files hold every tensor whole anyway.
+    fn spec_for(&self, view: &ViewArgs) -> Result<TargetSpec> {
+        if view.hf {
+            self.spec_or_identity()
+        } else {
+            self.spec()
+        }
+    }
+
     fn spec(&self) -> Result<TargetSpec> {
         if let Some(path) = &self.strategy {
             return Ok(TargetSpec::Strategy(path.clone()));
@@ -322,12 +332,7 @@ fn run(command: Command) -> Result<()> {
             view,
             json,
         } => {
-            let spec = if view.hf {
-                target.spec_or_identity()?
-            } else {
-                target.spec()?
-            };
-            let plan = load_plan(&src, spec, &view)?;
+            let plan = load_plan(&src, target.spec_for(&view)?, &view)?;
             let r = report::plan(&plan);
             print_report(json, &r, || r.text())
         }
@@ -340,12 +345,7 @@ fn run(command: Command) -> Result<()> {
             threads,
             no_progress,
         } => {
-            let spec = if view.hf {
-                target.spec_or_identity()?
-            } else {
-                target.spec()?
-            };
-            let plan = load_plan(&src, spec, &view)?;
+            let plan = load_plan(&src, target.spec_for(&view)?, &view)?;
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let start = std::time::Instant::now();
