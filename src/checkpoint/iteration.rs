@@ -380,3 +380,366 @@ fn check_tensor(
         rules: Default::default(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::source::tests::{f32s, fixture, input_err, write_st};
+    use serde_json::json;
+    use std::fs;
+
+    const F0: &str = "model-0000000-0000002.safetensors";
+    const F1: &str = "model-0000001-0000002.safetensors";
+
+    /// Rows of `w` (f32 `[4, 2]`, element i = i): slice k holds rows 2k, 2k+1.
+    fn w_rows(k: usize) -> Vec<u8> {
+        let all: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        f32s(&all[k * 4..k * 4 + 4])
+    }
+
+    fn layout(tensor_map: serde_json::Value) -> serde_json::Value {
+        json!({"device_matrix": [2], "tensor_map": tensor_map, "interleaved_parallel": false,
+               "alias_name": ["tp"], "rank_list": [0, 1]})
+    }
+
+    /// A tp=2 iteration written by hand: `w` f32 `[4, 2]` split on rows
+    /// (slice 0 in rank 0's file, slice 1 in rank 1's), `n` f32 `[2]`
+    /// replicated in both files, its storage entries listed highest rank
+    /// first. Returns its metadata.json, not yet written.
+    fn tp2(dir: &Path) -> serde_json::Value {
+        let n = f32s(&[9.0, 10.0]);
+        write_st(
+            dir,
+            F0,
+            &[("w", "F32", &[2, 2], &w_rows(0)), ("n", "F32", &[2], &n)],
+        );
+        write_st(
+            dir,
+            F1,
+            &[("w", "F32", &[2, 2], &w_rows(1)), ("n", "F32", &[2], &n)],
+        );
+        json!({
+            "state_dict_metadata": {
+                "w": {"properties": {"dtype": "Float32"}, "global_shape": [4, 2],
+                      "axis_fragmentations": [2, 1], "layout": layout(json!([0, -1])),
+                      "chunk": [{"global_offset": [0], "local_shape": [2, 2]},
+                                {"global_offset": [1], "local_shape": [2, 2]}]},
+                "n": {"properties": {"dtype": "Float32"}, "global_shape": [2],
+                      "axis_fragmentations": [1], "layout": layout(json!([-1])),
+                      "chunk": [{"global_offset": [0], "local_shape": [2]}]}
+            },
+            "storage_data": {
+                "('w', (0,))": [{"file_name": F0, "storage_rank": 0}],
+                "('w', (1,))": [{"file_name": F1, "storage_rank": 1}],
+                "('n', (0,))": [{"file_name": F1, "storage_rank": 1, "rank_group": [0, 1]},
+                                {"file_name": F0, "storage_rank": 0, "rank_group": [0, 1]}]
+            }
+        })
+    }
+
+    fn load(dir: &Path, meta: &serde_json::Value) -> Result<Iteration> {
+        fs::write(dir.join("metadata.json"), serde_json::to_vec(meta).unwrap()).unwrap();
+        load_iteration(dir, None)
+    }
+
+    fn meta_path(dir: &Path) -> String {
+        dir.join("metadata.json").display().to_string()
+    }
+
+    /// Where a file's data section starts, from its own first 8 bytes.
+    fn data_start(path: &Path) -> u64 {
+        let b = fs::read(path).unwrap();
+        u64::from_le_bytes(b[..8].try_into().unwrap()) + 8
+    }
+
+    #[test]
+    fn a_hand_written_tp2_iteration_loads() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let it = load(dir, &tp2(dir)).unwrap();
+        assert_eq!((it.world, it.stage_devices, it.stages), (2, 2, 1));
+        assert_eq!(it.prefix, None);
+        assert_eq!(it.tensors.len(), 2);
+        let w = &it.tensors[0];
+        assert_eq!(w.name, "w");
+        assert_eq!(
+            (w.kind, w.dtype, w.ms_dtype.as_str()),
+            (Kind::Model, Dtype::F32, "Float32")
+        );
+        assert_eq!(
+            (w.frag.clone(), w.chunk_shape.clone()),
+            (vec![2, 1], vec![2, 2])
+        );
+        assert_eq!(w.chunks.len(), 2);
+        for (k, file) in [F0, F1].into_iter().enumerate() {
+            let c = &w.chunks[k];
+            assert_eq!(it.files[c.file].name, file);
+            assert_eq!(c.origin, vec![2 * k as u64, 0]);
+            assert_eq!(c.stored_shape, vec![2, 2]);
+            // w is the first tensor of each file: its bytes start the data.
+            assert_eq!(c.offset, data_start(&dir.join(file)));
+            assert_eq!(it.files[c.file].bytes(c.offset, 16), w_rows(k).as_slice());
+        }
+        assert!(it.tensors.iter().all(|t| t.stage == 0));
+    }
+
+    #[test]
+    fn replicas_are_holders_and_the_lowest_rank_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let it = load(dir, &tp2(dir)).unwrap();
+        let n = it.tensors.iter().find(|t| t.name == "n").unwrap();
+        assert_eq!(n.chunks.len(), 1);
+        let c = &n.chunks[0];
+        let holders: Vec<(&str, u64)> = c
+            .holders
+            .iter()
+            .map(|&(f, r)| (it.files[f].name.as_str(), r))
+            .collect();
+        assert_eq!(holders, vec![(F0, 0), (F1, 1)]);
+        assert_eq!(it.files[c.file].name, F0);
+        // n follows w's 16 bytes in rank 0's file.
+        assert_eq!(c.offset, data_start(&dir.join(F0)) + 16);
+    }
+
+    #[test]
+    fn a_whole_tensor_file_serves_a_slice() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let meta = tp2(dir);
+        let whole: Vec<u8> = [w_rows(0), w_rows(1)].concat();
+        write_st(
+            dir,
+            F1,
+            &[
+                ("w", "F32", &[4, 2], &whole),
+                ("n", "F32", &[2], &f32s(&[9.0, 10.0])),
+            ],
+        );
+        let it = load(dir, &meta).unwrap();
+        let c = &it.tensors[0].chunks[1];
+        assert_eq!(it.files[c.file].name, F1);
+        assert_eq!(c.origin, vec![0, 0]);
+        assert_eq!(c.stored_shape, vec![4, 2]);
+        assert_eq!(it.tensors[0].chunk_shape, vec![2, 2]);
+        assert_eq!(c.offset, data_start(&dir.join(F1)));
+    }
+
+    #[test]
+    fn chunks_that_leave_a_gap_or_overlap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mp = meta_path(dir);
+        let mut meta = tp2(dir);
+        let chunk = |k: u64| json!({"global_offset": [k], "local_shape": [2, 2]});
+        meta["state_dict_metadata"]["w"]["chunk"] = json!([chunk(0)]);
+        input_err(load(dir, &meta), &[&mp, "tensor w", "chunk", "leave a gap"]);
+        meta["state_dict_metadata"]["w"]["chunk"] = json!([chunk(0), chunk(1), chunk(1)]);
+        input_err(load(dir, &meta), &[&mp, "tensor w", "chunk", "overlap"]);
+        meta["state_dict_metadata"]["w"]["chunk"] = json!([chunk(0), chunk(0)]);
+        input_err(
+            load(dir, &meta),
+            &[&mp, "tensor w", "chunk[1]", "slice [0]", "overlap"],
+        );
+        meta["state_dict_metadata"]["w"]["chunk"] =
+            json!([chunk(0), {"global_offset": [1], "local_shape": [2, 1]}]);
+        input_err(load(dir, &meta), &[&mp, "tensor w", "chunk[1].local_shape"]);
+    }
+
+    #[test]
+    fn axis_fragmentations_must_match_the_layout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut meta = tp2(dir);
+        // Splits dimension 1 while the layout splits dimension 0.
+        meta["state_dict_metadata"]["w"]["axis_fragmentations"] = json!([1, 2]);
+        meta["state_dict_metadata"]["w"]["chunk"] = json!([
+            {"global_offset": [0], "local_shape": [4, 1]},
+            {"global_offset": [1], "local_shape": [4, 1]}]);
+        input_err(
+            load(dir, &meta),
+            &[
+                &meta_path(dir),
+                "tensor w",
+                "axis_fragmentations[0]",
+                "layout",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_slice_without_storage_entry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut meta = tp2(dir);
+        meta["storage_data"]
+            .as_object_mut()
+            .unwrap()
+            .remove("('w', (1,))");
+        input_err(
+            load(dir, &meta),
+            &[
+                &meta_path(dir),
+                "tensor w",
+                "slice [1]",
+                "storage_data",
+                "('w', (1,))",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_storage_entry_beyond_the_grid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut meta = tp2(dir);
+        meta["storage_data"]["('w', (2,))"] = json!([{"file_name": F0, "storage_rank": 0}]);
+        input_err(
+            load(dir, &meta),
+            &[&meta_path(dir), "storage_data", "('w', (2,))"],
+        );
+        let mut meta = tp2(dir);
+        meta["storage_data"]["('v', (0,))"] = json!([{"file_name": F0, "storage_rank": 0}]);
+        input_err(
+            load(dir, &meta),
+            &[&meta_path(dir), "storage_data", "tensor v"],
+        );
+    }
+
+    #[test]
+    fn a_file_named_that_does_not_exist() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut meta = tp2(dir);
+        meta["storage_data"]["('w', (1,))"] =
+            json!([{"file_name": "model-0000009-0000002.safetensors", "storage_rank": 1}]);
+        input_err(
+            load(dir, &meta),
+            &[
+                &meta_path(dir),
+                "tensor w",
+                "slice [1]",
+                "model-0000009-0000002.safetensors",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_file_missing_the_tensor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let meta = tp2(dir);
+        write_st(
+            dir,
+            F1,
+            &[
+                ("x", "F32", &[2, 2], &w_rows(1)),
+                ("n", "F32", &[2], &f32s(&[9.0, 10.0])),
+            ],
+        );
+        input_err(
+            load(dir, &meta),
+            &[
+                &dir.join(F1).display().to_string(),
+                "tensor w",
+                "missing",
+                "slice [1]",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_dtype_other_than_metadata_says() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut meta = tp2(dir);
+        meta["state_dict_metadata"]["w"]["properties"]["dtype"] = json!("BFloat16");
+        input_err(
+            load(dir, &meta),
+            &[
+                &dir.join(F0).display().to_string(),
+                "tensor w",
+                "dtype",
+                "F32",
+                "BFloat16",
+            ],
+        );
+        meta["state_dict_metadata"]["w"]["properties"]["dtype"] = json!("Float33");
+        input_err(
+            load(dir, &meta),
+            &[&meta_path(dir), "tensor w", "properties.dtype", "Float33"],
+        );
+    }
+
+    #[test]
+    fn a_shape_neither_slice_nor_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let meta = tp2(dir);
+        write_st(
+            dir,
+            F1,
+            &[
+                ("w", "F32", &[1, 4], &w_rows(1)),
+                ("n", "F32", &[2], &f32s(&[9.0, 10.0])),
+            ],
+        );
+        input_err(
+            load(dir, &meta),
+            &[
+                &dir.join(F1).display().to_string(),
+                "tensor w",
+                "shape is [1, 4]",
+                "local_shape",
+            ],
+        );
+    }
+
+    #[test]
+    fn missing_top_level_keys() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let mut meta = tp2(dir);
+        meta.as_object_mut().unwrap().remove("storage_data");
+        input_err(load(dir, &meta), &[&meta_path(dir), "storage_data"]);
+        input_err(
+            load(dir, &json!({"state_dict_metadata": {}, "storage_data": {}})),
+            &[&meta_path(dir), "state_dict_metadata"],
+        );
+    }
+
+    #[test]
+    fn the_gpt_fixture_has_two_stages_of_four() {
+        // tests/fixtures/README.md: dp=2 x tp=2, 2 pipeline stages, 8
+        // ranks, prefix gpt; layer i of 2 on stage i*2//2, the embedding
+        // on the first stage.
+        let dir = fixture("gpt-dp2-tp2-pp2-bf16/iteration_00000001");
+        let it = load_iteration(&dir, Some("iteration_00000001".into())).unwrap();
+        assert_eq!((it.world, it.stages, it.stage_devices), (8, 2, 4));
+        assert_eq!(it.prefix.as_deref(), Some("gpt"));
+        assert_eq!(it.files.len(), 16);
+        let t = |n: &str| it.tensors.iter().find(|t| t.name == n).unwrap();
+        assert_eq!(t("embedding.word_embeddings.weight").stage, 0);
+        assert_eq!(t("decoder.layers.0.input_layernorm.weight").stage, 0);
+        assert_eq!(t("decoder.layers.1.input_layernorm.weight").stage, 1);
+        assert_eq!(t("adam_m.decoder.layers.1.input_layernorm.weight").stage, 1);
+        assert_eq!(
+            t("decoder.layers.1.input_layernorm.weight").kind,
+            Kind::Model
+        );
+        assert_eq!(t("adam_v.embedding.word_embeddings.weight").kind, Kind::Opt);
+        assert_eq!(t("embedding.word_embeddings.weight").dtype, Dtype::BF16);
+        assert_eq!(
+            t("adam_m.embedding.word_embeddings.weight").dtype,
+            Dtype::F32
+        );
+        // Slice 0 of the embedding is held by ranks 0 and 2; rank 0 is read.
+        let c = &t("embedding.word_embeddings.weight").chunks[0];
+        let holders: Vec<u64> = c.holders.iter().map(|h| h.1).collect();
+        assert_eq!(holders, vec![0, 2]);
+        assert_eq!(
+            it.files[c.file].name,
+            "gpt-model-0000000-0000008.safetensors"
+        );
+    }
+}

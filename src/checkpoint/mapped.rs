@@ -226,3 +226,128 @@ impl Drop for RankFile {
         guard::unregister(self.region);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::source::tests::{f32s, input_err, safetensors};
+    use safetensors::Dtype;
+    use std::fs;
+
+    fn two_tensors() -> Vec<u8> {
+        safetensors(&[
+            ("a", "F32", &[2, 2], &f32s(&[1.0, 2.0, 3.0, 4.0])),
+            ("b", "U8", &[3], &[7, 8, 9]),
+        ])
+    }
+
+    #[test]
+    fn bytes_read_back_as_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("model-0000000-0000001.safetensors");
+        let raw = two_tensors();
+        fs::write(&path, &raw).unwrap();
+        let f = RankFile::open(&path).unwrap();
+        assert_eq!(f.name, "model-0000000-0000001.safetensors");
+        assert_eq!(f.path, path);
+        let data = u64::from_le_bytes(raw[..8].try_into().unwrap()) + 8;
+        let a = &f.tensors["a"];
+        assert_eq!(
+            (a.dtype, a.shape.clone(), a.offset, a.len),
+            (Dtype::F32, vec![2, 2], data, 16)
+        );
+        let b = &f.tensors["b"];
+        assert_eq!(
+            (b.dtype, b.shape.clone(), b.offset, b.len),
+            (Dtype::U8, vec![3], data + 16, 3)
+        );
+        assert_eq!(
+            f.bytes(a.offset, a.len),
+            f32s(&[1.0, 2.0, 3.0, 4.0]).as_slice()
+        );
+        assert_eq!(f.bytes(b.offset, b.len), &[7, 8, 9]);
+        // Advice changes no bytes.
+        f.will_need(0, raw.len() as u64);
+        f.release(0, raw.len() as u64);
+        assert_eq!(f.bytes(b.offset, b.len), &[7, 8, 9]);
+        assert!(f.is_resident(0, 0));
+    }
+
+    #[test]
+    fn an_intact_file_is_neither_damaged_nor_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("x.safetensors");
+        fs::write(&path, two_tensors()).unwrap();
+        let f = RankFile::open(&path).unwrap();
+        let a = f.tensors["a"].clone();
+        assert_eq!(f.bytes(a.offset, a.len).len(), 16);
+        assert!(!f.is_damaged());
+        assert!(f.is_unchanged());
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_is_changed() {
+        use std::io::{Seek, SeekFrom, Write};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("x.safetensors");
+        let raw = two_tensors();
+        fs::write(&path, &raw).unwrap();
+        let f = RankFile::open(&path).unwrap();
+        // Same inode, same length, other bytes; an mtime set apart so the
+        // change shows whatever the filesystem's timestamp granularity.
+        let mut w = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        w.seek(SeekFrom::Start(raw.len() as u64 - 1)).unwrap();
+        w.write_all(&[0]).unwrap();
+        w.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000))
+            .unwrap();
+        drop(w);
+        assert!(!f.is_unchanged());
+        assert!(!f.is_damaged());
+    }
+
+    #[test]
+    fn a_file_replaced_or_deleted_is_changed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("x.safetensors");
+        fs::write(&path, two_tensors()).unwrap();
+        let f = RankFile::open(&path).unwrap();
+        // Renamed over with identical bytes: another inode.
+        let other = tmp.path().join("new");
+        fs::write(&other, two_tensors()).unwrap();
+        fs::rename(&other, &path).unwrap();
+        assert!(!f.is_unchanged());
+        let g = RankFile::open(&path).unwrap();
+        assert!(g.is_unchanged());
+        fs::remove_file(&path).unwrap();
+        assert!(!g.is_unchanged());
+        // The map outlives the name.
+        let b = g.tensors["b"].clone();
+        assert_eq!(g.bytes(b.offset, b.len), &[7, 8, 9]);
+    }
+
+    #[test]
+    fn not_a_safetensors_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("short.safetensors");
+        fs::write(&path, b"1234").unwrap();
+        input_err(
+            RankFile::open(&path),
+            &[&path.display().to_string(), "4 bytes"],
+        );
+        // A header length beyond the end of the file.
+        let mut raw = 1000u64.to_le_bytes().to_vec();
+        raw.extend_from_slice(b"{}      ");
+        fs::write(&path, &raw).unwrap();
+        input_err(
+            RankFile::open(&path),
+            &[&path.display().to_string(), "header"],
+        );
+        // Data offsets that do not match the dtype and shape.
+        let mut bad = safetensors(&[("a", "F32", &[2, 2], &[0u8; 8])]);
+        bad.extend_from_slice(&[0u8; 8]);
+        fs::write(&path, &bad).unwrap();
+        input_err(RankFile::open(&path), &[&path.display().to_string()]);
+        let missing = tmp.path().join("missing.safetensors");
+        input_err(RankFile::open(&missing), &[&missing.display().to_string()]);
+    }
+}

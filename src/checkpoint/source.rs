@@ -352,3 +352,270 @@ pub(crate) fn read_common(dir: &Path) -> Result<Option<Vec<u8>>> {
         Ok(None)
     }
 }
+
+/// Shared by the unit tests of the other `checkpoint` modules: tiny
+/// checkpoints written by hand from the format (docs/FORMAT.md), never by
+/// the code under test.
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::error::Error;
+    use serde_json::{Value, json};
+
+    /// A safetensors file from the format alone: an 8-byte little-endian
+    /// header length, the JSON header (padded with spaces to a multiple of
+    /// 8), then the tensors' bytes back to back in the order given.
+    pub(crate) fn safetensors(tensors: &[(&str, &str, &[u64], &[u8])]) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "ms"}));
+        let mut at = 0usize;
+        for (name, dtype, shape, data) in tensors {
+            header.insert(
+                (*name).into(),
+                json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + data.len()]}),
+            );
+            at += data.len();
+        }
+        let mut text = serde_json::to_vec(&Value::Object(header)).unwrap();
+        while !text.len().is_multiple_of(8) {
+            text.push(b' ');
+        }
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&text);
+        for (_, _, _, data) in tensors {
+            out.extend_from_slice(data);
+        }
+        out
+    }
+
+    /// Little-endian f32 bytes.
+    pub(crate) fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// Writes `tensors` as `dir/name`.
+    pub(crate) fn write_st(dir: &Path, name: &str, tensors: &[(&str, &str, &[u64], &[u8])]) {
+        fs::write(dir.join(name), safetensors(tensors)).unwrap();
+    }
+
+    /// The crate's copy of a fixture (tests/fixtures).
+    pub(crate) fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(rel)
+    }
+
+    /// Asserts a bad-input error (exit code 2) whose message holds every
+    /// one of `parts`; returns the message.
+    pub(crate) fn input_err<T: std::fmt::Debug>(r: Result<T>, parts: &[&str]) -> String {
+        let e = r.expect_err("expected an error");
+        assert!(matches!(e, Error::Input(_)), "not an input error: {e:?}");
+        assert_eq!(e.exit_code(), 2);
+        let msg = e.to_string();
+        for p in parts {
+            assert!(msg.contains(p), "{msg:?} does not name {p:?}");
+        }
+        msg
+    }
+
+    /// A one-tensor plain folder: `w`, f32 `[2]`.
+    fn plain_dir(dir: &Path) {
+        write_st(
+            dir,
+            "model.safetensors",
+            &[("w", "F32", &[2], &f32s(&[1.0, 2.0]))],
+        );
+    }
+
+    fn canon(p: &Path) -> String {
+        fs::canonicalize(p).unwrap().display().to_string()
+    }
+
+    #[test]
+    fn a_root_with_its_tracker() {
+        let root = fixture("tp4-f32");
+        let src = Source::open(&root).unwrap();
+        assert_eq!(src.path, fs::canonicalize(&root).unwrap());
+        match &src.kind {
+            SourceKind::Root { tracker, latest } => {
+                assert_eq!(tracker, b"5");
+                assert_eq!(*latest, 5);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(src.iterations.len(), 1);
+        let it = &src.iterations[0];
+        assert_eq!(it.name.as_deref(), Some("iteration_00000005"));
+        assert_eq!((it.world, it.stages, it.stage_devices), (4, 1, 4));
+        assert_eq!(it.prefix, None);
+        assert!(it.common_json.is_some());
+    }
+
+    #[test]
+    fn one_iteration_folder() {
+        let dir = fixture("tp4-f32/iteration_00000005");
+        let src = Source::open(&dir).unwrap();
+        assert!(matches!(src.kind, SourceKind::Iteration));
+        assert_eq!(src.iterations.len(), 1);
+        assert_eq!(src.iterations[0].name, None);
+        assert_eq!(src.iterations[0].files.len(), 4);
+    }
+
+    #[test]
+    fn a_plain_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        plain_dir(tmp.path());
+        let src = Source::open(tmp.path()).unwrap();
+        assert!(matches!(src.kind, SourceKind::Plain));
+        let it = &src.iterations[0];
+        assert_eq!((it.world, it.stages, it.stage_devices), (1, 1, 1));
+        assert_eq!(it.tensors.len(), 1);
+        assert_eq!(it.tensors[0].name, "w");
+        assert_eq!(it.tensors[0].global_shape, vec![2]);
+        assert!(it.model.is_none());
+    }
+
+    #[test]
+    fn a_hugging_face_qwen3_folder_becomes_mindformers_tensors() {
+        let src = Source::open(&fixture("qwen3-tiny-hf")).unwrap();
+        assert!(matches!(src.kind, SourceKind::Plain));
+        let it = &src.iterations[0];
+        assert_eq!(
+            it.model.as_ref().map(|m| m.model_type.as_str()),
+            Some("qwen3")
+        );
+        let shape = |n: &str| {
+            it.tensors
+                .iter()
+                .find(|t| t.name == n)
+                .unwrap_or_else(|| panic!("no {n}"))
+                .global_shape
+                .clone()
+        };
+        // tests/fixtures/README.md: vocab 256, hidden 64, intermediate 96,
+        // 4 heads in 2 groups of head_dim 16.
+        assert_eq!(shape("embedding.word_embeddings.weight"), vec![256, 64]);
+        assert_eq!(
+            shape("decoder.layers.0.self_attention.linear_qkv.weight"),
+            vec![(4 + 2 * 2) * 16, 64]
+        );
+        assert_eq!(
+            shape("decoder.layers.1.mlp.linear_fc1.weight"),
+            vec![2 * 96, 64]
+        );
+        assert!(!it.tensors.iter().any(|t| t.name.starts_with("model.")));
+    }
+
+    #[test]
+    fn model_none_keeps_the_stored_names() {
+        let src = Source::open_with(&fixture("qwen3-tiny-hf"), ModelChoice::None).unwrap();
+        let it = &src.iterations[0];
+        assert!(it.model.is_none());
+        let names: Vec<&str> = it.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert!(names.contains(&"model.embed_tokens.weight"), "{names:?}");
+        assert!(names.contains(&"model.layers.0.self_attn.q_proj.weight"));
+        assert!(names.iter().all(|n| !n.contains("linear_qkv")));
+    }
+
+    #[test]
+    fn an_unsupported_model_type_names_the_supported_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        plain_dir(tmp.path());
+        fs::write(
+            tmp.path().join("config.json"),
+            br#"{"model_type": "llama"}"#,
+        )
+        .unwrap();
+        let cfg = canon(&tmp.path().join("config.json"));
+        input_err(
+            Source::open(tmp.path()),
+            &[&cfg, "model_type", "\"llama\"", "qwen3", "--model none"],
+        );
+        // --model none reads it as it is.
+        let src = Source::open_with(tmp.path(), ModelChoice::None).unwrap();
+        assert_eq!(src.iterations[0].tensors[0].name, "w");
+        // --model qwen3 says which it found.
+        input_err(
+            Source::open_with(tmp.path(), ModelChoice::Qwen3),
+            &[&cfg, "llama"],
+        );
+    }
+
+    #[test]
+    fn model_qwen3_needs_a_config_or_qwen3_tensors() {
+        let tmp = tempfile::tempdir().unwrap();
+        plain_dir(tmp.path());
+        input_err(
+            Source::open_with(tmp.path(), ModelChoice::Qwen3),
+            &[&canon(tmp.path()), "config.json", "--model qwen3"],
+        );
+        let gpt = fixture("gpt-dp2-tp2-pp2-bf16");
+        input_err(
+            Source::open_with(&gpt, ModelChoice::Qwen3),
+            &[&canon(&gpt), "iteration_00000001", "--model qwen3"],
+        );
+    }
+
+    #[test]
+    fn iteration_folders_without_a_tracker() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir(tmp.path().join("iteration_00000001")).unwrap();
+        plain_dir(tmp.path());
+        input_err(
+            Source::open(tmp.path()),
+            &[&canon(tmp.path()), names::TRACKER, "iteration folders"],
+        );
+    }
+
+    #[test]
+    fn a_tracker_naming_a_missing_iteration() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir(tmp.path().join("iteration_00000001")).unwrap();
+        fs::write(tmp.path().join(names::TRACKER), b"7\n").unwrap();
+        input_err(
+            Source::open(tmp.path()),
+            &[
+                &canon(&tmp.path().join(names::TRACKER)),
+                "iteration 7",
+                "iteration_00000007",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_tracker_that_is_not_a_number() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join(names::TRACKER), b"latest").unwrap();
+        input_err(
+            Source::open(tmp.path()),
+            &[&canon(&tmp.path().join(names::TRACKER)), "\"latest\""],
+        );
+    }
+
+    #[test]
+    fn two_folders_of_the_same_iteration() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir(tmp.path().join("iteration_1")).unwrap();
+        fs::create_dir(tmp.path().join("iteration_00000001")).unwrap();
+        fs::write(tmp.path().join(names::TRACKER), b"1").unwrap();
+        input_err(
+            Source::open(tmp.path()),
+            &[
+                &canon(tmp.path()),
+                "iteration_1",
+                "iteration_00000001",
+                "same iteration",
+            ],
+        );
+    }
+
+    #[test]
+    fn not_a_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("model.safetensors");
+        plain_dir(tmp.path());
+        input_err(Source::open(&f), &[&canon(&f), "not a directory"]);
+        let missing = tmp.path().join("nowhere");
+        input_err(Source::open(&missing), &["nowhere"]);
+    }
+}

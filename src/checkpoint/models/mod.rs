@@ -207,3 +207,148 @@ pub fn read_hf_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     out.sort();
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::source::tests::{f32s, fixture, input_err, write_st};
+    use std::fs;
+
+    fn config(dir: &Path, text: &str) -> Config {
+        fs::write(dir.join(CONFIG), text).unwrap();
+        Config::read(&dir.join(CONFIG)).unwrap()
+    }
+
+    #[test]
+    fn model_choices_parse_in_any_case() {
+        assert_eq!(ModelChoice::parse("auto"), Ok(ModelChoice::Auto));
+        assert_eq!(ModelChoice::parse("qwen3"), Ok(ModelChoice::Qwen3));
+        assert_eq!(ModelChoice::parse("Qwen3"), Ok(ModelChoice::Qwen3));
+        assert_eq!(ModelChoice::parse("NONE"), Ok(ModelChoice::None));
+        assert_eq!(ModelChoice::default(), ModelChoice::Auto);
+        for s in ["llama", "", "qwen"] {
+            let e = ModelChoice::parse(s).unwrap_err();
+            assert!(e.contains(&format!("{s:?}")), "{e}");
+            assert!(e.contains("qwen3") && e.contains("none"), "{e}");
+        }
+    }
+
+    #[test]
+    fn model_type_decides_the_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(CONFIG).display().to_string();
+        let c = config(tmp.path(), r#"{"model_type": "qwen3", "hidden_size": 64}"#);
+        assert_eq!(c.model_type().unwrap(), "qwen3");
+        assert_eq!(c.model().unwrap(), ModelChoice::Qwen3);
+        let c = config(tmp.path(), r#"{"model_type": "llama"}"#);
+        input_err(c.model(), &[&path, "model_type", "\"llama\"", "qwen3"]);
+        let c = config(tmp.path(), r#"{"hidden_size": 64}"#);
+        input_err(c.model(), &[&path, "model_type", "qwen3"]);
+        let c = config(tmp.path(), r#"{"model_type": 3}"#);
+        input_err(c.model(), &[&path, "model_type"]);
+    }
+
+    #[test]
+    fn the_fixture_config_is_qwen3() {
+        let c = Config::find(&fixture("qwen3-tiny-hf")).unwrap().unwrap();
+        assert_eq!(c.model().unwrap(), ModelChoice::Qwen3);
+        // tests/fixtures/README.md: hidden 64, 2 layers, untied embeddings.
+        assert_eq!(c.need("hidden_size").unwrap(), 64);
+        assert_eq!(c.uint("num_hidden_layers").unwrap(), Some(2));
+        assert_eq!(c.flag("tie_word_embeddings").unwrap(), Some(false));
+        assert_eq!(c.uint("bos_token_id").unwrap(), None);
+    }
+
+    #[test]
+    fn config_fields_are_checked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(CONFIG).display().to_string();
+        assert!(Config::find(tmp.path()).unwrap().is_none());
+        let c = config(tmp.path(), r#"{"a": -1, "z": 0, "f": "yes"}"#);
+        input_err(c.uint("a"), &[&path, "`a`"]);
+        input_err(c.need("z"), &[&path, "`z`"]);
+        input_err(c.need("missing"), &[&path, "`missing`"]);
+        input_err(c.flag("f"), &[&path, "`f`"]);
+        fs::write(tmp.path().join(CONFIG), "[1, 2]").unwrap();
+        input_err(Config::find(tmp.path()), &[&path, "object"]);
+        fs::write(tmp.path().join(CONFIG), "{").unwrap();
+        input_err(Config::find(tmp.path()), &[&path, "JSON"]);
+    }
+
+    #[test]
+    fn hf_files_skip_weights_and_dotfiles_and_follow_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("model");
+        let blobs = tmp.path().join("blobs");
+        fs::create_dir_all(&dir).unwrap();
+        fs::create_dir_all(&blobs).unwrap();
+        fs::write(dir.join(CONFIG), b"{}").unwrap();
+        fs::write(dir.join("generation_config.json"), b"gen").unwrap();
+        // A Hub cache snapshot: files are links into blobs/.
+        fs::write(blobs.join("abc"), b"tok").unwrap();
+        std::os::unix::fs::symlink(blobs.join("abc"), dir.join("tokenizer.json")).unwrap();
+        std::os::unix::fs::symlink(&blobs, dir.join("linked_dir")).unwrap();
+        fs::create_dir(dir.join("subdir")).unwrap();
+        fs::write(dir.join(".gitattributes"), b"x").unwrap();
+        fs::write(dir.join("model.safetensors.index.json"), b"{}").unwrap();
+        write_st(
+            &dir,
+            "model-00001-of-00002.safetensors",
+            &[("a", "F32", &[1], &f32s(&[1.0]))],
+        );
+        fs::write(dir.join("model.safetensors"), b"x").unwrap();
+        let files = read_hf_files(&dir).unwrap();
+        let want: Vec<(String, Vec<u8>)> = vec![
+            ("config.json".into(), b"{}".to_vec()),
+            ("generation_config.json".into(), b"gen".to_vec()),
+            ("tokenizer.json".into(), b"tok".to_vec()),
+        ];
+        assert_eq!(files, want);
+    }
+
+    #[test]
+    fn hf_files_of_the_fixture() {
+        let files = read_hf_files(&fixture("qwen3-tiny-hf")).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["config.json", "generation_config.json"]);
+        let want = fs::read(fixture("qwen3-tiny-hf/config.json")).unwrap();
+        assert_eq!(files[0].1, want);
+    }
+
+    #[test]
+    fn a_dangling_link_is_an_input_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join("tokenizer.json");
+        std::os::unix::fs::symlink(tmp.path().join("gone"), &link).unwrap();
+        input_err(read_hf_files(tmp.path()), &[&link.display().to_string()]);
+    }
+
+    #[test]
+    fn as_hf_leaves_a_plain_folder_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_st(
+            tmp.path(),
+            "model.safetensors",
+            &[("w", "F32", &[1], &f32s(&[1.0]))],
+        );
+        let src = Source::open(tmp.path()).unwrap();
+        let src = as_hf(src, ModelChoice::None, None).unwrap();
+        assert_eq!(src.iterations[0].tensors[0].name, "w");
+    }
+
+    #[test]
+    fn as_hf_needs_a_model_for_a_mindformers_checkpoint() {
+        let gpt = fixture("gpt-dp2-tp2-pp2-bf16");
+        let path = fs::canonicalize(&gpt).unwrap().display().to_string();
+        let src = Source::open_with(&gpt, ModelChoice::None).unwrap();
+        input_err(
+            as_hf(src, ModelChoice::None, None),
+            &[&path, "--model none", "qwen3"],
+        );
+        let src = Source::open_with(&gpt, ModelChoice::None).unwrap();
+        input_err(
+            as_hf(src, ModelChoice::Auto, None),
+            &[&path, "--model qwen3"],
+        );
+    }
+}
