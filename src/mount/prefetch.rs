@@ -6,8 +6,9 @@
 //! time and copy time add up. Here, once a handle reads sequentially, the
 //! blocks after its position are (1) announced to the kernel as needed soon
 //! (`madvise(MADV_WILLNEED)` on their source spans, so the disk works on them
-//! while the current block is copied) and (2) computed by background workers
-//! into the block cache, where the reader's request then finds them.
+//! while the current block is copied) and (2) when the storage is slower
+//! than the reader, computed by background workers into the block cache,
+//! where the reader's request then finds them.
 //!
 //! The window of blocks kept ahead starts at one block and doubles with every
 //! sequential read up to the configured bound (so a reader that stops early
@@ -16,7 +17,9 @@
 //! pushes the daemon past `--cache-size` and never evicts everything else.
 //! Nothing is queued when the source spans ahead are already in the page
 //! cache (`mincore`): then the reader computing into its own buffer is
-//! cheapest (see `Server::ahead`).
+//! cheapest. Blocks are computed ahead only while the storage lags behind
+//! the reader (the next block, asked for a read earlier, has not arrived);
+//! otherwise the advice alone is given (see `Server::ahead`).
 //!
 //! The idea follows mountpoint-s3's prefetcher (a growing window of requests
 //! in flight per open file, reset on seeks); the code is this project's own.
