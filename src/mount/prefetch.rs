@@ -3,12 +3,13 @@
 //! A FUSE read is served one request at a time per reader: the kernel asks
 //! for a block, the daemon faults in the source pages (waiting for the disk),
 //! copies, replies, and only then is the next request computed. Cold, disk
-//! time and copy time add up. Here, once a handle reads sequentially, the
-//! blocks after its position are (1) announced to the kernel as needed soon
-//! (`madvise(MADV_WILLNEED)` on their source spans, so the disk works on them
-//! while the current block is copied) and (2) when the storage is slower
-//! than the reader, computed by background workers into the block cache,
-//! where the reader's request then finds them.
+//! time and copy time add up. Here, once a handle reads sequentially,
+//! background workers compute the blocks after its position into the block
+//! cache, where the reader's requests then find them; their page faults keep
+//! the storage busy ahead of the reader. (Advising the source spans with
+//! `MADV_WILLNEED` instead, or as well, was measured and lost: see
+//! `Server::ahead`; [`source_spans`] serves both the residency check and
+//! that advice.)
 //!
 //! The window of blocks kept ahead starts at one block and doubles with every
 //! sequential read up to the configured bound (so a reader that stops early
@@ -17,9 +18,7 @@
 //! pushes the daemon past `--cache-size` and never evicts everything else.
 //! Nothing is queued when the source spans ahead are already in the page
 //! cache (`mincore`): then the reader computing into its own buffer is
-//! cheapest. Blocks are computed ahead only while the storage lags behind
-//! the reader (the next block, asked for a read earlier, has not arrived);
-//! otherwise the advice alone is given (see `Server::ahead`).
+//! cheapest.
 //!
 //! The idea follows mountpoint-s3's prefetcher (a growing window of requests
 //! in flight per open file, reset on seeks); the code is this project's own.

@@ -147,13 +147,14 @@ pub struct Server {
     workers: OnceLock<Option<Workers>>,
 }
 
-/// Benchmarking knob, `RESHARDFS_PREFETCH=advise|compute` (default both):
-/// 1 = only advise the source spans, 2 = only compute blocks ahead.
+/// Benchmarking knob, `RESHARDFS_PREFETCH=advise|both` (default: compute
+/// blocks ahead only): 1 = only advise the source spans (`MADV_WILLNEED`),
+/// 3 = advise and compute. See `Server::ahead` for the measurements.
 static PREFETCH_MODE: std::sync::LazyLock<u8> =
     std::sync::LazyLock::new(|| match std::env::var("RESHARDFS_PREFETCH").as_deref() {
         Ok("advise") => 1,
-        Ok("compute") => 2,
-        _ => 0,
+        Ok("both") => 3,
+        _ => 2,
     });
 
 /// What `--serve-zeros` replies with: no allocation, no computation.
@@ -398,35 +399,36 @@ impl Server {
         // Source already in the page cache: nothing to wait for, and the
         // reader's own computation into its hot per-thread buffer is the
         // cheapest there is (computing ahead on another core cost ~40% more
-        // daemon CPU per byte, in cache misses). Source not there yet: ask
-        // for it now (cheap, and the storage works while this block is
-        // copied). Compute blocks ahead only when the storage lags behind
-        // the reader: the block after this read, asked for a read earlier,
-        // has still not arrived. On the local disk the advice alone kept up
-        // and computing ahead only cost CPU (bench section 11); through
-        // sshfs it did not (section 13).
+        // daemon CPU per byte, in cache misses).
         let bs = core.block_size;
         let source = &core.plan.source.iterations[*it];
-        let resident = |start: u64, stop: u64| {
-            let mut all = true;
-            source_spans(source, vf, start, stop, |f, s, e| {
-                all = all && source.files[f].is_resident(s, e - s);
-            });
-            all
-        };
-        let fresh = resident(blocks.start * bs, vf.size.min(blocks.end * bs));
-        let next = end / bs;
-        let lagging = next < blocks.start
-            && next * bs < vf.size
-            && !resident(next * bs, vf.size.min((next + 1) * bs));
-        let (advise, compute) = if core.ahead_when_resident {
-            (true, true)
-        } else {
-            (!fresh, lagging)
-        };
-        if !advise && !compute {
+        let mut resident = !core.ahead_when_resident;
+        source_spans(
+            source,
+            vf,
+            blocks.start * bs,
+            vf.size.min(blocks.end * bs),
+            |f, s, e| {
+                resident = resident && source.files[f].is_resident(s, e - s);
+            },
+        );
+        if resident {
             return;
         }
+        // The workers computing the blocks is what keeps the storage busy
+        // ahead of the reader: their page faults read ahead. Advising the
+        // spans as well (MADV_WILLNEED) made things worse where it was
+        // measured: a column-split view from the throttled image (bench
+        // section 12) read in 3.0 s with advice alone, 1.6 s with advice
+        // and computing, 1.5 s computing alone (2 runs each); on the local
+        // disk and sshfs the differences were within the noise.
+        // `RESHARDFS_PREFETCH=advise|both` brings the advice back, to
+        // measure it again.
+        let (advise, compute) = match *PREFETCH_MODE {
+            1 => (true, false),
+            3 => (true, true),
+            _ => (false, true),
+        };
         let Some(workers) = self.workers() else {
             return;
         };
@@ -629,16 +631,22 @@ impl Core {
         }
         let vf = &self.plan.iterations[job.it].files[job.file];
         let source = &self.plan.source.iterations[job.it];
-        let mode = *PREFETCH_MODE;
-        if job.advise && mode == 2 || !job.advise && mode == 1 {
-            return;
-        }
         if job.advise {
-            let start = job.blocks.start * bs;
-            let end = vf.size.min(job.blocks.end * bs);
-            source_spans(source, vf, start, end, |f, s, e| {
-                source.files[f].will_need(s, e - s);
-            });
+            // Block by block, so the storage gets the requests in the order
+            // the reader needs them: one call for the whole range asked for
+            // each source file's part of the range in turn, and a reader of
+            // a column split (every block from 4 files) then waited behind
+            // the whole window of the first file (throttled image, bench
+            // section 12: 2.5-3.0 s instead of 1.6 s).
+            for b in job.blocks {
+                let start = b * bs;
+                if start >= vf.size {
+                    break;
+                }
+                source_spans(source, vf, start, vf.size.min(start + bs), |f, s, e| {
+                    source.files[f].will_need(s, e - s);
+                });
+            }
             return;
         }
         for b in job.blocks {
