@@ -69,6 +69,8 @@ impl PrefetchConfig {
 #[derive(Debug, Default)]
 pub struct Sequential {
     state: Mutex<SeqState>,
+    /// The handle was released: work still queued for it is skipped.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -84,6 +86,16 @@ struct SeqState {
 }
 
 impl Sequential {
+    /// Marks the handle released.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// End of the furthest read so far.
     pub fn position(&self) -> u64 {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).next
@@ -340,6 +352,14 @@ mod tests {
         );
         // Never past the end of the file.
         assert_eq!(s.on_read(99 * MIB, 100 * MIB, size, MIB, 8 * MIB), None);
+    }
+
+    #[test]
+    fn a_released_handle_says_so() {
+        let s = Sequential::default();
+        assert!(!s.is_closed());
+        s.close();
+        assert!(s.is_closed());
     }
 
     #[test]

@@ -316,10 +316,14 @@ impl Server {
     /// Forgets a handle (unknown handles are ignored).
     pub fn release(&self, fh: u64) {
         if fh != 0 {
-            self.handles
+            let gone = self
+                .handles
                 .write()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&fh);
+            if let Some(Handle::View(seq)) = gone {
+                seq.close();
+            }
         }
     }
 
@@ -627,10 +631,10 @@ impl Core {
 
     /// A prefetch worker's job.
     fn work(&self, job: Job) {
-        // Skipped if the handle was closed (the job holds the last
-        // reference) or the reader has passed these blocks already.
+        // Skipped if the handle was released or the reader has passed
+        // these blocks already.
         let bs = self.block_size;
-        if Arc::strong_count(&job.reader) == 1 || job.reader.position() >= job.blocks.end * bs {
+        if job.reader.is_closed() || job.reader.position() >= job.blocks.end * bs {
             return;
         }
         let vf = &self.plan.iterations[job.it].files[job.file];
