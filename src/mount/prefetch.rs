@@ -3,11 +3,13 @@
 //! A FUSE read is served one request at a time per reader: the kernel asks
 //! for a block, the daemon faults in the source pages (waiting for the disk),
 //! copies, replies, and only then is the next request computed. Cold, disk
-//! time and copy time add up. Here, once a handle reads sequentially, the
-//! blocks after its position are (1) announced to the kernel as needed soon
-//! (`madvise(MADV_WILLNEED)` on their source spans, so the disk works on them
-//! while the current block is copied) and (2) computed by background workers
-//! into the block cache, where the reader's request then finds them.
+//! time and copy time add up. Here, once a handle reads sequentially,
+//! background workers compute the blocks after its position into the block
+//! cache, where the reader's requests then find them; their page faults keep
+//! the storage busy ahead of the reader. (Advising the source spans with
+//! `MADV_WILLNEED` instead, or as well, was measured and lost: see
+//! `Server::ahead`; [`source_spans`] serves both the residency check and
+//! that advice.)
 //!
 //! The window of blocks kept ahead starts at one block and doubles with every
 //! sequential read up to the configured bound (so a reader that stops early
@@ -16,7 +18,7 @@
 //! pushes the daemon past `--cache-size` and never evicts everything else.
 //! Nothing is queued when the source spans ahead are already in the page
 //! cache (`mincore`): then the reader computing into its own buffer is
-//! cheapest (see `Server::ahead`).
+//! cheapest.
 //!
 //! The idea follows mountpoint-s3's prefetcher (a growing window of requests
 //! in flight per open file, reset on seeks); the code is this project's own.
@@ -67,6 +69,8 @@ impl PrefetchConfig {
 #[derive(Debug, Default)]
 pub struct Sequential {
     state: Mutex<SeqState>,
+    /// The handle was released: work still queued for it is skipped.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -82,6 +86,16 @@ struct SeqState {
 }
 
 impl Sequential {
+    /// Marks the handle released.
+    pub fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// End of the furthest read so far.
     pub fn position(&self) -> u64 {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).next
@@ -338,6 +352,14 @@ mod tests {
         );
         // Never past the end of the file.
         assert_eq!(s.on_read(99 * MIB, 100 * MIB, size, MIB, 8 * MIB), None);
+    }
+
+    #[test]
+    fn a_released_handle_says_so() {
+        let s = Sequential::default();
+        assert!(!s.is_closed());
+        s.close();
+        assert!(s.is_closed());
     }
 
     #[test]

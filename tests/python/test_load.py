@@ -1,7 +1,9 @@
 """Load: 16 readers at random offsets and lengths across every view file of a
 ~120 MiB checkpoint for a bounded time (RESHARDFS_LOAD_SECONDS, default 30):
 zero wrong bytes, zero errors, no read slower than the timeout, and the
-daemon's memory within its cache budget. Every reader is a subprocess with a
+daemon's memory within its cache budget. Then sequential readers with
+prefetch forced on (the sources here are always in the page cache, where
+prefetch would otherwise stand aside). Every reader is a subprocess with a
 timeout; the mount is torn down by its guard on every path."""
 
 import json
@@ -70,4 +72,77 @@ def test_sixteen_random_readers(synth_ckpt, mounts, exports):
     assert stats["read_errors"] == 0, stats
     assert mountutil.pid_alive(pid), "daemon died"
     budget_kib = (CACHE + (64 << 20)) // 1024
+    assert max(rss) <= budget_kib, f"daemon RSS peaked at {max(rss)} KiB, budget {budget_kib} KiB: {rss}"
+
+
+# Reads every file whole, in 1 MiB requests, again and again until the
+# deadline, dropping the kernel's cached pages of each file first so every
+# pass reaches the daemon; compares with the reference. Prints JSON.
+SEQ_READER = r"""
+import json, os, sys, time
+seconds, mnt, ref, files = float(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+deadline = time.monotonic() + seconds
+passes = nbytes = bad = 0
+while time.monotonic() < deadline:
+    for f in files:
+        with open(os.path.join(mnt, f), "rb", buffering=0) as v, open(os.path.join(ref, f), "rb") as r:
+            os.posix_fadvise(v.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            while True:
+                a = v.read(1 << 20)
+                b = r.read(len(a) if a else 1)
+                if a != b:
+                    bad += 1
+                    break
+                if not a:
+                    break
+                nbytes += len(a)
+    passes += 1
+print(json.dumps({"passes": passes, "bytes": nbytes, "mismatches": bad}))
+sys.exit(1 if bad else 0)
+"""
+
+
+def test_sequential_readers_with_prefetch(synth_ckpt, mounts, exports, monkeypatch):
+    ref = exports(synth_ckpt, TARGET)
+    files = [f for f in view_files(ref) if f.endswith(".safetensors")]
+    cache = 8 << 20
+    monkeypatch.setitem(mountutil.SUB_ENV, "RESHARDFS_PREFETCH", "always")
+    m = mounts()
+    m.start_ok(synth_ckpt, TARGET + ["--cache-size", str(cache), "--prefetch-window", "4M"])
+    pid = m.stats()["pid"]
+    seconds = max(5.0, SECONDS / 3)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SEQ_READER, str(seconds), m.path(), str(ref),
+                          *(files[i:] + files[:i])],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mountutil.SUB_ENV)
+        for i in range(4)
+    ]
+    rss = []
+    deadline = time.monotonic() + seconds + 60
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            rss.append(rss_kib(pid))
+            time.sleep(0.5)
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            assert p.returncode == 0, f"reader failed ({p.returncode}): {out.decode()} {err.decode()[-2000:]}"
+            results.append(json.loads(out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    stats = m.stats()
+    print(f"\n4 sequential readers, {seconds:.0f} s: {sum(r['passes'] for r in results)} passes, "
+          f"{sum(r['bytes'] for r in results) / 2**20:.0f} MiB; prefetch blocks {stats['prefetch_blocks']}, "
+          f"hits {stats['prefetch_hits']}, wasted {stats['prefetch_wasted']}; RSS {max(rss) // 1024} MiB")
+    assert all(r["passes"] >= 1 and r["mismatches"] == 0 for r in results), results
+    assert stats["read_errors"] == 0, stats
+    assert stats["prefetch_window"] == 4 << 20, stats
+    assert stats["prefetch_hits"] > 0, stats
+    assert stats["prefetch_hits"] <= stats["prefetch_blocks"], stats
+    assert stats["cache_bytes"] <= cache, stats
+    assert mountutil.pid_alive(pid), "daemon died"
+    budget_kib = (cache + (64 << 20)) // 1024
     assert max(rss) <= budget_kib, f"daemon RSS peaked at {max(rss)} KiB, budget {budget_kib} KiB: {rss}"
