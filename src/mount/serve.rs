@@ -62,11 +62,13 @@ thread_local! {
         std::cell::RefCell::new((0, 0, Touched::default()));
 }
 
-/// Source spans a request thread may keep mapped before releasing them:
-/// releasing after every 1 MiB block cost ~12% of a cold read in TLB
-/// shootdowns; this keeps the daemon's RSS within threads x 16 MiB of the
-/// cache budget.
-const RELEASE_EVERY: u64 = 16 << 20;
+/// Source spans a request thread may keep mapped before releasing them
+/// (counted in the 2 MiB units the kernel maps): releasing after every 1 MiB
+/// block cost ~12% of a cold read in TLB shootdowns. Request threads and
+/// prefetch workers (4 by default) each hold up to this much, so it is kept
+/// at 8 MiB: at 16 MiB the 16-reader load test's daemon reached 99-111 MiB
+/// against its 96 MiB bound on a loaded machine (60-64 MiB when quiet).
+const RELEASE_EVERY: u64 = 8 << 20;
 
 #[derive(Default)]
 struct Counters {
