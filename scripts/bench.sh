@@ -6,6 +6,10 @@
 #
 #   scripts/bench.sh [--size-gib N] [--workdir DIR] [--keep] [--reps N] [--only 11,12,...]
 #                    [--cold-reps N] [--cold-size-gib N]
+#   scripts/bench.sh qwen3 [--reps N] [--keep] [--quick]   # the Hugging Face bridge rows only
+#
+# Without `qwen3`, the Hugging Face bridge rows (scripts/bench_qwen3.py: Q1-Q3)
+# run after the others unless BENCH_QWEN3=0.
 #
 # Sections 11-15 drop the page cache before every pass (root); section 13
 # serves the checkpoint over sshfs from an sshd in a network namespace and
@@ -27,4 +31,11 @@ if { ! command -v sshfs >/dev/null || [ ! -x /usr/sbin/sshd ]; } && [ "$(id -u)"
         || echo "bench: could not install them; section 13 will fail" >&2
 fi
 cargo build --release --quiet
-exec "$PY" scripts/bench.py "$@"
+if [ "${1:-}" = qwen3 ]; then
+    shift
+    exec "$PY" scripts/bench_qwen3.py "$@"
+fi
+"$PY" scripts/bench.py "$@"
+if [ "${BENCH_QWEN3:-1}" != 0 ]; then
+    "$PY" scripts/bench_qwen3.py
+fi
