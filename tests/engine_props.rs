@@ -10,7 +10,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use reshardfs::checkpoint::source::Source;
-use reshardfs::reshard::engine::Engine;
+use reshardfs::reshard::engine::{Engine, contiguous_span};
 use reshardfs::reshard::plan::Plan;
 use reshardfs::reshard::target::TargetSpec;
 
@@ -471,6 +471,19 @@ proptest! {
                 let end = (off as usize + len as usize).min(want.len());
                 let expect = if off as usize >= want.len() { &[][..] } else { &want[off as usize..end] };
                 prop_assert_eq!(&buf[..n], expect, "file {} range {}+{}", vf.name, off, len);
+            }
+            // Ranges the server may send straight from a source map must be
+            // exactly the expected bytes there: each tensor whole, and the
+            // random ranges.
+            let src = &plan.source.iterations[0];
+            let whole = vf.tensors.iter().map(|t| (t.offset, t.len));
+            for (off, len) in whole.chain(c.reads.iter().copied()) {
+                if let Some((f, at)) = contiguous_span(src, vf, off, len) {
+                    let end = off as usize + len as usize;
+                    prop_assert!(end <= want.len());
+                    prop_assert!(src.files[f].bytes(at, len) == &want[off as usize..end],
+                        "file {} span {}+{} from source {} at {}", vf.name, off, len, f, at);
+                }
             }
         }
     }

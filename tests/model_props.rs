@@ -12,7 +12,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use reshardfs::checkpoint::source::Source;
-use reshardfs::reshard::engine::Engine;
+use reshardfs::reshard::engine::{Engine, contiguous_span};
 use reshardfs::reshard::plan::{Plan, ViewOptions};
 use reshardfs::reshard::target::TargetSpec;
 use safetensors::Dtype;
@@ -427,6 +427,16 @@ proptest! {
                 let end = (at as usize + len as usize).min(whole.len());
                 prop_assert_eq!(n, end - at as usize);
                 prop_assert!(buf[..n] == whole[at as usize..end], "{} at {at} len {len}", vf.name);
+            }
+            // Ranges the server may send straight from a source map.
+            let src = &plan.source.iterations[0];
+            let tensors = vf.tensors.iter().map(|t| (t.offset, t.len));
+            for (at, len) in tensors.chain(c.reads.iter().map(|&(a, l)| (a % (vf.size + 1), l))) {
+                if let Some((f, from)) = contiguous_span(src, vf, at, len) {
+                    let end = (at + len) as usize;
+                    prop_assert!(src.files[f].bytes(from, len) == &whole[at as usize..end],
+                        "{} span {at}+{len}", vf.name);
+                }
             }
         }
     }

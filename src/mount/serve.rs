@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime};
 use crate::mount::cache::BlockCache;
 use crate::mount::prefetch::{Job, PrefetchConfig, Sequential, Workers, source_spans};
 use crate::mount::tree::{Content, Ino, Tree};
-use crate::reshard::engine::{Served, SourceFault, Touched, read_file};
+use crate::reshard::engine::{Served, SourceFault, Touched, contiguous_span, read_file};
 use crate::reshard::plan::Plan;
 
 /// View bytes are computed and cached in blocks of at most this size: large
@@ -603,7 +603,13 @@ impl Core {
             // reader's case (1 MiB readahead requests). The kernel keeps
             // these pages itself, so caching them too would only cost
             // memory, and fresh cache memory is what costs most here (first
-            // touch of a page). Compute into this thread's reused buffer.
+            // touch of a page). When the range is one span of one source
+            // file, reply straight from the source map (no copy in the
+            // daemon at all); else compute into this thread's buffer.
+            let source = &self.plan.source.iterations[it];
+            if let Some((f, at)) = contiguous_span(source, vf, offset, n as u64) {
+                return self.reply_from_source(it, f, at, n, out);
+            }
             return SCRATCH.with_borrow_mut(|scratch| {
                 if scratch.len() < n {
                     scratch.resize(n, 0);
@@ -692,6 +698,52 @@ impl Core {
                 return;
             }
         }
+    }
+
+    /// Replies with `n` bytes of source file `f` from offset `at`, straight
+    /// from its map: the kernel copies them into the reader's page cache
+    /// and the daemon copies nothing (a Hugging Face source's embedding or
+    /// a row split's slices: most of a view's bytes). The file is checked
+    /// first (still the one planned, not truncated under the map); a
+    /// truncation racing the kernel's copy faults in the kernel, which then
+    /// fails the read with EIO, so no zeros are ever served. The pages the
+    /// copy mapped are released with this thread's other spans.
+    fn reply_from_source<R>(
+        &self,
+        it: usize,
+        f: usize,
+        at: u64,
+        n: usize,
+        out: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ReadError> {
+        let source = &self.plan.source.iterations[it];
+        let file = &source.files[f];
+        if !file.is_unchanged() || file.is_damaged() {
+            return Err(ReadError::Source(SourceFault {
+                path: file.path.clone(),
+            }));
+        }
+        let r = out(file.bytes(at, n as u64));
+        self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .source_bytes_read
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let me = self.id;
+        TOUCHED.with_borrow_mut(|(held_by, held_it, touched)| {
+            if *held_by != me {
+                *touched = Touched::default();
+                *held_by = me;
+                *held_it = it;
+            } else if *held_it != it {
+                touched.release(&self.plan.source.iterations[*held_it]);
+                *held_it = it;
+            }
+            touched.add(f, at, at + n as u64);
+            if touched.span_bytes() >= RELEASE_EVERY {
+                touched.release(source);
+            }
+        });
+        Ok(r)
     }
 
     /// The engine's read, with this thread's spans released now and then.

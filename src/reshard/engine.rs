@@ -148,7 +148,7 @@ impl Touched {
     /// tensor reads rows of parts that lie 100 MB apart in one file, and
     /// one span covering both would make every release unmap (and count)
     /// everything in between.
-    fn add(&mut self, file: usize, start: u64, end: u64) {
+    pub fn add(&mut self, file: usize, start: u64, end: u64) {
         /// Releases are widened to 2 MiB anyway; closer spans are one.
         const SLACK: u64 = 2 << 20;
         match self.0.iter_mut().find(|t| {
@@ -184,6 +184,104 @@ impl Touched {
         }
         Ok(())
     }
+}
+
+/// Where bytes `[offset, offset + len)` of view file `vf` lie when they are
+/// one contiguous span of one source file, unchanged: `(file, offset in
+/// it)`. Then the bytes can go to the reader straight from the source map,
+/// with no copy in the daemon. `None` when the range touches the header,
+/// two tensors, a cast, or is gathered from several places (column splits,
+/// gate/up rows); such ranges are copied by [`read_file`].
+pub fn contiguous_span(
+    source: &Iteration,
+    vf: &VirtualFile,
+    offset: u64,
+    len: u64,
+) -> Option<(usize, u64)> {
+    let end = offset.checked_add(len)?;
+    if len == 0 || offset < vf.header.len() as u64 || end > vf.size {
+        return None;
+    }
+    let i = vf.tensors.partition_point(|t| t.offset + t.len <= offset);
+    let pt = vf.tensors.get(i)?;
+    if end > pt.offset + pt.len || offset < pt.offset {
+        return None;
+    }
+    let t = &source.tensors[pt.source];
+    if pt.dtype != t.dtype {
+        return None;
+    }
+    let region = Region {
+        start: &pt.slice.start,
+        shape: &pt.slice.shape,
+    };
+    span_of(source, t, region, offset - pt.offset, len)
+}
+
+/// [`contiguous_span`] within one tensor's region: bytes `[at, at + len)`.
+fn span_of(
+    source: &Iteration,
+    t: &Tensor,
+    region: Region<'_>,
+    at: u64,
+    len: u64,
+) -> Option<(usize, u64)> {
+    let es = t.elem_size();
+    let Some((&rows, inner)) = region.shape.split_first() else {
+        // A 0-d tensor: its one element, stored whole.
+        let chunk = t.chunks.first()?;
+        return (t.rows.is_none()).then_some((chunk.file, chunk.offset + at));
+    };
+    let row_bytes = inner.iter().product::<u64>() * es;
+    if row_bytes == 0 || rows == 0 {
+        return None;
+    }
+    let r = at / row_bytes;
+    let within = at % row_bytes;
+    let last = (at + len - 1) / row_bytes;
+    let grow = region.start[0] + r;
+    if let Some(map) = &t.rows {
+        let (part, part_row, run) = map.locate(grow);
+        if last - r >= run {
+            return None;
+        }
+        let mut start = region.start.to_vec();
+        let mut shape = region.shape.to_vec();
+        start[0] = part_row;
+        shape[0] = (rows - r).min(run);
+        let sub = Region {
+            start: &start,
+            shape: &shape,
+        };
+        return span_of(source, &source.parts[part], sub, within, len);
+    }
+    // Stored: the rows must lie in one stored slice whose other dimensions
+    // the region covers exactly, so rows follow each other in the file.
+    let d0 = grow / t.chunk_shape[0];
+    let grid: Vec<u64> = region
+        .start
+        .iter()
+        .zip(&t.chunk_shape)
+        .enumerate()
+        .map(|(d, (&s, &c))| if d == 0 { d0 } else { s / c })
+        .collect();
+    let chunk = &t.chunks[ravel(&grid, &t.frag) as usize];
+    let whole_inner = (1..region.shape.len())
+        .all(|d| region.shape[d] == chunk.stored_shape[d] && region.start[d] == chunk.origin[d]);
+    let chunk_end = chunk.origin[0] + chunk.stored_shape[0];
+    // Slices stored whole (origin 0) hold rows of other slices too: the
+    // rows read must stay inside the slice the grid names.
+    let slice_end = (d0 + 1) * t.chunk_shape[0];
+    if !whole_inner || region.start[0] + last >= chunk_end.min(slice_end).max(chunk.origin[0]) {
+        return None;
+    }
+    if grow < chunk.origin[0] {
+        return None;
+    }
+    Some((
+        chunk.file,
+        chunk.offset + (grow - chunk.origin[0]) * row_bytes + within,
+    ))
 }
 
 /// Copies bytes `[at, at + out.len())` of a planned tensor's target slice,
