@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Instant, SystemTime};
 
+use crate::checkpoint::source::Iteration;
 use crate::mount::cache::BlockCache;
 use crate::mount::prefetch::{Job, PrefetchConfig, Sequential, Workers, source_spans};
 use crate::mount::tree::{Content, Ino, Tree};
@@ -728,6 +729,20 @@ impl Core {
         self.counters
             .source_bytes_read
             .fetch_add(n as u64, Ordering::Relaxed);
+        self.with_touched(it, |touched, source| {
+            touched.add(f, at, at + n as u64);
+            if touched.span_bytes() >= RELEASE_EVERY {
+                touched.release(source);
+            }
+        });
+        Ok(r)
+    }
+
+    /// Runs `f` with this thread's not-yet-released source spans, made
+    /// this server's and iteration `it`'s first (spans of another server
+    /// are forgotten: tests run several per thread; spans of another
+    /// iteration are released).
+    fn with_touched<R>(&self, it: usize, f: impl FnOnce(&mut Touched, &Iteration) -> R) -> R {
         let me = self.id;
         TOUCHED.with_borrow_mut(|(held_by, held_it, touched)| {
             if *held_by != me {
@@ -738,12 +753,8 @@ impl Core {
                 touched.release(&self.plan.source.iterations[*held_it]);
                 *held_it = it;
             }
-            touched.add(f, at, at + n as u64);
-            if touched.span_bytes() >= RELEASE_EVERY {
-                touched.release(source);
-            }
-        });
-        Ok(r)
+            f(touched, &self.plan.source.iterations[it])
+        })
     }
 
     /// The engine's read, with this thread's spans released now and then.
@@ -754,19 +765,7 @@ impl Core {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<Served, SourceFault> {
-        let me = self.id;
-        TOUCHED.with_borrow_mut(|(held_by, held_it, touched)| {
-            if *held_by != me {
-                // Spans of another server (tests run several per thread):
-                // not ours to release; forget them.
-                *touched = Touched::default();
-                *held_by = me;
-                *held_it = it;
-            } else if *held_it != it {
-                touched.release(&self.plan.source.iterations[*held_it]);
-                *held_it = it;
-            }
-            let source = &self.plan.source.iterations[it];
+        self.with_touched(it, |touched, source| {
             let got = read_file(source, vf, offset, buf, touched);
             if got.is_err() || touched.span_bytes() >= RELEASE_EVERY {
                 touched.release(source);
