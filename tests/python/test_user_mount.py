@@ -36,18 +36,24 @@ def have(cmd):
 
 @pytest.fixture(scope="module")
 def user():
-    """An ordinary user to mount as: ourselves when not root, else a system user made here."""
+    """An ordinary user to mount as: ourselves when not root, else a system user made here (and
+    removed again at the end when this module made it)."""
     if not IS_ROOT:
-        return None
+        yield None
+        return
+    for tool in ("unshare", "runuser", "mknod", "useradd"):
+        if not have(tool):
+            pytest.skip(f"{tool} is not installed")
+    made = False
     if subprocess.run(["id", USER], capture_output=True).returncode != 0:
         r = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
                            capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             pytest.skip(f"cannot create an ordinary user with useradd: {r.stderr.strip()}")
-    for tool in ("unshare", "runuser", "mknod"):
-        if not have(tool):
-            pytest.skip(f"{tool} is not installed")
-    return USER
+        made = True
+    yield USER
+    if made:
+        subprocess.run(["userdel", USER], capture_output=True, timeout=30)
 
 
 @pytest.fixture
