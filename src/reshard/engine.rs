@@ -226,62 +226,67 @@ fn span_of(
     at: u64,
     len: u64,
 ) -> Option<(usize, u64)> {
-    let es = t.elem_size();
-    let Some((&rows, inner)) = region.shape.split_first() else {
-        // A 0-d tensor: its one element, stored whole.
-        let chunk = t.chunks.first()?;
-        return (t.rows.is_none()).then_some((chunk.file, chunk.offset + at));
+    let Some(map) = &t.rows else {
+        return stored_span(t, region, at, len);
     };
-    let row_bytes = inner.iter().product::<u64>() * es;
+    let (&rows, inner) = region.shape.split_first()?;
+    let row_bytes = inner.iter().product::<u64>() * t.elem_size();
     if row_bytes == 0 || rows == 0 {
         return None;
     }
     let r = at / row_bytes;
-    let within = at % row_bytes;
     let last = (at + len - 1) / row_bytes;
-    let grow = region.start[0] + r;
-    if let Some(map) = &t.rows {
-        let (part, part_row, run) = map.locate(grow);
-        if last - r >= run {
-            return None;
-        }
-        let mut start = region.start.to_vec();
-        let mut shape = region.shape.to_vec();
-        start[0] = part_row;
-        shape[0] = (rows - r).min(run);
-        let sub = Region {
-            start: &start,
-            shape: &shape,
-        };
-        return span_of(source, &source.parts[part], sub, within, len);
+    let (part, part_row, run) = map.locate(region.start[0] + r);
+    if last - r >= run {
+        return None;
     }
-    // Stored: the rows must lie in one stored slice whose other dimensions
-    // the region covers exactly, so rows follow each other in the file.
-    let d0 = grow / t.chunk_shape[0];
-    let grid: Vec<u64> = region
-        .start
-        .iter()
-        .zip(&t.chunk_shape)
-        .enumerate()
-        .map(|(d, (&s, &c))| if d == 0 { d0 } else { s / c })
-        .collect();
-    let chunk = &t.chunks[ravel(&grid, &t.frag) as usize];
+    let mut start = region.start.to_vec();
+    let mut shape = region.shape.to_vec();
+    start[0] = part_row;
+    shape[0] = (rows - r).min(run);
+    let sub = Region {
+        start: &start,
+        shape: &shape,
+    };
+    span_of(source, &source.parts[part], sub, at % row_bytes, len)
+}
+
+/// Bytes `[at, at + len)` of `region` of a stored tensor, when they lie in
+/// one stored slice whose other dimensions the region covers exactly (so
+/// its rows follow each other in the file): `(file, offset)`. Allocates
+/// nothing: the copy path asks it for every run of rows.
+fn stored_span(t: &Tensor, region: Region<'_>, at: u64, len: u64) -> Option<(usize, u64)> {
+    let es = t.elem_size();
+    let Some((&rows, inner)) = region.shape.split_first() else {
+        // A 0-d tensor: its one element.
+        let chunk = t.chunks.first()?;
+        return Some((chunk.file, chunk.offset + at));
+    };
+    let row_bytes = inner.iter().product::<u64>() * es;
+    if row_bytes == 0 || rows == 0 || len == 0 {
+        return None;
+    }
+    let first_row = region.start[0] + at / row_bytes;
+    let last_row = region.start[0] + (at + len - 1) / row_bytes;
+    // The slice holding the first row; every row read must be in it (a file
+    // holding the whole tensor holds the other slices' rows too, but the
+    // replica read is chosen per slice).
+    let d0 = first_row / t.chunk_shape[0];
+    if last_row >= (d0 + 1) * t.chunk_shape[0] {
+        return None;
+    }
+    let k = (1..region.shape.len()).fold(d0, |k, d| {
+        k * t.frag[d] + region.start[d] / t.chunk_shape[d]
+    });
+    let chunk = &t.chunks[k as usize];
     let whole_inner = (1..region.shape.len())
         .all(|d| region.shape[d] == chunk.stored_shape[d] && region.start[d] == chunk.origin[d]);
-    let chunk_end = chunk.origin[0] + chunk.stored_shape[0];
-    // Slices stored whole (origin 0) hold rows of other slices too: the
-    // rows read must stay inside the slice the grid names.
-    let slice_end = (d0 + 1) * t.chunk_shape[0];
-    if !whole_inner || region.start[0] + last >= chunk_end.min(slice_end).max(chunk.origin[0]) {
-        return None;
-    }
-    if grow < chunk.origin[0] {
-        return None;
-    }
-    Some((
-        chunk.file,
-        chunk.offset + (grow - chunk.origin[0]) * row_bytes + within,
-    ))
+    whole_inner.then(|| {
+        (
+            chunk.file,
+            chunk.offset + (first_row - chunk.origin[0]) * row_bytes + at % row_bytes,
+        )
+    })
 }
 
 /// Copies bytes `[at, at + out.len())` of a planned tensor's target slice,
@@ -444,21 +449,14 @@ fn copy_stored(
     let shape = region.shape;
     let start = region.start;
     let n = shape.len();
-    // A tensor stored whole in one file, read in whole rows (a Hugging Face
-    // part behind a fused tensor, a row split of a plain source): the region
-    // is one contiguous span, copied without the per-run walk below. Fused
-    // gate/up rows are 8 KiB each at hidden 4096, so the walk's set-up per
-    // row was a measurable share of a fused view's copy.
-    if let [chunk] = t.chunks.as_slice()
-        && chunk.stored_shape == t.global_shape
-        && (1..n).all(|d| start[d] == 0 && shape[d] == t.global_shape[d])
-    {
-        let row: u64 = shape.iter().skip(1).product();
-        let first = start.first().map_or(0, |&r| r * row);
-        let src = chunk.offset + first * es + at;
-        let file = &source.files[chunk.file];
+    // A region whose bytes are one span of one slice (a Hugging Face part
+    // behind a fused tensor, a row split): one copy, without the per-run
+    // walk below. Fused gate/up rows are 8 KiB each at hidden 4096, so the
+    // walk's set-up per row was a measurable share of a fused view's copy.
+    if let Some((f, src)) = stored_span(t, region, at, out.len() as u64) {
+        let file = &source.files[f];
         out.copy_from_slice(file.bytes(src, out.len() as u64));
-        touched.add(chunk.file, src, src + out.len() as u64);
+        touched.add(f, src, src + out.len() as u64);
         if file.is_damaged() {
             return Err(SourceFault {
                 path: file.path.clone(),
