@@ -219,8 +219,7 @@ impl Source {
             // cut between whole groups, as for a Hugging Face source. Other
             // models' checkpoints (no Qwen3 sizes to read) stay as they are.
             for it in &mut src.iterations {
-                let marked = qwen3::mark_mf_rules(it, None)?;
-                if !marked && model == ModelChoice::Qwen3 {
+                if !qwen3::mark_mf_rules(it) && model == ModelChoice::Qwen3 {
                     let name = it.name.as_deref().unwrap_or("");
                     bail!(
                         "{}{}{name}: --model qwen3, but the tensors are not a MindSpore Transformers Qwen3's (embedding, q_layernorm, linear_proj, linear_qkv and linear_fc1 of layer 0 are needed)",

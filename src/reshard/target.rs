@@ -323,10 +323,7 @@ enum StageRule {
 /// pipeline stage: `decoder.final_layernorm.*` and `output_layer.*`, and
 /// their optimizer states (`adam_m.`/`adam_v.` prefixes).
 pub fn on_last_stage(name: &str) -> bool {
-    let base = name
-        .strip_prefix("adam_m.")
-        .or_else(|| name.strip_prefix("adam_v."))
-        .unwrap_or(name);
+    let base = crate::checkpoint::names::parameter_name(name);
     ["decoder.final_layernorm", "output_layer"].iter().any(|p| {
         base.strip_prefix(p)
             .is_some_and(|rest| rest.starts_with('.'))

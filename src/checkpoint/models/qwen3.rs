@@ -24,13 +24,14 @@
 //! tensor) only when asked for.
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use safetensors::Dtype;
 use serde_json::{Value, json};
 
 use super::Config;
 use crate::checkpoint::header::dtype_to_mindspore;
-use crate::checkpoint::names::Kind;
+use crate::checkpoint::names::{self, Kind};
 use crate::checkpoint::source::{Iteration, ModelInfo, RowMap, RowSegment, SplitRules, Tensor};
 use crate::error::Result;
 use crate::reshard::layout::Layout;
@@ -131,25 +132,45 @@ impl Dims {
     }
 }
 
-/// Where a layer's tensor comes in MindSpore Transformers' own order (as its
-/// metadata.json lists a layer): input norm, fc2, fc1, pre-MLP norm, k norm,
-/// attention projection, q norm, fused QKV.
-fn mf_layer_rank(name: &str) -> usize {
-    const ORDER: &[&str] = &[
-        "input_layernorm.weight",
-        "mlp.linear_fc2.weight",
-        "mlp.linear_fc1.weight",
-        "pre_mlp_layernorm.weight",
-        "self_attention.k_layernorm.weight",
-        "self_attention.linear_proj.weight",
-        "self_attention.q_layernorm.weight",
-        "self_attention.linear_qkv.weight",
-        "self_attention.linear_qkv.bias",
-    ];
-    ORDER
+/// MindSpore Transformers' order within a layer (as its metadata.json
+/// lists one): input norm, fc2, fc1, pre-MLP norm, k norm, attention
+/// projection, q norm, fused QKV.
+const MF_LAYER_ORDER: &[&str] = &[
+    "input_layernorm.weight",
+    "mlp.linear_fc2.weight",
+    "mlp.linear_fc1.weight",
+    "pre_mlp_layernorm.weight",
+    "self_attention.k_layernorm.weight",
+    "self_attention.linear_proj.weight",
+    "self_attention.q_layernorm.weight",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_qkv.bias",
+];
+
+/// transformers' order within a Qwen3 layer (its state_dict's).
+const HF_LAYER_ORDER: &[&str] = &[
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+];
+
+/// Where a layer's tensor comes in `order` (by the end of its name).
+fn layer_rank(order: &[&str], name: &str) -> usize {
+    order
         .iter()
-        .position(|o| name.ends_with(o))
-        .unwrap_or(ORDER.len())
+        .position(|o| name.ends_with(&format!(".{o}")))
+        .unwrap_or(order.len())
 }
 
 /// Where a tensor is split: by tp on the dimensions marked true.
@@ -421,7 +442,7 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
             ));
         }
         // MindFormers' own order within a layer (its metadata.json's).
-        layer.sort_by_key(|t| mf_layer_rank(&t.name));
+        layer.sort_by_key(|t| layer_rank(MF_LAYER_ORDER, &t.name));
         out.extend(layer);
     }
 
@@ -544,24 +565,19 @@ fn rows_of(p: usize, len: u64, period_in: u64, base: u64) -> RowMap {
     }
 }
 
-/// The sizes of a MindFormers Qwen3 read off its tensors, each with the
-/// tensor it came from.
-fn infer_dims(it: &Iteration, by_name: &HashMap<String, Tensor>) -> Result<(Dims, Vec<String>)> {
-    infer_dims_from(it, &|n| by_name.get(n).map(|t| &t.global_shape), &|| {
-        by_name.keys().cloned().collect()
-    })
+/// Each tensor's shape by name.
+fn shapes_of<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> HashMap<&'a str, &'a [u64]> {
+    tensors
+        .map(|t| (t.name.as_str(), t.global_shape.as_slice()))
+        .collect()
 }
 
-/// [`infer_dims`] over any way of looking up a tensor's shape by name.
-#[allow(clippy::type_complexity)]
-fn infer_dims_from<'a>(
-    it: &Iteration,
-    shape_of: &dyn Fn(&str) -> Option<&'a Vec<u64>>,
-    all_names: &dyn Fn() -> Vec<String>,
-) -> Result<(Dims, Vec<String>)> {
-    let dir = it.dir.display();
-    let get = |name: &str, ndim: usize| -> Result<&'a Vec<u64>> {
-        let s = shape_of(name).ok_or_else(|| {
+/// The sizes of a MindFormers Qwen3 read off its tensors, each with the
+/// tensor it came from.
+fn infer_dims(dir: &Path, shapes: &HashMap<&str, &[u64]>) -> Result<(Dims, Vec<String>)> {
+    let dir = dir.display();
+    let get = |name: &str, ndim: usize| -> Result<&[u64]> {
+        let s = *shapes.get(name).ok_or_else(|| {
             bad!("{dir}: tensor {name} is missing; it is needed to infer the Qwen3 sizes (or give --hf-files DIR with a config.json)")
         })?;
         if s.len() != ndim || s.contains(&0) {
@@ -575,8 +591,8 @@ fn infer_dims_from<'a>(
     notes.push(format!(
         "vocab_size = {vocab}, hidden_size = {hidden} (from {MF_EMBED})"
     ));
-    let layers = all_names()
-        .iter()
+    let layers = shapes
+        .keys()
         .filter(|n| n.starts_with("decoder.layers."))
         .filter_map(|n| layer_index(n))
         .max()
@@ -616,12 +632,12 @@ fn infer_dims_from<'a>(
         bail!("{dir}: tensor {fc1}: {f} rows, expected an even number (gate and up interleaved)");
     }
     notes.push(format!("intermediate_size = {} (from {fc1})", f / 2));
-    let tied = shape_of(MF_HEAD).is_none();
+    let tied = !shapes.contains_key(MF_HEAD);
     notes.push(format!(
         "tie_word_embeddings = {tied} ({MF_HEAD} {})",
         if tied { "absent" } else { "present" }
     ));
-    let qkv_bias = shape_of(&mf_layer(0, "self_attention.linear_qkv.bias")).is_some();
+    let qkv_bias = shapes.contains_key(mf_layer(0, "self_attention.linear_qkv.bias").as_str());
     let d = Dims {
         vocab,
         hidden,
@@ -639,29 +655,16 @@ fn infer_dims_from<'a>(
 
 /// Marks the fused tensors of a MindSpore Transformers Qwen3 iteration with
 /// the cuts a target may make (whole key/value groups, whole gate/up row
-/// pairs), as a Hugging Face source's are. `sizes` gives the sizes when
-/// known (a config.json); else they are inferred from the tensors, and an
-/// iteration they cannot be inferred from is left as it is (`Ok(false)`).
-pub fn mark_mf_rules(it: &mut Iteration, config: Option<&Config>) -> Result<bool> {
-    let d = match config {
-        Some(c) => Dims::from_config(c)?,
-        None => {
-            let names: HashMap<String, &Tensor> =
-                it.tensors.iter().map(|t| (t.name.clone(), t)).collect();
-            match infer_dims_from(it, &|n| names.get(n).map(|t| &t.global_shape), &|| {
-                names.keys().cloned().collect()
-            }) {
-                Ok((d, _)) => d,
-                Err(_) => return Ok(false),
-            }
-        }
+/// pairs), as a Hugging Face source's are. The sizes are inferred from the
+/// tensors; an iteration they cannot be inferred from (not a Qwen3) is left
+/// as it is (`false`).
+pub fn mark_mf_rules(it: &mut Iteration) -> bool {
+    let shapes = shapes_of(it.tensors.iter());
+    let Ok((d, _)) = infer_dims(&it.dir, &shapes) else {
+        return false;
     };
     for t in &mut it.tensors {
-        let base = t
-            .name
-            .strip_prefix("adam_m.")
-            .or_else(|| t.name.strip_prefix("adam_v."))
-            .unwrap_or(&t.name);
+        let base = names::parameter_name(&t.name);
         if base.ends_with(".self_attention.linear_qkv.weight")
             || base.ends_with(".self_attention.linear_qkv.bias")
         {
@@ -670,7 +673,7 @@ pub fn mark_mf_rules(it: &mut Iteration, config: Option<&Config>) -> Result<bool
             t.rules.dim0_group = Some((2, "gate/up row pairs (intermediate_size)"));
         }
     }
-    Ok(true)
+    true
 }
 
 /// Reads a MindSpore Transformers Qwen3 iteration as the Hugging Face model
@@ -695,7 +698,7 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
             (d, vec![format!("sizes from {from}")], from)
         }
         None => {
-            let (d, notes) = infer_dims(&it, &by_name)?;
+            let (d, notes) = infer_dims(&it.dir, &shapes_of(by_name.values()))?;
             let from = format!("the sizes inferred from the tensors ({})", d.describe());
             (d, notes, from)
         }
@@ -723,7 +726,7 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
         } else {
             &[("weight", true)]
         };
-        let mut split_qkv: Vec<std::vec::IntoIter<Tensor>> = Vec::new();
+        let mut layer: Vec<Tensor> = Vec::new();
         for &(what, is_weight) in kinds {
             let name = mf_layer(i, &format!("self_attention.linear_qkv.{what}"));
             let rows = d.groups * d.group_rows();
@@ -741,7 +744,6 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
             parts.push(fused);
             let q = d.ratio() * d.head_dim;
             let h = d.head_dim;
-            let mut three = Vec::new();
             for (x, len, base, total) in [
                 ("q", q, 0, d.q_rows()),
                 ("k", h, q, d.kv_rows()),
@@ -749,7 +751,7 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
             ] {
                 let mut s = shape.clone();
                 s[0] = total;
-                three.push(assembled(
+                layer.push(assembled(
                     hf_layer(i, &format!("self_attn.{x}_proj.{what}")),
                     dtype,
                     s,
@@ -758,28 +760,10 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
                     whole(),
                 ));
             }
-            split_qkv.push(three.into_iter());
         }
-        // Transpose to q.weight, q.bias, k.weight, ... as transformers orders them.
-        for _ in 0..3 {
-            out.extend(split_qkv.iter_mut().filter_map(Iterator::next));
-        }
-        let mut renames: Vec<Tensor> = Vec::new();
         for &(hf, mf, _) in LAYER_RENAMES {
             let t = pool.take(&mf_layer(i, mf), &hf_shape(&d, hf), &hf_layer(i, hf))?;
-            renames.push(renamed(t, hf_layer(i, hf), None, whole()));
-        }
-        let take_renamed = |renames: &mut Vec<Tensor>, hf: &str| -> Option<Tensor> {
-            let name = hf_layer(i, hf);
-            let at = renames.iter().position(|t| t.name == name)?;
-            Some(renames.remove(at))
-        };
-        for hf in [
-            "self_attn.o_proj.weight",
-            "self_attn.q_norm.weight",
-            "self_attn.k_norm.weight",
-        ] {
-            out.extend(take_renamed(&mut renames, hf));
+            layer.push(renamed(t, hf_layer(i, hf), None, whole()));
         }
         let fc1 = mf_layer(i, "mlp.linear_fc1.weight");
         let fused = pool.take(
@@ -790,7 +774,7 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
         let (dtype, p) = (fused.dtype, parts.len());
         parts.push(fused);
         for (x, base) in [("gate", 0), ("up", 1)] {
-            out.push(assembled(
+            layer.push(assembled(
                 hf_layer(i, &format!("mlp.{x}_proj.weight")),
                 dtype,
                 vec![d.intermediate, d.hidden],
@@ -799,13 +783,9 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
                 whole(),
             ));
         }
-        for hf in [
-            "mlp.down_proj.weight",
-            "input_layernorm.weight",
-            "post_attention_layernorm.weight",
-        ] {
-            out.extend(take_renamed(&mut renames, hf));
-        }
+        // transformers' own order within a layer (its state_dict's).
+        layer.sort_by_key(|t| layer_rank(HF_LAYER_ORDER, &t.name));
+        out.extend(layer);
     }
     let t = pool.take(MF_NORM, &[d.hidden], HF_NORM)?;
     out.push(renamed(t, HF_NORM.into(), None, whole()));
