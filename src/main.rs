@@ -5,9 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use reshardfs::checkpoint::models::{self, Config, ModelChoice};
+use reshardfs::checkpoint::models::{self, ModelChoice};
 use reshardfs::checkpoint::source::Source;
-use reshardfs::checkpoint::source::SourceKind;
 use reshardfs::export::{ExportOptions, export};
 use reshardfs::mount::daemon;
 use reshardfs::mount::prefetch::PrefetchConfig;
@@ -420,28 +419,8 @@ fn load_plan(src: &std::path::Path, spec: TargetSpec, view: &ViewArgs) -> Result
     let mut source = Source::open_with(src, model)?;
     let mut hf = None;
     if view.hf {
-        // The files shown beside the weights: --hf-files, else a Hugging
-        // Face source's own folder.
-        let files_dir = match &view.hf_files {
-            Some(d) => Some(d.clone()),
-            None if matches!(source.kind, SourceKind::Plain) => Some(source.path.clone()),
-            None => None,
-        };
-        let config = match &files_dir {
-            Some(d) => Config::find(d)?,
-            None => None,
-        };
-        if view.hf_files.is_some() && config.is_none() && model == ModelChoice::Auto {
-            reshardfs::bail!(
-                "--hf-files {}: no config.json there to say which model this is; pass --model qwen3",
-                files_dir.as_deref().unwrap_or(src).display()
-            );
-        }
-        source = models::as_hf(source, model, config.as_ref())?;
-        let files = match &files_dir {
-            Some(d) => models::read_hf_files(d)?,
-            None => Vec::new(),
-        };
+        let (viewed, files) = models::hf_view(source, model, view.hf_files.as_deref())?;
+        source = viewed;
         hf = Some(HfOptions {
             max_shard_size: view.max_shard_size,
             files,

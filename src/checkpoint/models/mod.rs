@@ -70,8 +70,12 @@ impl Config {
     }
 
     pub fn read(path: &Path) -> Result<Config> {
-        let raw = read_small(path, MAX_CONFIG_BYTES)?;
-        let json: Value = serde_json::from_slice(&raw)
+        Config::parse(path, &read_small(path, MAX_CONFIG_BYTES)?)
+    }
+
+    /// A config.json already read (`path` names it in messages).
+    pub fn parse(path: &Path, raw: &[u8]) -> Result<Config> {
+        let json: Value = serde_json::from_slice(raw)
             .map_err(|e| bad!("{}: not valid JSON: {e}", path.display()))?;
         if !json.is_object() {
             bail!("{}: expected a JSON object", path.display());
@@ -182,6 +186,45 @@ pub fn as_hf(mut src: Source, model: ModelChoice, config: Option<&Config>) -> Re
     Ok(src)
 }
 
+/// Small files by name, with their bytes.
+pub type SmallFiles = Vec<(String, Vec<u8>)>;
+
+/// What `--hf` shows for `src`: the source through the model's map back to
+/// Hugging Face names, and the files beside the weights, read once each:
+/// those of `hf_files`, else of a Hugging Face source's own folder; their
+/// config.json (if any) names the model and gives its sizes.
+pub fn hf_view(
+    src: Source,
+    model: ModelChoice,
+    hf_files: Option<&Path>,
+) -> Result<(Source, SmallFiles)> {
+    let dir = match hf_files {
+        Some(d) => Some(d.to_path_buf()),
+        None if matches!(src.kind, SourceKind::Plain) => Some(src.path.clone()),
+        None => None,
+    };
+    let files = match &dir {
+        Some(d) => read_hf_files(d)?,
+        None => Vec::new(),
+    };
+    let config = match (&dir, files.iter().find(|(n, _)| n == CONFIG)) {
+        (Some(d), Some((_, raw))) => Some(Config::parse(&d.join(CONFIG), raw)?),
+        _ => None,
+    };
+    if let (Some(d), None, ModelChoice::Auto) = (hf_files, &config, model) {
+        bail!(
+            "--hf-files {}: no config.json there to say which model this is; pass --model qwen3",
+            d.display()
+        );
+    }
+    Ok((as_hf(src, model, config.as_ref())?, files))
+}
+
+/// A Hugging Face folder's weights: what a view shows anew, not as is.
+fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors") || name == "model.safetensors.index.json"
+}
+
 /// A file shown beside a Hugging Face view's weights may be this large:
 /// tokenizers are tens of MB; anything far larger is not a model's metadata.
 const MAX_HF_FILE_BYTES: u64 = 1 << 30;
@@ -189,13 +232,13 @@ const MAX_HF_FILE_BYTES: u64 = 1 << 30;
 /// Every file of `dir` a Hugging Face view shows beside its weights, by
 /// name, byte for byte: all regular files (symlinks followed, as in a Hub
 /// cache snapshot) except `*.safetensors` and `model.safetensors.index.json`.
-pub fn read_hf_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+pub fn read_hf_files(dir: &Path) -> Result<SmallFiles> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
         let e = e.map_err(|e| source_io(dir, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
-        if qwen3::is_weight_file(&name) || name.starts_with('.') {
+        if is_weight_file(&name) || name.starts_with('.') {
             continue;
         }
         let meta = std::fs::metadata(&path).map_err(|e| source_io(&path, e))?;

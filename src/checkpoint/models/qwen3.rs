@@ -866,11 +866,6 @@ pub fn config_json(d: &Dims, dtype: Dtype) -> Vec<u8> {
     out
 }
 
-/// Whether `dir` holds files of a Hugging Face folder worth copying.
-pub fn is_weight_file(name: &str) -> bool {
-    name.ends_with(".safetensors") || name == "model.safetensors.index.json"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
