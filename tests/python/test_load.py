@@ -34,6 +34,29 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def collect(procs, pid: int, limit_s: float, every_s: float):
+    """Waits (at most limit_s) for reader processes that print one JSON
+    object each, sampling the daemon's RSS every every_s; kills any left on
+    every path. Returns (their results, the RSS samples in KiB)."""
+    rss = []
+    deadline = time.monotonic() + limit_s
+    try:
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            rss.append(rss_kib(pid))
+            time.sleep(every_s)
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            assert p.returncode == 0, f"reader failed ({p.returncode}): {out.decode()} {err.decode()[-2000:]}"
+            results.append(json.loads(out))
+        return results, rss
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_sixteen_random_readers(synth_ckpt, mounts, exports):
     ref = exports(synth_ckpt, TARGET)
     files = view_files(ref)
@@ -45,22 +68,7 @@ def test_sixteen_random_readers(synth_ckpt, mounts, exports):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mountutil.SUB_ENV)
         for seed in range(READERS)
     ]
-    rss = []
-    deadline = time.monotonic() + SECONDS + 60
-    try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            rss.append(rss_kib(pid))
-            time.sleep(1)
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
-            assert p.returncode == 0, f"reader failed ({p.returncode}): {out.decode()} {err.decode()[-2000:]}"
-            results.append(json.loads(out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results, rss = collect(procs, pid, SECONDS + 60, 1.0)
     reads = sum(r["reads"] for r in results)
     nbytes = sum(r["bytes"] for r in results)
     slowest = max(r["max_read_s"] for r in results)
@@ -117,22 +125,7 @@ def test_sequential_readers_with_prefetch(synth_ckpt, mounts, exports, monkeypat
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mountutil.SUB_ENV)
         for i in range(4)
     ]
-    rss = []
-    deadline = time.monotonic() + seconds + 60
-    try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            rss.append(rss_kib(pid))
-            time.sleep(0.5)
-        results = []
-        for p in procs:
-            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
-            assert p.returncode == 0, f"reader failed ({p.returncode}): {out.decode()} {err.decode()[-2000:]}"
-            results.append(json.loads(out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results, rss = collect(procs, pid, seconds + 60, 0.5)
     stats = m.stats()
     print(f"\n4 sequential readers, {seconds:.0f} s: {sum(r['passes'] for r in results)} passes, "
           f"{sum(r['bytes'] for r in results) / 2**20:.0f} MiB; prefetch blocks {stats['prefetch_blocks']}, "
