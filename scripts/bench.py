@@ -274,6 +274,22 @@ class Mounts:
             self.live.pop(mnt, None)
 
 
+def mount_and_list(mounts, src, mnt, args, reps, tag):
+    """Times `mount` + `ls -lR` of a fresh mount `reps` times: (wall of both
+    per run, wall of the mount alone per run, lines ls printed)."""
+    walls, mount_t, lines = [], [], 0
+    for _ in range(reps):
+        t = time.perf_counter()
+        mounts.mount(src, mnt, *args)
+        mt = time.perf_counter() - t
+        r = subprocess.run(["ls", "-lR", str(mnt)], stdout=subprocess.PIPE, check=True)
+        walls.append(time.perf_counter() - t)
+        mount_t.append(mt)
+        lines = r.stdout.count(b"\n")
+        mounts.umount(mnt, tag)
+    return walls, mount_t, lines
+
+
 def view_files(mnt):
     """Every file of the view (not .reshardfs/), in sorted order."""
     out = []
@@ -873,16 +889,7 @@ class Bench:
             walls.append(dt)
             read_ms.append(float(m.group(1)))
             plan_ms.append(float(m.group(2)))
-        ls_t, mount_t, entries = [], [], 0
-        for _ in self.reps():
-            t = time.perf_counter()
-            self.mounts.mount(s70, self.mnt, *target)
-            mt = time.perf_counter() - t
-            r = subprocess.run(["ls", "-lR", str(self.mnt)], stdout=subprocess.PIPE, check=True)
-            ls_t.append(time.perf_counter() - t)
-            mount_t.append(mt)
-            entries = r.stdout.count(b"\n")
-            self.mounts.umount(self.mnt, "scale")
+        ls_t, mount_t, entries = mount_and_list(self.mounts, s70, self.mnt, target, self.a.reps, "scale")
         # The same with the page cache dropped before each mount: a new
         # user's first mount (headers, metadata.json and the binary itself
         # read from the disk).

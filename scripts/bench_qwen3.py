@@ -168,16 +168,7 @@ class QBench:
         if self.a.dry_run:
             print(f"  Q3: {self.bin} mount {s32} MNT {' '.join(args)}; ls -lR MNT ({self.a.reps} runs)")
             return
-        walls, mounts_t, lines = [], [], 0
-        for _ in range(self.a.reps):
-            t = time.perf_counter()
-            self.mounts.mount(s32, self.mnt, *args)
-            mt = time.perf_counter() - t
-            r = subprocess.run(["ls", "-lR", str(self.mnt)], stdout=subprocess.PIPE, check=True)
-            walls.append(time.perf_counter() - t)
-            mounts_t.append(mt)
-            lines = r.stdout.count(b"\n")
-            self.mounts.umount(self.mnt, "Q3")
+        walls, mounts_t, lines = bench.mount_and_list(self.mounts, s32, self.mnt, args, self.a.reps, "Q3")
         med = bench.median(walls)
         apparent = self.size(self.weights(s32))
         self.res["Q3"] = {"mount_ls_s": walls, "mount_s": mounts_t, "ls_lines": lines, "apparent_bytes": apparent}
