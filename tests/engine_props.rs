@@ -10,7 +10,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use reshardfs::checkpoint::source::Source;
-use reshardfs::reshard::engine::{Engine, contiguous_span};
+use reshardfs::reshard::engine::{Engine, gather};
 use reshardfs::reshard::plan::Plan;
 use reshardfs::reshard::target::TargetSpec;
 
@@ -472,17 +472,26 @@ proptest! {
                 let expect = if off as usize >= want.len() { &[][..] } else { &want[off as usize..end] };
                 prop_assert_eq!(&buf[..n], expect, "file {} range {}+{}", vf.name, off, len);
             }
-            // Ranges the server may send straight from a source map must be
-            // exactly the expected bytes there: each tensor whole, and the
-            // random ranges.
+            // Ranges the server may send straight from the source maps, as
+            // pieces, must be exactly the expected bytes: the whole file,
+            // each tensor, and the random ranges; with few pieces allowed,
+            // only when they suffice.
             let src = &plan.source.iterations[0];
             let whole = vf.tensors.iter().map(|t| (t.offset, t.len));
-            for (off, len) in whole.chain(c.reads.iter().copied()) {
-                if let Some((f, at)) = contiguous_span(src, vf, off, len) {
-                    let end = off as usize + len as usize;
-                    prop_assert!(end <= want.len());
-                    prop_assert!(src.files[f].bytes(at, len) == &want[off as usize..end],
-                        "file {} span {}+{} from source {} at {}", vf.name, off, len, f, at);
+            let mut pieces = Vec::new();
+            for (off, len) in [(0, vf.size)].into_iter().chain(whole).chain(c.reads.iter().copied()) {
+                let fits = len > 0 && off.checked_add(len).is_some_and(|e| e <= vf.size);
+                for max in [1, 4, usize::MAX] {
+                    let got = gather(src, vf, off, len, max, &mut pieces);
+                    if max == usize::MAX {
+                        prop_assert_eq!(got.is_some(), fits, "file {} gather {}+{}", vf.name, off, len);
+                    }
+                    if got.is_some() {
+                        prop_assert!(pieces.len() <= max);
+                        let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf)).copied().collect();
+                        prop_assert!(bytes == want[off as usize..(off + len) as usize],
+                            "file {} pieces {}+{} (at most {})", vf.name, off, len, max);
+                    }
                 }
             }
         }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use reshardfs::checkpoint::source::Source;
-use reshardfs::reshard::engine::{Engine, contiguous_span};
+use reshardfs::reshard::engine::{Engine, gather};
 use reshardfs::reshard::plan::{Plan, ViewOptions};
 use reshardfs::reshard::target::TargetSpec;
 use safetensors::Dtype;
@@ -428,14 +428,24 @@ proptest! {
                 prop_assert_eq!(n, end - at as usize);
                 prop_assert!(buf[..n] == whole[at as usize..end], "{} at {at} len {len}", vf.name);
             }
-            // Ranges the server may send straight from a source map.
+            // Ranges the server may send straight from the source maps, as
+            // pieces: gathered, exactly the expected bytes; and always
+            // possible without a cast.
             let src = &plan.source.iterations[0];
+            let cast = |at: u64, len: u64| vf.tensors.iter().any(|t| {
+                t.dtype != src.tensors[t.source].dtype && t.len > 0
+                    && t.offset < at + len && at < t.offset + t.len
+            });
             let tensors = vf.tensors.iter().map(|t| (t.offset, t.len));
+            let mut pieces = Vec::new();
             for (at, len) in tensors.chain(c.reads.iter().map(|&(a, l)| (a % (vf.size + 1), l))) {
-                if let Some((f, from)) = contiguous_span(src, vf, at, len) {
-                    let end = (at + len) as usize;
-                    prop_assert!(src.files[f].bytes(from, len) == &whole[at as usize..end],
-                        "{} span {at}+{len}", vf.name);
+                let fits = len > 0 && at + len <= vf.size;
+                let got = gather(src, vf, at, len, usize::MAX, &mut pieces);
+                prop_assert_eq!(got.is_some(), fits && !cast(at, len), "{} gather {}+{}", vf.name, at, len);
+                if got.is_some() {
+                    let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf)).copied().collect();
+                    prop_assert!(bytes == whole[at as usize..(at + len) as usize],
+                        "{} pieces {at}+{len}", vf.name);
                 }
             }
         }

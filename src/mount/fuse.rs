@@ -125,9 +125,9 @@ impl Filesystem for ViewFs {
         let mut reply = Some(reply);
         let result = self
             .server
-            .read_handle(ino.0, fh.0, offset, size as usize, |bytes| {
+            .read_handle(ino.0, fh.0, offset, size as usize, |slices| {
                 if let Some(r) = reply.take() {
-                    r.data(bytes);
+                    r.data_vectored(slices);
                 }
             });
         if let (Err(e), Some(r)) = (result, reply) {

@@ -3,6 +3,7 @@
 //! (`fs`) only translates, and this is tested without a mount.
 
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Instant, SystemTime};
@@ -11,13 +12,21 @@ use crate::checkpoint::source::Iteration;
 use crate::mount::cache::BlockCache;
 use crate::mount::prefetch::{Job, PrefetchConfig, Sequential, Workers, source_spans};
 use crate::mount::tree::{Content, Ino, Tree};
-use crate::reshard::engine::{Served, SourceFault, Touched, contiguous_span, read_file};
+use crate::reshard::engine::{Piece, Served, SourceFault, Touched, gather, read_file};
 use crate::reshard::plan::Plan;
 
 /// View bytes are computed and cached in blocks of at most this size: large
 /// enough that a sequential reader computes each block once for several
 /// kernel requests, small enough that a random reader wastes little.
 pub const MAX_BLOCK_SIZE: u64 = 1 << 20;
+
+/// A request answered from the source maps ([`gather`]) has at most this
+/// many pieces, and pieces of [`MIN_PIECE`] bytes on average at least: the
+/// kernel takes up to 1024 slices in one `writev`, and for narrower pieces
+/// (a column split into 1 KiB rows) gathering them by copying is cheaper
+/// than handing the kernel hundreds of slices that each start a page.
+const MAX_PIECES: usize = 256;
+const MIN_PIECE: usize = 4096;
 
 /// The block size for a cache budget: at most a quarter of the budget (so a
 /// small cache still holds a few blocks and never exceeds its budget), a
@@ -57,6 +66,8 @@ thread_local! {
     /// Per request thread: where whole-block reads are computed (reused, so
     /// its pages are touched once).
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per request thread: the pieces of a request answered from the maps.
+    static PIECES: std::cell::RefCell<Vec<Piece>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per request thread: source spans read and not yet released, with the
     /// server and iteration they belong to.
     static TOUCHED: std::cell::RefCell<(usize, usize, Touched)> =
@@ -356,7 +367,7 @@ impl Server {
         fh: u64,
         offset: u64,
         size: usize,
-        out: impl FnOnce(&[u8]) -> R,
+        out: impl FnOnce(&[IoSlice<'_>]) -> R,
     ) -> Result<R, ReadError> {
         enum Found {
             Snapshot(Arc<[u8]>),
@@ -380,7 +391,7 @@ impl Server {
         match found {
             Found::Snapshot(text) => {
                 self.core.counters.reads.fetch_add(1, Ordering::Relaxed);
-                Ok(out(slice_at(&text, offset, size)))
+                Ok(out(&[IoSlice::new(slice_at(&text, offset, size))]))
             }
             Found::View(seq) => self.core.read(
                 ino,
@@ -402,7 +413,7 @@ impl Server {
         ino: Ino,
         offset: u64,
         size: usize,
-        out: impl FnOnce(&[u8]) -> R,
+        out: impl FnOnce(&[IoSlice<'_>]) -> R,
     ) -> Result<R, ReadError> {
         self.core.read(ino, offset, size, None, || (), out)
     }
@@ -540,20 +551,25 @@ impl Core {
         size: usize,
         seq: Option<&Sequential>,
         before: impl FnOnce(),
-        out: impl FnOnce(&[u8]) -> R,
+        out: impl FnOnce(&[IoSlice<'_>]) -> R,
     ) -> Result<R, ReadError> {
         self.counters.reads.fetch_add(1, Ordering::Relaxed);
-        let out = |bytes: &[u8]| {
+        let out = |bytes: &[IoSlice<'_>]| {
+            let n: usize = bytes.iter().map(|b| b.len()).sum();
             self.counters
                 .bytes_served
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                .fetch_add(n as u64, Ordering::Relaxed);
             out(bytes)
         };
         let node = self.tree.get(ino).ok_or(ReadError::NotFound)?;
         let result = match &node.content {
             Content::Dir(_) => Err(ReadError::IsDir),
-            Content::Bytes(b) => Ok(out(slice_at(b, offset, size))),
-            Content::Stats => Ok(out(slice_at(self.stats_text().as_bytes(), offset, size))),
+            Content::Bytes(b) => Ok(out(&[IoSlice::new(slice_at(b, offset, size))])),
+            Content::Stats => Ok(out(&[IoSlice::new(slice_at(
+                self.stats_text().as_bytes(),
+                offset,
+                size,
+            ))])),
             &Content::View { it, file, id } => {
                 before();
                 self.read_view(it, file, id, offset, size, seq.is_some(), out)
@@ -580,7 +596,7 @@ impl Core {
         offset: u64,
         size: usize,
         sequential: bool,
-        out: impl FnOnce(&[u8]) -> R,
+        out: impl FnOnce(&[IoSlice<'_>]) -> R,
     ) -> Result<R, ReadError> {
         let vf = &self.plan.iterations[it].files[file];
         let end = vf.size.min(offset.saturating_add(size as u64));
@@ -590,9 +606,9 @@ impl Core {
         let n = (end - offset) as usize;
         if self.zeros {
             return Ok(if n <= ZEROS.len() {
-                out(&ZEROS[..n])
+                out(&[IoSlice::new(&ZEROS[..n])])
             } else {
-                out(&vec![0u8; n])
+                out(&[IoSlice::new(&vec![0u8; n])])
             });
         }
         let bs = self.block_size;
@@ -604,12 +620,13 @@ impl Core {
             // reader's case (1 MiB readahead requests). The kernel keeps
             // these pages itself, so caching them too would only cost
             // memory, and fresh cache memory is what costs most here (first
-            // touch of a page). When the range is one span of one source
-            // file, reply straight from the source map (no copy in the
+            // touch of a page). When the range is a few pieces of the
+            // header and the source maps, reply with those (no copy in the
             // daemon at all); else compute into this thread's buffer.
             let source = &self.plan.source.iterations[it];
-            if let Some((f, at)) = contiguous_span(source, vf, offset, n as u64) {
-                return self.reply_from_source(it, f, at, n, out);
+            let max = (n / MIN_PIECE).clamp(1, MAX_PIECES);
+            if PIECES.with_borrow_mut(|p| gather(source, vf, offset, n as u64, max, p).is_some()) {
+                return self.reply_from_pieces(it, vf, out);
             }
             return SCRATCH.with_borrow_mut(|scratch| {
                 if scratch.len() < n {
@@ -617,7 +634,7 @@ impl Core {
                 }
                 self.read_source(it, vf, offset, &mut scratch[..n])?;
                 self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
-                Ok(out(&scratch[..n]))
+                Ok(out(&[IoSlice::new(&scratch[..n])]))
             });
         }
         let block = |b: u64| {
@@ -635,7 +652,7 @@ impl Core {
             // The common case: reply straight from the cached block.
             let data = block(first)?;
             let lo = (offset - first * bs) as usize;
-            let r = out(&data[lo..lo + n]);
+            let r = out(&[IoSlice::new(&data[lo..lo + n])]);
             if sequential && whole_blocks {
                 self.cache.recycle(data);
             }
@@ -648,7 +665,7 @@ impl Core {
             let hi = end.min((b + 1) * bs) - b * bs;
             buf.extend_from_slice(&data[lo as usize..hi as usize]);
         }
-        Ok(out(&buf))
+        Ok(out(&[IoSlice::new(&buf)]))
     }
 
     /// A prefetch worker's job.
@@ -701,41 +718,65 @@ impl Core {
         }
     }
 
-    /// Replies with `n` bytes of source file `f` from offset `at`, straight
-    /// from its map: the kernel copies them into the reader's page cache
-    /// and the daemon copies nothing (a Hugging Face source's embedding or
-    /// a row split's slices: most of a view's bytes). The file is checked
+    /// Replies with the pieces [`gather`] left in this thread's `PIECES`:
+    /// slices of the header and of the source maps, which the kernel copies
+    /// into the reader's page cache with one `writev`, the daemon copying
+    /// nothing (a row split's slices, a Hugging Face part, the rows of a
+    /// fused tensor: most of a view's bytes). Each source file is checked
     /// first (still the one planned, not truncated under the map); a
     /// truncation racing the kernel's copy faults in the kernel, which then
     /// fails the read with EIO, so no zeros are ever served. The pages the
     /// copy mapped are released with this thread's other spans.
-    fn reply_from_source<R>(
+    fn reply_from_pieces<R>(
         &self,
         it: usize,
-        f: usize,
-        at: u64,
-        n: usize,
-        out: impl FnOnce(&[u8]) -> R,
+        vf: &crate::reshard::plan::VirtualFile,
+        out: impl FnOnce(&[IoSlice<'_>]) -> R,
     ) -> Result<R, ReadError> {
         let source = &self.plan.source.iterations[it];
-        let file = &source.files[f];
-        if !file.is_unchanged() || file.is_damaged() {
-            return Err(ReadError::Source(SourceFault {
-                path: file.path.clone(),
-            }));
-        }
-        let r = out(file.bytes(at, n as u64));
-        self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
-        self.counters
-            .source_bytes_read
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.with_touched(it, |touched, source| {
-            touched.add(f, at, at + n as u64);
-            if touched.span_bytes() >= RELEASE_EVERY {
-                touched.release(source);
+        PIECES.with_borrow(|pieces| {
+            // Each file once: `is_unchanged` is a `stat`, and a fused
+            // tensor's request has a hundred pieces of the same two files
+            // (a stat per piece cost 25% of a Qwen3 view's read).
+            let mut from_source = 0u64;
+            let mut files: Vec<usize> = Vec::new();
+            for p in pieces {
+                if let Piece::Source { file, len, .. } = *p {
+                    from_source += len;
+                    if !files.contains(&file) {
+                        files.push(file);
+                    }
+                }
             }
-        });
-        Ok(r)
+            for &file in &files {
+                let f = &source.files[file];
+                if !f.is_unchanged() || f.is_damaged() {
+                    return Err(ReadError::Source(SourceFault {
+                        path: f.path.clone(),
+                    }));
+                }
+            }
+            let slices: Vec<IoSlice<'_>> = pieces
+                .iter()
+                .map(|p| IoSlice::new(p.bytes(source, vf)))
+                .collect();
+            let r = out(&slices);
+            self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .source_bytes_read
+                .fetch_add(from_source, Ordering::Relaxed);
+            self.with_touched(it, |touched, source| {
+                for p in pieces {
+                    if let Piece::Source { file, at, len } = *p {
+                        touched.add(file, at, at + len);
+                    }
+                }
+                if touched.span_bytes() >= RELEASE_EVERY {
+                    touched.release(source);
+                }
+            });
+            Ok(r)
+        })
     }
 
     /// Runs `f` with this thread's not-yet-released source spans, made
@@ -809,6 +850,12 @@ impl Core {
 }
 
 /// `b[offset..offset+size]`, clipped to `b`.
+/// The bytes of a reply's slices, one after the other (for callers that
+/// want one buffer: tests, tools).
+pub fn joined(slices: &[IoSlice<'_>]) -> Vec<u8> {
+    slices.iter().flat_map(|s| s.iter()).copied().collect()
+}
+
 pub fn slice_at(b: &[u8], offset: u64, size: usize) -> &[u8] {
     let start = (offset.min(b.len() as u64)) as usize;
     let end = start.saturating_add(size).min(b.len());
@@ -928,12 +975,12 @@ mod tests {
             let it = s.tree().lookup(ROOT, "iteration_00000005").unwrap();
             for chunk in [1usize << 20, 4096, 7777, 100] {
                 check_against_mindspore(&s, it, "tp4-f32.tp=2", |f, size| {
-                    read_in_chunks(size, chunk, |o, n| s.read(f, o, n, |b| b.to_vec()).unwrap())
+                    read_in_chunks(size, chunk, |o, n| s.read(f, o, n, joined).unwrap())
                 });
                 check_against_mindspore(&s, it, "tp4-f32.tp=2", |f, size| {
                     let h = s.open(f).unwrap();
                     let got = read_in_chunks(size, chunk, |o, n| {
-                        s.read_handle(f, h.fh, o, n, |b| b.to_vec()).unwrap()
+                        s.read_handle(f, h.fh, o, n, joined).unwrap()
                     });
                     s.release(h.fh);
                     got
@@ -958,7 +1005,7 @@ mod tests {
         check_against_mindspore(&s, it, "gpt-dp2-tp2-pp2-bf16.dp=1,tp=4,pp=1", |f, size| {
             let h = s.open(f).unwrap();
             let got = read_in_chunks(size, 16 << 10, |o, n| {
-                s.read_handle(f, h.fh, o, n, |b| b.to_vec()).unwrap()
+                s.read_handle(f, h.fh, o, n, joined).unwrap()
             });
             s.release(h.fh);
             got
@@ -1026,10 +1073,7 @@ mod tests {
         let stats = stats.unwrap();
         let h = s.open(stats).unwrap();
         assert!(h.direct_io);
-        let text = |fh| {
-            s.read_handle(stats, fh, 0, 1 << 16, |b| b.to_vec())
-                .unwrap()
-        };
+        let text = |fh| s.read_handle(stats, fh, 0, 1 << 16, joined).unwrap();
         let before = text(h.fh);
         // Reads in between change the counters, not what this handle sees.
         let f = view_file(&s, "model-0000000-0000002.safetensors");
@@ -1074,12 +1118,9 @@ mod tests {
         let size = s.attr(f).unwrap().size;
         let bs = 16 << 10;
         assert!(size > 8 * bs, "fixture too small: {size}");
-        let whole = s.read(f, 0, size as usize, |b| b.to_vec()).unwrap();
+        let whole = s.read(f, 0, size as usize, joined).unwrap();
         let h = s.open(f).unwrap();
-        let read = |b: u64| {
-            s.read_handle(f, h.fh, b * bs, bs as usize, |x| x.to_vec())
-                .unwrap()
-        };
+        let read = |b: u64| s.read_handle(f, h.fh, b * bs, bs as usize, joined).unwrap();
         assert_eq!(read(0), whole[..bs as usize]);
         assert_eq!(read(1), whole[bs as usize..2 * bs as usize]);
         // Two sequential reads: block 2 is computed ahead...
@@ -1111,7 +1152,7 @@ mod tests {
         let s = server(64 << 10).always_ahead();
         let h = s.open(f).unwrap();
         for off in [9 * bs + 5, 2 * bs, 7 * bs + 100, 100, 5 * bs, 8 * bs + 7] {
-            let got = s.read_handle(f, h.fh, off, 4096, |x| x.to_vec()).unwrap();
+            let got = s.read_handle(f, h.fh, off, 4096, joined).unwrap();
             assert_eq!(got, whole[off as usize..off as usize + 4096]);
         }
         assert_eq!(stat(&s, "prefetch_blocks"), 0);

@@ -174,7 +174,12 @@ impl Touched {
     /// Fails the read if a file it copied from was deleted, replaced or
     /// rewritten since planning (its bytes may belong to another save).
     fn check_unchanged(&self, source: &Iteration) -> Result<(), SourceFault> {
-        for &(file, _, _) in &self.0 {
+        for (i, &(file, _, _)) in self.0.iter().enumerate() {
+            // A `stat` per file, not per span (a fused tensor's read keeps
+            // two spans of one file).
+            if self.0[..i].iter().any(|t| t.0 == file) {
+                continue;
+            }
             let f = &source.files[file];
             if !f.is_unchanged() {
                 return Err(SourceFault {
@@ -186,69 +191,104 @@ impl Touched {
     }
 }
 
-/// Where bytes `[offset, offset + len)` of view file `vf` lie when they are
-/// one contiguous span of one source file, unchanged: `(file, offset in
-/// it)`. Then the bytes can go to the reader straight from the source map,
-/// with no copy in the daemon. `None` when the range touches the header,
-/// two tensors, a cast, or is gathered from several places (column splits,
-/// gate/up rows); such ranges are copied by [`read_file`].
-pub fn contiguous_span(
+/// Where a view file's bytes come from, one piece of a read after another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece {
+    /// Bytes `[start, end)` of the file's generated header.
+    Header { start: usize, end: usize },
+    /// `len` bytes of source file `file` from offset `at`.
+    Source { file: usize, at: u64, len: u64 },
+}
+
+impl Piece {
+    /// The piece's bytes, from the header or the source map. The caller
+    /// checks the source file (`is_unchanged`, `is_damaged`) around their
+    /// use: a truncated file's pages fault rather than read as data.
+    pub fn bytes<'a>(&self, source: &'a Iteration, vf: &'a VirtualFile) -> &'a [u8] {
+        match *self {
+            Piece::Header { start, end } => &vf.header[start..end],
+            Piece::Source { file, at, len } => source.files[file].bytes(at, len),
+        }
+    }
+}
+
+/// The pieces bytes `[offset, offset + len)` of view file `vf` are made of,
+/// in order, when there are at most `max` of them and no byte needs
+/// converting (a cast): then the bytes can go to the reader straight from
+/// the header and the source maps, gathered by the kernel's copy
+/// (`writev`), with no copy in the daemon. Consecutive stored spans are one
+/// piece. `None` past the end, on a cast, or with more pieces (a column
+/// split into many narrow rows is cheaper to gather by copying than to
+/// hand to the kernel as hundreds of slices); `pieces` is cleared first.
+pub fn gather(
     source: &Iteration,
     vf: &VirtualFile,
     offset: u64,
     len: u64,
-) -> Option<(usize, u64)> {
+    max: usize,
+    pieces: &mut Vec<Piece>,
+) -> Option<()> {
+    pieces.clear();
     let end = offset.checked_add(len)?;
-    if len == 0 || offset < vf.header.len() as u64 || end > vf.size {
+    if len == 0 || end > vf.size {
         return None;
     }
-    let i = vf.tensors.partition_point(|t| t.offset + t.len <= offset);
-    let pt = vf.tensors.get(i)?;
-    if end > pt.offset + pt.len || offset < pt.offset {
-        return None;
+    let hlen = vf.header.len() as u64;
+    let mut pos = offset;
+    if pos < hlen {
+        let h = hlen.min(end);
+        pieces.push(Piece::Header {
+            start: pos as usize,
+            end: h as usize,
+        });
+        pos = h;
     }
-    let t = &source.tensors[pt.source];
-    if pt.dtype != t.dtype {
-        return None;
+    let first = vf.tensors.partition_point(|t| t.offset + t.len <= pos);
+    for pt in &vf.tensors[first..] {
+        if pos >= end {
+            break;
+        }
+        let n = (pt.offset + pt.len).min(end) - pos;
+        if n == 0 {
+            continue;
+        }
+        let t = &source.tensors[pt.source];
+        if pt.dtype != t.dtype {
+            return None;
+        }
+        let region = Region {
+            start: &pt.slice.start,
+            shape: &pt.slice.shape,
+        };
+        walk_region(
+            source,
+            t,
+            region,
+            pos - pt.offset,
+            n,
+            &mut |file, at, len| {
+                if let Some(Piece::Source {
+                    file: f,
+                    at: a,
+                    len: l,
+                }) = pieces.last_mut()
+                    && *f == file
+                    && *a + *l == at
+                {
+                    *l += len;
+                    return Ok(());
+                }
+                if pieces.len() == max {
+                    return Err(());
+                }
+                pieces.push(Piece::Source { file, at, len });
+                Ok(())
+            },
+        )
+        .ok()?;
+        pos += n;
     }
-    let region = Region {
-        start: &pt.slice.start,
-        shape: &pt.slice.shape,
-    };
-    span_of(source, t, region, offset - pt.offset, len)
-}
-
-/// [`contiguous_span`] within one tensor's region: bytes `[at, at + len)`.
-fn span_of(
-    source: &Iteration,
-    t: &Tensor,
-    region: Region<'_>,
-    at: u64,
-    len: u64,
-) -> Option<(usize, u64)> {
-    let Some(map) = &t.rows else {
-        return stored_span(t, region, at, len);
-    };
-    let (&rows, inner) = region.shape.split_first()?;
-    let row_bytes = inner.iter().product::<u64>() * t.elem_size();
-    if row_bytes == 0 || rows == 0 {
-        return None;
-    }
-    let r = at / row_bytes;
-    let last = (at + len - 1) / row_bytes;
-    let (part, part_row, run) = map.locate(region.start[0] + r);
-    if last - r >= run {
-        return None;
-    }
-    let mut start = region.start.to_vec();
-    let mut shape = region.shape.to_vec();
-    start[0] = part_row;
-    shape[0] = (rows - r).min(run);
-    let sub = Region {
-        start: &start,
-        shape: &shape,
-    };
-    span_of(source, &source.parts[part], sub, at % row_bytes, len)
+    (pos == end).then_some(())
 }
 
 /// Bytes `[at, at + len)` of `region` of a stored tensor, when they lie in
@@ -317,20 +357,12 @@ struct Region<'a> {
     shape: &'a [u64],
 }
 
-/// Elements converted per step of a cast: 64 KiB of float32 keeps the two
-/// scratch buffers in L2 while amortising the per-step region walk.
-const CAST_ELEMS: u64 = 16 << 10;
-
-thread_local! {
-    /// Scratch for casts: (source-dtype bytes, view-dtype bytes). Reused so
-    /// a cast read allocates nothing after a thread's first.
-    static CAST_SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
-}
-
 /// Like [`copy_region`], but the bytes are those of the region cast to
-/// `to`: whole source elements are read, converted, and the requested
-/// bytes (possibly starting or ending inside an element) copied out.
+/// `to`. Whole elements are converted straight from the source maps into
+/// `out`, span by span as [`walk_region`] finds them: gathering them into a
+/// scratch buffer first was one more copy of every source byte (a float32
+/// source's view in bfloat16 reads twice the bytes it serves). An element
+/// the range starts or ends inside goes through an element-sized buffer.
 fn copy_cast(
     source: &Iteration,
     t: &Tensor,
@@ -340,35 +372,82 @@ fn copy_cast(
     out: &mut [u8],
     touched: &mut Touched,
 ) -> Result<(), SourceFault> {
+    let es_out = elem_size(to);
+    let mut elem = at / es_out;
+    let mut done = 0usize;
+    // The first element's tail, when the range starts inside it.
+    let skip = (at % es_out) as usize;
+    if skip != 0 {
+        let mut one = [0u8; 16];
+        let one = &mut one[..es_out as usize];
+        cast_elems(source, t, to, region, elem, one, touched)?;
+        let take = (one.len() - skip).min(out.len());
+        out[..take].copy_from_slice(&one[skip..skip + take]);
+        done = take;
+        elem += 1;
+    }
+    // Whole elements.
+    let whole = (out.len() - done) / es_out as usize * es_out as usize;
+    if whole > 0 {
+        cast_elems(
+            source,
+            t,
+            to,
+            region,
+            elem,
+            &mut out[done..done + whole],
+            touched,
+        )?;
+        done += whole;
+        elem += whole as u64 / es_out;
+    }
+    // The last element's head, when the range ends inside it.
+    if done < out.len() {
+        let mut one = [0u8; 16];
+        let one = &mut one[..es_out as usize];
+        cast_elems(source, t, to, region, elem, one, touched)?;
+        let take = out.len() - done;
+        out[done..].copy_from_slice(&one[..take]);
+    }
+    Ok(())
+}
+
+/// Elements `first..` of `region`, converted to `to`, filling `out` (a
+/// whole number of elements).
+fn cast_elems(
+    source: &Iteration,
+    t: &Tensor,
+    to: Dtype,
+    region: Region<'_>,
+    first: u64,
+    out: &mut [u8],
+    touched: &mut Touched,
+) -> Result<(), SourceFault> {
     let (es_in, es_out) = (t.elem_size(), elem_size(to));
-    CAST_SCRATCH.with(|cell| {
-        let mut scratch = cell.borrow_mut();
-        let (input, output) = &mut *scratch;
-        let mut done = 0usize;
-        while done < out.len() {
-            let pos = at + done as u64;
-            let first = pos / es_out;
-            let skip = (pos % es_out) as usize;
-            let want = (out.len() - done) as u64;
-            let end = (pos + want).div_ceil(es_out);
-            let n = (end - first).min(CAST_ELEMS);
-            input.resize((n * es_in) as usize, 0);
-            copy_region(source, t, region, first * es_in, input, touched)?;
-            let whole = (n * es_out) as usize;
-            if skip == 0 && whole <= out.len() - done {
-                // Whole elements: straight into the caller's buffer.
-                cast::convert(t.dtype, to, input, &mut out[done..done + whole]);
-                done += whole;
-                continue;
+    let n = out.len() as u64 / es_out;
+    let mut done = 0usize;
+    // Spans are whole elements: the walk starts at an element and every
+    // run it finds is a number of elements long.
+    walk_region(
+        source,
+        t,
+        region,
+        first * es_in,
+        n * es_in,
+        &mut |f, src, len| {
+            let file = &source.files[f];
+            let end = done + (len / es_in * es_out) as usize;
+            cast::convert(t.dtype, to, file.bytes(src, len), &mut out[done..end]);
+            touched.add(f, src, src + len);
+            done = end;
+            if file.is_damaged() {
+                return Err(SourceFault {
+                    path: file.path.clone(),
+                });
             }
-            output.resize(whole, 0);
-            cast::convert(t.dtype, to, input, output);
-            let take = (output.len() - skip).min(out.len() - done);
-            out[done..done + take].copy_from_slice(&output[skip..skip + take]);
-            done += take;
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
 }
 
 /// Copies bytes `[at, at + out.len())` of the row-major bytes of `region`
@@ -381,25 +460,55 @@ fn copy_region(
     out: &mut [u8],
     touched: &mut Touched,
 ) -> Result<(), SourceFault> {
+    let mut done = 0usize;
+    walk_region(source, t, region, at, out.len() as u64, &mut |f, src, n| {
+        let file = &source.files[f];
+        let end = done + n as usize;
+        out[done..end].copy_from_slice(file.bytes(src, n));
+        touched.add(f, src, src + n);
+        done = end;
+        // Checked after the copy: a fault during it has set the flag by now.
+        if file.is_damaged() {
+            return Err(SourceFault {
+                path: file.path.clone(),
+            });
+        }
+        Ok(())
+    })
+}
+
+/// Walks bytes `[at, at + len)` of the row-major bytes of `region` of
+/// tensor `t` as the stored spans they lie in, in order: `emit(file,
+/// offset, len)` for each. The copy ([`copy_region`]) and the gather for a
+/// vectored reply ([`gather`]) are the two walkers; an error from `emit`
+/// stops the walk.
+fn walk_region<E>(
+    source: &Iteration,
+    t: &Tensor,
+    region: Region<'_>,
+    at: u64,
+    len: u64,
+    emit: &mut impl FnMut(usize, u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
     match &t.rows {
-        Some(map) => copy_rows(source, t, map, region, at, out, touched),
-        None => copy_stored(source, t, region, at, out, touched),
+        Some(map) => walk_rows(source, t, map, region, at, len, emit),
+        None => walk_stored(t, region, at, len, emit),
     }
 }
 
 /// A region of a tensor assembled from rows of parts: cut at the row map's
-/// segment boundaries into runs of consecutive part rows, each copied from
+/// segment boundaries into runs of consecutive part rows, each walked in
 /// its part as a region of that part. Rows are outermost, so the runs'
 /// bytes follow each other in the output.
-fn copy_rows(
+fn walk_rows<E>(
     source: &Iteration,
     t: &Tensor,
     map: &RowMap,
     region: Region<'_>,
     mut at: u64,
-    out: &mut [u8],
-    touched: &mut Touched,
-) -> Result<(), SourceFault> {
+    len: u64,
+    emit: &mut impl FnMut(usize, u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
     let Some((&rows, inner)) = region.shape.split_first() else {
         return Ok(());
     };
@@ -409,60 +518,44 @@ fn copy_rows(
     }
     let mut start = region.start.to_vec();
     let mut shape = region.shape.to_vec();
-    let mut done = 0usize;
-    while done < out.len() {
+    let mut done = 0u64;
+    while done < len {
         let r = at / row_bytes;
         let within = at % row_bytes;
         let (part, part_row, run) = map.locate(region.start[0] + r);
         let run = run.min(rows - r);
         start[0] = part_row;
         shape[0] = run;
-        let n = ((run * row_bytes - within) as usize).min(out.len() - done);
+        let n = (run * row_bytes - within).min(len - done);
         let sub = Region {
             start: &start,
             shape: &shape,
         };
-        copy_region(
-            source,
-            &source.parts[part],
-            sub,
-            within,
-            &mut out[done..done + n],
-            touched,
-        )?;
+        walk_region(source, &source.parts[part], sub, within, n, emit)?;
         done += n;
-        at += n as u64;
+        at += n;
     }
     Ok(())
 }
 
-/// A region of a stored tensor, copied run by run from its slices.
-fn copy_stored(
-    source: &Iteration,
+/// A region of a stored tensor, walked run by run through its slices.
+fn walk_stored<E>(
     t: &Tensor,
     region: Region<'_>,
     mut at: u64,
-    out: &mut [u8],
-    touched: &mut Touched,
-) -> Result<(), SourceFault> {
+    len: u64,
+    emit: &mut impl FnMut(usize, u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
     let es = t.elem_size();
     let shape = region.shape;
     let start = region.start;
     let n = shape.len();
     // A region whose bytes are one span of one slice (a Hugging Face part
-    // behind a fused tensor, a row split): one copy, without the per-run
+    // behind a fused tensor, a row split): one span, without the per-run
     // walk below. Fused gate/up rows are 8 KiB each at hidden 4096, so the
     // walk's set-up per row was a measurable share of a fused view's copy.
-    if let Some((f, src)) = stored_span(t, region, at, out.len() as u64) {
-        let file = &source.files[f];
-        out.copy_from_slice(file.bytes(src, out.len() as u64));
-        touched.add(f, src, src + out.len() as u64);
-        if file.is_damaged() {
-            return Err(SourceFault {
-                path: file.path.clone(),
-            });
-        }
-        return Ok(());
+    if let Some((f, src)) = stored_span(t, region, at, len) {
+        return emit(f, src, len);
     }
     // Coordinates of the run's first element: local, global, and its source
     // slice in the grid. Allocated once per call, rewritten per run (runs can
@@ -470,8 +563,8 @@ fn copy_stored(
     let mut idx = vec![0u64; n];
     let mut global = vec![0u64; n];
     let mut grid = vec![0u64; n];
-    let mut done = 0usize;
-    while done < out.len() {
+    let mut done = 0u64;
+    while done < len {
         let elem = at / es;
         let intra = at % es;
         unravel_into(elem, shape, &mut idx);
@@ -499,18 +592,10 @@ fn copy_stored(
             acc * chunk.stored_shape[d] + (global[d] - chunk.origin[d])
         });
         let src = chunk.offset + src_elem * es + intra;
-        let take = ((run_elems * es - intra) as usize).min(out.len() - done);
-        let file = &source.files[chunk.file];
-        out[done..done + take].copy_from_slice(file.bytes(src, take as u64));
-        touched.add(chunk.file, src, src + take as u64);
-        // Checked after the copy: a fault during it has set the flag by now.
-        if file.is_damaged() {
-            return Err(SourceFault {
-                path: file.path.clone(),
-            });
-        }
+        let take = (run_elems * es - intra).min(len - done);
+        emit(chunk.file, src, take)?;
         done += take;
-        at += take as u64;
+        at += take;
     }
     Ok(())
 }
