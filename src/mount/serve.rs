@@ -85,8 +85,11 @@ const RELEASE_EVERY: u64 = 8 << 20;
 #[derive(Default)]
 struct Counters {
     reads: AtomicU64,
-    /// Reads of whole blocks computed straight into a scratch buffer.
+    /// Reads of whole blocks computed straight into a scratch buffer or
+    /// answered from the maps.
     direct_reads: AtomicU64,
+    /// Of those, answered from the maps (no copy in the daemon).
+    mapped_reads: AtomicU64,
     bytes_served: AtomicU64,
     source_bytes_read: AtomicU64,
     read_errors: AtomicU64,
@@ -762,6 +765,7 @@ impl Core {
                 .collect();
             let r = out(&slices);
             self.counters.direct_reads.fetch_add(1, Ordering::Relaxed);
+            self.counters.mapped_reads.fetch_add(1, Ordering::Relaxed);
             self.counters
                 .source_bytes_read
                 .fetch_add(from_source, Ordering::Relaxed);
@@ -826,11 +830,12 @@ impl Core {
         let cache = self.cache.stats();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "pid: {}\nuptime_s: {:.1}\nreads: {}\ndirect_reads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ninternal_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\nprefetch_window: {}\nprefetch_blocks: {}\nprefetch_hits: {}\nprefetch_wasted: {}\n",
+            "pid: {}\nuptime_s: {:.1}\nreads: {}\ndirect_reads: {}\nmapped_reads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ninternal_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\nprefetch_window: {}\nprefetch_blocks: {}\nprefetch_hits: {}\nprefetch_wasted: {}\n",
             std::process::id(),
             self.started.elapsed().as_secs_f64(),
             get(&c.reads),
             get(&c.direct_reads),
+            get(&c.mapped_reads),
             get(&c.bytes_served),
             get(&c.source_bytes_read),
             get(&c.read_errors),

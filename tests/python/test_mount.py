@@ -33,7 +33,7 @@ EXPECTED = sorted(
 META = ".reshardfs"
 # Every key the tests read: a renamed key fails here, instead of an assertion silently skipped.
 STATS_KEYS = ("pid", "bytes_served", "source_bytes_read", "cache_hits", "cache_misses", "cache_bytes",
-              "cache_capacity", "cache_blocks", "reads", "direct_reads", "read_errors", "internal_errors",
+              "cache_capacity", "cache_blocks", "reads", "direct_reads", "mapped_reads", "read_errors", "internal_errors",
               "block_size")
 # The mount is read-only (README): every write-like call fails with EROFS, none with another error.
 RO_ERROR = "Read-only file system"

@@ -1,0 +1,63 @@
+//! How fast can a cold source file be read, by `pread` or through a memory
+//! map? Issue 9 asked; the figures are in the README (Cold reads).
+//! `scripts/bench_prefetch_ab.py --raw` drops the page cache before each run
+//! and interleaves the modes, on the local disk and through sshfs.
+//!
+//!     cargo run --release --example cold_read -- MODE FILE [BLOCK_KIB]
+//!
+//! MODE: `pread` (read each block into one reused buffer), `mmap` (copy each
+//! block out of a private read-only map; the kernel's fault-around and
+//! readahead fetch the pages), `mmap-willneed` (the same, with
+//! `MADV_WILLNEED` on the next 16 MiB before each block, as prefetch would
+//! do). Prints `MODE seconds GB/s`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, mode, path, rest @ ..] = args.as_slice() else {
+        return Err("usage: cold_read pread|mmap|mmap-willneed FILE [BLOCK_KIB]".into());
+    };
+    let block = rest.first().map_or(Ok(1024), |b| b.parse::<usize>())? << 10;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len() as usize;
+    let mut buf = vec![0u8; block];
+    let mut sum = 0u64;
+    let t = Instant::now();
+    match mode.as_str() {
+        "pread" => {
+            let mut at = 0;
+            while at < len {
+                let n = block.min(len - at);
+                file.read_exact_at(&mut buf[..n], at as u64)?;
+                sum = sum.wrapping_add(buf[0] as u64);
+                at += n;
+            }
+        }
+        "mmap" | "mmap-willneed" => {
+            // SAFETY: a read-only private map of a file nobody truncates
+            // while this measurement runs.
+            let map = unsafe { memmap2::Mmap::map(&file)? };
+            let ahead = 16 << 20;
+            let mut advised = 0;
+            let mut at = 0;
+            while at < len {
+                let n = block.min(len - at);
+                if mode == "mmap-willneed" && at + ahead > advised && advised < len {
+                    let end = (at + 2 * ahead).min(len);
+                    map.advise_range(memmap2::Advice::WillNeed, advised, end - advised)?;
+                    advised = end;
+                }
+                buf[..n].copy_from_slice(&map[at..at + n]);
+                sum = sum.wrapping_add(buf[0] as u64);
+                at += n;
+            }
+        }
+        other => return Err(format!("unknown mode {other}").into()),
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!("{mode} {s:.3} {:.2} (checksum {sum})", len as f64 / s / 1e9);
+    Ok(())
+}
