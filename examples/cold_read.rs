@@ -5,7 +5,8 @@
 //!
 //!     cargo run --release --example cold_read -- MODE FILE [BLOCK_KIB]
 //!
-//! MODE: `pread` (read each block into one reused buffer), `mmap` (copy each
+//! MODE: `pread` (read each block into one reused buffer), `pread-reopen`
+//! (the same with a fresh descriptor per block), `mmap` (copy each
 //! block out of a private read-only map; the kernel's fault-around and
 //! readahead fetch the pages), `mmap-willneed` (the same, with
 //! `MADV_WILLNEED` on the next 16 MiB before each block, as prefetch would
@@ -18,7 +19,7 @@ use std::time::Instant;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, path, rest @ ..] = args.as_slice() else {
-        return Err("usage: cold_read pread|mmap|mmap-willneed FILE [BLOCK_KIB]".into());
+        return Err("usage: cold_read pread|pread-reopen|mmap|mmap-willneed FILE [BLOCK_KIB]".into());
     };
     let block = rest.first().map_or(Ok(1024), |b| b.parse::<usize>())? << 10;
     let file = File::open(path)?;
@@ -32,6 +33,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             while at < len {
                 let n = block.min(len - at);
                 file.read_exact_at(&mut buf[..n], at as u64)?;
+                sum = sum.wrapping_add(buf[0] as u64);
+                at += n;
+            }
+        }
+        "pread-reopen" => {
+            // A fresh descriptor per block: the kernel's readahead state
+            // lives in the open file, so this shows what it is worth.
+            let mut at = 0;
+            while at < len {
+                let n = block.min(len - at);
+                File::open(path)?.read_exact_at(&mut buf[..n], at as u64)?;
                 sum = sum.wrapping_add(buf[0] as u64);
                 at += n;
             }

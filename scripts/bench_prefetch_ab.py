@@ -15,8 +15,9 @@ RESHARDFS_PREFETCH, `off` is --no-prefetch). Prints each mode's median ratio
 faster) with the spread.
 
 --raw compares ways of reading the source files themselves, cold, with
-examples/cold_read.rs: `pread` in 1 MiB blocks, copies out of a memory map,
-and the map with MADV_WILLNEED ahead (issue 9: is `pread` faster than the
+examples/cold_read.rs: `pread` in 1 MiB blocks (one descriptor, or a fresh
+one per block), copies out of a memory map, and the map with MADV_WILLNEED
+ahead (issue 9: is `pread` faster than the
 byte engine's maps?).
 """
 
@@ -43,13 +44,13 @@ def main():
     ap.add_argument("--target", default="--unshard")
     ap.add_argument("--raw", action="store_true",
                     help="instead of views, read the source files with examples/cold_read.rs: "
-                         "pread, mmap, mmap-willneed")
+                         "pread, pread-reopen, mmap, mmap-willneed")
     a = ap.parse_args()
     work = Path(a.workdir)
     ckpt = work / "cold-row"
     if not ckpt.is_dir():
         sys.exit(f"{ckpt} missing: run `scripts/bench.py --only 11 --keep --workdir {work}` first")
-    modes = ["pread", "mmap", "mmap-willneed"] if a.raw else a.modes.split(",")
+    modes = ["pread", "pread-reopen", "mmap", "mmap-willneed"] if a.raw else a.modes.split(",")
     if a.raw:
         subprocess.run(["cargo", "build", "--release", "--example", "cold_read", "-q"], cwd=ROOT, check=True)
     mounts = bench.Mounts(a.bin)
