@@ -10,7 +10,8 @@
 //! block out of a private read-only map; the kernel's fault-around and
 //! readahead fetch the pages), `mmap-willneed` (the same, with
 //! `MADV_WILLNEED` on the next 16 MiB before each block, as prefetch would
-//! do). Prints `MODE seconds GB/s`.
+//! do), `mmap-seq` (the map with `MADV_SEQUENTIAL`: faults read ahead as
+//! `read` does, instead of around the faulting page). Prints `MODE seconds GB/s`.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -19,7 +20,7 @@ use std::time::Instant;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, path, rest @ ..] = args.as_slice() else {
-        return Err("usage: cold_read pread|pread-reopen|mmap|mmap-willneed FILE [BLOCK_KIB]".into());
+        return Err("usage: cold_read pread|pread-reopen|mmap|mmap-willneed|mmap-seq FILE [BLOCK_KIB]".into());
     };
     let block = rest.first().map_or(Ok(1024), |b| b.parse::<usize>())? << 10;
     let file = File::open(path)?;
@@ -48,10 +49,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 at += n;
             }
         }
-        "mmap" | "mmap-willneed" => {
+        "mmap" | "mmap-willneed" | "mmap-seq" => {
             // SAFETY: a read-only private map of a file nobody truncates
             // while this measurement runs.
             let map = unsafe { memmap2::Mmap::map(&file)? };
+            if mode == "mmap-seq" {
+                map.advise(memmap2::Advice::Sequential)?;
+            }
             let ahead = 16 << 20;
             let mut advised = 0;
             let mut at = 0;

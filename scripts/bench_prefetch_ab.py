@@ -17,8 +17,8 @@ faster) with the spread.
 --raw compares ways of reading the source files themselves, cold, with
 examples/cold_read.rs: `pread` in 1 MiB blocks (one descriptor, or a fresh
 one per block), copies out of a memory map, and the map with MADV_WILLNEED
-ahead (issue 9: is `pread` faster than the
-byte engine's maps?).
+ahead or MADV_SEQUENTIAL (issue 9: is `pread`
+faster than the byte engine's maps?).
 """
 
 import argparse
@@ -42,15 +42,17 @@ def main():
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--modes", default="compute,off")
     ap.add_argument("--target", default="--unshard")
+    ap.add_argument("--source-ra", type=int, default=None, metavar="KIB",
+                    help="set the sshfs mount's read_ahead_kb (its bdi; 128 by default) for the run")
     ap.add_argument("--raw", action="store_true",
                     help="instead of views, read the source files with examples/cold_read.rs: "
-                         "pread, pread-reopen, mmap, mmap-willneed")
+                         "pread, pread-reopen, mmap, mmap-willneed, mmap-seq")
     a = ap.parse_args()
     work = Path(a.workdir)
     ckpt = work / "cold-row"
     if not ckpt.is_dir():
         sys.exit(f"{ckpt} missing: run `scripts/bench.py --only 11 --keep --workdir {work}` first")
-    modes = ["pread", "pread-reopen", "mmap", "mmap-willneed"] if a.raw else a.modes.split(",")
+    modes = ["pread", "pread-reopen", "mmap", "mmap-willneed", "mmap-seq"] if a.raw else a.modes.split(",")
     if a.raw:
         subprocess.run(["cargo", "build", "--release", "--example", "cold_read", "-q"], cwd=ROOT, check=True)
     mounts = bench.Mounts(a.bin)
@@ -88,7 +90,15 @@ def main():
             one(ckpt, "local disk")
         if a.where in ("sshfs", "both"):
             with bench.Sshfs(work) as net:
-                one(net.path(ckpt), "sshfs")
+                dev = os.stat(net.mnt).st_dev
+                bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+                ra = bdi.read_text().strip()
+                if a.source_ra is not None:
+                    bdi.write_text(str(a.source_ra))
+                try:
+                    one(net.path(ckpt), f"sshfs (read_ahead_kb {bdi.read_text().strip()})")
+                finally:
+                    bdi.write_text(ra)
     finally:
         for m in list(mounts.live):
             mounts.umount(m)
