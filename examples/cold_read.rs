@@ -20,7 +20,10 @@ use std::time::Instant;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, path, rest @ ..] = args.as_slice() else {
-        return Err("usage: cold_read pread|pread-reopen|mmap|mmap-willneed|mmap-seq FILE [BLOCK_KIB]".into());
+        return Err(
+            "usage: cold_read pread|pread-reopen|mmap|mmap-willneed|mmap-seq FILE [BLOCK_KIB]"
+                .into(),
+        );
     };
     let block = rest.first().map_or(Ok(1024), |b| b.parse::<usize>())? << 10;
     let file = File::open(path)?;

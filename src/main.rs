@@ -345,6 +345,7 @@ fn run(command: Command) -> Result<()> {
             no_progress,
         } => {
             let plan = load_plan(&src, target.spec_for(&view)?, &view)?;
+            storage_hint(&src);
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
             let start = std::time::Instant::now();
@@ -386,6 +387,7 @@ fn run(command: Command) -> Result<()> {
             // before anything is mounted.
             daemon::check_mount_point(&mnt)?;
             let plan = load_plan(&src, target.spec_or_identity()?, &view)?;
+            storage_hint(&src);
             let prefetch = if no_prefetch {
                 PrefetchConfig::off()
             } else {
@@ -409,6 +411,14 @@ fn run(command: Command) -> Result<()> {
                 },
             )
         }
+    }
+}
+
+/// Says so when the source's filesystem will make cold reads slow and a
+/// setting would fix it (a FUSE or network mount with little readahead).
+fn storage_hint(src: &std::path::Path) {
+    if let Some(h) = reshardfs::checkpoint::storage::readahead_hint(src) {
+        eprintln!("note: {h}");
     }
 }
 

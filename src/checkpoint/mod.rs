@@ -5,7 +5,8 @@
 //! [`header`], [`metadata`] and [`names`] are pure parsing and building;
 //! [`mapped`] and [`guard`] live with files that may change under them;
 //! [`source`] (with [`iteration`], [`plain`] and [`paths`]) turns a folder
-//! into a [`source::Source`].
+//! into a [`source::Source`]; [`storage`] says when the filesystem under it
+//! will make cold reads slow.
 
 pub(crate) mod guard;
 pub mod header;
@@ -17,3 +18,4 @@ pub mod names;
 pub(crate) mod paths;
 pub(crate) mod plain;
 pub mod source;
+pub mod storage;

@@ -1,0 +1,89 @@
+//! Where the source lives, as far as reading it cold is concerned.
+//!
+//! The byte engine reads the source through memory maps. A page fault on a
+//! map reads one readahead window and waits for it; on a FUSE or network
+//! filesystem the window is 128 KiB unless someone raised it, and each
+//! window is a round trip. Reading the 768 MiB bench checkpoint cold
+//! through sshfs took 5.2 s through a map against 2.5 s for `cat`, and
+//! 1.6-2.2 s once the sshfs mount's `read_ahead_kb` was 1024 (README, Cold
+//! reads). Only root can raise it, so reshardfs says how.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use nix::sys::statfs::{FUSE_SUPER_MAGIC, FsType, NFS_SUPER_MAGIC, SMB_SUPER_MAGIC, statfs};
+
+/// Below this, faults on a network source wait for every window.
+const ENOUGH_KIB: u64 = 1024;
+
+/// CIFS (the `cifs` module's magic; `nix` names only the older SMB one).
+const CIFS_MAGIC: i64 = 0xFF53_4D42;
+
+/// A hint when `dir` lies on a FUSE or network filesystem with less
+/// readahead than [`ENOUGH_KIB`]: what it is and the command that raises
+/// it. `None` when it cannot tell (no such device in `/sys/class/bdi`).
+pub fn readahead_hint(dir: &Path) -> Option<String> {
+    let kind = network_kind(statfs(dir).ok()?.filesystem_type())?;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let bdi = format!(
+        "{}:{}",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
+    );
+    let path = format!("/sys/class/bdi/{bdi}/read_ahead_kb");
+    let kib = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    hint(dir, kind, kib, &path)
+}
+
+// `f_type`'s width differs between architectures (i64 here, u32 or i32
+// elsewhere): the conversion is useless only on some of them.
+#[allow(clippy::useless_conversion)]
+fn network_kind(t: FsType) -> Option<&'static str> {
+    match t {
+        FUSE_SUPER_MAGIC => Some("a FUSE filesystem (sshfs, s3fs, ...)"),
+        NFS_SUPER_MAGIC => Some("NFS"),
+        SMB_SUPER_MAGIC => Some("SMB"),
+        t if i64::from(t.0) & 0xFFFF_FFFF == CIFS_MAGIC => Some("CIFS"),
+        _ => None,
+    }
+}
+
+fn hint(dir: &Path, kind: &str, kib: u64, sysfs: &str) -> Option<String> {
+    (kib < ENOUGH_KIB).then(|| {
+        format!(
+            "{} is on {kind} with {kib} KiB of readahead: cold reads through the view wait for \
+             the source every {kib} KiB. As root, `echo {ENOUGH_KIB} > {sysfs}` (on every node \
+             that mounts it) lets each wait bring {ENOUGH_KIB} KiB; see README, Cold reads.",
+            dir.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_only_below_enough() {
+        let p = Path::new("/mnt/ckpt");
+        let s = "/sys/class/bdi/0:45/read_ahead_kb";
+        let h = hint(p, "NFS", 128, s).unwrap();
+        assert!(h.contains("/mnt/ckpt is on NFS with 128 KiB"), "{h}");
+        assert!(
+            h.contains("echo 1024 > /sys/class/bdi/0:45/read_ahead_kb"),
+            "{h}"
+        );
+        assert_eq!(hint(p, "NFS", 1024, s), None);
+        assert_eq!(hint(p, "NFS", 4096, s), None);
+    }
+
+    #[test]
+    fn local_filesystems_get_no_hint() {
+        assert_eq!(network_kind(nix::sys::statfs::EXT4_SUPER_MAGIC), None);
+        assert_eq!(network_kind(nix::sys::statfs::TMPFS_MAGIC), None);
+        assert!(network_kind(FUSE_SUPER_MAGIC).is_some());
+        // The directory these tests run in is not on a network filesystem
+        // on CI; wherever it is, asking never fails.
+        let _ = readahead_hint(Path::new("."));
+    }
+}
