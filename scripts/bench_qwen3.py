@@ -6,7 +6,10 @@
 
   Q1  first read of a ~2 GiB synthetic Qwen3 HF folder (hidden 4096, bf16, 2 shards) mounted as
       --mesh dp=1,tp=2 (source in the page cache, view cold: a fresh mount per run), vs the FUSE
-      ceiling: the same mount with --serve-zeros. Target: >= 0.8x.
+      ceiling: the same mount with --serve-zeros. Target: >= 0.8x. Row Q1f: the same folder
+      mounted --model none --unshard, read in the same rotation: the same bytes as real data,
+      each request one span of a source file (no reshard): what any view of them pays at least,
+      since the ceiling's zeros cost no memory reads.
   Q2  that view exported to disk as float32 (`export --mesh dp=1,tp=2 --dtype f32`), mounted
       back with --hf --dtype bf16 --model qwen3, first read vs the same mount with
       --serve-zeros. Target: >= 0.6x.
@@ -15,7 +18,8 @@
       mount + `ls -lR`. Target: < 0.5 s.
 
 Each figure is the median of --reps (>= 5) runs, with min..max; Q1 and Q2 interleave ceiling and
-view runs (ceiling, view, ceiling, view, ...) so that drift of the machine hits both alike. As in
+view runs (and Q1's floor), rotating their order every repetition, so that drift of the machine
+hits all alike. As in
 scripts/bench.py: each run reads the source once first (page cache), then touches and frees as
 much anonymous memory as the run will fill (VM first-touch cost, see bench.py's doc), then
 mounts afresh and `cat`s every view file. Results: stdout, WORKDIR/bench_qwen3.md and .json.
@@ -116,22 +120,35 @@ class QBench:
             self.notes.append(f"{label}: bytes_served {served} < view size {n}")
         return dt, n
 
-    def interleaved(self, num, what, src, args, target):
-        """ceiling (--serve-zeros) and view runs, alternating; row + target check."""
+    def interleaved(self, num, what, src, args, target, floor=None):
+        """ceiling (--serve-zeros) and view runs, alternating; row + target check. `floor`: args of
+        a third mount of the same source read in the same rotation, a baseline with real data
+        (row NUMf: the view's speed as a fraction of it)."""
         if self.a.dry_run:
             print(f"  {num}: {self.bin} mount {src} MNT {' '.join(args)} [--serve-zeros]; cat every view file "
                   f"({self.a.reps} runs each, interleaved)")
             return
         src_files = self.weights(src)
-        ceil, view, nbytes = [], [], 0
+        ceil, view, base, nbytes, base_bytes = [], [], [], 0, 0
         load0 = os.getloadavg()[0]
+        arms = [("ceiling", list(args) + ["--serve-zeros"]), ("view", list(args))]
+        if floor:
+            arms.append(("floor", list(floor)))
         for i in range(self.a.reps):
-            for kind, extra in (("ceiling", ["--serve-zeros"]), ("view", [])):
+            # rotated, so that no arm always follows the same one (the VM's first touch of
+            # memory freed by the previous run costs whoever comes first)
+            for kind, margs in arms[i % len(arms):] + arms[:i % len(arms)]:
                 bench.cat(src_files)  # source in the page cache
                 self.pretouch(self.size(src_files))
-                dt, nbytes = self.timed_read(src, list(args) + extra, f"{num} {kind}")
-                (ceil if kind == "ceiling" else view).append(dt)
-            log(f"{num} run {i + 1}/{self.a.reps}: ceiling {ceil[-1]:.3f} s, view {view[-1]:.3f} s")
+                dt, n = self.timed_read(src, margs, f"{num} {kind}")
+                if kind == "floor":
+                    base.append(dt)
+                    base_bytes = n
+                else:
+                    nbytes = n
+                    (ceil if kind == "ceiling" else view).append(dt)
+            log(f"{num} run {i + 1}/{self.a.reps}: ceiling {ceil[-1]:.3f} s, view {view[-1]:.3f} s"
+                + (f", floor {base[-1]:.3f} s" if base else ""))
         load = max(load0, os.getloadavg()[0])
         if load > 0.75 * (os.cpu_count() or 1) + 1:
             self.notes.append(f"{num}: load average up to {load:.1f} on {os.cpu_count()} CPUs during the runs "
@@ -144,11 +161,21 @@ class QBench:
         self.rows.append((num, f"{what} ({bench.fmt_b(nbytes)})", f"{vg:.2f} GB/s vs ceiling {cg:.2f} GB/s",
                           f"view {spread(view)}; ceiling {spread(ceil)}", f"{ratio:.2f}x (target >= {target}x)"))
         self.targets.append((f"{num}: >= {target}x the FUSE ceiling", ratio >= target, f"{ratio:.2f}x"))
+        if base:
+            bg = base_bytes / bench.median(base) / GB
+            self.res[num].update({"floor_s": base, "floor_gbps": bg, "floor_args": list(floor)})
+            pairs = sorted(b / v * nbytes / base_bytes for b, v in zip(base, view))
+            self.rows.append((f"{num}f", f"the same source mounted {' '.join(floor)}: the same bytes as real data, "
+                              "read whole (the floor any view of them pays)", f"{bg:.2f} GB/s",
+                              f"floor {spread(base)}",
+                              f"{bg / cg:.2f}x the ceiling; {num} is {vg / bg:.2f}x of it "
+                              f"(pairs {pairs[0]:.2f}..{pairs[-1]:.2f})"))
 
     # ---- rows
 
     def q1(self, hf):
-        self.interleaved("Q1", "HF Qwen3 folder as --mesh dp=1,tp=2, first read", hf, ["--mesh", "dp=1,tp=2"], 0.8)
+        self.interleaved("Q1", "HF Qwen3 folder as --mesh dp=1,tp=2, first read", hf, ["--mesh", "dp=1,tp=2"], 0.8,
+                         floor=["--model", "none", "--unshard"])
 
     def q2(self, hf):
         dest = self.work / "mf-f32"
