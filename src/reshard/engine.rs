@@ -372,7 +372,13 @@ fn copy_cast(
     out: &mut [u8],
     touched: &mut Touched,
 ) -> Result<(), SourceFault> {
-    let es_out = elem_size(to);
+    let (es_in, es_out) = (t.elem_size(), elem_size(to));
+    // Elements `first..` converted into `out`, a whole number of them: the
+    // walk starts at an element, so every span it finds is whole elements.
+    let cast_elems = |first: u64, out: &mut [u8], touched: &mut Touched| {
+        let len = out.len() as u64 / es_out * es_in;
+        fill(source, t, to, region, first * es_in, len, out, touched)
+    };
     let mut elem = at / es_out;
     let mut done = 0usize;
     // The first element's tail, when the range starts inside it.
@@ -380,7 +386,7 @@ fn copy_cast(
     if skip != 0 {
         let mut one = [0u8; 16];
         let one = &mut one[..es_out as usize];
-        cast_elems(source, t, to, region, elem, one, touched)?;
+        cast_elems(elem, one, touched)?;
         let take = (one.len() - skip).min(out.len());
         out[..take].copy_from_slice(&one[skip..skip + take]);
         done = take;
@@ -389,15 +395,7 @@ fn copy_cast(
     // Whole elements.
     let whole = (out.len() - done) / es_out as usize * es_out as usize;
     if whole > 0 {
-        cast_elems(
-            source,
-            t,
-            to,
-            region,
-            elem,
-            &mut out[done..done + whole],
-            touched,
-        )?;
+        cast_elems(elem, &mut out[done..done + whole], touched)?;
         done += whole;
         elem += whole as u64 / es_out;
     }
@@ -405,49 +403,11 @@ fn copy_cast(
     if done < out.len() {
         let mut one = [0u8; 16];
         let one = &mut one[..es_out as usize];
-        cast_elems(source, t, to, region, elem, one, touched)?;
+        cast_elems(elem, one, touched)?;
         let take = out.len() - done;
         out[done..].copy_from_slice(&one[..take]);
     }
     Ok(())
-}
-
-/// Elements `first..` of `region`, converted to `to`, filling `out` (a
-/// whole number of elements).
-fn cast_elems(
-    source: &Iteration,
-    t: &Tensor,
-    to: Dtype,
-    region: Region<'_>,
-    first: u64,
-    out: &mut [u8],
-    touched: &mut Touched,
-) -> Result<(), SourceFault> {
-    let (es_in, es_out) = (t.elem_size(), elem_size(to));
-    let n = out.len() as u64 / es_out;
-    let mut done = 0usize;
-    // Spans are whole elements: the walk starts at an element and every
-    // run it finds is a number of elements long.
-    walk_region(
-        source,
-        t,
-        region,
-        first * es_in,
-        n * es_in,
-        &mut |f, src, len| {
-            let file = &source.files[f];
-            let end = done + (len / es_in * es_out) as usize;
-            cast::convert(t.dtype, to, file.bytes(src, len), &mut out[done..end]);
-            touched.add(f, src, src + len);
-            done = end;
-            if file.is_damaged() {
-                return Err(SourceFault {
-                    path: file.path.clone(),
-                });
-            }
-            Ok(())
-        },
-    )
 }
 
 /// Copies bytes `[at, at + out.len())` of the row-major bytes of `region`
@@ -460,11 +420,39 @@ fn copy_region(
     out: &mut [u8],
     touched: &mut Touched,
 ) -> Result<(), SourceFault> {
+    fill(
+        source,
+        t,
+        t.dtype,
+        region,
+        at,
+        out.len() as u64,
+        out,
+        touched,
+    )
+}
+
+/// Fills `out` from the stored spans of bytes `[at, at + len)` of
+/// `region`, each converted from the tensor's dtype to `to` as the walk
+/// finds it: a plain copy when they are the same (then `at` and `len` may
+/// cut elements), else whole elements.
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    source: &Iteration,
+    t: &Tensor,
+    to: Dtype,
+    region: Region<'_>,
+    at: u64,
+    len: u64,
+    out: &mut [u8],
+    touched: &mut Touched,
+) -> Result<(), SourceFault> {
+    let (es_in, es_out) = (t.elem_size(), elem_size(to));
     let mut done = 0usize;
-    walk_region(source, t, region, at, out.len() as u64, &mut |f, src, n| {
+    walk_region(source, t, region, at, len, &mut |f, src, n| {
         let file = &source.files[f];
-        let end = done + n as usize;
-        out[done..end].copy_from_slice(file.bytes(src, n));
+        let end = done + (n / es_in * es_out + n % es_in) as usize;
+        cast::convert(t.dtype, to, file.bytes(src, n), &mut out[done..end]);
         touched.add(f, src, src + n);
         done = end;
         // Checked after the copy: a fault during it has set the flag by now.
