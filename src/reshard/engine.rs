@@ -78,43 +78,60 @@ pub fn read_file(
     }
     let end = vf.size.min(offset + buf.len() as u64);
     let total = (end - offset) as usize;
-    let mut pos = offset;
     let mut out = &mut buf[..total];
-
-    let hlen = vf.header.len() as u64;
-    if pos < hlen {
-        let n = (hlen.min(end) - pos) as usize;
-        out[..n].copy_from_slice(&vf.header[pos as usize..pos as usize + n]);
-        out = &mut out[n..];
-        pos += n as u64;
-    }
-    // Tensors are back to back after the header: find the first one that
-    // reaches past `pos`.
-    let first = vf.tensors.partition_point(|t| t.offset + t.len <= pos);
     let mut mine = Touched::default();
-    for pt in &vf.tensors[first..] {
-        if pos >= end {
-            break;
+    for seg in segments(vf, offset, end) {
+        match seg {
+            Segment::Header(r) => {
+                let n = r.len();
+                out[..n].copy_from_slice(&vf.header[r]);
+                out = &mut out[n..];
+            }
+            Segment::Tensor(pt, at, n) => {
+                let (now, rest) = out.split_at_mut(n as usize);
+                let copied = copy_tensor(source, pt, at, now, &mut mine);
+                if copied.is_err() {
+                    touched.merge(&mine);
+                }
+                copied?;
+                out = rest;
+            }
         }
-        let n = ((pt.offset + pt.len).min(end) - pos) as usize;
-        if n == 0 {
-            continue;
-        }
-        let (now, rest) = out.split_at_mut(n);
-        let copied = copy_tensor(source, pt, pos - pt.offset, now, &mut mine);
-        if copied.is_err() {
-            touched.merge(&mine);
-        }
-        copied?;
-        out = rest;
-        pos += n as u64;
     }
     touched.merge(&mine);
     mine.check_unchanged(source)?;
+    let hlen = vf.header.len() as u64;
     Ok(Served {
         bytes: total,
         from_source: (end - offset.max(hlen).min(end)) as usize,
     })
+}
+
+/// A stretch of a view file: part of its generated header, or bytes
+/// `[at, at + len)` of one planned tensor's data.
+enum Segment<'a> {
+    Header(std::ops::Range<usize>),
+    Tensor(&'a PlannedTensor, u64, u64),
+}
+
+/// The stretches bytes `[offset, end)` of `vf` are made of, in order
+/// (`end` at most the file's size): the header, then the tensors, which lie
+/// back to back after it. Shared by the copy ([`read_file`]) and the list
+/// of pieces ([`gather`]).
+fn segments(vf: &VirtualFile, offset: u64, end: u64) -> impl Iterator<Item = Segment<'_>> {
+    let hlen = vf.header.len() as u64;
+    let header = (offset < hlen).then(|| Segment::Header(offset as usize..hlen.min(end) as usize));
+    let from = offset.max(hlen);
+    let first = vf.tensors.partition_point(|t| t.offset + t.len <= from);
+    let tensors = vf.tensors[first..]
+        .iter()
+        .take_while(move |pt| pt.offset < end)
+        .filter_map(move |pt| {
+            let start = from.max(pt.offset);
+            let stop = (pt.offset + pt.len).min(end);
+            (stop > start).then(|| Segment::Tensor(pt, start - pt.offset, stop - start))
+        });
+    header.into_iter().chain(tensors)
 }
 
 /// The span of each source file reads copied from, so the pages can be
@@ -233,25 +250,17 @@ pub fn gather(
     if len == 0 || end > vf.size {
         return None;
     }
-    let hlen = vf.header.len() as u64;
-    let mut pos = offset;
-    if pos < hlen {
-        let h = hlen.min(end);
-        pieces.push(Piece::Header {
-            start: pos as usize,
-            end: h as usize,
-        });
-        pos = h;
-    }
-    let first = vf.tensors.partition_point(|t| t.offset + t.len <= pos);
-    for pt in &vf.tensors[first..] {
-        if pos >= end {
-            break;
-        }
-        let n = (pt.offset + pt.len).min(end) - pos;
-        if n == 0 {
-            continue;
-        }
+    for seg in segments(vf, offset, end) {
+        let (pt, at, n) = match seg {
+            Segment::Header(r) => {
+                pieces.push(Piece::Header {
+                    start: r.start,
+                    end: r.end,
+                });
+                continue;
+            }
+            Segment::Tensor(pt, at, n) => (pt, at, n),
+        };
         let t = &source.tensors[pt.source];
         if pt.dtype != t.dtype {
             return None;
@@ -260,35 +269,27 @@ pub fn gather(
             start: &pt.slice.start,
             shape: &pt.slice.shape,
         };
-        walk_region(
-            source,
-            t,
-            region,
-            pos - pt.offset,
-            n,
-            &mut |file, at, len| {
-                if let Some(Piece::Source {
-                    file: f,
-                    at: a,
-                    len: l,
-                }) = pieces.last_mut()
-                    && *f == file
-                    && *a + *l == at
-                {
-                    *l += len;
-                    return Ok(());
-                }
-                if pieces.len() == max {
-                    return Err(());
-                }
-                pieces.push(Piece::Source { file, at, len });
-                Ok(())
-            },
-        )
+        walk_region(source, t, region, at, n, &mut |file, at, len| {
+            if let Some(Piece::Source {
+                file: f,
+                at: a,
+                len: l,
+            }) = pieces.last_mut()
+                && *f == file
+                && *a + *l == at
+            {
+                *l += len;
+                return Ok(());
+            }
+            if pieces.len() == max {
+                return Err(());
+            }
+            pieces.push(Piece::Source { file, at, len });
+            Ok(())
+        })
         .ok()?;
-        pos += n;
     }
-    (pos == end).then_some(())
+    Some(())
 }
 
 /// Bytes `[at, at + len)` of `region` of a stored tensor, when they lie in
@@ -379,33 +380,31 @@ fn copy_cast(
         let len = out.len() as u64 / es_out * es_in;
         fill(source, t, to, region, first * es_in, len, out, touched)
     };
-    let mut elem = at / es_out;
-    let mut done = 0usize;
-    // The first element's tail, when the range starts inside it.
-    let skip = (at % es_out) as usize;
-    if skip != 0 {
+    // Bytes `[from, from + out.len())` of element `elem`, through a buffer
+    // of one element: the range may start or end inside one.
+    let part = |elem: u64, from: usize, out: &mut [u8], touched: &mut Touched| {
         let mut one = [0u8; 16];
         let one = &mut one[..es_out as usize];
         cast_elems(elem, one, touched)?;
-        let take = (one.len() - skip).min(out.len());
-        out[..take].copy_from_slice(&one[skip..skip + take]);
-        done = take;
+        out.copy_from_slice(&one[from..from + out.len()]);
+        Ok(())
+    };
+    let mut elem = at / es_out;
+    let mut done = 0usize;
+    let skip = (at % es_out) as usize;
+    if skip != 0 {
+        done = (es_out as usize - skip).min(out.len());
+        part(elem, skip, &mut out[..done], touched)?;
         elem += 1;
     }
-    // Whole elements.
     let whole = (out.len() - done) / es_out as usize * es_out as usize;
     if whole > 0 {
         cast_elems(elem, &mut out[done..done + whole], touched)?;
         done += whole;
         elem += whole as u64 / es_out;
     }
-    // The last element's head, when the range ends inside it.
     if done < out.len() {
-        let mut one = [0u8; 16];
-        let one = &mut one[..es_out as usize];
-        cast_elems(elem, one, touched)?;
-        let take = out.len() - done;
-        out[done..].copy_from_slice(&one[..take]);
+        part(elem, 0, &mut out[done..], touched)?;
     }
     Ok(())
 }
@@ -451,7 +450,9 @@ fn fill(
     let mut done = 0usize;
     walk_region(source, t, region, at, len, &mut |f, src, n| {
         let file = &source.files[f];
-        let end = done + (n / es_in * es_out + n % es_in) as usize;
+        // Same dtype: n bytes, possibly cutting elements; a cast: whole
+        // elements, each es_out bytes.
+        let end = done + (n * es_out / es_in) as usize;
         cast::convert(t.dtype, to, file.bytes(src, n), &mut out[done..end]);
         touched.add(f, src, src + n);
         done = end;
