@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -168,6 +169,13 @@ def check_mf_view(folder, want_files: dict, want_meta: dict | None, prefix="qwen
             for k in LAYOUT_KEYS:
                 assert sdm[n][k] == w[k], f"metadata.json: {n}: {k} = {sdm[n][k]!r}, want {w[k]!r}"
     return meta
+
+
+def check_mf_view_of(folder, hf: dict, d: ref.Dims, strat: ref.Strategy):
+    """check_mf_view against qwen3ref's view of the HF tensors `hf` for strategy `strat`."""
+    mf, _ = ref.hf_to_mf({n: a for n, (_, a) in hf.items()}, d)
+    return check_mf_view(folder, ref_rank_files(hf, d, strat),
+                         ref.mf_metadata({n: a.shape for n, a in mf.items()}, d, strat))
 
 
 def check_hf_view(folder, want: dict, max_shard_bytes: int | None = None) -> dict:
@@ -666,21 +674,10 @@ def test_property_random_shapes_against_reference(tmp_path, reshardfs_bin):
         args = ["--mesh", f"dp={dp},tp={tp}", "--pp", str(pp)]
         r = ckpt.export(src, tmp_path / f"out{case}", args)
         assert r.code == 0, f"case {case} (seed {seed}) {s}:\n{r}"
-        d = hf_dims(src)
         hf = hf_tensors(src)
-        mf, _ = ref.hf_to_mf({n: a for n, (_, a) in hf.items()}, d)
-        check_mf_view(tmp_path / f"out{case}", ref_rank_files(hf, d, strat),
-                      ref.mf_metadata({n: a.shape for n, a in mf.items()}, d, strat))
+        check_mf_view_of(tmp_path / f"out{case}", hf, hf_dims(src), strat)
         back = export_ok(tmp_path / f"out{case}", tmp_path / f"back{case}", ["--hf", "--hf-files", src])
         check_hf_view(back, hf)
-
-
-def mount_stats(m) -> dict:
-    import mountutil
-
-    r = mountutil.run(["cat", m.path(".reshardfs", "stats")], timeout=30)
-    assert r.code == 0, f"reading stats failed:\n{r}"
-    return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in r.stdout.splitlines())}
 
 
 def cat_tree(m, dest) -> Path:
@@ -690,8 +687,8 @@ def cat_tree(m, dest) -> Path:
 
     dest = Path(dest)
     dest.mkdir()
-    script = 'cd "$1" && for f in *; do [ -f "$f" ] && cat "$f" > "$2/$f"; done; true'
-    r = mountutil.run(["sh", "-c", script, "sh", m.mnt, str(dest)], timeout=180)
+    r = mountutil.sh(f'cd {shlex.quote(str(m.mnt))} && for f in *; do [ -f "$f" ] && '
+                     f'cat "$f" > {shlex.quote(str(dest))}/"$f"; done; true', timeout=180)
     assert r.code == 0, f"reading the mount failed:\n{r}"
     return dest
 
@@ -707,21 +704,19 @@ def test_big_rows_answered_from_the_maps(mounts, tmp_path, reshardfs_bin):
     m = mounts("mf")
     m.start_ok(src, ["--mesh", "dp=1,tp=2"])
     mf_copy = cat_tree(m, tmp_path / "mf-copy")
-    st = mount_stats(m)
+    st = m.stats()
     m.cleanup()
-    assert int(st["read_errors"]) == 0, st
-    assert int(st["mapped_reads"]) > 0, f"no request was answered from the maps: {st}"
-    assert int(st["direct_reads"]) > int(st["mapped_reads"]), f"no request was copied: {st}"
-    mf, _ = ref.hf_to_mf({n: a for n, (_, a) in hf.items()}, d)
-    strat = ref.Strategy(dp=1, tp=2, pp=1)
-    check_mf_view(mf_copy, ref_rank_files(hf, d, strat), ref.mf_metadata({n: a.shape for n, a in mf.items()}, d, strat))
+    assert st["read_errors"] == 0, st
+    assert st["mapped_reads"] > 0, f"no request was answered from the maps: {st}"
+    assert st["direct_reads"] > st["mapped_reads"], f"no request was copied: {st}"
+    check_mf_view_of(mf_copy, hf, d, ref.Strategy(dp=1, tp=2, pp=1))
 
     h = mounts("hf")
     h.start_ok(mf_copy, ["--hf", "--hf-files", src])
     hf_copy = cat_tree(h, tmp_path / "hf-copy")
-    st = mount_stats(h)
+    st = h.stats()
     h.cleanup()
-    assert int(st["read_errors"]) == 0 and int(st["mapped_reads"]) > 0, st
+    assert st["read_errors"] == 0 and st["mapped_reads"] > 0, st
     check_hf_view(hf_copy, hf)
 
 
@@ -827,21 +822,21 @@ def _bad_cases():
 
     cases.append(("groups-not-divisible-by-tp", groups_tp, ["num_key_value_heads", "4"]))
 
-    def index_missing_file(t):
-        src = hf_from_fixture(t / "src")
-        idx = json.loads((src / HF_INDEX).read_text())
-        idx["weight_map"]["model.norm.weight"] = "model-00003-of-00003.safetensors"
-        (src / HF_INDEX).write_text(json.dumps(idx))
-        return src, EXP_ARGS
+    def index_placing(tensor, file):
+        """The fixture with its index placing `tensor` in `file`."""
+        def case(t):
+            src = hf_from_fixture(t / "src")
+            idx = json.loads((src / HF_INDEX).read_text())
+            idx["weight_map"][tensor] = file
+            (src / HF_INDEX).write_text(json.dumps(idx))
+            return src, EXP_ARGS
+        return case
+
+    index_missing_file = index_placing("model.norm.weight", "model-00003-of-00003.safetensors")
 
     cases.append(("index-names-missing-file", index_missing_file, ["model-00003-of-00003.safetensors"]))
 
-    def index_missing_tensor(t):
-        src = hf_from_fixture(t / "src")
-        idx = json.loads((src / HF_INDEX).read_text())
-        idx["weight_map"]["model.layers.0.mlp.phantom.weight"] = "model-00001-of-00002.safetensors"
-        (src / HF_INDEX).write_text(json.dumps(idx))
-        return src, EXP_ARGS
+    index_missing_tensor = index_placing("model.layers.0.mlp.phantom.weight", "model-00001-of-00002.safetensors")
 
     cases.append(("index-names-absent-tensor", index_missing_tensor,
                   ["model.layers.0.mlp.phantom.weight", "model-00001-of-00002.safetensors"]))
