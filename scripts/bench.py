@@ -1314,7 +1314,12 @@ def main():
     free = shutil.disk_usage(work).free
     if free < need:
         sys.exit(f"bench: {work} has {fmt_b(free)} free; needs about {fmt_b(need)}")
-    # Leftover mounts of an interrupted earlier run.
+    run_bench("bench", work, lambda: Bench(a))
+
+
+def run_bench(name, work, make):
+    """Runs a benchmark object (`make()`: has run() and cleanup()): first unmounts what an
+    interrupted earlier run left under `work`; a signal or a BenchError still cleans up."""
     for line in open("/proc/mounts"):
         mp = line.split()[1]
         if mp.startswith(str(work.resolve()) + "/"):
@@ -1323,19 +1328,19 @@ def main():
     def on_signal(sig, _frame):
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, signal.SIG_IGN)  # let the cleanup finish
-        print(f"bench: interrupted (signal {sig}); unmounting and cleaning up", file=sys.stderr)
+        print(f"{name}: interrupted (signal {sig}); unmounting and cleaning up", file=sys.stderr)
         raise SystemExit(128 + sig)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    bench = Bench(a)
+    b = make()
     try:
-        bench.run()
+        b.run()
     except BenchError as e:
-        print(f"bench: FAILED: {e}", file=sys.stderr)
+        print(f"{name}: FAILED: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
-        bench.cleanup()
+        b.cleanup()
 
 
 if __name__ == "__main__":

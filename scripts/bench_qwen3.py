@@ -36,8 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -272,27 +270,7 @@ def main():
     need = (0.1 if a.quick else 2 * 1.0 + 2 * 2.0 + 0.5) * GiB  # bf16 folder + f32 export (~2x)
     if shutil.disk_usage(work).free < need:
         sys.exit(f"bench_qwen3: {work} needs about {need / GiB:.1f} GiB free")
-    for line in open("/proc/mounts"):  # leftovers of an interrupted run
-        mp = line.split()[1]
-        if mp.startswith(str(work.resolve()) + "/"):
-            subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
-
-    def on_signal(sig, _frame):
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        raise SystemExit(128 + sig)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    b = QBench(a)
-    try:
-        b.run()
-    except bench.BenchError as e:
-        print(f"bench_qwen3: FAILED: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        b.cleanup()
-
+    bench.run_bench("bench_qwen3", work, lambda: QBench(a))
 
 if __name__ == "__main__":
     main()
