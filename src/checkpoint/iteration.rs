@@ -397,6 +397,17 @@ mod tests {
         f32s(&all[k * 4..k * 4 + 4])
     }
 
+    /// Rewrites rank 1's file of [`tp2`] with `w` stored as `name`, `shape`,
+    /// `data`; `n` as before.
+    fn rewrite_f1_w(dir: &Path, name: &str, shape: &[u64], data: &[u8]) {
+        let n = f32s(&[9.0, 10.0]);
+        write_st(
+            dir,
+            F1,
+            &[(name, "F32", shape, data), ("n", "F32", &[2], &n)],
+        );
+    }
+
     fn layout(tensor_map: serde_json::Value) -> serde_json::Value {
         json!({"device_matrix": [2], "tensor_map": tensor_map, "interleaved_parallel": false,
                "alias_name": ["tp"], "rank_list": [0, 1]})
@@ -508,14 +519,7 @@ mod tests {
         let dir = tmp.path();
         let meta = tp2(dir);
         let whole: Vec<u8> = [w_rows(0), w_rows(1)].concat();
-        write_st(
-            dir,
-            F1,
-            &[
-                ("w", "F32", &[4, 2], &whole),
-                ("n", "F32", &[2], &f32s(&[9.0, 10.0])),
-            ],
-        );
+        rewrite_f1_w(dir, "w", &[4, 2], &whole);
         let it = load(dir, &meta).unwrap();
         let c = &it.tensors[0].chunks[1];
         assert_eq!(it.files[c.file].name, F1);
@@ -629,14 +633,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let meta = tp2(dir);
-        write_st(
-            dir,
-            F1,
-            &[
-                ("x", "F32", &[2, 2], &w_rows(1)),
-                ("n", "F32", &[2], &f32s(&[9.0, 10.0])),
-            ],
-        );
+        rewrite_f1_w(dir, "x", &[2, 2], &w_rows(1));
         input_err(
             load(dir, &meta),
             &[
@@ -676,14 +673,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let meta = tp2(dir);
-        write_st(
-            dir,
-            F1,
-            &[
-                ("w", "F32", &[1, 4], &w_rows(1)),
-                ("n", "F32", &[2], &f32s(&[9.0, 10.0])),
-            ],
-        );
+        rewrite_f1_w(dir, "w", &[1, 4], &w_rows(1));
         input_err(
             load(dir, &meta),
             &[

@@ -241,56 +241,40 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_index_names_a_missing_file() {
+    /// A folder of `file` (tensor `a`) and `model.safetensors.index.json`
+    /// mapping `map`: loading it fails, naming the index and `more`
+    /// (`{dir}` in an item stands for the folder).
+    fn index_err(file: &str, map: serde_json::Value, more: &[&str]) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        write_st(
-            dir,
-            "model-00001-of-00002.safetensors",
-            &[("a", "F32", &[1], &f32s(&[1.0]))],
-        );
-        write_index(
-            dir,
-            "model.safetensors.index.json",
-            json!({"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}),
-        );
+        write_st(dir, file, &[("a", "F32", &[1], &f32s(&[1.0]))]);
+        write_index(dir, "model.safetensors.index.json", map);
+        let index = dir.join("model.safetensors.index.json");
+        let d = dir.display().to_string();
+        let more: Vec<String> = more.iter().map(|m| m.replace("{dir}", &d)).collect();
+        let mut want = vec![index.display().to_string()];
+        want.extend(more);
         input_err(
             load_plain(dir),
-            &[
-                &dir.join("model.safetensors.index.json")
-                    .display()
-                    .to_string(),
-                "weight_map",
-                "model-00002-of-00002.safetensors",
-            ],
+            &want.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+
+    #[test]
+    fn the_index_names_a_missing_file() {
+        index_err(
+            "model-00001-of-00002.safetensors",
+            json!({"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}),
+            &["weight_map", "model-00002-of-00002.safetensors"],
         );
     }
 
     #[test]
     fn the_index_places_a_tensor_the_file_lacks() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        write_st(
-            dir,
+        index_err(
             "model.safetensors",
-            &[("a", "F32", &[1], &f32s(&[1.0]))],
-        );
-        write_index(
-            dir,
-            "model.safetensors.index.json",
             json!({"a": "model.safetensors", "b": "model.safetensors"}),
-        );
-        input_err(
-            load_plain(dir),
-            &[
-                &dir.join("model.safetensors.index.json")
-                    .display()
-                    .to_string(),
-                &dir.join("model.safetensors").display().to_string(),
-                "weight_map",
-                "tensor b",
-            ],
+            &["{dir}/model.safetensors", "weight_map", "tensor b"],
         );
     }
 
