@@ -701,3 +701,24 @@ def test_lazy_umount_with_open_file(mounts, exports):
         for f in (holder.stdin, holder.stdout, holder.stderr):
             f.close()
     assert mountutil.wait_gone(pid, 5), f"daemon {pid} still running 5s after the last close"
+
+
+def test_note_for_a_fuse_source_with_little_readahead(mounts, tmp_path):
+    """A source on a FUSE filesystem whose readahead is under 1 MiB gets a note on stderr naming
+    the sysfs file that raises it (the source here: a reshardfs mount of the GPT fixture, its
+    read_ahead_kb set to 128 as sshfs mounts have it); at 1024 there is none. The export itself
+    succeeds either way."""
+    a = mounts("a")
+    a.start_ok(FIXTURES / GPT, [])
+    (entry,) = a.entries()
+    bdi = Path(f"/sys/class/bdi/{entry.dev}/read_ahead_kb")
+    assert bdi.exists(), f"no {bdi} for the mount {entry}"
+    bdi.write_text("128")
+    r = ckpt.export(a.mnt, tmp_path / "slow", ["--unshard"])
+    assert r.code == 0, str(r)
+    assert "note:" in r.stderr and str(bdi) in r.stderr and "128 KiB" in r.stderr \
+        and "FUSE" in r.stderr, f"no readahead note for a 128 KiB FUSE source:\n{r}"
+    bdi.write_text("1024")
+    r = ckpt.export(a.mnt, tmp_path / "fast", ["--unshard"])
+    assert r.code == 0, str(r)
+    assert "note:" not in r.stderr, f"a note although the readahead is 1 MiB:\n{r}"
