@@ -857,12 +857,6 @@ impl Core {
 }
 
 /// `b[offset..offset+size]`, clipped to `b`.
-/// The bytes of a reply's slices, one after the other (for callers that
-/// want one buffer: tests, tools).
-pub fn joined(slices: &[IoSlice<'_>]) -> Vec<u8> {
-    slices.iter().flat_map(|s| s.iter()).copied().collect()
-}
-
 pub fn slice_at(b: &[u8], offset: u64, size: usize) -> &[u8] {
     let start = (offset.min(b.len() as u64)) as usize;
     let end = start.saturating_add(size).min(b.len());
@@ -872,6 +866,11 @@ pub fn slice_at(b: &[u8], offset: u64, size: usize) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reply's slices, one after the other.
+    fn joined(slices: &[IoSlice<'_>]) -> Vec<u8> {
+        slices.iter().flat_map(|s| s.iter()).copied().collect()
+    }
     use crate::checkpoint::source::Source;
     use crate::mount::tree::{INFO_DIR, ROOT};
     use crate::reshard::target::TargetSpec;
