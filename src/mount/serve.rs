@@ -25,8 +25,13 @@ pub const MAX_BLOCK_SIZE: u64 = 1 << 20;
 /// kernel takes up to 1024 slices in one `writev`, and for narrower pieces
 /// (a column split into 1 KiB rows) gathering them by copying is cheaper
 /// than handing the kernel hundreds of slices that each start a page.
+/// Two more are allowed for the partial pieces at a request's ends: a 1 MiB
+/// request into a column split of 4 KiB rows (Qwen3's `linear_proj` at
+/// hidden 4096, tp=2) starts mid-row and has 257 pieces, and without the
+/// allowance every such request fell back to a copy (120 of Q1's 1986).
 const MAX_PIECES: usize = 256;
 const MIN_PIECE: usize = 4096;
+const END_PIECES: usize = 2;
 
 /// The block size for a cache budget: at most a quarter of the budget (so a
 /// small cache still holds a few blocks and never exceeds its budget), a
@@ -627,7 +632,7 @@ impl Core {
             // header and the source maps, reply with those (no copy in the
             // daemon at all); else compute into this thread's buffer.
             let source = &self.plan.source.iterations[it];
-            let max = (n / MIN_PIECE).clamp(1, MAX_PIECES);
+            let max = (n / MIN_PIECE).clamp(1, MAX_PIECES) + END_PIECES;
             if PIECES.with_borrow_mut(|p| gather(source, vf, offset, n as u64, max, p).is_some()) {
                 return self.reply_from_pieces(it, vf, out);
             }

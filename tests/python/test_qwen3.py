@@ -720,6 +720,24 @@ def test_big_rows_answered_from_the_maps(mounts, tmp_path, reshardfs_bin):
     check_hf_view(hf_copy, hf)
 
 
+def test_column_splits_of_whole_pages_answered_from_the_maps(mounts, tmp_path):
+    """A column split into 4 KiB pieces (o_proj and down_proj at hidden 4096 and 4096 wide, tp=2)
+    starts mid-row in most 1 MiB requests: 256 whole pieces and two partial ones. Those requests
+    must still be answered from the source maps, not fall back to a copy (the first version
+    copied every one of them); the bytes equal the numpy reference."""
+    shape = dict(layers=1, hidden=4096, intermediate=4096, heads=32, groups=4, head_dim=128, vocab=2048)
+    src = make_hf(tmp_path / "hf-src", shape, shards=1, seed=5)
+    d, hf = hf_dims(src), hf_tensors(src)
+    m = mounts("mf")
+    m.start_ok(src, ["--mesh", "dp=1,tp=2"])
+    mf_copy = cat_tree(m, tmp_path / "mf-copy")
+    st = m.stats()
+    m.cleanup()
+    assert st["read_errors"] == 0 and st["mapped_reads"] > 0, st
+    assert st["direct_reads"] == st["mapped_reads"], f"some requests were copied: {st}"
+    check_mf_view_of(mf_copy, hf, d, ref.Strategy(dp=1, tp=2, pp=1))
+
+
 # --- --dtype ----------------------------------------------------------------
 
 
