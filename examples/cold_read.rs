@@ -9,8 +9,10 @@
 //! (the same with a fresh descriptor per block), `mmap` (copy each
 //! block out of a private read-only map; the kernel's fault-around and
 //! readahead fetch the pages), `mmap-willneed` (the same, with
-//! `MADV_WILLNEED` on the next 16 MiB before each block, as prefetch would
-//! do), `mmap-seq` (the map with `MADV_SEQUENTIAL`: faults read ahead as
+//! `MADV_WILLNEED` on the next 16 MiB before each block, one call: the
+//! kernel reads at most one readahead window of it), `mmap-willneed-chunks`
+//! (the same advice given 128 KiB at a time, the default window, so that
+//! every window of the 16 MiB is asked for), `mmap-seq` (the map with `MADV_SEQUENTIAL`: faults read ahead as
 //! `read` does, instead of around the faulting page). Prints `MODE seconds GB/s`.
 
 use std::fs::File;
@@ -21,7 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, mode, path, rest @ ..] = args.as_slice() else {
         return Err(
-            "usage: cold_read pread|pread-reopen|mmap|mmap-willneed|mmap-seq FILE [BLOCK_KIB]"
+            "usage: cold_read pread|pread-reopen|mmap|mmap-willneed|mmap-willneed-chunks|mmap-seq FILE [BLOCK_KIB]"
                 .into(),
         );
     };
@@ -52,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 at += n;
             }
         }
-        "mmap" | "mmap-willneed" | "mmap-seq" => {
+        "mmap" | "mmap-willneed" | "mmap-willneed-chunks" | "mmap-seq" => {
             // SAFETY: a read-only private map of a file nobody truncates
             // while this measurement runs.
             let map = unsafe { memmap2::Mmap::map(&file)? };
@@ -64,9 +66,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut at = 0;
             while at < len {
                 let n = block.min(len - at);
-                if mode == "mmap-willneed" && at + ahead > advised && advised < len {
+                if mode.starts_with("mmap-willneed") && at + ahead > advised && advised < len {
                     let end = (at + 2 * ahead).min(len);
-                    map.advise_range(memmap2::Advice::WillNeed, advised, end - advised)?;
+                    let step = if mode == "mmap-willneed" {
+                        end - advised
+                    } else {
+                        128 << 10
+                    };
+                    for s in (advised..end).step_by(step) {
+                        map.advise_range(memmap2::Advice::WillNeed, s, step.min(end - s))?;
+                    }
                     advised = end;
                 }
                 buf[..n].copy_from_slice(&map[at..at + n]);

@@ -38,21 +38,26 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/var/tmp/reshardfs-bench")
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "reshardfs"))
-    ap.add_argument("--where", default="both", choices=["disk", "sshfs", "both"])
+    ap.add_argument("--where", default="both", choices=["disk", "throttled", "sshfs", "both", "all"],
+                    help="both: disk and sshfs; all: disk, the throttled image and sshfs")
     ap.add_argument("--reps", type=int, default=9)
-    ap.add_argument("--modes", default="compute,off")
+    ap.add_argument("--modes", default=None,
+                    help="views: some of compute,advise,both,off (default compute,off); "
+                         "with --raw: some of its modes (default all)")
     ap.add_argument("--target", default="--unshard")
+    ap.add_argument("--col", action="store_true", help="the column-split checkpoint (cold-col) instead of cold-row")
     ap.add_argument("--source-ra", type=int, default=None, metavar="KIB",
                     help="set the sshfs mount's read_ahead_kb (its bdi; 128 by default) for the run")
     ap.add_argument("--raw", action="store_true",
                     help="instead of views, read the source files with examples/cold_read.rs: "
-                         "pread, pread-reopen, mmap, mmap-willneed, mmap-seq")
+                         "pread, pread-reopen, mmap, mmap-willneed, mmap-willneed-chunks, mmap-seq")
     a = ap.parse_args()
     work = Path(a.workdir)
-    ckpt = work / "cold-row"
+    ckpt = work / ("cold-col" if a.col else "cold-row")
     if not ckpt.is_dir():
         sys.exit(f"{ckpt} missing: run `scripts/bench.py --only 11 --keep --workdir {work}` first")
-    modes = ["pread", "pread-reopen", "mmap", "mmap-willneed", "mmap-seq"] if a.raw else a.modes.split(",")
+    raw = ["pread", "pread-reopen", "mmap", "mmap-willneed", "mmap-willneed-chunks", "mmap-seq"]
+    modes = a.modes.split(",") if a.modes else raw if a.raw else ["compute", "off"]
     if a.raw:
         subprocess.run(["cargo", "build", "--release", "--example", "cold_read", "-q"], cwd=ROOT, check=True)
     mounts = bench.Mounts(a.bin)
@@ -86,9 +91,16 @@ def main():
                   f"{statistics.median(t[k]):.3f} s)")
 
     try:
-        if a.where in ("disk", "both"):
+        if a.where in ("disk", "both", "all"):
             one(ckpt, "local disk")
-        if a.where in ("sshfs", "both"):
+        if a.where in ("throttled", "all"):
+            with bench.Throttled(work, [ckpt]) as th:
+                th.enter()
+                try:
+                    one(th.path(ckpt), f"throttled image ({th.what})")
+                finally:
+                    th.leave()
+        if a.where in ("sshfs", "both", "all"):
             with bench.Sshfs(work) as net:
                 dev = os.stat(net.mnt).st_dev
                 bdi = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::guard;
 use super::header::{StoredTensor, parse_header};
+use super::{guard, storage};
 use crate::bad;
 use crate::error::{Result, source_io};
 
@@ -28,6 +28,9 @@ pub struct RankFile {
     /// What the path named when opened: a later change means the bytes we
     /// map are no longer the checkpoint's.
     identity: Identity,
+    /// Set on a FUSE or network filesystem: how much one `MADV_WILLNEED`
+    /// call reads there ([`storage::advice_window`]).
+    advice_window: Option<u64>,
 }
 
 /// Device, inode, size and modification time of a file.
@@ -120,6 +123,7 @@ impl RankFile {
             tensors,
             map,
             region,
+            advice_window: storage::advice_window(identity.dev),
             identity,
         })
     }
@@ -168,16 +172,31 @@ impl RankFile {
         const PAGE: u64 = 4096;
         let end = offset.saturating_add(len).min(self.map.len() as u64);
         let offset = offset / PAGE * PAGE;
-        if offset >= end {
-            return;
+        // One call reads at most one window of its range, so on a FUSE or
+        // network mount the range is asked for a window at a time.
+        // Measured on sshfs, 768 MiB read cold from a map, 16 MiB advised
+        // ahead: one call per range 5.8-6.2 s, one per 128 KiB 2.7 s
+        // (`cat`: 2.2 s). On a block device the window is several MiB and
+        // small calls only split the I/O: one call per range.
+        let step = self.advice_window.unwrap_or(u64::MAX);
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(step);
+            if let Err(e) =
+                self.map
+                    .advise_range(memmap2::Advice::WillNeed, at as usize, n as usize)
+            {
+                log::debug!("{}: madvise(WILLNEED): {e}", self.path.display());
+                return;
+            }
+            at += n;
         }
-        if let Err(e) = self.map.advise_range(
-            memmap2::Advice::WillNeed,
-            offset as usize,
-            (end - offset) as usize,
-        ) {
-            log::debug!("{}: madvise(WILLNEED): {e}", self.path.display());
-        }
+    }
+
+    /// Whether advice ([`RankFile::will_need`]) is how to read ahead of
+    /// this file: it is on a FUSE or network filesystem.
+    pub fn advice_reads_ahead(&self) -> bool {
+        self.advice_window.is_some()
     }
 
     /// Whether every page of `[offset, offset+len)` is in the page cache

@@ -10,6 +10,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use nix::sys::statfs::{FUSE_SUPER_MAGIC, FsType, NFS_SUPER_MAGIC, SMB_SUPER_MAGIC, statfs};
 
@@ -33,6 +34,43 @@ pub fn readahead_hint(dir: &Path) -> Option<String> {
     let path = format!("/sys/class/bdi/{bdi}/read_ahead_kb");
     let kib = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
     hint(dir, kind, kib, &path)
+}
+
+/// How much of a range one `MADV_WILLNEED` call reads on the filesystem of
+/// device `dev`, when that filesystem is one where advice is how to read
+/// ahead: a FUSE or network mount (an anonymous device, major 0, with its
+/// own entry in `/sys/class/bdi`). `None` elsewhere: block devices (their
+/// window is several MiB, and measured there advice only cost: see
+/// `Server::ahead`), and anonymous devices without a bdi (tmpfs, btrfs,
+/// overlayfs).
+///
+/// The kernel caps one call at the larger of the bdi's readahead and its
+/// I/O size, which for FUSE and NFS is the 128 KiB default: so the window
+/// is the readahead, at least 128 KiB. Looked up once per device.
+pub fn advice_window(dev: u64) -> Option<u64> {
+    static SEEN: Mutex<Vec<(u64, Option<u64>)>> = Mutex::new(Vec::new());
+    let major = nix::sys::stat::major(dev);
+    if major != 0 {
+        return None;
+    }
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, w)) = seen.iter().find(|(d, _)| *d == dev) {
+        return w;
+    }
+    let path = format!(
+        "/sys/class/bdi/{major}:{}/read_ahead_kb",
+        nix::sys::stat::minor(dev)
+    );
+    let w = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(window_for);
+    seen.push((dev, w));
+    w
+}
+
+fn window_for(read_ahead_kib: u64) -> u64 {
+    read_ahead_kib.clamp(128, 1 << 20) << 10
 }
 
 // `f_type`'s width differs between architectures (i64 here, u32 or i32
@@ -75,6 +113,17 @@ mod tests {
         );
         assert_eq!(hint(p, "NFS", 1024, s), None);
         assert_eq!(hint(p, "NFS", 4096, s), None);
+    }
+
+    #[test]
+    fn advice_windows_are_the_readahead_at_least_128_kib() {
+        assert_eq!(window_for(0), 128 << 10);
+        assert_eq!(window_for(128), 128 << 10);
+        assert_eq!(window_for(1024), 1 << 20);
+        // Block devices never: their advice is one call per range.
+        assert_eq!(advice_window(nix::sys::stat::makedev(8, 0)), None);
+        // A major-0 device with no bdi entry (never allocated this high).
+        assert_eq!(advice_window(nix::sys::stat::makedev(0, 1 << 19)), None);
     }
 
     #[test]

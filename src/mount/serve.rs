@@ -171,9 +171,11 @@ pub struct Server {
 }
 
 /// Benchmarking knob, `RESHARDFS_PREFETCH=advise|both|always` (default:
-/// compute blocks ahead only): 1 = only advise the source spans
-/// (`MADV_WILLNEED`), 3 = advise and compute, 4 = compute even when the
-/// source is in the page cache. See `Server::ahead` for the measurements.
+/// compute blocks ahead, and advise the source spans too where the source
+/// is on a FUSE or network mount): 1 = only advise the source spans
+/// (`MADV_WILLNEED`), 3 = advise and compute whatever the storage, 4 =
+/// compute even when the source is in the page cache. See `Server::ahead`
+/// for the measurements.
 static PREFETCH_MODE: std::sync::LazyLock<u8> =
     std::sync::LazyLock::new(|| match std::env::var("RESHARDFS_PREFETCH").as_deref() {
         Ok("advise") => 1,
@@ -446,6 +448,7 @@ impl Server {
         let bs = core.block_size;
         let source = &core.plan.source.iterations[*it];
         let mut resident = !core.ahead_when_resident && *PREFETCH_MODE != 4;
+        let mut networked = false;
         source_spans(
             source,
             vf,
@@ -453,24 +456,28 @@ impl Server {
             vf.size.min(blocks.end * bs),
             |f, s, e| {
                 resident = resident && source.files[f].is_resident(s, e - s);
+                networked |= source.files[f].advice_reads_ahead();
             },
         );
         if resident {
             return;
         }
-        // The workers computing the blocks is what keeps the storage busy
-        // ahead of the reader: their page faults read ahead. Advising the
-        // spans as well (MADV_WILLNEED) made things worse where it was
-        // measured: a column-split view from the throttled image (bench
-        // section 12) read in 3.0 s with advice alone, 1.6 s with advice
-        // and computing, 1.5 s computing alone (2 runs each); on the local
-        // disk and sshfs the differences were within the noise.
-        // `RESHARDFS_PREFETCH=advise|both` brings the advice back, to
-        // measure it again.
+        // The workers computing the blocks keeps a local disk busy ahead of
+        // the reader: their page faults read ahead, a window of several MiB
+        // each. Advising the spans as well (MADV_WILLNEED) only cost there:
+        // a column-split view from the throttled image (bench section 12)
+        // read in 3.0 s with advice alone, 1.6 s with advice and computing,
+        // 1.5 s computing alone (2 runs each); advice 128 KiB at a time
+        // read the row-split view in 4.3 s instead of 1.5 (5 runs: small
+        // I/Os under an IOPS limit). On a FUSE or network mount a fault
+        // reads one 128 KiB window and waits: there the advice, a window
+        // per call, is what keeps the server busy ahead. sshfs `--unshard`,
+        // ratio to `cat` (5 runs): computing 0.82x, advice 0.93x, both
+        // 1.01x, neither 0.81x. `RESHARDFS_PREFETCH=advise|both` forces it.
         let (advise, compute) = match *PREFETCH_MODE {
             1 => (true, false),
             3 => (true, true),
-            _ => (false, true),
+            _ => (networked, true),
         };
         let Some(workers) = self.workers() else {
             return;
