@@ -100,6 +100,9 @@ struct Counters {
     read_errors: AtomicU64,
     /// Requests that panicked (bugs), answered EIO by the FUSE adapter.
     internal_errors: AtomicU64,
+    /// Source bytes the prefetch workers asked the kernel to read ahead
+    /// (`MADV_WILLNEED`; sources on FUSE and network mounts).
+    prefetch_advised: AtomicU64,
 }
 
 /// Mount-wide state the request threads and the prefetch workers share.
@@ -707,6 +710,9 @@ impl Core {
                 }
                 source_spans(source, vf, start, vf.size.min(start + bs), |f, s, e| {
                     source.files[f].will_need(s, e - s);
+                    self.counters
+                        .prefetch_advised
+                        .fetch_add(e - s, Ordering::Relaxed);
                 });
             }
             return;
@@ -844,7 +850,7 @@ impl Core {
         let cache = self.cache.stats();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         format!(
-            "pid: {}\nuptime_s: {:.1}\nreads: {}\ndirect_reads: {}\nmapped_reads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ninternal_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\nprefetch_window: {}\nprefetch_blocks: {}\nprefetch_hits: {}\nprefetch_wasted: {}\n",
+            "pid: {}\nuptime_s: {:.1}\nreads: {}\ndirect_reads: {}\nmapped_reads: {}\nbytes_served: {}\nsource_bytes_read: {}\nread_errors: {}\ninternal_errors: {}\ncache_hits: {}\ncache_misses: {}\ncache_bytes: {}\ncache_capacity: {}\ncache_blocks: {}\nblock_size: {}\nprefetch_window: {}\nprefetch_blocks: {}\nprefetch_hits: {}\nprefetch_wasted: {}\nprefetch_advised: {}\n",
             std::process::id(),
             self.started.elapsed().as_secs_f64(),
             get(&c.reads),
@@ -864,6 +870,7 @@ impl Core {
             cache.prefetch_blocks,
             cache.prefetch_hits,
             cache.prefetch_wasted,
+            get(&c.prefetch_advised),
         )
     }
 }

@@ -83,6 +83,27 @@ def test_sixteen_random_readers(synth_ckpt, mounts, exports):
     assert max(rss) <= budget_kib, f"daemon RSS peaked at {max(rss)} KiB, budget {budget_kib} KiB: {rss}"
 
 
+def test_a_fuse_source_is_advised_ahead(synth_ckpt, mounts, exports):
+    """A view whose source is on a FUSE filesystem (here another reshardfs mount: tp=2, whose
+    pages no cache holds yet; viewed as tp=4) is read ahead by advice, a readahead window per
+    call, as sshfs sources are (`prefetch_advised`), and its files equal an export of tp=4 made
+    straight from the checkpoint (a different path through the code: no FUSE, no prefetch; export
+    is checked against MindSpore's results and the numpy oracle in test_fixtures.py)."""
+    target = ["--mesh", "tp=4", "--pp", "1"]
+    ref = exports(synth_ckpt, target)
+    lower = mounts("lower")
+    lower.start_ok(synth_ckpt, TARGET)
+    upper = mounts("upper")
+    upper.start_ok(lower.mnt, target)
+    files = [f for f in view_files(ref) if f.endswith(".safetensors")]
+    assert files, f"no rank files in {ref}"
+    for f in files:
+        r = mountutil.cmp(upper.path(f), ref / f, timeout=120)
+        assert r.code == 0, f"{f}: the view over a FUSE source differs from the export\n{r}"
+    st = upper.stats()
+    assert st["read_errors"] == 0 and st["prefetch_advised"] > 0, st
+
+
 # Reads every file whole, in 1 MiB requests, again and again until the
 # deadline, dropping the kernel's cached pages of each file first so every
 # pass reaches the daemon; compares with the reference. Prints JSON.
