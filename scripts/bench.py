@@ -35,8 +35,9 @@ measures:
                           after dropping the page cache
 
 --only 3,11,... runs just those sections and what they use (3 and 4 are one
-section; sections 2-10 use row 1, 5 uses row 2; 11-15 use smaller checkpoints,
---cold-size-gib, default 0.8, as in the issue that asked for them).
+section; sections 2-10 use row 1, 5 uses row 2, 7 and 10 use 3; 11-15 use
+smaller checkpoints, --cold-size-gib, default 0.8, as in the issue that asked
+for them).
 
 Every timing is the median of --reps runs; cold cases mount afresh per run and
 read the source once before, so the source is page-cache warm and the view is
@@ -1172,9 +1173,10 @@ class Bench:
         only = set(self.a.only.split(",")) if self.a.only else None
         if only is not None:
             # What the sections use of each other: 4 is 3's second half,
-            # every section up to 10 sizes its warm-up (and some ratios)
-            # by row 1, and 5's ideal comes from row 2.
-            if "4" in only:
+            # 7 and 10 read 3's views and stats, every section up to 10
+            # sizes its warm-up (and some ratios) by row 1, and 5's ideal
+            # comes from row 2.
+            if only & {"4", "7", "10"}:
                 only.add("3")
             if "5" in only:
                 only.add("2")
@@ -1192,37 +1194,25 @@ class Bench:
         print(f"checkpoints: synth_checkpoint.py {' '.join(map(str, shape))} (bf16, --split row|col): "
               f"{fmt_b(size_of(self.sources(row)))} each")
 
-        if want(1):
-            self.section("1 disk ceiling")
-            self.disk_ceiling(row)
-        if want(2):
-            self.section("2 FUSE ceiling")
-            self.fuse_ceiling(row)
-        if want(3):
-            self.section("3/4 cold and warm view reads")
-            self.cold_warm([
+        sections = [
+            (1, "1 disk ceiling", lambda: self.disk_ceiling(row)),
+            (2, "2 FUSE ceiling", lambda: self.fuse_ceiling(row)),
+            (3, "3/4 cold and warm view reads", lambda: self.cold_warm([
                 ("row_tp2", "tp8->tp2, --split row (contiguous runs)", row, ["--mesh", "tp=2"]),
                 ("col_tp2", "tp8->tp2, --split col (strided rows)", col, ["--mesh", "tp=2"]),
                 ("row_unshard", "tp8->--unshard, --split row", row, ["--unshard"]),
-            ])
-        if want(5):
-            self.section("5 rank 0 into numpy: mount vs offline")
-            self.numpy_load(row)
-        if want(6):
-            self.section("6 export")
-            self.export(row)
-        if want(7):
-            self.section("7 daemon peak RSS")
-            self.rss(row)
-        if want(8):
-            self.section("8 scale (70B-shaped, sparse)")
-            self.scale()
-        if want(9):
-            self.section("9 concurrency")
-            self.concurrency(row)
-        if want(10):
-            self.section("10 read amplification")
-            self.amplification()
+            ])),
+            (5, "5 rank 0 into numpy: mount vs offline", lambda: self.numpy_load(row)),
+            (6, "6 export", lambda: self.export(row)),
+            (7, "7 daemon peak RSS", lambda: self.rss(row)),
+            (8, "8 scale (70B-shaped, sparse)", self.scale),
+            (9, "9 concurrency", lambda: self.concurrency(row)),
+            (10, "10 read amplification", self.amplification),
+        ]
+        for num, title, section in sections:
+            if want(num):
+                self.section(title)
+                section()
         if only is None or only & {"11", "12", "13", "14", "15"}:
             self.cold_sections(only)
         self.finish()

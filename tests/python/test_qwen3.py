@@ -693,19 +693,25 @@ def cat_tree(m, dest) -> Path:
     return dest
 
 
+def read_tp2_view(mounts, tmp_path, shape, shards, seed):
+    """A Hugging Face folder of `shape`, mounted `--mesh dp=1,tp=2` and read whole with `cat`:
+    (the folder, its tensors, its dims, the copy read, the mount's stats after the read)."""
+    src = make_hf(tmp_path / "hf-src", shape, shards=shards, seed=seed)
+    m = mounts("mf")
+    m.start_ok(src, ["--mesh", "dp=1,tp=2"])
+    mf_copy = cat_tree(m, tmp_path / "mf-copy")
+    st = m.stats()
+    m.cleanup()
+    return src, hf_tensors(src), hf_dims(src), mf_copy, st
+
+
 def test_big_rows_answered_from_the_maps(mounts, tmp_path, reshardfs_bin):
     """Rows of a real model's width (hidden 4096: 8 KiB bf16 rows), both ways through a mount:
     1 MiB requests of fused gate/up rows, q/k/v groups and row splits are answered with slices of
     the source maps (`mapped_reads`, fuser's vectored reply), column splits of 1 KiB pieces are
     copied; every tensor equals the numpy reference, so both paths are checked byte for byte."""
     shape = dict(layers=1, hidden=4096, intermediate=1024, heads=8, groups=4, head_dim=128, vocab=2048)
-    src = make_hf(tmp_path / "hf-src", shape, shards=2, seed=3)
-    d, hf = hf_dims(src), hf_tensors(src)
-    m = mounts("mf")
-    m.start_ok(src, ["--mesh", "dp=1,tp=2"])
-    mf_copy = cat_tree(m, tmp_path / "mf-copy")
-    st = m.stats()
-    m.cleanup()
+    src, hf, d, mf_copy, st = read_tp2_view(mounts, tmp_path, shape, shards=2, seed=3)
     assert st["read_errors"] == 0, st
     assert st["mapped_reads"] > 0, f"no request was answered from the maps: {st}"
     assert st["direct_reads"] > st["mapped_reads"], f"no request was copied: {st}"
@@ -726,13 +732,7 @@ def test_column_splits_of_whole_pages_answered_from_the_maps(mounts, tmp_path):
     must still be answered from the source maps, not fall back to a copy (the first version
     copied every one of them); the bytes equal the numpy reference."""
     shape = dict(layers=1, hidden=4096, intermediate=4096, heads=32, groups=4, head_dim=128, vocab=2048)
-    src = make_hf(tmp_path / "hf-src", shape, shards=1, seed=5)
-    d, hf = hf_dims(src), hf_tensors(src)
-    m = mounts("mf")
-    m.start_ok(src, ["--mesh", "dp=1,tp=2"])
-    mf_copy = cat_tree(m, tmp_path / "mf-copy")
-    st = m.stats()
-    m.cleanup()
+    _, hf, d, mf_copy, st = read_tp2_view(mounts, tmp_path, shape, shards=1, seed=5)
     assert st["read_errors"] == 0 and st["mapped_reads"] > 0, st
     assert st["direct_reads"] == st["mapped_reads"], f"some requests were copied: {st}"
     check_mf_view_of(mf_copy, hf, d, ref.Strategy(dp=1, tp=2, pp=1))
