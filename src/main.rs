@@ -111,11 +111,13 @@ enum Command {
         /// most a quarter of it (and at most 1 MiB).
         #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
         cache_size: u64,
-        /// How far ahead of a sequential reader view bytes are computed
-        /// (and their source asked of the disk); at most half the cache.
+        /// How far ahead of a sequential reader view bytes are computed,
+        /// when their source is not yet in the page cache (and, on a FUSE or
+        /// network source such as sshfs or NFS, asked of it a readahead
+        /// window at a time); at most half the cache.
         #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
         prefetch_window: u64,
-        /// Compute nothing ahead of readers.
+        /// Compute and ask for nothing ahead of readers.
         #[arg(long)]
         no_prefetch: bool,
         /// FUSE request threads (default: the number of CPUs, at least 2).
