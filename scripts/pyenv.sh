@@ -60,6 +60,9 @@ assert float((torch.ones(2, 2) @ torch.ones(2, 2)).sum()) == 8.0
 import transformers
 from transformers import Qwen3ForCausalLM  # noqa: F401
 assert transformers.utils.is_torch_available()
+# vLLM's loader, as test_qwen3.py imports it (the wheel's GPU kernels are never loaded)
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader  # noqa: F401
+from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator  # noqa: F401
 EOF
 then
     log "packages installed but not importable"; exit 1

@@ -17,6 +17,9 @@ Run as a script (always in a subprocess):
   load DIR OUT.npz                    AutoModelForCausalLM.from_pretrained(DIR, dtype=bfloat16):
                                       every parameter and the logits on PROMPT, as raw bits, and
                                       the loading info (missing/unexpected/mismatched keys)
+  vllm DIR OUT.npz                    vLLM's own loader on DIR: its file discovery
+                                      (DefaultModelLoader._prepare_weights), its safetensors
+                                      iterator and get_config; every tensor as raw bits
   copytree SRC DST                    copy every file under SRC except .reshardfs/ (a mount)
 """
 
@@ -634,6 +637,31 @@ def test_transformers_loads_mount_with_generated_config(tiny_model, tiny_mf, mou
     check_hf_view(snap, hf_tensors(orig))
 
 
+def test_vllm_loader_reads_mount(tiny_model, tiny_mf, mounts, tmp_path):
+    """vLLM's weight loader (the vllm 0.33.0 wheel; no GPU here, so not an engine run: the same
+    file discovery, index filtering, safetensors iterator and config parsing `vllm serve` runs
+    before the weights go to the device) on a `--hf --hf-files ORIG --dtype bf16` mount of the
+    float32 MindFormers checkpoint: it finds the view's shards, and every tensor it yields is
+    bit-identical to the original model's parameter of that name."""
+    import mountutil
+
+    orig, want = tiny_model
+    m = mounts("mnt")
+    m.start_ok(tiny_mf, ["--hf", "--hf-files", orig, "--dtype", "bf16"])
+    p = mountutil.run([PY, SELF, "vllm", m.mnt, tmp_path / "vllm.npz"], timeout=300)
+    index = json.loads(mountutil.read_text(m.path("model.safetensors.index.json")))
+    m.cleanup()
+    assert p.code == 0, f"vLLM's loader could not read the mount:\n{p}"
+    got = dict(np.load(tmp_path / "vllm.npz"))
+    info = json.loads(got.pop("info").tobytes())
+    assert info["files"] == sorted(set(index["weight_map"].values())), info
+    assert info["model_type"] == "qwen3" and info["layers"] == BUILD_SHAPE["layers"], info
+    params = {k for k in want if k.startswith("param:")}
+    assert set(got) == params, sorted(set(got) ^ params)
+    for k in params:
+        assert np.array_equal(got[k], want[k]), f"{k}: vLLM read other bits than the original model's"
+
+
 ROUND_TRIP_TARGETS = [["--mesh", "tp=1"], ["--mesh", "dp=2,tp=2"], ["--mesh", "tp=2", "--pp", "2"],
                       ["--mesh", "dp=1,cp=2,tp=2"], ["--pp", "2"], ["--unshard"]]
 
@@ -952,6 +980,26 @@ def _cmd_load(folder, out):
     np.savez(out, **res)
 
 
+def _cmd_vllm(folder, out):
+    import torch
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+    from vllm.transformers_utils.config import get_config
+
+    # What DefaultModelLoader.load_weights runs on a local folder, up to the device copy.
+    _, files, use_safetensors, _ = DefaultModelLoader(LoadConfig())._prepare_weights(folder, None, None, True, None)
+    assert use_safetensors, files
+    res = {}
+    for name, t in safetensors_weights_iterator(files, False):
+        res["param:" + name] = t.to(torch.bfloat16).view(torch.int16).numpy().copy()
+    cfg = get_config(folder, trust_remote_code=False)
+    info = {"files": sorted(os.path.basename(f) for f in files), "model_type": cfg.model_type,
+            "layers": cfg.num_hidden_layers}
+    res["info"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
+    np.savez(out, **res)
+
+
 def _cmd_copytree(src, dst):
     src = Path(src)
     for dirpath, dirnames, files in os.walk(src):
@@ -967,4 +1015,4 @@ if __name__ == "__main__":
     # never the network (everything is local), no progress bars in the test logs
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     cmd, *rest = sys.argv[1:]
-    {"build": _cmd_build, "load": _cmd_load, "copytree": _cmd_copytree}[cmd](*rest)
+    {"build": _cmd_build, "load": _cmd_load, "vllm": _cmd_vllm, "copytree": _cmd_copytree}[cmd](*rest)
