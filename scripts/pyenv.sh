@@ -9,9 +9,10 @@
 # holds exactly that file's packages (a stamp with the file's sha256, written only after a
 # successful install and import check), this prints the path at once (~10 ms).
 #
-# Cost on a fresh machine (2 cores, PyPI only, no pip cache; measured 2026-11-28): about
-# 2 minutes and 4.6 GB in .venv, almost all of it torch (1.2 GB) and the CUDA runtime libraries
-# its Linux wheel links against (3.0 GB; see requirements.txt for why and what is left out).
+# Cost on a fresh machine (2 cores, PyPI only, no pip cache; measured 2026-11-29): about
+# 2 minutes and 5.6 GB in .venv, almost all of it torch (1.2 GB), the CUDA runtime libraries
+# its Linux wheel links against (3.0 GB; see requirements.txt for why and what is left out) and
+# vLLM's wheel (0.9 GB, for its loader code).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,7 +49,7 @@ if [ ! -x "$PY" ]; then
 fi
 
 rm -f "$STAMP"
-log "installing tests/python/requirements.txt into $VENV (torch + transformers: ~2 min, 4.6 GB the first time)"
+log "installing tests/python/requirements.txt into $VENV (torch, transformers, vllm: ~2 min, 5.6 GB the first time)"
 start=$(date +%s)
 "$PY" -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps -r "$REQ" >&2
 # torch must import and compute on CPU; transformers must find torch (it silently degrades
