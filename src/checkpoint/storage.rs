@@ -48,8 +48,11 @@ pub fn readahead_hint(dir: &Path) -> Option<String> {
 /// overlayfs).
 ///
 /// The kernel caps one call at the larger of the bdi's readahead and its
-/// I/O size, which for FUSE and NFS is the 128 KiB default: so the window
-/// is the readahead, at least 128 KiB. Looked up once per device.
+/// I/O size (`force_page_cache_ra`). A FUSE mount's I/O size is the 128 KiB
+/// default, so there the window is the readahead, at least 128 KiB; other
+/// network filesystems are taken to be alike (not measured here). Looked
+/// up once per device: a window raised later only makes each call ask for
+/// less than it could.
 pub fn advice_window(dev: u64) -> Option<u64> {
     static SEEN: Mutex<Vec<(u64, Option<u64>)>> = Mutex::new(Vec::new());
     let major = nix::sys::stat::major(dev);
