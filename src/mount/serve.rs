@@ -12,7 +12,7 @@ use crate::checkpoint::source::Iteration;
 use crate::mount::cache::BlockCache;
 use crate::mount::prefetch::{Job, PrefetchConfig, Sequential, Workers, source_spans};
 use crate::mount::tree::{Content, Ino, Tree};
-use crate::reshard::engine::{Piece, Served, SourceFault, Touched, gather, read_file};
+use crate::reshard::engine::{Piece, Served, SourceFault, Touched, check_files, gather, read_file};
 use crate::reshard::plan::Plan;
 
 /// View bytes are computed and cached in blocks of at most this size: large
@@ -756,29 +756,14 @@ impl Core {
     ) -> Result<R, ReadError> {
         let source = &self.plan.source.iterations[it];
         PIECES.with_borrow(|pieces| {
-            // Each file once: `is_unchanged` is a `stat`, and a fused
-            // tensor's request has a hundred pieces of the same two files
-            // (with a stat per piece, path lookup and statx were ~5% of the
-            // daemon's samples on Q1, and one 9-run pass read at 0.62x the
-            // ceiling against 0.75x for the next pass after this fix).
-            let mut from_source = 0u64;
-            let mut files: Vec<usize> = Vec::new();
-            for p in pieces {
-                if let Piece::Source { file, len, .. } = *p {
-                    from_source += len;
-                    if !files.contains(&file) {
-                        files.push(file);
-                    }
-                }
-            }
-            for &file in &files {
-                let f = &source.files[file];
-                if !f.is_unchanged() || f.is_damaged() {
-                    return Err(ReadError::Source(SourceFault {
-                        path: f.path.clone(),
-                    }));
-                }
-            }
+            let spans = || {
+                pieces.iter().filter_map(|p| match *p {
+                    Piece::Source { file, at, len } => Some((file, at, len)),
+                    Piece::Header { .. } => None,
+                })
+            };
+            check_files(source, spans().map(|(file, _, _)| file))?;
+            let from_source: u64 = spans().map(|(_, _, len)| len).sum();
             let slices: Vec<IoSlice<'_>> = pieces
                 .iter()
                 .map(|p| IoSlice::new(p.bytes(source, vf)))
@@ -790,10 +775,8 @@ impl Core {
                 .source_bytes_read
                 .fetch_add(from_source, Ordering::Relaxed);
             self.with_touched(it, |touched, source| {
-                for p in pieces {
-                    if let Piece::Source { file, at, len } = *p {
-                        touched.add(file, at, at + len);
-                    }
+                for (file, at, len) in spans() {
+                    touched.add(file, at, at + len);
                 }
                 if touched.span_bytes() >= RELEASE_EVERY {
                     touched.release(source);

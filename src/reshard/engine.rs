@@ -191,21 +191,34 @@ impl Touched {
     /// Fails the read if a file it copied from was deleted, replaced or
     /// rewritten since planning (its bytes may belong to another save).
     fn check_unchanged(&self, source: &Iteration) -> Result<(), SourceFault> {
-        for (i, &(file, _, _)) in self.0.iter().enumerate() {
-            // A `stat` per file, not per span (a fused tensor's read keeps
-            // two spans of one file).
-            if self.0[..i].iter().any(|t| t.0 == file) {
-                continue;
-            }
-            let f = &source.files[file];
-            if !f.is_unchanged() {
-                return Err(SourceFault {
-                    path: f.path.clone(),
-                });
-            }
-        }
-        Ok(())
+        check_files(source, self.0.iter().map(|&(file, _, _)| file))
     }
+}
+
+/// Fails if one of `files` was deleted, replaced or rewritten since
+/// planning, or faulted under its map: its bytes may not be the
+/// checkpoint's. A `stat` per file, however often it is named (a fused
+/// tensor's request has a hundred spans of the same two files; a `stat` per
+/// span put path lookup and `statx` at ~5% of the daemon's samples on the
+/// bench's Q1 view).
+pub fn check_files(
+    source: &Iteration,
+    files: impl IntoIterator<Item = usize>,
+) -> Result<(), SourceFault> {
+    let mut seen: Vec<usize> = Vec::new();
+    for file in files {
+        if seen.contains(&file) {
+            continue;
+        }
+        seen.push(file);
+        let f = &source.files[file];
+        if !f.is_unchanged() || f.is_damaged() {
+            return Err(SourceFault {
+                path: f.path.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Where a view file's bytes come from, one piece of a read after another.
@@ -219,8 +232,8 @@ pub enum Piece {
 
 impl Piece {
     /// The piece's bytes, from the header or the source map. The caller
-    /// checks the source file (`is_unchanged`, `is_damaged`) around their
-    /// use: a truncated file's pages fault rather than read as data.
+    /// checks the source files first ([`check_files`]): a truncated file's
+    /// pages fault rather than read as data.
     pub fn bytes<'a>(&self, source: &'a Iteration, vf: &'a VirtualFile) -> &'a [u8] {
         match *self {
             Piece::Header { start, end } => &vf.header[start..end],
