@@ -56,7 +56,6 @@ pub fn parse_rank_file_name(name: &str) -> Option<RankFileName> {
     })
 }
 
-/// `{prefix}-{kind}-{idx:07d}-{total:07d}.safetensors`, or without the prefix.
 /// The parameter an optimizer state belongs to: `adam_m.X` and `adam_v.X`
 /// (MindSpore's Adam moments) name X; any other name is itself.
 pub fn parameter_name(name: &str) -> &str {
@@ -65,6 +64,7 @@ pub fn parameter_name(name: &str) -> &str {
         .unwrap_or(name)
 }
 
+/// `{prefix}-{kind}-{idx:07d}-{total:07d}.safetensors`, or without the prefix.
 pub fn rank_file_name(prefix: Option<&str>, kind: Kind, idx: u64, total: u64) -> String {
     match prefix {
         Some(p) => format!("{p}-{}-{idx:07}-{total:07}.safetensors", kind.as_str()),
