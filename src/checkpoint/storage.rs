@@ -13,7 +13,6 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::Mutex;
 
 use nix::sys::statfs::{FUSE_SUPER_MAGIC, FsType, NFS_SUPER_MAGIC, SMB_SUPER_MAGIC, statfs};
 
@@ -28,14 +27,7 @@ const CIFS_MAGIC: i64 = 0xFF53_4D42;
 /// it. `None` when it cannot tell (no such device in `/sys/class/bdi`).
 pub fn readahead_hint(dir: &Path) -> Option<String> {
     let kind = network_kind(statfs(dir).ok()?.filesystem_type())?;
-    let dev = std::fs::metadata(dir).ok()?.dev();
-    let bdi = format!(
-        "{}:{}",
-        nix::sys::stat::major(dev),
-        nix::sys::stat::minor(dev)
-    );
-    let path = format!("/sys/class/bdi/{bdi}/read_ahead_kb");
-    let kib = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    let (path, kib) = bdi_read_ahead(std::fs::metadata(dir).ok()?.dev())?;
     hint(dir, kind, kib, &path)
 }
 
@@ -50,29 +42,26 @@ pub fn readahead_hint(dir: &Path) -> Option<String> {
 /// The kernel caps one call at the larger of the bdi's readahead and its
 /// I/O size (`force_page_cache_ra`). A FUSE mount's I/O size is the 128 KiB
 /// default, so there the window is the readahead, at least 128 KiB; other
-/// network filesystems are taken to be alike (not measured here). Looked
-/// up once per device: a window raised later only makes each call ask for
-/// less than it could.
+/// network filesystems are taken to be alike (not measured here). Read when
+/// a rank file is opened: a window raised later only makes each call ask
+/// for less than it could.
 pub fn advice_window(dev: u64) -> Option<u64> {
-    static SEEN: Mutex<Vec<(u64, Option<u64>)>> = Mutex::new(Vec::new());
-    let major = nix::sys::stat::major(dev);
-    if major != 0 {
+    if nix::sys::stat::major(dev) != 0 {
         return None;
     }
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(&(_, w)) = seen.iter().find(|(d, _)| *d == dev) {
-        return w;
-    }
+    bdi_read_ahead(dev).map(|(_, kib)| window_for(kib))
+}
+
+/// The readahead of device `dev`'s bdi in KiB, with the sysfs file that
+/// holds it (and raises it, for root).
+fn bdi_read_ahead(dev: u64) -> Option<(String, u64)> {
     let path = format!(
-        "/sys/class/bdi/{major}:{}/read_ahead_kb",
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
         nix::sys::stat::minor(dev)
     );
-    let w = std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .map(window_for);
-    seen.push((dev, w));
-    w
+    let kib = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    Some((path, kib))
 }
 
 fn window_for(read_ahead_kib: u64) -> u64 {

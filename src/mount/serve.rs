@@ -118,6 +118,10 @@ struct Core {
     window: u64,
     /// Tests: work ahead even when the source is in the page cache.
     ahead_when_resident: bool,
+    /// Prefetch also advises the source spans ahead (`MADV_WILLNEED`):
+    /// some source file is on a FUSE or network mount (see `Server::ahead`).
+    /// Known once the files are open, so set at mount, not per read.
+    advise_ahead: bool,
     /// Distinguishes servers in per-thread state (never reused).
     id: usize,
 }
@@ -228,6 +232,12 @@ impl Server {
             prefetch.window.min(cache_bytes / 2)
         };
         let window = if window < block_size { 0 } else { window };
+        let advise_ahead = plan
+            .source
+            .iterations
+            .iter()
+            .flat_map(|it| &it.files)
+            .any(|f| f.advice_reads_ahead());
         Server {
             core: Arc::new(Core {
                 plan,
@@ -239,6 +249,7 @@ impl Server {
                 zeros: false,
                 window,
                 ahead_when_resident: false,
+                advise_ahead,
                 id: {
                     static NEXT: std::sync::atomic::AtomicUsize =
                         std::sync::atomic::AtomicUsize::new(1);
@@ -451,7 +462,6 @@ impl Server {
         let bs = core.block_size;
         let source = &core.plan.source.iterations[*it];
         let mut resident = !core.ahead_when_resident && *PREFETCH_MODE != 4;
-        let mut networked = false;
         source_spans(
             source,
             vf,
@@ -459,7 +469,6 @@ impl Server {
             vf.size.min(blocks.end * bs),
             |f, s, e| {
                 resident = resident && source.files[f].is_resident(s, e - s);
-                networked |= source.files[f].advice_reads_ahead();
             },
         );
         if resident {
@@ -480,7 +489,7 @@ impl Server {
         let (advise, compute) = match *PREFETCH_MODE {
             1 => (true, false),
             3 => (true, true),
-            _ => (networked, true),
+            _ => (core.advise_ahead, true),
         };
         let Some(workers) = self.workers() else {
             return;
