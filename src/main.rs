@@ -311,6 +311,7 @@ fn main() -> ExitCode {
         logger.parse_filters(&format!("{level},fuser=error"));
     }
     logger.init();
+    reshardfs::checkpoint::storage::raise_open_file_limit();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

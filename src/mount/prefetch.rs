@@ -17,8 +17,8 @@
 //! half of the cache budget in blocks nobody has read yet, so prefetch never
 //! pushes the daemon past `--cache-size` and never evicts everything else.
 //! Nothing is queued when the source spans ahead are already in the page
-//! cache (`mincore`): then the reader computing into its own buffer is
-//! cheapest.
+//! cache, or being read into it (`cachestat`): then the reader computing
+//! into its own buffer is cheapest.
 //!
 //! The idea follows mountpoint-s3's prefetcher (a growing window of requests
 //! in flight per open file, reset on seeks); the code is this project's own.

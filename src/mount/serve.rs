@@ -454,8 +454,9 @@ impl Server {
         let Some(blocks) = seq.on_read(offset, end, vf.size, core.block_size, core.window) else {
             return;
         };
-        // Work ahead only for bytes still on their way from the storage.
-        // Source already in the page cache: nothing to wait for, and the
+        // Work ahead only for bytes nobody has asked the storage for yet.
+        // Source already in the page cache (or being read into it, see
+        // `RankFile::is_resident`): nothing more to ask for, and the
         // reader's own computation into its hot per-thread buffer is the
         // cheapest there is (computing ahead on another core cost ~40% more
         // daemon CPU per byte, in cache misses).
