@@ -41,7 +41,10 @@ for them).
 
 Every timing is the median of --reps runs; cold cases mount afresh per run and
 read the source once before, so the source is page-cache warm and the view is
-not. Results: stdout, WORKDIR/bench.md and WORKDIR/bench.json. Every mount is
+not. Rows 1 and 3 first drop their sources from the page cache and read them
+back once (recache): what earlier runs left there can be 4 KiB folios
+scattered through memory, which made a view of small pieces cost twice the
+daemon CPU; bench.json gives the share of source pages in large folios. Results: stdout, WORKDIR/bench.md and WORKDIR/bench.json. Every mount is
 unmounted at exit (umount -l on error); big files are removed unless --keep.
 
 On a VM the first touch of a guest page can cost ~10x a normal page fault, and
@@ -111,6 +114,59 @@ def dd(files):
     """Read every file with dd bs=1M: the disk ceiling's own reader, so that
     page-cache reads through the mount compare like with like."""
     return run(["bash", "-c", DD_ALL, "_", *files], stderr=subprocess.PIPE)[0]
+
+
+def recache(files):
+    """Drops `files` from the page cache and reads them back once, so that the
+    page cache holds them as a read from the storage leaves them: in large
+    folios. What earlier runs left varies: pages faulted back in after memory
+    pressure can sit in 4 KiB folios scattered through memory, and a view that
+    gathers small pieces from them costs the daemon far more (the Qwen3 tp=2
+    view of bench_qwen3's Q1: 1180 against 530 CPU-ms, 7 interleaved runs;
+    its source read whole, 580 against 510). Measured once per row, before its
+    runs, so that every run of the row reads the same page cache."""
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return cat(files)
+
+
+def large_folio_share(files, every=16):
+    """Share of the files' cached pages (one in `every`) that lie in large
+    folios, read from /proc/self/pagemap and /proc/kpageflags (root); None if
+    those cannot be read. Reported with the rows that read from the page
+    cache: see recache()."""
+    large = seen = 0
+    try:
+        with open("/proc/self/pagemap", "rb") as pm, open("/proc/kpageflags", "rb") as kf:
+            for f in files:
+                n = os.stat(f).st_size
+                if n == 0:
+                    continue
+                with open(f, "rb") as fh:
+                    m = mmap.mmap(fh.fileno(), n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                try:
+                    base = ctypes.addressof(ctypes.c_char.from_buffer(m))
+                    for off in range(0, n, every * 4096):
+                        m[off]  # maps the page cache's page (private map, never written)
+                        pm.seek((base + off) // 4096 * 8)
+                        entry = int.from_bytes(pm.read(8), "little")
+                        pfn = entry & ((1 << 55) - 1)
+                        if not entry >> 63 or pfn == 0:
+                            continue
+                        kf.seek(pfn * 8)
+                        flags = int.from_bytes(kf.read(8), "little")
+                        seen += 1
+                        large += bool(flags & (1 << 22))  # KPF_THP: part of a large folio
+                finally:
+                    m.close()
+    except (OSError, ValueError, BufferError):
+        return None
+    return large / seen if seen else None
 
 
 def drop_caches():
@@ -641,10 +697,11 @@ class Bench:
     def disk_ceiling(self, row):
         files = self.sources(row)
         nbytes = size_of(files)
-        self.warm(row)
+        recache(files)
         ts = [dd(files) for _ in self.reps()]
         self.spread("disk ceiling", ts)
-        self.res["disk"] = {"bytes": nbytes, "samples_s": ts, "gbps": nbytes / median(ts) / GB}
+        self.res["disk"] = {"bytes": nbytes, "samples_s": ts, "gbps": nbytes / median(ts) / GB,
+                            "source_large_folio_share": large_folio_share(files)}
         self.row(1, f"disk ceiling: dd bs=1M of {len(files)} source files, page cache ({fmt_b(nbytes)})",
                  f"{self.res['disk']['gbps']:.2f} GB/s", " ".join(f"{t:.3f}" for t in ts))
 
@@ -687,6 +744,8 @@ class Bench:
             cold, warm, stats, zeros, src_dd = [], [], [], [], []
             srcs = self.sources(ckpt)
             src_bytes = size_of(srcs)
+            recache(srcs)
+            folios = large_folio_share(srcs)
             for i in range(max(self.a.reps, 5)):
                 if i % 2 == 0:
                     zeros.append(self.zeros_pass(ckpt, target))
@@ -722,7 +781,8 @@ class Bench:
             fuse = nbytes / median(zeros) / GB
             self.res["cold"][key] = {"label": label, "target": target, "bytes": nbytes, "samples_s": cold, "gbps": cg,
                                      "ceiling_samples_s": zeros, "ceiling_gbps": fuse,
-                                     "stats_after_cold": [s[0] for s in stats]}
+                                     "stats_after_cold": [s[0] for s in stats],
+                                     "source_large_folio_share": folios}
             pairs = [(nbytes / w) / (src_bytes / d) for w, d in zip(warm, src_dd)]
             self.res["warm"][key] = {"label": label, "bytes": nbytes, "samples_s": warm, "gbps": wg,
                                      "source_dd_samples_s": src_dd, "source_bytes": src_bytes,

@@ -19,8 +19,9 @@
 
 Each figure is the median of --reps (>= 5) runs, with min..max; Q1 and Q2 interleave ceiling and
 view runs (and Q1's floor), rotating their order every repetition, so that drift of the machine
-hits all alike. As in
-scripts/bench.py: each run reads the source once first (page cache), then touches and frees as
+hits all alike. Before a row's runs its source is dropped from the page cache and read back
+(bench.recache: the page cache as a read leaves it, large folios; the notes give the share).
+As in scripts/bench.py: each run reads the source once first (page cache), then touches and frees as
 much anonymous memory as the run will fill (VM first-touch cost, see bench.py's doc), then
 mounts afresh and `cat`s every view file. Results: stdout, WORKDIR/bench_qwen3.md and .json.
 
@@ -127,6 +128,10 @@ class QBench:
                   f"({self.a.reps} runs each, interleaved)")
             return
         src_files = self.weights(src)
+        bench.recache(src_files)  # the page cache as a read leaves it: see bench.recache
+        folios = bench.large_folio_share(src_files)
+        if folios is not None:
+            self.notes.append(f"{num}: {folios:.0%} of the source's cached pages in large folios")
         ceil, view, base, nbytes, base_bytes = [], [], [], 0, 0
         load0 = os.getloadavg()[0]
         arms = [("ceiling", list(args) + ["--serve-zeros"]), ("view", list(args))]
@@ -155,7 +160,8 @@ class QBench:
         vg = nbytes / bench.median(view) / GB
         ratio = vg / cg
         self.res[num] = {"bytes": nbytes, "ceiling_s": ceil, "view_s": view, "ceiling_gbps": cg, "view_gbps": vg,
-                         "ratio": ratio, "target": target, "args": list(args)}
+                         "ratio": ratio, "target": target, "args": list(args),
+                         "source_large_folio_share": folios}
         self.rows.append((num, f"{what} ({bench.fmt_b(nbytes)})", f"{vg:.2f} GB/s vs ceiling {cg:.2f} GB/s",
                           f"view {spread(view)}; ceiling {spread(ceil)}", f"{ratio:.2f}x (target >= {target}x)"))
         self.targets.append((f"{num}: >= {target}x the FUSE ceiling", ratio >= target, f"{ratio:.2f}x"))
