@@ -343,8 +343,14 @@ mod tests {
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
         )
         .unwrap();
-        assert!(!f.is_resident(0, len), "cachestat (or mincore) still finds the pages");
-        assert!(!f.mapped_resident(0, len, page), "mincore still finds the pages");
+        assert!(
+            !f.is_resident(0, len),
+            "cachestat (or mincore) still finds the pages"
+        );
+        assert!(
+            !f.mapped_resident(0, len, page),
+            "mincore still finds the pages"
+        );
         // Read back into the cache: resident by either count.
         assert_eq!(fs::read(&path).unwrap().len(), raw.len());
         assert!(f.is_resident(0, len) && f.mapped_resident(0, len, page));
