@@ -62,6 +62,13 @@ pub fn register(ptr: *const u8, len: usize) -> RegionId {
     RegionId(Some(i))
 }
 
+/// The system's page size (4 KiB on x86-64; 16 or 64 KiB on some arm64),
+/// read once with the handler's installation.
+pub fn page_size() -> u64 {
+    INSTALL.call_once(install);
+    PAGE.load(Ordering::Relaxed) as u64
+}
+
 /// Whether a fault has hit this map: its file shrank (or its disk failed)
 /// since it was mapped.
 pub fn is_damaged(id: RegionId) -> bool {

@@ -16,14 +16,6 @@ use super::{guard, storage};
 use crate::bad;
 use crate::error::{Result, source_io};
 
-/// The system's page size (4 KiB on x86-64; 16 or 64 KiB on some arm64).
-static PAGE: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .map_or(4096, |p| p as u64)
-});
-
 /// A source rank file, memory-mapped, with its header checked.
 #[derive(Debug)]
 pub struct RankFile {
@@ -182,9 +174,9 @@ impl RankFile {
     /// them in one readahead window at a time. Only advice: errors are
     /// logged, never fatal.
     pub fn will_need(&self, offset: u64, len: u64) {
-        const PAGE: u64 = 4096;
+        let page = guard::page_size();
         let end = offset.saturating_add(len).min(self.map.len() as u64);
-        let offset = offset / PAGE * PAGE;
+        let offset = offset / page * page;
         // One call reads at most one window of its range, so on a FUSE or
         // network mount the range is asked for a window at a time.
         // Measured on sshfs, 768 MiB read cold from a map, 16 MiB advised
@@ -223,22 +215,24 @@ impl RankFile {
     /// throttled image and sshfs: 1.03x/0.98x, 1.00x/1.03x, 0.80x/0.76x).
     /// On error, false (the caller then prepares as if it had to wait).
     pub fn is_resident(&self, offset: u64, len: u64) -> bool {
-        let page = *PAGE;
+        let page = guard::page_size();
         let end = offset.saturating_add(len).min(self.map.len() as u64);
         let start = offset / page * page;
         if start >= end {
             return true;
         }
-        match storage::cached_pages(&self.file, start, end - start, page) {
-            Some((cached, pages)) => cached >= pages,
-            None => self.mapped_resident(start, end, page),
+        let pages = (end - start).div_ceil(page);
+        match storage::cached_pages(&self.file, start, end - start) {
+            Some(cached) => cached >= pages,
+            None => self.mapped_resident(start, end, pages),
         }
     }
 
     /// [`RankFile::is_resident`] by `mincore`, for kernels without
-    /// `cachestat`: `start` page-aligned, `start < end <= ` the map's length.
-    fn mapped_resident(&self, start: u64, end: u64, page: u64) -> bool {
-        let mut vec = vec![0u8; (end - start).div_ceil(page) as usize];
+    /// `cachestat`: `[start, end)` within the map, `start` page-aligned,
+    /// `pages` pages long.
+    fn mapped_resident(&self, start: u64, end: u64, pages: u64) -> bool {
+        let mut vec = vec![0u8; pages as usize];
         // SAFETY: the range lies within the map (the caller clipped it, start
         // page-aligned, the map itself page-aligned); `vec` has one byte
         // per page of it, as mincore writes.
@@ -331,8 +325,8 @@ mod tests {
         File::open(&path).unwrap().sync_all().unwrap();
         let f = RankFile::open(&path).unwrap();
         let len = raw.len() as u64;
-        let page = *PAGE;
-        assert!(f.is_resident(0, len) && f.mapped_resident(0, len, page));
+        let pages = len.div_ceil(guard::page_size());
+        assert!(f.is_resident(0, len) && f.mapped_resident(0, len, pages));
         // Unmapped (the header was read through the map) and dropped: clean
         // pages of a file nobody maps leave the cache on this advice.
         f.release(0, len);
@@ -348,12 +342,12 @@ mod tests {
             "cachestat (or mincore) still finds the pages"
         );
         assert!(
-            !f.mapped_resident(0, len, page),
+            !f.mapped_resident(0, len, pages),
             "mincore still finds the pages"
         );
         // Read back into the cache: resident by either count.
         assert_eq!(fs::read(&path).unwrap().len(), raw.len());
-        assert!(f.is_resident(0, len) && f.mapped_resident(0, len, page));
+        assert!(f.is_resident(0, len) && f.mapped_resident(0, len, pages));
         assert!(f.is_resident(len - 1, 100));
     }
 
