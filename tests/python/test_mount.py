@@ -244,6 +244,42 @@ def test_mount_options(mounts, exports, tmp_path):
         m.cleanup()
 
 
+def test_more_source_files_than_the_soft_open_file_limit(mounts, tmp_path):
+    """Each source file's descriptor stays open while mounted (the page-cache check asks
+    cachestat through it), so reshardfs raises the soft limit on open files to the hard one:
+    a checkpoint of 512 ranks has 1024 files, the usual soft limit. Here 100 shards under a
+    soft limit of 64 (without the raise: "Too many open files", exit 2)."""
+    import hashlib
+
+    import numpy as np
+
+    src = tmp_path / "many"
+    src.mkdir()
+    n = 100
+    weight_map, want = {}, {}
+    for i in range(n):
+        name, fn = f"t{i:03d}", f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        arr = np.arange(4, dtype=np.float32) + i
+        ckpt.write_safetensors(src / fn, {name: ("F32", arr)}, {"format": "pt"})
+        weight_map[name] = fn
+        want[name] = ["F32", [4], hashlib.sha256(arr.tobytes()).hexdigest()]
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 16 * n}, "weight_map": weight_map}))
+    wrapper = tmp_path / "reshardfs-soft-64"
+    wrapper.write_text(f"#!/bin/sh\nulimit -Sn 64 || exit 99\nexec {ckpt.binary()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    m = mounts()
+    m.binary = str(wrapper)
+    m.start_ok(src, ["--unshard"])
+    daemon = daemon_pid(m)
+    limits = Path(f"/proc/{daemon}/limits").read_text()
+    soft, hard = re.search(r"Max open files\s+(\S+)\s+(\S+)", limits).groups()
+    assert soft == hard and soft != "64", f"the daemon's open-file limit was not raised:\n{limits}"
+    views = [m.path(f) for f in ("model-0000000-0000001.safetensors",)]
+    got = read_tensors(views)[views[0]]["tensors"]
+    assert got == want
+
+
 # ---------------------------------------------------------------------------
 # 2. ls -l sizes = bytes cat reads; stable listings and inode numbers
 # ---------------------------------------------------------------------------
