@@ -278,5 +278,6 @@ def main():
         sys.exit(f"bench_qwen3: {work} needs about {need / GiB:.1f} GiB free")
     bench.run_bench("bench_qwen3", work, lambda: QBench(a))
 
+
 if __name__ == "__main__":
     main()
