@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::checkpoint::layout::unravel;
 use crate::checkpoint::names::Kind;
 use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
-use crate::reshard::layout::unravel;
 use crate::reshard::plan::{Plan, piece_count, pieces};
 
 #[derive(Serialize)]

@@ -8,13 +8,14 @@ use safetensors::Dtype;
 use serde_json::Value;
 
 use super::header::{MINDSPORE_DTYPES, dtype_from_mindspore, elem_size};
+use super::layout::{Layout, checked_product, unravel};
+use super::limits::{MAX_METADATA_BYTES, MAX_TENSORS, MAX_WORLD};
 use super::mapped::RankFile;
 use super::metadata::{self, StorageEntry, TensorMeta, from_value};
 use super::names::{self, Kind};
-use super::paths::{FileSet, MAX_METADATA_BYTES, MAX_TENSORS, read_small};
+use super::paths::{FileSet, read_small};
 use super::source::{Chunk, Iteration, Tensor, read_common};
 use crate::error::Result;
-use crate::reshard::layout::{Layout, checked_product};
 use crate::{bad, bail};
 
 pub(crate) fn kind_of_file(name: &str) -> Kind {
@@ -123,11 +124,8 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
         );
     }
 
-    if max_rank >= crate::reshard::target::MAX_WORLD {
-        bail!(
-            "{mp}: names rank {max_rank}, beyond the {} ranks supported",
-            crate::reshard::target::MAX_WORLD
-        );
+    if max_rank >= MAX_WORLD {
+        bail!("{mp}: names rank {max_rank}, beyond the {MAX_WORLD} ranks supported");
     }
     let world = max_rank + 1;
     let stage_devices = tensors
@@ -287,7 +285,7 @@ fn check_tensor(
                 metadata::format_shard_id(name, k)
             ))
         })?;
-        let grid = crate::reshard::layout::unravel(k, &frag);
+        let grid = unravel(k, &frag);
         let start: Vec<u64> = grid.iter().zip(&chunk_shape).map(|(g, c)| g * c).collect();
         let mut holders = Vec::with_capacity(entries.len());
         let mut chosen: Option<(usize, u64, Vec<u64>, Vec<u64>)> = None;

@@ -2,8 +2,10 @@
 //! and shard-id keys, rank-file headers, file names), the mapped source files,
 //! and a whole source checked and ready to plan from.
 //!
-//! [`header`], [`metadata`] and [`names`] are pure parsing and building;
-//! [`mapped`] and [`guard`] live with files that may change under them;
+//! [`header`], [`metadata`], [`names`] and [`layout`] (MindSpore's layout
+//! math: which rank holds which slice) are pure parsing and building;
+//! [`limits`] holds every cap on what a file may ask for; [`mapped`] and
+//! [`guard`] live with files that may change under them;
 //! [`source`] (with [`iteration`], [`plain`] and [`paths`]) turns a folder
 //! into a [`source::Source`]; [`storage`] says when the filesystem under it
 //! will make cold reads slow.
@@ -11,6 +13,8 @@
 pub(crate) mod guard;
 pub mod header;
 pub(crate) mod iteration;
+pub mod layout;
+pub mod limits;
 pub(crate) mod mapped;
 pub mod metadata;
 pub mod models;

@@ -64,6 +64,21 @@ pub fn parameter_name(name: &str) -> &str {
         .unwrap_or(name)
 }
 
+/// The layer index in a parameter name: `i` in `...layers.<i>....`.
+pub fn layer_index(name: &str) -> Option<u64> {
+    let mut rest = name;
+    loop {
+        let at = rest.find("layers.")?;
+        let at_boundary = at == 0 || rest.as_bytes()[at - 1] == b'.';
+        let after = &rest[at + "layers.".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if at_boundary && digits > 0 && after.as_bytes().get(digits) == Some(&b'.') {
+            return after[..digits].parse().ok();
+        }
+        rest = &rest[at + 1..];
+    }
+}
+
 /// `{prefix}-{kind}-{idx:07d}-{total:07d}.safetensors`, or without the prefix.
 pub fn rank_file_name(prefix: Option<&str>, kind: Kind, idx: u64, total: u64) -> String {
     match prefix {
@@ -109,6 +124,17 @@ mod tests {
             rank_file_name(None, Kind::Model, 0, 1),
             "model-0000000-0000001.safetensors"
         );
+    }
+
+    #[test]
+    fn layer_indices() {
+        assert_eq!(layer_index("decoder.layers.12.mlp.w"), Some(12));
+        assert_eq!(layer_index("adam_m.decoder.layers.3.w"), Some(3));
+        assert_eq!(layer_index("layers.0.w"), Some(0));
+        assert_eq!(layer_index("model.sublayers.4.w"), None);
+        assert_eq!(layer_index("decoder.layers.x.w"), None);
+        assert_eq!(layer_index("decoder.layers.7"), None);
+        assert_eq!(layer_index("embedding.word_embeddings.weight"), None);
     }
 
     #[test]

@@ -1,24 +1,15 @@
-//! Path safety and size caps: a checkpoint only ever names its own files,
-//! and no file it names is read into memory beyond a fixed cap.
+//! Path safety and capped reads: a checkpoint only ever names its own
+//! files, and no file it names is read into memory beyond a fixed cap
+//! (the caps are in [`super::limits`]).
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
+use super::limits::MAX_FILES;
 use super::mapped::RankFile;
 use crate::bail;
 use crate::error::{Result, source_io};
-
-/// metadata.json larger than this is refused rather than parsed: parsing
-/// costs several times the file in memory. A 70B save's is 2.6 MB; this
-/// allows about a million storage entries.
-pub(crate) const MAX_METADATA_BYTES: u64 = 256 << 20;
-/// Tensors per iteration, and rank files per iteration (each is mapped and
-/// has a SIGBUS guard entry).
-pub(crate) const MAX_TENSORS: usize = 1 << 20;
-pub(crate) const MAX_FILES: usize = 1 << 15;
-/// common.json and the tracker are small; a large one is not a checkpoint's.
-pub(crate) const MAX_SMALL_FILE_BYTES: u64 = 16 << 20;
 
 /// Reads a whole file of at most `cap` bytes. The cap holds while reading,
 /// not only by the size `stat` reports: a FIFO or a device (`/dev/zero`

@@ -9,9 +9,10 @@ use serde_json::Value;
 
 use super::header::dtype_to_mindspore;
 use super::iteration::{common_prefix, kind_of_file};
+use super::limits::MAX_METADATA_BYTES;
 use super::metadata::from_value;
 use super::names;
-use super::paths::{FileSet, MAX_METADATA_BYTES, read_small};
+use super::paths::{FileSet, read_small};
 use super::source::{Chunk, Iteration, Tensor, read_common};
 use crate::error::{Result, source_io};
 use crate::{bad, bail};

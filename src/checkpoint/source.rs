@@ -14,15 +14,16 @@ use safetensors::Dtype;
 
 use super::header::elem_size;
 use super::iteration::load_iteration;
+use super::layout::Layout;
+use super::limits::MAX_SMALL_FILE_BYTES;
 use super::mapped::RankFile;
 use super::models::{self, Config, ModelChoice, qwen3};
 use super::names::{self, Kind};
-use super::paths::{MAX_SMALL_FILE_BYTES, read_small};
+use super::paths::read_small;
 use super::plain::load_plain;
 use crate::bad;
 use crate::bail;
 use crate::error::{Result, source_io};
-use crate::reshard::layout::Layout;
 
 /// A loaded source checkpoint.
 #[derive(Debug)]

@@ -12,9 +12,9 @@ use std::path::PathBuf;
 use safetensors::Dtype;
 
 use crate::checkpoint::header::elem_size;
+use crate::checkpoint::layout::{ravel, unravel_into};
 use crate::checkpoint::source::{Iteration, RowMap, Tensor};
 use crate::reshard::cast;
-use crate::reshard::layout::{ravel, unravel_into};
 use crate::reshard::plan::{IterationPlan, Plan, PlannedTensor, VirtualFile};
 
 /// A source file changed under the view: its bytes can no longer be trusted.

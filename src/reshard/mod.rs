@@ -5,6 +5,5 @@
 
 pub mod cast;
 pub mod engine;
-pub mod layout;
 pub mod plan;
 pub mod target;

@@ -10,6 +10,8 @@ use safetensors::Dtype;
 use serde::Serialize;
 
 use crate::checkpoint::header::{HeaderEntry, build_header, dtype_to_mindspore, elem_size};
+use crate::checkpoint::layout::{Slice, checked_product, ravel};
+use crate::checkpoint::limits::MAX_SLICES;
 use crate::checkpoint::metadata::{
     ChunkJson, Properties, StorageEntry, TensorMeta, format_shard_id,
 };
@@ -18,7 +20,6 @@ use crate::checkpoint::names::{self, Kind};
 use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
 use crate::error::Result;
 use crate::reshard::cast;
-use crate::reshard::layout::{Slice, ravel};
 use crate::reshard::target::{Placement, TargetSpec};
 
 /// The whole view of a source under one target.
@@ -169,10 +170,6 @@ fn in_iteration(e: crate::error::Error, it: &Iteration) -> crate::error::Error {
         (e, _) => e,
     }
 }
-
-/// Tensor slices a view may hold in all (a tensor held by n ranks counts n):
-/// each costs a few hundred bytes of plan. A 70B view at 64 ranks has ~20k.
-const MAX_SLICES: usize = 1 << 24;
 
 fn model_notes(it: &Iteration) -> Vec<String> {
     match &it.model {
@@ -384,7 +381,7 @@ fn plan_file(
         .zip(offsets)
         .map(|(((ti, slice), dtype), off)| {
             let t = &it.tensors[*ti];
-            let len = crate::reshard::layout::checked_product(&slice.shape)
+            let len = checked_product(&slice.shape)
                 .and_then(|n| n.checked_mul(elem_size(dtype)));
             let offset = base.checked_add(off);
             match (len, offset) {

@@ -11,16 +11,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::checkpoint::layout::{Layout, Slice};
+use crate::checkpoint::limits::{MAX_METADATA_BYTES, MAX_WORLD};
 use crate::checkpoint::metadata::{LayoutJson, StorageEntry, from_value, parse_shard_id};
-use crate::checkpoint::paths::{MAX_METADATA_BYTES, read_small};
+use crate::checkpoint::names::{layer_index, parameter_name};
+use crate::checkpoint::paths::read_small;
 use crate::checkpoint::source::{Iteration, Tensor};
 use crate::error::Result;
-use crate::reshard::layout::{Layout, Slice};
 use crate::{bad, bail};
-
-/// Views have at most this many ranks: far beyond any training job, yet it
-/// keeps a hostile rank number from sizing a huge allocation.
-pub const MAX_WORLD: u64 = 1 << 20;
 
 /// What the user asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,21 +180,6 @@ fn check_rules(t: &Tensor, p: &Placement) -> Result<()> {
     Ok(())
 }
 
-/// The layer index in a parameter name: `i` in `...layers.<i>....`.
-pub fn layer_index(name: &str) -> Option<u64> {
-    let mut rest = name;
-    loop {
-        let at = rest.find("layers.")?;
-        let at_boundary = at == 0 || rest.as_bytes()[at - 1] == b'.';
-        let after = &rest[at + "layers.".len()..];
-        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
-        if at_boundary && digits > 0 && after.as_bytes().get(digits) == Some(&b'.') {
-            return after[..digits].parse().ok();
-        }
-        rest = &rest[at + 1..];
-    }
-}
-
 fn resolve_mesh(
     it: &Iteration,
     sizes: &[(String, u64)],
@@ -323,7 +306,7 @@ enum StageRule {
 /// pipeline stage: `decoder.final_layernorm.*` and `output_layer.*`, and
 /// their optimizer states (`adam_m.`/`adam_v.` prefixes).
 pub fn on_last_stage(name: &str) -> bool {
-    let base = crate::checkpoint::names::parameter_name(name);
+    let base = parameter_name(name);
     ["decoder.final_layernorm", "output_layer"].iter().any(|p| {
         base.strip_prefix(p)
             .is_some_and(|rest| rest.starts_with('.'))
@@ -480,17 +463,6 @@ fn strategy_holders(sd: Option<&Value>, p: &str) -> Result<HashMap<String, Vec<u
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn layer_indices() {
-        assert_eq!(layer_index("decoder.layers.12.mlp.w"), Some(12));
-        assert_eq!(layer_index("adam_m.decoder.layers.3.w"), Some(3));
-        assert_eq!(layer_index("layers.0.w"), Some(0));
-        assert_eq!(layer_index("model.sublayers.4.w"), None);
-        assert_eq!(layer_index("decoder.layers.x.w"), None);
-        assert_eq!(layer_index("decoder.layers.7"), None);
-        assert_eq!(layer_index("embedding.word_embeddings.weight"), None);
-    }
 
     #[test]
     fn last_stage_names() {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::limits::{MAX_CONFIG_BYTES, MAX_HF_FILE_BYTES};
 use super::paths::read_small;
 use super::source::{Source, SourceKind};
 use crate::error::{Result, source_io};
@@ -22,9 +23,6 @@ pub const CONFIG: &str = "config.json";
 
 /// `model_type`s with a map, for messages.
 pub const SUPPORTED: &[&str] = &["qwen3"];
-
-/// config.json is a few KB; a large one is not a model's.
-const MAX_CONFIG_BYTES: u64 = 16 << 20;
 
 /// What `--model` asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -224,10 +222,6 @@ pub fn hf_view(
 fn is_weight_file(name: &str) -> bool {
     name.ends_with(".safetensors") || name == "model.safetensors.index.json"
 }
-
-/// A file shown beside a Hugging Face view's weights may be this large:
-/// tokenizers are tens of MB; anything far larger is not a model's metadata.
-const MAX_HF_FILE_BYTES: u64 = 1 << 30;
 
 /// Every file of `dir` a Hugging Face view shows beside its weights, by
 /// name, byte for byte: all regular files (symlinks followed, as in a Hub

@@ -31,11 +31,10 @@ use serde_json::{Value, json};
 
 use super::Config;
 use crate::checkpoint::header::dtype_to_mindspore;
-use crate::checkpoint::names::{self, Kind};
+use crate::checkpoint::layout::Layout;
+use crate::checkpoint::names::{self, Kind, layer_index};
 use crate::checkpoint::source::{Iteration, ModelInfo, RowMap, RowSegment, SplitRules, Tensor};
 use crate::error::Result;
-use crate::reshard::layout::Layout;
-use crate::reshard::target::layer_index;
 use crate::{bad, bail};
 
 /// The sizes that fix every tensor's shape.

@@ -6,7 +6,7 @@
 //! counts from the last axis, and the conversion lives only in
 //! [`Layout::from_json`] and [`Layout::to_json`].
 
-use crate::checkpoint::metadata::{LayoutJson, MapEntry};
+use super::metadata::{LayoutJson, MapEntry};
 
 /// A validated layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
