@@ -142,18 +142,11 @@ impl FileSet<'_> {
         if todo.len() < 2 || self.files.len() + todo.len() > MAX_FILES {
             return;
         }
+        // These threads allocate (headers), and each would get a malloc
+        // arena of its own that outlives it, unless the process runs with
+        // one arena: `main` asks for that at start-up (see its
+        // `tune_process`).
         let threads = todo.len().min(PREOPEN_THREADS);
-        // Every thread that allocates gets its own glibc malloc arena, and
-        // arenas outlive their threads: the mount's request threads then
-        // took them over and the daemon's RSS ran 30-65 MiB further over
-        // the cache budget (bench row 7: 278-322 MiB peak vs 246-256 MiB for
-        // a 205 MiB cache). The daemon runs with one arena anyway (see
-        // `mount::daemon`); ask for it before these threads start.
-        // SAFETY: mallopt only tunes the allocator.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 1);
-        }
         let next = std::sync::atomic::AtomicUsize::new(0);
         let (dir, named_in) = (self.dir, self.named_in);
         let mut opened: Vec<(usize, RankFile)> = std::thread::scope(|s| {

@@ -95,21 +95,6 @@ fn hint(dir: &Path, kind: &str, kib: u64, sysfs: &str) -> Option<String> {
     })
 }
 
-/// Raises this process's soft limit on open files to its hard limit: a
-/// rank file's descriptor stays open while it is mapped (see
-/// [`cached_pages`]), and a checkpoint of 512 ranks has 1024 model and
-/// optimizer files, the usual soft limit. Nothing here uses `select`, the
-/// reason that limit is low. Failing leaves the limit as it was.
-pub fn raise_open_file_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        log::debug!("cannot raise the open file limit from {soft} to {hard}: {e}");
-    }
-}
-
 /// `cachestat(2)`'s number: 451 on every architecture, as are all system
 /// calls added since Linux 5.1 (`libc` names it for only a few targets).
 const SYS_CACHESTAT: libc::c_long = 451;

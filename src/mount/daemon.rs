@@ -121,16 +121,6 @@ pub fn mount(server: Server, mnt: &Path, opts: &MountOptions) -> Result<()> {
     }
     // What the environment lacks is found here, before anything runs.
     let mounter = Mounter::choose(opts.allow_other)?;
-    // Cache blocks are allocated by one request thread and often freed
-    // (evicted) by another; with glibc's per-thread arenas the freed space
-    // stays pinned in the arena it came from, and the daemon's RSS ran
-    // 40-110 MiB over the cache budget. One arena keeps RSS within a few
-    // MiB of it (measured: 213 MiB peak for a 200 MiB cache, was 328 MiB).
-    // SAFETY: mallopt only tunes the allocator.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
     let fs = GuardedFs::new(ViewFs::new(server));
     if opts.foreground {
         let signals = stop_signals()?;
@@ -519,8 +509,14 @@ fn daemonize(fs: GuardedFs, mnt: &Path, opts: &MountOptions, mounter: &Mounter) 
     let (status_rx, mut status_tx) =
         std::io::pipe().map_err(|e| Error::io("creating a pipe", e))?;
     let (log_rx, log_tx) = std::io::pipe().map_err(|e| Error::io("creating a pipe", e))?;
-    // SAFETY: no other thread runs yet (planning is single-threaded), so the
-    // child is a faithful copy and may do anything.
+    // The child of a fork holds only the thread that forked, so no other
+    // thread may run here: planning's only threads (the rank files'
+    // pre-open, `checkpoint::paths`) are scoped and joined before it
+    // returns, and the prefetch workers start at the first open, in the
+    // child.
+    debug_assert_eq!(threads_now(), 1, "fork with other threads running");
+    // SAFETY: this is the process's only thread (above), so the child is
+    // a faithful copy and may do anything.
     match unsafe { nix::unistd::fork() } {
         Err(e) => Err(Error::io("forking the daemon", e.into())),
         Ok(ForkResult::Child) => {
@@ -603,6 +599,11 @@ fn daemonize(fs: GuardedFs, mnt: &Path, opts: &MountOptions, mounter: &Mounter) 
             }
         }
     }
+}
+
+/// Threads of this process (`/proc/self/task`), for the fork's check.
+fn threads_now() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(1, Iterator::count)
 }
 
 fn shown(logged: &[u8]) -> String {
