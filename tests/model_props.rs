@@ -473,7 +473,7 @@ proptest! {
         export(&plan, &mf_dir, &ExportOptions { force: false, threads: 2, progress: false }).unwrap();
 
         let mf = Source::open(&mf_dir).unwrap();
-        let back = models::as_hf(mf, ModelChoice::Qwen3, None).unwrap();
+        let back = models::as_hf(mf, ModelChoice::parse("qwen3").unwrap(), None).unwrap();
         let plan = Plan::build_with(back, TargetSpec::Unshard, ViewOptions {
             dtype: widen.map(|_| c.dtype),
             prefix: None,

@@ -17,7 +17,7 @@ use super::iteration::load_iteration;
 use super::layout::Layout;
 use super::limits::MAX_SMALL_FILE_BYTES;
 use super::mapped::RankFile;
-use super::models::{self, Config, ModelChoice, qwen3};
+use super::models::{self, ModelChoice, ModelInfo};
 use super::names::{self, Kind};
 use super::paths::read_small;
 use super::plain::load_plain;
@@ -68,18 +68,6 @@ pub struct Iteration {
     pub omitted: Vec<String>,
     /// What a model map did to this iteration, for `inspect` and summaries.
     pub model: Option<ModelInfo>,
-}
-
-/// What a model map made of an iteration: which model, and where its sizes
-/// came from.
-#[derive(Debug, Clone)]
-pub struct ModelInfo {
-    /// `qwen3`.
-    pub model_type: String,
-    /// One line each: `hidden_size = 64 (inferred from embedding.word_embeddings.weight)`.
-    pub notes: Vec<String>,
-    /// The sizes, for a generated `config.json`.
-    pub dims: crate::checkpoint::models::qwen3::Dims,
 }
 
 /// One tensor of the source and where each of its slices is stored.
@@ -211,46 +199,7 @@ impl Source {
         // Every path kept is absolute: the mount's daemon leaves the working
         // directory, and still checks source paths on every read.
         let abs = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
-        let mut src = Self::open_at(&abs)?;
-        if model == ModelChoice::None {
-            return Ok(src);
-        }
-        if !matches!(src.kind, SourceKind::Plain) {
-            // A MindSpore Transformers Qwen3: its fused tensors may only be
-            // cut between whole groups, as for a Hugging Face source. Other
-            // models' checkpoints (no Qwen3 sizes to read) stay as they are.
-            for it in &mut src.iterations {
-                if !qwen3::mark_mf_rules(it) && model == ModelChoice::Qwen3 {
-                    let name = it.name.as_deref().unwrap_or("");
-                    bail!(
-                        "{}{}{name}: --model qwen3, but the tensors are not a MindSpore Transformers Qwen3's (embedding, q_layernorm, linear_proj, linear_qkv and linear_fc1 of layer 0 are needed)",
-                        abs.display(),
-                        if name.is_empty() { "" } else { "/" }
-                    );
-                }
-            }
-            return Ok(src);
-        }
-        let config = match (Config::find(&abs)?, model) {
-            (None, ModelChoice::Auto) => return Ok(src),
-            (None, _) => bail!(
-                "{}: no {}: --model qwen3 reads a Hugging Face folder's config.json",
-                abs.display(),
-                models::CONFIG
-            ),
-            (Some(c), _) => c,
-        };
-        match (config.model()?, model) {
-            (found, ModelChoice::Qwen3) if found != ModelChoice::Qwen3 => bail!(
-                "{}: model_type is {:?}, not qwen3 as --model says",
-                config.path.display(),
-                config.model_type()?
-            ),
-            _ => {}
-        }
-        let it = src.iterations.remove(0);
-        src.iterations.push(qwen3::hf_to_mf(it, &config)?);
-        Ok(src)
+        models::read_through(Self::open_at(&abs)?, model)
     }
 
     fn open_at(path: &Path) -> Result<Source> {
@@ -427,6 +376,10 @@ pub(crate) mod tests {
         );
     }
 
+    fn qwen3() -> ModelChoice {
+        ModelChoice::parse("qwen3").unwrap()
+    }
+
     fn canon(p: &Path) -> String {
         fs::canonicalize(p).unwrap().display().to_string()
     }
@@ -535,10 +488,7 @@ pub(crate) mod tests {
         let src = Source::open_with(tmp.path(), ModelChoice::None).unwrap();
         assert_eq!(src.iterations[0].tensors[0].name, "w");
         // --model qwen3 says which it found.
-        input_err(
-            Source::open_with(tmp.path(), ModelChoice::Qwen3),
-            &[&cfg, "llama"],
-        );
+        input_err(Source::open_with(tmp.path(), qwen3()), &[&cfg, "llama"]);
     }
 
     #[test]
@@ -546,12 +496,12 @@ pub(crate) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         plain_dir(tmp.path());
         input_err(
-            Source::open_with(tmp.path(), ModelChoice::Qwen3),
+            Source::open_with(tmp.path(), qwen3()),
             &[&canon(tmp.path()), "config.json", "--model qwen3"],
         );
         let gpt = fixture("gpt-dp2-tp2-pp2-bf16");
         input_err(
-            Source::open_with(&gpt, ModelChoice::Qwen3),
+            Source::open_with(&gpt, qwen3()),
             &[&canon(&gpt), "iteration_00000001", "--model qwen3"],
         );
     }

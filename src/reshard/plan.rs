@@ -15,7 +15,6 @@ use crate::checkpoint::limits::MAX_SLICES;
 use crate::checkpoint::metadata::{
     ChunkJson, Properties, StorageEntry, TensorMeta, format_shard_id,
 };
-use crate::checkpoint::models::qwen3;
 use crate::checkpoint::names::{self, Kind};
 use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
 use crate::error::Result;
@@ -334,11 +333,8 @@ fn plan_hf(it: &Iteration, options: &ViewOptions, hf: &HfOptions) -> Result<Iter
             .tensors
             .first()
             .map_or(Dtype::BF16, |t| view_dtype(t, options));
-        small.push(("config.json".into(), qwen3::config_json(&model.dims, dtype)));
-        notes.push(format!(
-            "config.json generated: sizes as above; Qwen3 defaults for {}",
-            qwen3::DEFAULTED.join(", ")
-        ));
+        small.push(("config.json".into(), model.config.render(dtype)));
+        notes.push(model.config.note());
     }
     Ok(IterationPlan {
         world: 1,

@@ -5,24 +5,81 @@
 //! renames tensors and describes fused ones as [`RowMap`](super::source::RowMap)s
 //! over the stored ones, so the planner and the byte engine see ordinary
 //! tensors and nothing is ever materialised.
+//!
+//! This module is the only place that knows which models there are: each
+//! map is a [`Map`] in its own file, listed in [`MODELS`]; everything else
+//! (opening a source, `--hf`, the plan's generated `config.json`) goes
+//! through the functions here. Adding a model is a new file and a line in
+//! that table.
 
 use std::path::Path;
 
+use safetensors::Dtype;
 use serde_json::Value;
 
 use super::limits::{MAX_CONFIG_BYTES, MAX_HF_FILE_BYTES};
 use super::paths::read_small;
-use super::source::{Source, SourceKind};
+use super::source::{Iteration, Source, SourceKind};
 use crate::error::{Result, source_io};
 use crate::{bad, bail};
 
 pub mod qwen3;
 
+/// Every model with a map, by the Hub's `model_type`.
+pub static MODELS: &[&Map] = &[&qwen3::MAP];
+
 /// The Hugging Face config file of a model folder.
 pub const CONFIG: &str = "config.json";
 
-/// `model_type`s with a map, for messages.
-pub const SUPPORTED: &[&str] = &["qwen3"];
+/// One model's map between Hugging Face and MindSpore Transformers.
+pub struct Map {
+    /// The Hub's `model_type` (`qwen3`), also what `--model` takes.
+    pub model_type: &'static str,
+    /// The model's name in prose (`Qwen3`).
+    pub display: &'static str,
+    /// A Hugging Face folder (loaded as plain tensors) as the MindSpore
+    /// Transformers checkpoint it converts to; the sizes come from its
+    /// `config.json`.
+    pub hf_to_mf: fn(Iteration, &Config) -> Result<Iteration>,
+    /// A MindSpore Transformers iteration as the Hugging Face model it is;
+    /// sizes from the config when given, else read off the tensors.
+    pub mf_to_hf: fn(Iteration, Option<&Config>) -> Result<Iteration>,
+    /// Marks the split rules of a MindSpore Transformers iteration's fused
+    /// tensors (the cuts a target may make); `false`, leaving it as it
+    /// is, when the tensors are not this model's.
+    pub mark_mf_rules: fn(&mut Iteration) -> bool,
+    /// What [`Map::mark_mf_rules`] needs, for the message when
+    /// `--model` insists on a checkpoint that lacks it.
+    pub mf_needs: &'static str,
+}
+
+impl std::fmt::Debug for Map {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Map({})", self.model_type)
+    }
+}
+
+/// Maps are told apart by name: there is one per `model_type`.
+impl PartialEq for Map {
+    fn eq(&self, other: &Map) -> bool {
+        self.model_type == other.model_type
+    }
+}
+impl Eq for Map {}
+
+/// The map of a `model_type`, if there is one.
+pub fn lookup(model_type: &str) -> Option<&'static Map> {
+    MODELS.iter().copied().find(|m| m.model_type == model_type)
+}
+
+/// `model_type`s with a map, for messages: `qwen3, ...`.
+pub fn supported() -> String {
+    MODELS
+        .iter()
+        .map(|m| m.model_type)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// What `--model` asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,7 +87,8 @@ pub enum ModelChoice {
     /// Decided by the folder: a `config.json` names the model.
     #[default]
     Auto,
-    Qwen3,
+    /// This model's map, whatever the folder says.
+    Map(&'static Map),
     /// No map: tensors under their stored names, every one whole.
     None,
 }
@@ -39,14 +97,128 @@ impl ModelChoice {
     pub fn parse(s: &str) -> std::result::Result<ModelChoice, String> {
         match s.to_ascii_lowercase().as_str() {
             "auto" => Ok(ModelChoice::Auto),
-            "qwen3" => Ok(ModelChoice::Qwen3),
             "none" => Ok(ModelChoice::None),
-            _ => Err(format!(
-                "unknown model {s:?}; supported: {}, or none",
-                SUPPORTED.join(", ")
-            )),
+            other => lookup(other)
+                .map(ModelChoice::Map)
+                .ok_or_else(|| format!("unknown model {s:?}; supported: {}, or none", supported())),
         }
     }
+}
+
+/// What a model map made of an iteration: which model, where its sizes
+/// came from, and the `config.json` a Hugging Face view of it would show
+/// when none is given.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// `qwen3`.
+    pub model_type: String,
+    /// One line each: `hidden_size = 64 (inferred from embedding.word_embeddings.weight)`.
+    pub notes: Vec<String>,
+    pub config: GeneratedConfig,
+}
+
+/// A `config.json` for transformers, as the map would write it: every
+/// field but the dtype, which is the view's ([`GeneratedConfig::render`]).
+#[derive(Debug, Clone)]
+pub struct GeneratedConfig {
+    /// The model's name in prose, for notes.
+    pub model: &'static str,
+    pub fields: serde_json::Map<String, Value>,
+    /// Fields not known from the tensors: the model's defaults.
+    pub defaulted: &'static [&'static str],
+}
+
+impl GeneratedConfig {
+    /// The file's bytes for a view whose tensors are `dtype`: keys sorted,
+    /// pretty-printed as transformers writes them, ending in a newline.
+    pub fn render(&self, dtype: Dtype) -> Vec<u8> {
+        let mut fields = self.fields.clone();
+        let name = Value::from(torch_dtype_name(dtype));
+        fields.insert("dtype".into(), name.clone());
+        fields.insert("torch_dtype".into(), name);
+        fields.sort_keys();
+        let mut out = serde_json::to_vec_pretty(&Value::Object(fields)).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    /// The note a plan shows for a generated config.
+    pub fn note(&self) -> String {
+        format!(
+            "config.json generated: sizes as above; {} defaults for {}",
+            self.model,
+            self.defaulted.join(", ")
+        )
+    }
+}
+
+/// transformers' name for a dtype, as config.json writes it.
+pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        Dtype::F32 => "float32",
+        Dtype::F64 => "float64",
+        _ => "float32",
+    }
+}
+
+/// A freshly opened source read through a model's map, as `choice` asks
+/// (see [`Source::open_with`]): a Hugging Face folder whose `config.json`
+/// names a model becomes the MindSpore Transformers checkpoint it converts
+/// to; a MindSpore Transformers checkpoint of a known model gets its fused
+/// tensors' split rules.
+pub fn read_through(mut src: Source, choice: ModelChoice) -> Result<Source> {
+    if choice == ModelChoice::None {
+        return Ok(src);
+    }
+    if !matches!(src.kind, SourceKind::Plain) {
+        // Fused tensors may only be cut between whole groups, as for a
+        // Hugging Face source. Checkpoints of other models (none of the
+        // maps recognises them) stay as they are.
+        for it in &mut src.iterations {
+            let marked = match choice {
+                ModelChoice::Map(m) => (m.mark_mf_rules)(it),
+                _ => MODELS.iter().any(|m| (m.mark_mf_rules)(it)),
+            };
+            if let (false, ModelChoice::Map(m)) = (marked, choice) {
+                let name = it.name.as_deref().unwrap_or("");
+                bail!(
+                    "{}{}{name}: --model {}, but the tensors are not a MindSpore Transformers {}'s ({} are needed)",
+                    src.path.display(),
+                    if name.is_empty() { "" } else { "/" },
+                    m.model_type,
+                    m.display,
+                    m.mf_needs
+                );
+            }
+        }
+        return Ok(src);
+    }
+    let config = match (Config::find(&src.path)?, choice) {
+        (None, ModelChoice::Auto) => return Ok(src),
+        (None, ModelChoice::Map(m)) => bail!(
+            "{}: no {CONFIG}: --model {} reads a Hugging Face folder's config.json",
+            src.path.display(),
+            m.model_type
+        ),
+        (None, ModelChoice::None) => return Ok(src),
+        (Some(c), _) => c,
+    };
+    let found = config.model()?;
+    if let ModelChoice::Map(m) = choice
+        && m != found
+    {
+        bail!(
+            "{}: model_type is {:?}, not {} as --model says",
+            config.path.display(),
+            config.model_type()?,
+            m.model_type
+        );
+    }
+    let it = src.iterations.remove(0);
+    src.iterations.push((found.hf_to_mf)(it, &config)?);
+    Ok(src)
 }
 
 /// A parsed `config.json` and where it came from.
@@ -93,22 +265,21 @@ impl Config {
                 bad!(
                     "{}: no `model_type` string; supported models: {}",
                     self.path.display(),
-                    SUPPORTED.join(", ")
+                    supported()
                 )
             })
     }
 
     /// The model this config describes, refusing the ones without a map.
-    pub fn model(&self) -> Result<ModelChoice> {
+    pub fn model(&self) -> Result<&'static Map> {
         let t = self.model_type()?;
-        match t {
-            "qwen3" => Ok(ModelChoice::Qwen3),
-            other => bail!(
-                "{}: model_type {other:?} is not supported (supported: {}); pass --model none to read the safetensors files as they are",
+        lookup(t).ok_or_else(|| {
+            bad!(
+                "{}: model_type {t:?} is not supported (supported: {}); pass --model none to read the safetensors files as they are",
                 self.path.display(),
-                SUPPORTED.join(", ")
-            ),
-        }
+                supported()
+            )
+        })
     }
 
     /// A non-negative integer field.
@@ -155,27 +326,32 @@ pub fn as_hf(mut src: Source, model: ModelChoice, config: Option<&Config>) -> Re
     if plain && src.iterations.iter().all(|it| it.model.is_none()) {
         return Ok(src);
     }
-    let model = match (model, config) {
-        (ModelChoice::Auto, Some(c)) => c.model()?,
-        (ModelChoice::Auto, None) if plain => ModelChoice::Qwen3,
-        (m, _) => m,
+    // A plain folder read through a map goes back through the same one.
+    let read_through = || {
+        src.iterations
+            .iter()
+            .find_map(|it| it.model.as_ref().and_then(|m| lookup(&m.model_type)))
     };
-    match model {
-        ModelChoice::Qwen3 => {}
-        ModelChoice::Auto => bail!(
-            "{}: --hf needs to know the model: pass --model qwen3, or --hf-files DIR whose config.json names it",
-            src.path.display()
-        ),
-        ModelChoice::None => bail!(
+    let map = match (model, config) {
+        (ModelChoice::Map(m), _) => m,
+        (ModelChoice::Auto, Some(c)) => c.model()?,
+        (ModelChoice::Auto, None) => match read_through().filter(|_| plain) {
+            Some(m) => m,
+            None => bail!(
+                "{}: --hf needs to know the model: pass --model qwen3, or --hf-files DIR whose config.json names it",
+                src.path.display()
+            ),
+        },
+        (ModelChoice::None, _) => bail!(
             "{}: --hf with --model none: a MindSpore Transformers checkpoint needs a model map to become a Hugging Face folder (supported: {})",
             src.path.display(),
-            SUPPORTED.join(", ")
+            supported()
         ),
-    }
+    };
     let iterations = std::mem::take(&mut src.iterations);
     for it in iterations {
         let name = it.name.clone();
-        let mapped = qwen3::mf_to_hf(it, config).map_err(|e| match (e, name) {
+        let mapped = (map.mf_to_hf)(it, config).map_err(|e| match (e, name) {
             (crate::Error::Input(m), Some(n)) => bad!("{n}: {m}"),
             (e, _) => e,
         })?;
@@ -259,8 +435,9 @@ mod tests {
     #[test]
     fn model_choices_parse_in_any_case() {
         assert_eq!(ModelChoice::parse("auto"), Ok(ModelChoice::Auto));
-        assert_eq!(ModelChoice::parse("qwen3"), Ok(ModelChoice::Qwen3));
-        assert_eq!(ModelChoice::parse("Qwen3"), Ok(ModelChoice::Qwen3));
+        let qwen3 = ModelChoice::Map(&qwen3::MAP);
+        assert_eq!(ModelChoice::parse("qwen3"), Ok(qwen3));
+        assert_eq!(ModelChoice::parse("Qwen3"), Ok(qwen3));
         assert_eq!(ModelChoice::parse("NONE"), Ok(ModelChoice::None));
         assert_eq!(ModelChoice::default(), ModelChoice::Auto);
         for s in ["llama", "", "qwen"] {
@@ -276,7 +453,7 @@ mod tests {
         let path = tmp.path().join(CONFIG).display().to_string();
         let c = config(tmp.path(), r#"{"model_type": "qwen3", "hidden_size": 64}"#);
         assert_eq!(c.model_type().unwrap(), "qwen3");
-        assert_eq!(c.model().unwrap(), ModelChoice::Qwen3);
+        assert_eq!(c.model().unwrap(), &qwen3::MAP);
         let c = config(tmp.path(), r#"{"model_type": "llama"}"#);
         input_err(c.model(), &[&path, "model_type", "\"llama\"", "qwen3"]);
         let c = config(tmp.path(), r#"{"hidden_size": 64}"#);
@@ -288,7 +465,7 @@ mod tests {
     #[test]
     fn the_fixture_config_is_qwen3() {
         let c = Config::find(&fixture("qwen3-tiny-hf")).unwrap().unwrap();
-        assert_eq!(c.model().unwrap(), ModelChoice::Qwen3);
+        assert_eq!(c.model().unwrap(), &qwen3::MAP);
         // tests/fixtures/README.md: hidden 64, 2 layers, untied embeddings.
         assert_eq!(c.need("hidden_size").unwrap(), 64);
         assert_eq!(c.uint("num_hidden_layers").unwrap(), Some(2));

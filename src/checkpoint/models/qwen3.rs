@@ -29,13 +29,23 @@ use std::path::Path;
 use safetensors::Dtype;
 use serde_json::{Value, json};
 
-use super::Config;
+use super::{Config, GeneratedConfig, Map, ModelInfo};
 use crate::checkpoint::header::dtype_to_mindspore;
 use crate::checkpoint::layout::Layout;
 use crate::checkpoint::names::{self, Kind, layer_index};
-use crate::checkpoint::source::{Iteration, ModelInfo, RowMap, RowSegment, SplitRules, Tensor};
+use crate::checkpoint::source::{Iteration, RowMap, RowSegment, SplitRules, Tensor};
 use crate::error::Result;
 use crate::{bad, bail};
+
+/// Qwen3's entry in the table of maps ([`super::MODELS`]).
+pub static MAP: Map = Map {
+    model_type: "qwen3",
+    display: "Qwen3",
+    hf_to_mf,
+    mf_to_hf,
+    mark_mf_rules,
+    mf_needs: "embedding, q_layernorm, linear_proj, linear_qkv and linear_fc1 of layer 0",
+};
 
 /// The sizes that fix every tensor's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -482,13 +492,13 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
     it.stage_devices = 1;
     it.stages = 1;
     it.model = Some(ModelInfo {
-        model_type: "qwen3".into(),
+        model_type: MAP.model_type.into(),
         notes: vec![format!(
             "sizes from {}: {}",
             config.path.display(),
             d.describe()
         )],
-        dims: d,
+        config: generated_config(&d),
     });
     Ok(it)
 }
@@ -799,22 +809,11 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
     it.omitted = omitted;
     it.prefix = None;
     it.model = Some(ModelInfo {
-        model_type: "qwen3".into(),
+        model_type: MAP.model_type.into(),
         notes,
-        dims: d,
+        config: generated_config(&d),
     });
     Ok(it)
-}
-
-/// transformers' name for a dtype, as config.json writes it.
-pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
-    match dtype {
-        Dtype::BF16 => "bfloat16",
-        Dtype::F16 => "float16",
-        Dtype::F32 => "float32",
-        Dtype::F64 => "float64",
-        _ => "float32",
-    }
 }
 
 /// Fields of a generated `config.json` that are Qwen3's defaults in
@@ -833,13 +832,13 @@ pub const DEFAULTED: &[&str] = &[
 ];
 
 /// A `config.json` for transformers: every size from `d`, the rest
-/// `Qwen3Config`'s defaults (listed in [`DEFAULTED`]).
-pub fn config_json(d: &Dims, dtype: Dtype) -> Vec<u8> {
+/// `Qwen3Config`'s defaults (listed in [`DEFAULTED`]); the dtype is the
+/// view's.
+fn generated_config(d: &Dims) -> GeneratedConfig {
     let v: Value = json!({
         "architectures": ["Qwen3ForCausalLM"],
         "attention_bias": d.qkv_bias,
         "attention_dropout": 0.0,
-        "dtype": torch_dtype_name(dtype),
         "head_dim": d.head_dim,
         "hidden_act": "silu",
         "hidden_size": d.hidden,
@@ -855,14 +854,16 @@ pub fn config_json(d: &Dims, dtype: Dtype) -> Vec<u8> {
         "rope_theta": 10000.0,
         "sliding_window": null,
         "tie_word_embeddings": d.tied,
-        "torch_dtype": torch_dtype_name(dtype),
         "use_cache": true,
         "use_sliding_window": false,
         "vocab_size": d.vocab,
     });
-    let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
-    out.push(b'\n');
-    out
+    let fields = v.as_object().cloned().unwrap_or_default();
+    GeneratedConfig {
+        model: MAP.display,
+        fields,
+        defaulted: DEFAULTED,
+    }
 }
 
 #[cfg(test)]
