@@ -18,9 +18,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::bail;
 use crate::checkpoint::names;
 use crate::checkpoint::paths::overlap_with_source;
-use crate::checkpoint::source::SourceKind;
 use crate::error::{Error, Result};
 use crate::reshard::engine::Engine;
+use crate::reshard::namespace::Content;
 use crate::reshard::plan::Plan;
 
 /// How much of a view file is produced per engine call.
@@ -42,62 +42,55 @@ pub struct ExportStats {
 }
 
 /// One file to write: its final path and where its bytes come from.
-enum Content<'a> {
-    Bytes(&'a [u8]),
-    View { it: usize, file: usize, size: u64 },
-}
-
 struct Job<'a> {
     path: PathBuf,
     content: Content<'a>,
 }
 
 impl Job<'_> {
-    fn size(&self) -> u64 {
+    fn size(&self, plan: &Plan) -> u64 {
         match &self.content {
             Content::Bytes(b) => b.len() as u64,
-            Content::View { size, .. } => *size,
+            Content::View { it, file } => plan.iterations[*it].files[*file].size,
+            Content::Dir => 0,
         }
     }
 }
 
-/// The files of the view, in write order, with the tracker (if any) last.
+/// The view's entries ([`Plan::entries`]) under `dest`: the files to write
+/// in parallel, the folders to create, and the tracker (if any), written
+/// last.
 fn jobs<'a>(plan: &'a Plan, dest: &Path) -> (Vec<Job<'a>>, Vec<PathBuf>, Option<Job<'a>>) {
     let mut jobs = Vec::new();
     let mut dirs = Vec::new();
-    for (i, (ip, it)) in plan
-        .iterations
-        .iter()
-        .zip(&plan.source.iterations)
-        .enumerate()
-    {
-        let dir = match &it.name {
-            Some(n) if matches!(plan.source.kind, SourceKind::Root { .. }) => dest.join(n),
-            _ => dest.to_path_buf(),
+    let mut tracker = None;
+    for e in plan.entries() {
+        let is_tracker = e.is_tracker();
+        let job = Job {
+            path: dest.join(&e.path),
+            content: e.content,
         };
-        for (fi, vf) in ip.files.iter().enumerate() {
-            jobs.push(Job {
-                path: dir.join(&vf.name),
-                content: Content::View {
-                    it: i,
-                    file: fi,
-                    size: vf.size,
-                },
-            });
+        match job.content {
+            Content::Dir => dirs.push(job.path),
+            _ if is_tracker => tracker = Some(job),
+            _ => jobs.push(job),
         }
-        for (name, bytes) in &ip.small {
-            jobs.push(Job {
-                path: dir.join(name),
-                content: Content::Bytes(bytes),
-            });
-        }
-        dirs.push(dir);
     }
-    let tracker = plan.tracker().map(|t| Job {
-        path: dest.join(names::TRACKER),
-        content: Content::Bytes(t),
-    });
     (jobs, dirs, tracker)
+}
+
+/// The folders that hold view files (where rank files of an earlier view
+/// may linger).
+fn rank_file_dirs(jobs: &[Job<'_>]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for j in jobs {
+        if let (Content::View { .. }, Some(d)) = (&j.content, j.path.parent())
+            && !dirs.iter().any(|x| x == d)
+        {
+            dirs.push(d.to_path_buf());
+        }
+    }
+    dirs
 }
 
 /// Writes the view of `plan` under `dest`.
@@ -105,12 +98,12 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
     refuse_overlap(&plan.source.path, dest)?;
     prepare_dest(dest, opts.force)?;
     let (jobs, dirs, tracker) = jobs(plan, dest);
-    let stale = stale_rank_files(&dirs, &jobs, &source_files(plan))?;
+    let stale = stale_rank_files(&rank_file_dirs(&jobs), &jobs, &source_files(plan))?;
     for d in &dirs {
         fs::create_dir_all(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     }
-    let total: u64 =
-        jobs.iter().map(Job::size).sum::<u64>() + tracker.as_ref().map_or(0, Job::size);
+    let size = |j: &Job<'_>| j.size(plan);
+    let total: u64 = jobs.iter().map(size).sum::<u64>() + tracker.as_ref().map_or(0, size);
     let bar = if opts.progress && std::io::stderr().is_terminal() {
         let b = ProgressBar::new(total);
         b.set_style(
@@ -288,11 +281,13 @@ fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressB
             tmp.write_all(b).map_err(|e| Error::io(ctx("writing"), e))?;
             bar.inc(b.len() as u64);
         }
-        Content::View { it, file, size } => {
+        Content::Dir => {}
+        &Content::View { it, file } => {
+            let size = engine.size(it, file);
             let mut off = 0u64;
-            while off < *size {
+            while off < size {
                 let n = engine
-                    .read(*it, *file, off, buf)
+                    .read(it, file, off, buf)
                     .map_err(|e| crate::bad!("{e}"))?
                     .bytes;
                 if n == 0 {

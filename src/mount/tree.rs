@@ -2,15 +2,16 @@
 //! numbers, built once from the plan.
 //!
 //! This is the mount's whole namespace, decided before mounting and never
-//! changed, so the FUSE adapter only looks things up. It mirrors what
-//! `export` writes, plus a read-only `.reshardfs/` folder explaining the view.
+//! changed, so the FUSE adapter only looks things up. It is the plan's
+//! namespace ([`crate::reshard::namespace`], what `export` writes), plus a
+//! read-only `.reshardfs/` folder explaining the view.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::checkpoint::names;
-use crate::checkpoint::source::SourceKind;
+use crate::reshard::namespace::Content as Entry;
 use crate::reshard::plan::Plan;
 
 /// Inode number; the root is 1.
@@ -67,18 +68,15 @@ fn mtime(path: &Path) -> SystemTime {
 }
 
 impl Tree {
-    /// Lays out the tree of `plan`. The texts under `.reshardfs/` are the
-    /// report's rendering of the same plan (`reshardfs plan` prints them).
+    /// Lays out the tree of `plan`: the plan's entries
+    /// ([`Plan::entries`]), as `export` writes them, and `.reshardfs/`,
+    /// whose texts are the report's rendering of the same plan (`reshardfs
+    /// plan` prints them).
     pub fn build(plan: &Plan) -> Tree {
         let report = crate::report::plan(plan);
         let root_time = mtime(&plan.source.path);
         let mut t = Tree { nodes: Vec::new() };
         let root = t.add(ROOT, "", Content::Dir(Vec::new()), root_time);
-        let is_root_source = matches!(plan.source.kind, SourceKind::Root { .. });
-        if let Some(tracker) = plan.tracker() {
-            let time = mtime(&plan.source.path.join(names::TRACKER));
-            t.add(root, names::TRACKER, bytes(tracker), time);
-        }
         let info = t.add(root, INFO_DIR, Content::Dir(Vec::new()), root_time);
         t.add(info, "README", bytes(README.as_bytes()), root_time);
         t.add(
@@ -90,47 +88,35 @@ impl Tree {
         t.add(info, "stats", Content::Stats, root_time);
         let plan_dir = t.add(info, "plan", Content::Dir(Vec::new()), root_time);
 
+        // Folders by relative path: the view's, and their mirrors under
+        // .reshardfs/plan/. Entries come folder first.
+        let mut dirs: HashMap<PathBuf, (Ino, Ino)> = HashMap::new();
+        dirs.insert(PathBuf::new(), (root, plan_dir));
         let mut id = 0u32;
-        for (i, (ip, it)) in plan
-            .iterations
-            .iter()
-            .zip(&plan.source.iterations)
-            .enumerate()
-        {
-            let time = mtime(&it.dir);
-            let (dir, pdir) = match (&it.name, is_root_source) {
-                (Some(n), true) => (
-                    t.add(root, n, Content::Dir(Vec::new()), time),
-                    t.add(plan_dir, n, Content::Dir(Vec::new()), time),
-                ),
-                _ => (root, plan_dir),
-            };
-            for (fi, vf) in ip.files.iter().enumerate() {
-                t.add(
-                    dir,
-                    &vf.name,
-                    Content::View {
-                        it: i,
-                        file: fi,
-                        id,
-                    },
-                    time,
-                );
-                id += 1;
-                let text = report.iterations[i].files[fi].text();
-                t.add(
-                    pdir,
-                    &format!("{}.txt", vf.name),
-                    bytes(text.as_bytes()),
-                    time,
-                );
-            }
-            for (name, content) in &ip.small {
-                let time = match name.as_str() {
-                    names::COMMON => mtime(&it.dir.join(names::COMMON)),
-                    _ => time,
-                };
-                t.add(dir, name, bytes(content), time);
+        for e in plan.entries() {
+            let time = mtime(&e.time_of);
+            let parent = e.path.parent().unwrap_or(Path::new(""));
+            let (dir, pdir) = dirs.get(parent).copied().unwrap_or((root, plan_dir));
+            let name = e
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match e.content {
+                Entry::Dir => {
+                    let d = t.add(dir, &name, Content::Dir(Vec::new()), time);
+                    let p = t.add(pdir, &name, Content::Dir(Vec::new()), time);
+                    dirs.insert(e.path, (d, p));
+                }
+                Entry::Bytes(b) => {
+                    t.add(dir, &name, bytes(b), time);
+                }
+                Entry::View { it, file } => {
+                    t.add(dir, &name, Content::View { it, file, id }, time);
+                    id += 1;
+                    let text = report.iterations[it].files[file].text();
+                    t.add(pdir, &format!("{name}.txt"), bytes(text.as_bytes()), time);
+                }
             }
         }
         for n in &mut t.nodes {

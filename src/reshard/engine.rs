@@ -43,6 +43,11 @@ impl<'p> Engine<'p> {
         Engine { plan }
     }
 
+    /// The size of file `file` of iteration `it`.
+    pub fn size(&self, it: usize, file: usize) -> u64 {
+        self.plan.iterations[it].files[file].size
+    }
+
     /// Fills `buf` with the bytes of file `file` of iteration `it` starting at
     /// `offset`; returns how many bytes were written (short only at the end of
     /// the file).
