@@ -153,12 +153,9 @@ impl BlockCache {
         let mut data = lock(&slot.data);
         let mut buf = spare.unwrap_or_default();
         buf.resize(len, 0);
-        if let Err(e) = fill(&mut buf) {
-            drop(data);
-            self.unflag(&slot, len as u64);
-            self.forget(key, &slot);
-            return Err(e);
-        }
+        let failed = Failed::new(self, key, &slot, len as u64);
+        fill(&mut buf)?;
+        failed.disarm();
         *data = Some(Arc::new(buf));
         self.prefetch_blocks.fetch_add(1, Ordering::Relaxed);
         Ok(true)
@@ -222,11 +219,9 @@ impl BlockCache {
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let mut buf = vec![0u8; len];
-        if let Err(e) = fill(&mut buf) {
-            drop(data);
-            self.forget(key, &slot);
-            return Err(e);
-        }
+        let failed = Failed::new(self, key, &slot, len as u64);
+        fill(&mut buf)?;
+        failed.disarm();
         let block = Arc::new(buf);
         *data = Some(block.clone());
         Ok(block)
@@ -249,7 +244,8 @@ impl BlockCache {
         }
     }
 
-    /// Removes a slot whose computation failed, if it is still the cached one.
+    /// Removes a slot whose computation failed (or panicked), if it is
+    /// still the cached one.
     fn forget(&self, key: BlockKey, slot: &Arc<Slot>) {
         let mut g = lock(&self.inner);
         if g.lru.peek(&key).is_some_and(|(s, _)| Arc::ptr_eq(s, slot))
@@ -276,6 +272,45 @@ impl BlockCache {
             prefetch_blocks: self.prefetch_blocks.load(Ordering::Relaxed),
             prefetch_hits: self.prefetch_hits.load(Ordering::Relaxed),
             prefetch_wasted: self.prefetch_wasted.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Until disarmed, a slot being filled whose computation failed, returned
+/// early or panicked: dropped, it takes the slot out of the cache (and out
+/// of the prefetcher's pending bytes), so the next reader computes the
+/// block anew instead of finding an empty slot. Dropped before the slot's
+/// data lock (declared after it): a reader waiting on that lock finds the
+/// slot empty, no longer cached, and computes the block itself.
+struct Failed<'a> {
+    cache: &'a BlockCache,
+    key: BlockKey,
+    slot: &'a Arc<Slot>,
+    len: u64,
+    armed: bool,
+}
+
+impl<'a> Failed<'a> {
+    fn new(cache: &'a BlockCache, key: BlockKey, slot: &'a Arc<Slot>, len: u64) -> Self {
+        Failed {
+            cache,
+            key,
+            slot,
+            len,
+            armed: true,
+        }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Failed<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cache.unflag(self.slot, self.len);
+            self.cache.forget(self.key, self.slot);
         }
     }
 }
@@ -316,6 +351,32 @@ mod tests {
         });
         assert_eq!(b.unwrap().len(), 100);
         assert_eq!((c.stats().blocks, c.stats().bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_computation_that_panics_is_not_cached() {
+        let c = BlockCache::new(1 << 20);
+        for prefetch in [false, true] {
+            let key = (u32::from(prefetch), 0);
+            let before = c.stats().bytes;
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if prefetch {
+                    let _ = c.prefetch(key, 100, |_| -> Result<(), ()> { panic!("a bug") });
+                } else {
+                    let _ = c.get(key, 100, |_| -> Result<(), ()> { panic!("a bug") });
+                }
+            }));
+            assert!(r.is_err());
+            assert!(!c.contains(key), "prefetch={prefetch}");
+            assert_eq!(c.pending_prefetch(), 0);
+            assert_eq!(c.stats().bytes, before);
+            let b = c.get(key, 100, |b| -> Result<(), ()> {
+                b.fill(7);
+                Ok(())
+            });
+            assert_eq!(b.unwrap()[99], 7);
+        }
+        assert_eq!(c.stats().prefetch_hits, 0);
     }
 
     #[test]
