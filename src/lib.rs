@@ -19,6 +19,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod export;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod mount;

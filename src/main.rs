@@ -9,7 +9,7 @@ use reshardfs::checkpoint::models::{self, ModelChoice};
 use reshardfs::checkpoint::source::Source;
 use reshardfs::export::{ExportOptions, export};
 use reshardfs::mount::daemon;
-use reshardfs::mount::prefetch::PrefetchConfig;
+use reshardfs::mount::prefetch::{self, PrefetchConfig};
 use reshardfs::mount::serve::Server;
 use reshardfs::report;
 use reshardfs::reshard::cast;
@@ -379,8 +379,7 @@ fn run(command: Command) -> Result<()> {
         } => {
             let plan = load_plan(&src, target.spec_for(&view)?, &view)?;
             storage_hint(&src);
-            let threads = threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+            let threads = threads.unwrap_or_else(cpus);
             let start = std::time::Instant::now();
             let stats = export(
                 &plan,
@@ -426,6 +425,9 @@ fn run(command: Command) -> Result<()> {
             } else {
                 PrefetchConfig {
                     window: prefetch_window,
+                    // For measuring and testing only (docs/DESIGN.md lists it).
+                    mode: std::env::var(prefetch::Mode::ENV)
+                        .map_or(prefetch::Mode::Auto, |v| prefetch::Mode::parse(&v)),
                     ..PrefetchConfig::default()
                 }
             };

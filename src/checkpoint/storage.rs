@@ -39,7 +39,7 @@ pub fn readahead_hint(dir: &Path) -> Option<String> {
 /// ahead: a FUSE or network mount (an anonymous device, major 0, with its
 /// own entry in `/sys/class/bdi`). `None` elsewhere: block devices (their
 /// window is several MiB, and measured there advice only cost: see
-/// `Server::ahead`), and anonymous devices without a bdi (tmpfs, btrfs,
+/// `Prefetcher::on_read`), and anonymous devices without a bdi (tmpfs, btrfs,
 /// overlayfs).
 ///
 /// The kernel caps one call at the larger of the bdi's readahead and its

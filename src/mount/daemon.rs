@@ -26,7 +26,8 @@ use signal_hook::iterator::Signals;
 use crate::bail;
 use crate::checkpoint::paths::overlap_with_source;
 use crate::error::{Error, Result};
-use crate::mount::fuse::{GuardedFs, ViewFs};
+use crate::mount::fuse::ViewFs;
+use crate::mount::hooks;
 use crate::mount::serve::Server;
 
 pub struct MountOptions {
@@ -121,7 +122,7 @@ pub fn mount(server: Server, mnt: &Path, opts: &MountOptions) -> Result<()> {
     }
     // What the environment lacks is found here, before anything runs.
     let mounter = Mounter::choose(opts.allow_other)?;
-    let fs = GuardedFs::new(ViewFs::new(server));
+    let fs = ViewFs::new(server);
     if opts.foreground {
         let signals = stop_signals()?;
         let session = start(fs, &mnt, opts, &mounter)?;
@@ -251,13 +252,12 @@ fn fusermount_options(opts: &MountOptions) -> String {
 
 /// Mounts and completes the FUSE handshake: when this returns the mount is live.
 fn start(
-    fs: GuardedFs,
+    fs: ViewFs,
     mnt: &Path,
     opts: &MountOptions,
     mounter: &Mounter,
-) -> Result<Session<GuardedFs>> {
-    #[cfg(debug_assertions)]
-    if std::env::var_os("RESHARDFS_TEST_HANG_BEFORE_MOUNT").is_some() {
+) -> Result<Session<ViewFs>> {
+    if hooks::get().hang_before_mount {
         log::warn!("test hook RESHARDFS_TEST_HANG_BEFORE_MOUNT: hanging before mounting");
         loop {
             std::thread::sleep(Duration::from_secs(3600));
@@ -432,7 +432,7 @@ fn stop_signals() -> Result<Signals> {
 /// signal, which detaches the mount (lazily, so open files finish) and ends
 /// the loop once the kernel lets go.
 fn run(
-    mut session: Session<GuardedFs>,
+    mut session: Session<ViewFs>,
     mnt: &Path,
     mounter: &Mounter,
     mut signals: Signals,
@@ -477,15 +477,8 @@ fn run(
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn start_timeout() -> Duration {
-    // Tests shorten it (debug builds only).
-    #[cfg(debug_assertions)]
-    if let Some(s) = std::env::var("RESHARDFS_TEST_START_TIMEOUT_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return Duration::from_secs(s);
-    }
-    START_TIMEOUT
+    // Tests shorten it.
+    hooks::get().start_timeout.unwrap_or(START_TIMEOUT)
 }
 
 /// At most this much of the daemon's start-up log is kept for a message.
@@ -495,7 +488,7 @@ const STARTUP_LOG_BYTES: usize = 64 << 10;
 /// live, or with its error (and its exit code). Until then the daemon's log
 /// comes to this process through a pipe, so that a daemon that fails or
 /// hangs at start-up is reported with what it logged.
-fn daemonize(fs: GuardedFs, mnt: &Path, opts: &MountOptions, mounter: &Mounter) -> Result<()> {
+fn daemonize(fs: ViewFs, mnt: &Path, opts: &MountOptions, mounter: &Mounter) -> Result<()> {
     let mut log_file = match &opts.log_file {
         Some(p) => Some(
             std::fs::OpenOptions::new()

@@ -9,6 +9,8 @@
 pub(crate) mod cache;
 pub mod daemon;
 pub(crate) mod fuse;
+pub(crate) mod hooks;
 pub mod prefetch;
 pub mod serve;
+pub(crate) mod sync;
 pub(crate) mod tree;

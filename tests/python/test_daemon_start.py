@@ -1,9 +1,9 @@
-"""The daemon's start-up is bounded (issue 10): `mount` waits at most 30 s (as mount-s3 does) for
-its daemon to report the mount live; past that it reports what the daemon logged, kills it and
-exits 1, leaving nothing mounted or running.
+"""The daemon's start-up is bounded: `mount` waits at most 30 s (as mount-s3 does) for its daemon to
+report the mount live; past that it reports what the daemon logged, kills it and exits 1, leaving
+nothing mounted or running.
 
-Test-only hooks (debug builds): RESHARDFS_TEST_HANG_BEFORE_MOUNT makes the daemon hang before
-mounting; RESHARDFS_TEST_START_TIMEOUT_S shortens the 30 s."""
+Test hooks (the `test-hooks` cargo feature): RESHARDFS_TEST_HANG_BEFORE_MOUNT makes the daemon hang
+before mounting; RESHARDFS_TEST_START_TIMEOUT_S shortens the 30 s."""
 
 import time
 
@@ -13,13 +13,8 @@ import ckpt
 import mountutil
 
 
-@pytest.fixture
-def debug_build(reshardfs_bin):
-    if "/release/" in reshardfs_bin:
-        pytest.skip("the start-up hooks exist only in debug builds")
-
-
-def test_a_hung_daemon_is_killed_and_reported(mounts, debug_build, tmp_path):
+@pytest.mark.hooks
+def test_a_hung_daemon_is_killed_and_reported(mounts, tmp_path):
     m = mounts()
     m.env["RESHARDFS_TEST_HANG_BEFORE_MOUNT"] = "1"
     m.env["RESHARDFS_TEST_START_TIMEOUT_S"] = "2"

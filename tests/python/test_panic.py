@@ -1,15 +1,20 @@
-"""The daemon's panic policy (issue 10): a panic in a request handler is caught at the FUSE
-adapter, the request gets EIO, the panic is logged at error level with the file and offset and
-counted as `internal_errors` in `.reshardfs/stats`, and the worker thread keeps serving.
+"""The daemon's panic policy: a panic in a request handler is caught at the FUSE adapter, the
+request gets EIO, the panic is logged at error level with the file and offset and counted as
+`internal_errors` in `.reshardfs/stats`, and the worker thread keeps serving. A prefetch job that
+panics is caught the same way: counted, logged, its blocks left to the reader, its worker kept.
 
-The panic is injected through a test-only hook: in debug builds the daemon reads
-RESHARDFS_TEST_PANIC_ON_READ at start-up and panics in every read of a file with that name."""
+The panics are injected through test hooks (the `test-hooks` cargo feature, src/mount/hooks.rs):
+RESHARDFS_TEST_PANIC_ON_READ and RESHARDFS_TEST_PANIC_IN_PREFETCH name a file whose reads, or whose
+prefetched blocks, panic. scripts/test.sh runs these tests on the debug build and again on a
+release-profile build, whose panic handling is the shipped one."""
 
 import pytest
 
 import ckpt
 import mountutil
 from mountutil import run
+
+pytestmark = pytest.mark.hooks
 
 TP4 = "tp4-f32"
 IT = "iteration_00000005"
@@ -19,14 +24,7 @@ THREADS = 2
 PANICS = 3 * THREADS  # more panics than worker threads: each would have killed one
 
 
-@pytest.fixture
-def debug_build(reshardfs_bin):
-    if "/release/" in reshardfs_bin:
-        pytest.skip("the panic hook exists only in debug builds (RESHARDFS_BIN is a release build)")
-    return reshardfs_bin
-
-
-def test_panicking_read_answers_eio_and_the_mount_keeps_serving(tmp_path, mounts, debug_build):
+def test_panicking_read_answers_eio_and_the_mount_keeps_serving(tmp_path, mounts):
     ref = tmp_path / "ref"
     r = ckpt.export(ckpt.FIXTURES / TP4, ref, ["--mesh", "tp=2"])
     assert r.code == 0, str(r)
@@ -57,3 +55,32 @@ def test_panicking_read_answers_eio_and_the_mount_keeps_serving(tmp_path, mounts
     lines = [ln for ln in text.splitlines() if "internal error" in ln]
     assert lines, f"no internal error logged:\n{text[-3000:]}"
     assert any("ERROR" in ln and BAD in ln and "offset" in ln and "panicked" in ln for ln in lines), "\n".join(lines)
+
+
+def test_a_panicking_prefetch_job_is_counted_and_its_worker_goes_on(synth_ckpt, mounts, exports, tmp_path):
+    """Every block a prefetch worker computes for one file panics: that file still reads exactly
+    (its reader computes what the workers could not), each panic is counted and logged, and the
+    two workers survive: prefetch still computes blocks ahead of a reader of another file."""
+    args = ["--mesh", "tp=2"]
+    ref = exports(synth_ckpt, args)
+    files = sorted(p.relative_to(ref) for p in ref.rglob("*-model-*.safetensors"))
+    bad, good = files[0], files[1]
+    log = tmp_path / "daemon.log"
+    m = mounts()
+    # The sources sit in the page cache: prefetch must work ahead anyway.
+    m.env["RESHARDFS_PREFETCH"] = "always"
+    m.env["RESHARDFS_TEST_PANIC_IN_PREFETCH"] = bad.name
+    m.start_ok(synth_ckpt, args + ["--cache-size", "8M", "--log-file", log, "--log-level", "warn"])
+    r = run(["cat", m.path(*bad.parts)], timeout=60)
+    assert r.code == 0 and r.out == (ref / bad).read_bytes(), f"{bad} not served exactly: {r}"
+    after_bad = m.stats()
+    assert after_bad["internal_errors"] >= 3, f"fewer panics than the two workers could survive unguarded: {after_bad}"
+    assert after_bad["read_errors"] == 0, after_bad
+    r = run(["cat", m.path(*good.parts)], timeout=60)
+    assert r.code == 0 and r.out == (ref / good).read_bytes(), f"{good} not served exactly: {r}"
+    after_good = m.stats()
+    assert after_good["prefetch_blocks"] > after_bad["prefetch_blocks"], (
+        f"no block prefetched after the panics: the workers died\n{after_bad}\n{after_good}")
+    text = log.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if "internal error" in ln and "prefetch of" in ln]
+    assert lines and all(bad.name in ln and "panicked" in ln for ln in lines), text[-3000:]
