@@ -213,7 +213,7 @@ impl ReplyData {
     /// go to the kernel in one `writev`, so data that lies in pieces is
     /// copied once, by the kernel, instead of gathered first. At most 1023
     /// slices (the kernel's `UIO_MAXIOV`, less the header); more fail the
-    /// write. (reshardfs patch: see RESHARDFS.md.)
+    /// write. (reshardfs patch: see its vendor/README.md.)
     pub fn data_vectored(self, data: &[IoSlice<'_>]) {
         self.reply.send_ll(&ll::ResponseIoSlices(data));
     }

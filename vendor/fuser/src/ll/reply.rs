@@ -62,7 +62,7 @@ impl Response for ResponseSlice<'_> {
 }
 
 /// Data in several slices, sent in order with one `writev` (reshardfs
-/// patch: see RESHARDFS.md).
+/// patch: see its vendor/README.md).
 pub(crate) struct ResponseIoSlices<'a>(pub(crate) &'a [IoSlice<'a>]);
 
 impl Response for ResponseIoSlices<'_> {
