@@ -2,12 +2,15 @@
 # Create (idempotently) the Python venv used by the integration tests and
 # print the path of its python interpreter on stdout.
 #   usage: scripts/pyenv.sh            -> prints /path/to/repo/.venv/bin/python
+#          scripts/pyenv.sh --base     -> the same venv with at least the base tools (numpy,
+#                                         safetensors, pytest: the quick tier's), ~15 s fresh
 #   in scripts: PY="$(scripts/pyenv.sh)"
 #
-# Every package is pinned in tests/python/requirements.txt (the whole closure) and installed
-# with `pip install --no-deps`, so nothing unpinned is ever resolved. When the venv already
-# holds exactly that file's packages (a stamp with the file's sha256, written only after a
-# successful install and import check), this prints the path at once (~10 ms).
+# Every package is pinned in tests/python/requirements.txt (the whole closure, including
+# requirements-base.txt) and installed with `pip install --no-deps`, so nothing unpinned is ever
+# resolved. When the venv already holds exactly those packages (a stamp with the files' sha256,
+# written only after a successful install and import check), this prints the path at once
+# (~10 ms).
 #
 # Cost on a fresh machine (2 cores, PyPI only, no pip cache; measured 2026-11-29): about
 # 2 minutes and 5.6 GB in .venv, almost all of it torch (1.2 GB), the CUDA runtime libraries
@@ -19,12 +22,16 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 REQ="$ROOT/tests/python/requirements.txt"
+BASE_REQ="$ROOT/tests/python/requirements-base.txt"
 STAMP="$VENV/.reshardfs-requirements.sha256"
+BASE_STAMP="$VENV/.reshardfs-requirements-base.sha256"
 
 log() { echo "pyenv: $*" >&2; }
 
-want="$(sha256sum "$REQ" | cut -d' ' -f1)"
-if [ -x "$PY" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+want="$(cat "$REQ" "$BASE_REQ" | sha256sum | cut -d' ' -f1)"
+want_base="$(sha256sum "$BASE_REQ" | cut -d' ' -f1)"
+stamped() { [ -x "$PY" ] && [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+if stamped "$STAMP" "$want" || { [ "${1:-}" = --base ] && stamped "$BASE_STAMP" "$want_base"; }; then
     echo "$PY"
     exit 0
 fi
@@ -49,6 +56,14 @@ if [ ! -x "$PY" ]; then
 fi
 
 rm -f "$STAMP"
+if [ "${1:-}" = --base ]; then
+    log "installing tests/python/requirements-base.txt into $VENV"
+    "$PY" -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps -r "$BASE_REQ" >&2
+    "$PY" -c "import numpy, safetensors, pytest" >&2 || { log "base packages not importable"; exit 1; }
+    echo "$want_base" > "$BASE_STAMP"
+    echo "$PY"
+    exit 0
+fi
 log "installing tests/python/requirements.txt into $VENV (torch, transformers, vllm: ~2 min, 5.6 GB the first time)"
 start=$(date +%s)
 "$PY" -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps -r "$REQ" >&2
@@ -69,6 +84,7 @@ then
     log "packages installed but not importable"; exit 1
 fi
 echo "$want" > "$STAMP"
+echo "$want_base" > "$BASE_STAMP"
 log "done in $(( $(date +%s) - start )) s, venv $(du -sh "$VENV" | cut -f1)"
 
 echo "$PY"

@@ -14,6 +14,37 @@ import mountutil  # noqa: E402
 from mountutil import Mount, run  # noqa: E402
 
 
+# Tiers. `scripts/test.sh --quick` runs `-m "not fuse and not hf_stack and not slow"`: the tests
+# that need nothing but the binary, numpy and safetensors. CI runs everything.
+MARKERS = {
+    "fuse": "mounts a FUSE filesystem (root, or a user through fusermount3)",
+    "hf_stack": "needs torch, transformers or vLLM",
+    "slow": "takes more than a few seconds (load, synthetic checkpoints)",
+    "hooks": "needs a binary built with the `test-hooks` feature; test.sh also runs these on a release build",
+}
+# Fixtures that imply a marker: whatever uses them gets it.
+FIXTURE_MARKERS = {
+    "mounts": "fuse",
+    "mount_bin": "fuse",
+    "world": "fuse",
+    "user": "fuse",
+    "tiny_model": "hf_stack",
+    "synth_ckpt": "slow",
+}
+
+
+def pytest_configure(config):
+    for name, what in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {what}")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def reshardfs_bin():
     """Path of the binary under test. Fails (never skips) when it is missing."""
