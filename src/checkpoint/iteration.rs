@@ -11,11 +11,11 @@ use super::header::{MINDSPORE_DTYPES, dtype_from_mindspore, elem_size};
 use super::layout::{Layout, checked_product, unravel};
 use super::limits::{MAX_METADATA_BYTES, MAX_TENSORS, MAX_WORLD};
 use super::mapped::RankFile;
-use super::metadata::{self, StorageEntry, TensorMeta, from_value};
+use super::metadata::{self, ChunkJson, StorageEntry, TensorMeta, from_value};
 use super::names::{self, Kind};
 use super::paths::{FileSet, read_small};
 use super::source::{Chunk, Iteration, Tensor, read_common};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::{bad, bail};
 
 pub(crate) fn kind_of_file(name: &str) -> Kind {
@@ -180,7 +180,10 @@ pub(crate) fn common_prefix(files: &[RankFile], dir: &Path) -> Result<Option<Str
     }
 }
 
-/// Checks one tensor's metadata entry against its layout, chunks and files.
+/// Checks one tensor's metadata entry, as three checks in turn: its grid
+/// (shape, layout and fragmentation agree, [`check_grid`]), each of its
+/// chunks ([`check_chunk`]), and each file said to hold a chunk
+/// ([`check_holder`]).
 fn check_tensor(
     name: &str,
     tm: &TensorMeta,
@@ -189,6 +192,100 @@ fn check_tensor(
     mp: &str,
 ) -> Result<Tensor> {
     let at = |what: String| bad!("{mp}: tensor {name}: {what}");
+    let grid = check_grid(tm, &at)?;
+    let ms_dtype = tm.properties.dtype.clone();
+    // A name MindSpore does not define is refused, not passed through to the
+    // view's metadata.json: a loader would fail on it far from its cause.
+    let meta_dtype = dtype_from_mindspore(&ms_dtype).ok_or_else(|| {
+        at(format!(
+            "properties.dtype {ms_dtype:?} is not one of MindSpore's dtype names ({})",
+            MINDSPORE_DTYPES.join(", ")
+        ))
+    })?;
+    let mut seen = Seen::default();
+    let mut chunks: Vec<Option<Chunk>> = vec![None; grid.nchunks as usize];
+    for (ci, c) in tm.chunk.iter().enumerate() {
+        let k = check_chunk(ci, c, &grid, &chunks, &at)?;
+        let entries = storage.get(&(name.to_string(), k)).ok_or_else(|| {
+            at(format!(
+                "slice [{k}] has no storage_data entry {}",
+                metadata::format_shard_id(name, k)
+            ))
+        })?;
+        let start: Vec<u64> = unravel(k, &grid.frag)
+            .iter()
+            .zip(&grid.chunk_shape)
+            .map(|(g, c)| g * c)
+            .collect();
+        let mut holders = Vec::with_capacity(entries.len());
+        let mut chosen: Option<Chunk> = None;
+        for e in entries {
+            let fi = files.get(&e.file_name, || format!("tensor {name}: slice [{k}]: "))?;
+            let want = Holder {
+                name,
+                k,
+                shape: &tm.global_shape,
+                chunk_shape: &grid.chunk_shape,
+                start: &start,
+                ms_dtype: &ms_dtype,
+                dtype: meta_dtype,
+            };
+            let (offset, origin, stored_shape) =
+                check_holder(&files.files[fi], &want, &mut seen, &at)?;
+            holders.push((fi, e.storage_rank));
+            // Reads come from the lowest storage rank holding the slice.
+            chosen.get_or_insert(Chunk {
+                file: fi,
+                offset,
+                origin,
+                stored_shape,
+                holders: Vec::new(),
+            });
+        }
+        let mut chunk = chosen.ok_or_else(|| at(format!("slice [{k}] has no file")))?;
+        chunk.holders = holders;
+        chunks[k as usize] = Some(chunk);
+    }
+    let chunks: Vec<Chunk> = chunks.into_iter().flatten().collect();
+    let dtype = seen
+        .dtype
+        .ok_or_else(|| at("no slice is stored anywhere".into()))?;
+    grid.nelems
+        .checked_mul(elem_size(dtype))
+        .ok_or_else(|| at("byte size overflows".into()))?;
+    Ok(Tensor {
+        name: name.to_string(),
+        kind: seen.kind.map(|k| k.0).unwrap_or(Kind::Model),
+        dtype,
+        ms_dtype,
+        global_shape: tm.global_shape.clone(),
+        layout: grid.layout,
+        frag: grid.frag,
+        chunk_shape: grid.chunk_shape,
+        chunks,
+        stage: 0,
+        allow_shape_mismatch: tm.properties.allow_shape_mismatch,
+        allow_to_save: tm.properties.allow_to_save,
+        rows: None,
+        rules: Default::default(),
+    })
+}
+
+/// How a tensor is cut: its layout (if any) and the grid of slices.
+struct Grid {
+    shape: Vec<u64>,
+    layout: Option<Layout>,
+    /// Slices per dimension (`axis_fragmentations`).
+    frag: Vec<u64>,
+    chunk_shape: Vec<u64>,
+    nchunks: u64,
+    nelems: u64,
+}
+
+/// The grid check: the element count fits, the layout is valid, and
+/// `axis_fragmentations` has a positive divisor of each dimension, agreeing
+/// with the layout's splits.
+fn check_grid(tm: &TensorMeta, at: &impl Fn(String) -> Error) -> Result<Grid> {
     let shape = &tm.global_shape;
     let ndim = shape.len();
     let nelems =
@@ -241,142 +338,138 @@ fn check_tensor(
             }
         )));
     }
-
-    let ms_dtype = tm.properties.dtype.clone();
-    // A name MindSpore does not define is refused, not passed through to the
-    // view's metadata.json: a loader would fail on it far from its cause.
-    let meta_dtype = dtype_from_mindspore(&ms_dtype).ok_or_else(|| {
-        at(format!(
-            "properties.dtype {ms_dtype:?} is not one of MindSpore's dtype names ({})",
-            MINDSPORE_DTYPES.join(", ")
-        ))
-    })?;
-    let mut dtype: Option<Dtype> = None;
-    let mut kind: Option<(Kind, String)> = None;
-    let mut chunks: Vec<Option<Chunk>> = vec![None; nchunks as usize];
-    for (ci, c) in tm.chunk.iter().enumerate() {
-        let k = match c.global_offset.as_slice() {
-            [k] => *k,
-            other => {
-                return Err(at(format!(
-                    "chunk[{ci}].global_offset is {other:?}; expected [k], the slice's index in the axis_fragmentations grid"
-                )));
-            }
-        };
-        if k >= nchunks {
-            return Err(at(format!(
-                "chunk[{ci}].global_offset [{k}] is outside the {nchunks} slices of axis_fragmentations {frag:?}"
-            )));
-        }
-        if c.local_shape != chunk_shape {
-            return Err(at(format!(
-                "chunk[{ci}].local_shape is {:?}; global_shape {shape:?} split by {frag:?} gives {chunk_shape:?}, so the slices would overlap or leave a gap",
-                c.local_shape
-            )));
-        }
-        if chunks[k as usize].is_some() {
-            return Err(at(format!(
-                "chunk[{ci}] repeats slice [{k}]: the slices overlap"
-            )));
-        }
-        let entries = storage.get(&(name.to_string(), k)).ok_or_else(|| {
-            at(format!(
-                "slice [{k}] has no storage_data entry {}",
-                metadata::format_shard_id(name, k)
-            ))
-        })?;
-        let grid = unravel(k, &frag);
-        let start: Vec<u64> = grid.iter().zip(&chunk_shape).map(|(g, c)| g * c).collect();
-        let mut holders = Vec::with_capacity(entries.len());
-        let mut chosen: Option<(usize, u64, Vec<u64>, Vec<u64>)> = None;
-        for e in entries {
-            let fi = files.get(&e.file_name, || format!("tensor {name}: slice [{k}]: "))?;
-            let f = &files.files[fi];
-            let fk = kind_of_file(&f.name);
-            match &kind {
-                None => kind = Some((fk, f.name.clone())),
-                Some((k0, f0)) if *k0 != fk => {
-                    return Err(at(format!(
-                        "stored both in {f0} ({}) and in {} ({})",
-                        k0.as_str(),
-                        f.name,
-                        fk.as_str()
-                    )));
-                }
-                _ => {}
-            }
-            let st = f.tensors.get(name).ok_or_else(|| {
-                bad!(
-                    "{}: tensor {name} is missing (metadata.json says slice [{k}] is here)",
-                    f.path.display()
-                )
-            })?;
-            if st.dtype != meta_dtype {
-                bail!(
-                    "{}: tensor {name}: dtype is {:?}, but metadata.json says {ms_dtype} ({:?})",
-                    f.path.display(),
-                    st.dtype,
-                    meta_dtype
-                );
-            }
-            match dtype {
-                None => dtype = Some(st.dtype),
-                Some(d) if d != st.dtype => bail!(
-                    "{}: tensor {name}: dtype is {:?}, but other files hold it as {d:?}",
-                    f.path.display(),
-                    st.dtype
-                ),
-                _ => {}
-            }
-            let origin = if st.shape == chunk_shape {
-                start.clone()
-            } else if st.shape == *shape {
-                vec![0; ndim]
-            } else {
-                bail!(
-                    "{}: tensor {name}: shape is {:?}, but metadata.json says slice [{k}] has local_shape {:?} (global_shape {:?})",
-                    f.path.display(),
-                    st.shape,
-                    chunk_shape,
-                    shape
-                );
-            };
-            holders.push((fi, e.storage_rank));
-            if chosen.is_none() {
-                chosen = Some((fi, st.offset, origin, st.shape.clone()));
-            }
-        }
-        let (file, offset, origin, stored_shape) =
-            chosen.ok_or_else(|| at(format!("slice [{k}] has no file")))?;
-        chunks[k as usize] = Some(Chunk {
-            file,
-            offset,
-            origin,
-            stored_shape,
-            holders,
-        });
-    }
-    let chunks: Vec<Chunk> = chunks.into_iter().flatten().collect();
-    let dtype = dtype.ok_or_else(|| at("no slice is stored anywhere".into()))?;
-    nelems
-        .checked_mul(elem_size(dtype))
-        .ok_or_else(|| at("byte size overflows".into()))?;
-    Ok(Tensor {
-        name: name.to_string(),
-        kind: kind.map(|k| k.0).unwrap_or(Kind::Model),
-        dtype,
-        ms_dtype,
-        global_shape: shape.clone(),
+    Ok(Grid {
+        shape: shape.clone(),
         layout,
         frag,
         chunk_shape,
-        chunks,
-        stage: 0,
-        allow_shape_mismatch: tm.properties.allow_shape_mismatch,
-        allow_to_save: tm.properties.allow_to_save,
-        rows: None,
-        rules: Default::default(),
+        nchunks,
+        nelems,
     })
+}
+
+/// The chunk check: entry `ci` of `chunk` names one slice of the grid, by
+/// its index, with the grid's slice shape, and no other entry named it
+/// before. Returns the slice's index.
+fn check_chunk(
+    ci: usize,
+    c: &ChunkJson,
+    grid: &Grid,
+    found: &[Option<Chunk>],
+    at: &impl Fn(String) -> Error,
+) -> Result<u64> {
+    let nchunks = grid.nchunks;
+    let k = match c.global_offset.as_slice() {
+        [k] => *k,
+        other => {
+            return Err(at(format!(
+                "chunk[{ci}].global_offset is {other:?}; expected [k], the slice's index in the axis_fragmentations grid"
+            )));
+        }
+    };
+    if k >= nchunks {
+        return Err(at(format!(
+            "chunk[{ci}].global_offset [{k}] is outside the {nchunks} slices of axis_fragmentations {:?}",
+            grid.frag
+        )));
+    }
+    if c.local_shape != grid.chunk_shape {
+        return Err(at(format!(
+            "chunk[{ci}].local_shape is {:?}; global_shape {:?} split by {:?} gives {:?}, so the slices would overlap or leave a gap",
+            c.local_shape, grid.shape, grid.frag, grid.chunk_shape
+        )));
+    }
+    if found[k as usize].is_some() {
+        return Err(at(format!(
+            "chunk[{ci}] repeats slice [{k}]: the slices overlap"
+        )));
+    }
+    Ok(k)
+}
+
+/// What a file holding slice `k` of a tensor must hold.
+struct Holder<'a> {
+    name: &'a str,
+    k: u64,
+    shape: &'a [u64],
+    chunk_shape: &'a [u64],
+    /// The slice's start in global coordinates.
+    start: &'a [u64],
+    ms_dtype: &'a str,
+    dtype: Dtype,
+}
+
+/// What the files seen so far hold the tensor as.
+#[derive(Default)]
+struct Seen {
+    dtype: Option<Dtype>,
+    /// The kind of file (model or opt) and the first file it was seen in.
+    kind: Option<(Kind, String)>,
+}
+
+/// The holder check: file `f` is of the same kind as the tensor's other
+/// files, holds the tensor with metadata.json's dtype (as every other file
+/// does) and with the slice's shape or the whole tensor's. Returns the
+/// stored tensor's offset, the global coordinates of its first element
+/// and its shape.
+fn check_holder(
+    f: &RankFile,
+    want: &Holder<'_>,
+    seen: &mut Seen,
+    at: &impl Fn(String) -> Error,
+) -> Result<(u64, Vec<u64>, Vec<u64>)> {
+    let (name, k) = (want.name, want.k);
+    let fk = kind_of_file(&f.name);
+    match &seen.kind {
+        None => seen.kind = Some((fk, f.name.clone())),
+        Some((k0, f0)) if *k0 != fk => {
+            return Err(at(format!(
+                "stored both in {f0} ({}) and in {} ({})",
+                k0.as_str(),
+                f.name,
+                fk.as_str()
+            )));
+        }
+        _ => {}
+    }
+    let st = f.tensors.get(name).ok_or_else(|| {
+        bad!(
+            "{}: tensor {name} is missing (metadata.json says slice [{k}] is here)",
+            f.path.display()
+        )
+    })?;
+    if st.dtype != want.dtype {
+        bail!(
+            "{}: tensor {name}: dtype is {:?}, but metadata.json says {} ({:?})",
+            f.path.display(),
+            st.dtype,
+            want.ms_dtype,
+            want.dtype
+        );
+    }
+    match seen.dtype {
+        None => seen.dtype = Some(st.dtype),
+        Some(d) if d != st.dtype => bail!(
+            "{}: tensor {name}: dtype is {:?}, but other files hold it as {d:?}",
+            f.path.display(),
+            st.dtype
+        ),
+        _ => {}
+    }
+    let origin = if st.shape == want.chunk_shape {
+        want.start.to_vec()
+    } else if st.shape == want.shape {
+        vec![0; want.shape.len()]
+    } else {
+        bail!(
+            "{}: tensor {name}: shape is {:?}, but metadata.json says slice [{k}] has local_shape {:?} (global_shape {:?})",
+            f.path.display(),
+            st.shape,
+            want.chunk_shape,
+            want.shape
+        );
+    };
+    Ok((st.offset, origin, st.shape.clone()))
 }
 
 #[cfg(test)]
