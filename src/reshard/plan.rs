@@ -105,7 +105,7 @@ pub struct PlannedTensor {
 
 /// A box of a target slice that comes from one source slice.
 #[derive(Debug, Clone, Serialize)]
-pub struct Piece {
+pub struct SourceRegion {
     /// The source slice's grid index (`k` in its shard id).
     pub chunk: u64,
     /// Index into `Iteration::files` of the replica read.
@@ -507,7 +507,7 @@ fn view_metadata(
 /// each read from one replica. They tile the slice. For a tensor assembled
 /// from rows of parts, the pieces of the parts' row ranges it draws on (per
 /// part, the rows between the first and the last it reads).
-pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<Piece> {
+pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
     if t.rows.is_some() {
         return part_slices(it, t, slice)
             .into_iter()
@@ -517,7 +517,7 @@ pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<Piece> {
     stored_pieces(t, slice)
 }
 
-fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<Piece> {
+fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
     let per_dim: Vec<Vec<(u64, u64, u64)>> = (0..slice.shape.len())
         .map(|d| intervals(slice.start[d], slice.shape[d], t.chunk_shape[d]))
         .collect();
@@ -529,7 +529,7 @@ fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<Piece> {
     loop {
         let grid: Vec<u64> = pick.iter().zip(&per_dim).map(|(&i, v)| v[i].0).collect();
         let k = ravel(&grid, &t.frag);
-        out.push(Piece {
+        out.push(SourceRegion {
             chunk: k,
             file: t.chunks[k as usize].file,
             start: pick.iter().zip(&per_dim).map(|(&i, v)| v[i].1).collect(),
