@@ -509,3 +509,52 @@ fn print_report<T: serde::Serialize>(
     let _ = stdout.write_all(out.as_bytes());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_binary_and_shard_sizes_decimal_as_transformers_counts() {
+        let k = 1024u64;
+        for (s, want) in [
+            ("1048576", 1 << 20),
+            ("64K", 64 * k),
+            ("64k", 64 * k),
+            ("512M", 512 * k * k),
+            ("2G", 2 << 30),
+            ("1GiB", 1 << 30),
+            ("1.5G", 1_610_612_736),
+            (" 3 M ", 3 << 20),
+            ("1T", 1 << 40),
+            ("0", 0),
+            (".5K", 512),
+        ] {
+            assert_eq!(parse_size(s), Ok(want), "{s:?}");
+        }
+        for (s, want) in [
+            ("5GB", 5_000_000_000u64),
+            ("5GiB", 5 << 30),
+            ("100MB", 100_000_000),
+            ("2.5KB", 2500),
+            ("7", 7),
+        ] {
+            assert_eq!(parse_shard_size(s), Ok(want), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn bad_sizes_say_what_is_wrong() {
+        for s in ["", "M", "1.2.3G", "12X", "-1", "1e9"] {
+            let e = parse_size(s).unwrap_err();
+            assert!(e.contains(&format!("{s:?}")), "{s:?}: {e}");
+        }
+        assert!(parse_size("16E").unwrap_err().contains("unknown unit"));
+        // 2^64 bytes and more: refused, not wrapped.
+        assert!(parse_size("16777216T").unwrap_err().contains("too large"));
+        assert!(parse_size("18446744073709551616").is_err());
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert!(parse_size("1.0000000000000000001K").is_err(), "19 decimals");
+        assert!(parse_shard_size("0").unwrap_err().contains("positive"));
+    }
+}

@@ -613,3 +613,221 @@ fn walk_stored<E>(
     }
     Ok(())
 }
+
+/// The engine's own behaviour on checkpoints small enough to reason about
+/// by hand (the property tests in tests/engine_props.rs cover random
+/// layouts against element-wise slicing).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::source::Source;
+    use crate::checkpoint::source::tests::{f32s, write_st};
+    use crate::reshard::plan::ViewOptions;
+    use crate::reshard::target::TargetSpec;
+    use serde_json::json;
+    use std::path::Path;
+
+    const F0: &str = "model-0000000-0000002.safetensors";
+    const F1: &str = "model-0000001-0000002.safetensors";
+
+    /// `w` f32 `[4, 2]` with `w[i][j] = 2i + j`, split on dimension 1 over
+    /// two ranks (rank r holds column r), and `n` f32 `[2]` = [8, 9] held
+    /// whole by both: a column split, whose rows are 4-byte runs.
+    fn columns(dir: &Path) {
+        let col = |r: usize| f32s(&(0..4).map(|i| (2 * i + r) as f32).collect::<Vec<_>>());
+        let n = f32s(&[8.0, 9.0]);
+        write_st(
+            dir,
+            F0,
+            &[("n", "F32", &[2], &n), ("w", "F32", &[4, 1], &col(0))],
+        );
+        write_st(
+            dir,
+            F1,
+            &[("n", "F32", &[2], &n), ("w", "F32", &[4, 1], &col(1))],
+        );
+        let entry = |f: &str, r: u64| json!([{"file_name": f, "storage_rank": r}]);
+        let meta = json!({
+            "state_dict_metadata": {
+                "n": {"properties": {"dtype": "Float32"}, "global_shape": [2],
+                      "axis_fragmentations": [1], "layout": null,
+                      "chunk": [{"global_offset": [0], "local_shape": [2]}]},
+                "w": {"properties": {"dtype": "Float32"}, "global_shape": [4, 2],
+                      "axis_fragmentations": [1, 2],
+                      "layout": {"device_matrix": [2], "tensor_map": [-1, 0],
+                                 "alias_name": ["tp"], "rank_list": [0, 1]},
+                      "chunk": [{"global_offset": [0], "local_shape": [4, 1]},
+                                {"global_offset": [1], "local_shape": [4, 1]}]}},
+            "storage_data": {
+                "('n', (0,))": [{"file_name": F0, "storage_rank": 0},
+                                {"file_name": F1, "storage_rank": 1}],
+                "('w', (0,))": entry(F0, 0),
+                "('w', (1,))": entry(F1, 1)}
+        });
+        std::fs::write(dir.join("metadata.json"), meta.to_string()).unwrap();
+    }
+
+    fn unshard(dir: &Path, dtype: Option<Dtype>) -> Plan {
+        let options = ViewOptions {
+            dtype,
+            ..ViewOptions::default()
+        };
+        Plan::build_with(Source::open(dir).unwrap(), TargetSpec::Unshard, options).unwrap()
+    }
+
+    /// The view file's data section, by hand: n then w, row-major.
+    fn want_data() -> Vec<u8> {
+        let mut v = f32s(&[8.0, 9.0]);
+        v.extend(f32s(&(0..8).map(|x| x as f32).collect::<Vec<_>>()));
+        v
+    }
+
+    fn read_all(plan: &Plan, from: u64, len: usize) -> (Vec<u8>, Served) {
+        let mut buf = vec![0u8; len];
+        let got = Engine::new(plan).read(0, 0, from, &mut buf).unwrap();
+        buf.truncate(got.bytes);
+        (buf, got)
+    }
+
+    #[test]
+    fn a_column_split_reads_back_whole_at_any_offset() {
+        let tmp = tempfile::tempdir().unwrap();
+        columns(tmp.path());
+        let plan = unshard(tmp.path(), None);
+        let vf = &plan.iterations[0].files[0];
+        let hlen = vf.header.len();
+        assert_eq!(vf.size as usize, hlen + 40);
+        let (all, served) = read_all(&plan, 0, 4096);
+        assert_eq!(&all[..hlen], vf.header.as_slice());
+        assert_eq!(&all[hlen..], want_data().as_slice());
+        assert_eq!(served.bytes, hlen + 40);
+        assert_eq!(served.from_source, 40, "the header is generated");
+        // Any range, starting and ending inside elements and the header.
+        for from in [0, 3, hlen as u64 - 1, hlen as u64 + 5, hlen as u64 + 13] {
+            for len in [1, 2, 7, 33, 4096] {
+                let (part, _) = read_all(&plan, from, len);
+                let end = (from as usize + len).min(all.len());
+                assert_eq!(part, &all[from as usize..end], "from {from} len {len}");
+            }
+        }
+        // At and past the end: nothing.
+        assert_eq!(read_all(&plan, vf.size, 10).0, Vec::<u8>::new());
+        assert_eq!(read_all(&plan, vf.size + 100, 10).1, Served::default());
+    }
+
+    #[test]
+    fn gather_lists_the_runs_and_merges_what_is_contiguous() {
+        let tmp = tempfile::tempdir().unwrap();
+        columns(tmp.path());
+        let plan = unshard(tmp.path(), None);
+        let (source, vf) = (&plan.source.iterations[0], &plan.iterations[0].files[0]);
+        let hlen = vf.header.len();
+        let mut pieces = Vec::new();
+        gather(source, vf, 0, vf.size, 100, &mut pieces).unwrap();
+        // The header, then n and w's rows: one element from each file in
+        // turn, n and w[0][0] one piece (they follow each other in rank 0's
+        // file).
+        assert_eq!(
+            pieces[0],
+            Piece::Header {
+                start: 0,
+                end: hlen
+            }
+        );
+        assert_eq!(pieces.len(), 1 + 8);
+        assert!(
+            matches!(pieces[1], Piece::Source { len: 12, .. }),
+            "{:?}",
+            pieces[1]
+        );
+        let files: Vec<usize> = pieces[1..]
+            .iter()
+            .map(|p| match p {
+                Piece::Source { file, .. } => *file,
+                Piece::Header { .. } => panic!("a header piece among the data"),
+            })
+            .collect();
+        let (f0, f1) = (
+            source.tensors[0].chunks[0].file,
+            1 - source.tensors[0].chunks[0].file,
+        );
+        assert_eq!(files, vec![f0, f1, f0, f1, f0, f1, f0, f1]);
+        let bytes: Vec<u8> = pieces
+            .iter()
+            .flat_map(|p| p.bytes(source, vf).to_vec())
+            .collect();
+        assert_eq!(bytes, read_all(&plan, 0, vf.size as usize).0);
+        // Too many pieces for `max`, past the end, or empty: no list.
+        assert!(gather(source, vf, 0, vf.size, 8, &mut pieces).is_none());
+        assert!(gather(source, vf, 0, vf.size + 1, 100, &mut pieces).is_none());
+        assert!(gather(source, vf, 0, 0, 100, &mut pieces).is_none());
+        // A range inside w's rows: partial elements at both ends.
+        let at = hlen as u64 + 8 + 2;
+        gather(source, vf, at, 5, 100, &mut pieces).unwrap();
+        let bytes: Vec<u8> = pieces
+            .iter()
+            .flat_map(|p| p.bytes(source, vf).to_vec())
+            .collect();
+        assert_eq!(bytes, want_data()[10..15]);
+    }
+
+    #[test]
+    fn a_cast_converts_every_element_and_never_gathers() {
+        let tmp = tempfile::tempdir().unwrap();
+        columns(tmp.path());
+        let plan = unshard(tmp.path(), Some(Dtype::BF16));
+        let (source, vf) = (&plan.source.iterations[0], &plan.iterations[0].files[0]);
+        let hlen = vf.header.len();
+        assert_eq!(vf.size as usize, hlen + 20);
+        // Small integers are exact in bfloat16: the high half of each f32.
+        let want: Vec<u8> = (0..10)
+            .map(|i| [8.0f32, 9.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0][i])
+            .flat_map(|v: f32| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        let (all, _) = read_all(&plan, 0, 4096);
+        assert_eq!(&all[hlen..], want.as_slice());
+        // Odd offsets and lengths cut elements: the bytes are the same.
+        for from in (hlen as u64..vf.size).step_by(3) {
+            let (part, _) = read_all(&plan, from, 5);
+            let end = (from as usize + 5).min(all.len());
+            assert_eq!(part, &all[from as usize..end], "from {from}");
+        }
+        let mut pieces = Vec::new();
+        assert!(gather(source, vf, hlen as u64, 20, 100, &mut pieces).is_none());
+    }
+
+    #[test]
+    fn touched_spans_merge_when_close_and_stay_apart_when_far() {
+        const MIB: u64 = 1 << 20;
+        let mut t = Touched::default();
+        t.add(0, 0, 100);
+        t.add(0, 100, 200);
+        t.add(0, MIB, MIB + 10);
+        assert_eq!(t.0, vec![(0, 0, MIB + 10)], "within 2 MiB: one span");
+        t.add(1, 0, 10);
+        t.add(0, 100 * MIB, 100 * MIB + 1);
+        assert_eq!(t.0.len(), 3, "other files and far spans stay apart");
+        // Counted in whole 2 MiB units: [0, 1 MiB+10) -> 2 MiB; file 1 -> 2
+        // MiB; the byte at 100 MiB -> 2 MiB.
+        assert_eq!(t.span_bytes(), 6 * MIB);
+    }
+
+    #[test]
+    fn a_replaced_source_file_fails_the_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        columns(tmp.path());
+        let plan = unshard(tmp.path(), None);
+        let source = &plan.source.iterations[0];
+        assert!(check_files(source, [0, 1, 0, 1]).is_ok());
+        // Rank 1's file replaced by a copy of itself (another inode).
+        let p = tmp.path().join(F1);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
+        let f1 = source.files.iter().position(|f| f.name == F1).unwrap();
+        let e = check_files(source, [1 - f1, f1]).unwrap_err();
+        assert_eq!(e.path, source.files[f1].path);
+        let mut buf = vec![0u8; 4096];
+        assert!(Engine::new(&plan).read(0, 0, 0, &mut buf).is_err());
+    }
+}
