@@ -1,5 +1,5 @@
 //! What would answering reads with `splice` cost instead of slices of the
-//! source maps? Issue 8 (row Q1) asked: a spliced reply takes no page of a
+//! source maps? For the bench's row Q1: a spliced reply takes no page of a
 //! map, so the daemon would not pin, fault in or release those pages (19%
 //! and 10% of its samples on Q1), but it needs one `splice` call per piece
 //! of the reply. This measures that call on a page-cached file: pieces of

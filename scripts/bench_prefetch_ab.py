@@ -17,7 +17,7 @@ faster) with the spread.
 --raw compares ways of reading the source files themselves, cold, with
 examples/cold_read.rs: `pread` in 1 MiB blocks (one descriptor, or a fresh
 one per block), copies out of a memory map, and the map with MADV_WILLNEED
-ahead or MADV_SEQUENTIAL (issue 9: is `pread`
+ahead or MADV_SEQUENTIAL (is `pread`
 faster than the byte engine's maps?).
 """
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The Hugging Face bridge's performance rows (issue 8), ratios measured in the same run.
+"""The Hugging Face bridge's performance rows, ratios measured in the same run.
 
     .venv/bin/python scripts/bench_qwen3.py [--workdir DIR] [--reps 5] [--bin PATH] [--keep]
                                             [--quick] [--dry-run] [--no-pretouch]
@@ -253,7 +253,7 @@ class QBench:
 
 
 def main():
-    ap = argparse.ArgumentParser(description="reshardfs Qwen3 bridge benchmark (issue 8)")
+    ap = argparse.ArgumentParser(description="reshardfs Qwen3 bridge benchmark")
     ap.add_argument("--workdir", default="/var/tmp/reshardfs-bench-qwen3")
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "reshardfs"))
     ap.add_argument("--reps", type=int, default=5, help="runs per figure (>= 5 for the issue's figures)")

@@ -266,7 +266,7 @@ CASES = [
     Bad("shard_id_names_unknown_tensor", edit_meta(lambda m: m["storage_data"].__setitem__(
         ckpt.shard_key("no.such.tensor", 0), m["storage_data"][ckpt.shard_key(QKV, 1)])), ["no.such.tensor"]),
     Bad("tracker_empty", write(TRACKER, ""), [TRACKER]),
-    # --- values MindSpore does not define (issue 10) ----------------------------------------
+    # --- values MindSpore does not define----------------------------------------
     Bad("dtype_not_mindspore", edit_meta(set_field("dtype", "Float24", sub="properties")),
         [QKV], all_of=("Float24", "metadata.json")),
     Bad("dtype_safetensors_name", edit_meta(set_field("dtype", "F32", sub="properties")), [QKV], all_of=("F32",)),
@@ -300,7 +300,7 @@ CASES = [
     # A device reports size 0 and never ends: the cap holds while reading.
     Bad("strategy_endless", None, ["/dev/zero"], target=["--strategy", "/dev/zero"], cmds=TARGET_CMDS,
         all_of=("more than",)),
-    # --- hostile sizes (issue 10): products wrap in u64 unless checked --------------------
+    # --- hostile sizes: products wrap in u64 unless checked --------------------
     # dp=2^63 x tp=2 wrapped to 0 ranks per stage: exit 0 and a view whose files held nothing.
     Bad("mesh_dp_2_63_wraps", None, GPT_TENSORS, fixture=GPT, target=["--mesh", "dp=9223372036854775808"],
         cmds=TARGET_CMDS, all_of=("dp=9223372036854775808",)),

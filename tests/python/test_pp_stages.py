@@ -1,4 +1,4 @@
-"""`--pp N` places tensors outside the layers where MindFormers does (issue 10).
+"""`--pp N` places tensors outside the layers where MindFormers does .
 
 The expected views are built here from the rule as the README states it, over sources written by
 the Python writer (`ckpt.write_iteration`), never from reshardfs's own output:

@@ -1,4 +1,4 @@
-"""The Hugging Face bridge (issue 8): Qwen3 HF folders as MindFormers checkpoints and back.
+"""The Hugging Face bridge: Qwen3 HF folders as MindFormers checkpoints and back.
 
 References, all independent of reshardfs: the fixtures written by transformers and by MindSpore
 Transformers' own converter (tests/fixtures/qwen3-*), qwen3ref.py (numpy), and transformers
@@ -111,7 +111,7 @@ def run_bin(args, timeout=120) -> ckpt.Run:
 
 
 def ok(r):
-    assert r.code == 0, f"reshardfs failed (the Qwen3 bridge of issue 8 is needed):\n{r}"
+    assert r.code == 0, f"reshardfs failed (the Qwen3 bridge is needed):\n{r}"
     return r
 
 

@@ -1,4 +1,4 @@
-"""Never destroy or hide the source (issue 10): `export` refuses a DEST that is the source, lies
+"""Never destroy or hide the source: `export` refuses a DEST that is the source, lies
 inside it or contains it (after resolving symlinks), with or without --force, and --force never
 deletes a file the source holds; `mount` refuses such a mount point. Exit 2, a message, nothing
 written, nothing mounted, the source byte-identical."""

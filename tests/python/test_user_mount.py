@@ -1,4 +1,4 @@
-"""Mounting as an ordinary user (issue 10), through fusermount3.
+"""Mounting as an ordinary user, through fusermount3.
 
 An ordinary user cannot call mount(2): reshardfs then mounts through the setuid helper
 `fusermount3` (from the forked daemon too) and unmounts through `fusermount3 -u`. fusermount3
