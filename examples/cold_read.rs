@@ -1,5 +1,5 @@
 //! How fast can a cold source file be read, by `pread` or through a memory
-//! map? The figures are in the README (Cold reads).
+//! map? The figures are in docs/PERFORMANCE.md.
 //! `scripts/bench_prefetch_ab.py --raw` drops the page cache before each run
 //! and interleaves the modes, on the local disk and through sshfs.
 //!

@@ -6,8 +6,8 @@
 //! PIECE_KIB taken every other piece (as a fused gate/up tensor's 8 KiB
 //! rows are), from an offset that is not page-aligned (as safetensors data
 //! is), 256 KiB at a time into a 1 MiB pipe, which is drained into
-//! `/dev/null` (nothing copied there). The figures are in the README
-//! (Performance, the Hugging Face bridge).
+//! `/dev/null` (nothing copied there). The figures are in docs/PERFORMANCE.md
+//! (where a first read's time goes).
 //!
 //!     cargo run --release --example splice_cost -- FILE PIECE_KIB [MIB]
 //!

@@ -6,7 +6,7 @@
 # Targets (fuzz/fuzz_targets/, properties in src/fuzzing.rs): shard_id,
 # safetensors_header, metadata, plan. Two run at once (2 cores). Inputs that
 # crash are copied to fuzz/regressions/<target>/, where tests/fuzz_regressions.rs
-# replays them on every `cargo test`; commit them with the fix.
+# replays them on every `cargo test --features fuzzing` (scripts/test.sh runs it); commit them with the fix.
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz`); the stable toolchain runs it
 # with RUSTC_BOOTSTRAP=1 (libFuzzer and ASan need -Z flags).

@@ -63,7 +63,7 @@ fn plan_inputs() {
 /// A stable stand-in for the fuzzer (which needs nightly): 600 inputs drawn
 /// with a fixed xorshift, mesh sizes small and of any magnitude, through the
 /// plan property (every tensor once per holding rank, bytes as the slices
-/// say) on every `cargo test`.
+/// say) on every `cargo test --features fuzzing` (scripts/test.sh).
 #[test]
 fn plan_property_on_generated_inputs() {
     let source = Arc::new(Source::open(Path::new("tests/fixtures/gpt-dp2-tp2-pp2-bf16")).unwrap());

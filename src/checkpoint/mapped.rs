@@ -61,7 +61,7 @@ impl Identity {
 /// Brings in the header's pages and only those: a fault on a fresh map
 /// reads ahead a whole readahead window (8 MiB on this project's machine),
 /// so parsing the header of 128 rank files read 1 GiB and took most of a
-/// cold mount (0.69 s of a 70B-shaped checkpoint; see README, Performance).
+/// cold mount (0.69 s of a 70B-shaped checkpoint; see docs/PERFORMANCE.md, cold mounts).
 /// Random access while the length is read, then the header range asked for
 /// in one go, then normal readahead again for the data.
 fn read_header_pages(map: &Mmap, path: &Path) {

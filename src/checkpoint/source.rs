@@ -61,7 +61,7 @@ pub struct Iteration {
     pub stages: u64,
     /// Stored tensors that are not in the view themselves but whose rows
     /// make up tensors that are ([`RowMap`]): a Hugging Face folder's
-    /// `q_proj`/`k_proj`/`v_proj` behind MindFormers' fused `linear_qkv`,
+    /// `q_proj`/`k_proj`/`v_proj` behind MindSpore Transformers' fused `linear_qkv`,
     /// or the other way round.
     pub parts: Vec<Tensor>,
     /// Source tensors a model map knows nothing of, left out of the view.
@@ -106,7 +106,7 @@ pub struct SplitRules {
     /// row pairs. A cut inside a group would give a rank half a head.
     pub dim0_group: Option<(u64, &'static str)>,
     /// A split that does not divide the tensor leaves it whole instead of
-    /// failing (MindFormers' embedding when the vocabulary does not divide).
+    /// failing (MindSpore Transformers' embedding when the vocabulary does not divide).
     pub whole_if_uneven: bool,
 }
 

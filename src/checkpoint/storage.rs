@@ -5,8 +5,8 @@
 //! filesystem the window is 128 KiB unless someone raised it, and each
 //! window is a round trip. Reading the 768 MiB bench checkpoint cold
 //! through sshfs took 5.2 s through a map against 2.5 s for `cat`, and
-//! 1.6-2.2 s once the sshfs mount's `read_ahead_kb` was 1024 (README, Cold
-//! reads). Prefetch now asks for the windows ahead of a sequential reader
+//! 1.6-2.2 s once the sshfs mount's `read_ahead_kb` was 1024 (docs/PERFORMANCE.md,
+//! cold reads). Prefetch now asks for the windows ahead of a sequential reader
 //! ([`advice_window`]), which brought the view to `cat`'s speed, and a
 //! larger window still made both faster (2.15 -> 1.51 s for `cat`, 2.15 ->
 //! 1.78 s for the view). Only root can raise it, so reshardfs says how.
@@ -89,7 +89,7 @@ fn hint(dir: &Path, kind: &str, kib: u64, sysfs: &str) -> Option<String> {
         format!(
             "{} is on {kind} with {kib} KiB of readahead: cold reads through the view wait for \
              the source every {kib} KiB. As root, `echo {ENOUGH_KIB} > {sysfs}` (on every node \
-             that mounts it) lets each wait bring {ENOUGH_KIB} KiB; see README, Cold reads.",
+             that mounts it) lets each wait bring {ENOUGH_KIB} KiB; see docs/PERFORMANCE.md.",
             dir.display()
         )
     })

@@ -41,7 +41,7 @@ struct Inner {
     /// Buffers of prefetched blocks a sequential reader is done with, for
     /// the next prefetch: on a VM, memory freed and allocated again is
     /// often fresh to the host, and touching fresh pages cost ~2 s/GiB here
-    /// (README, "Performance"), more than computing the block.
+    /// (docs/PERFORMANCE.md, the machine), more than computing the block.
     spare: Vec<Vec<u8>>,
 }
 

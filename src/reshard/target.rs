@@ -222,7 +222,7 @@ fn resolve_mesh(
             .with_sizes(sizes)
             .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
         if t.rules.whole_if_uneven && l.check_divides(&t.global_shape).is_err() {
-            // MindFormers keeps such a tensor whole rather than refusing.
+            // MindSpore Transformers keeps such a tensor whole rather than refusing.
             l.tensor_map.iter_mut().for_each(Vec::clear);
         }
         l.check_divides(&t.global_shape)
@@ -288,10 +288,10 @@ fn resolve_mesh(
 /// the layers:
 /// * from a multi-stage source, stays first if it was first, else goes last;
 /// * from a single-stage source (which says nothing about stages), goes where
-///   MindFormers puts it: the final norm and the output layer
+///   MindSpore Transformers puts it: the final norm and the output layer
 ///   ([`on_last_stage`]) on the last stage, everything else on the first.
 ///   Keyed on names, not on the kind of source, so any single-stage source
-///   with MindFormers names (a Hugging Face folder mapped to them included)
+///   with MindSpore Transformers names (a Hugging Face folder mapped to them included)
 ///   follows the same rule.
 enum StageRule {
     Keep,
@@ -302,7 +302,7 @@ enum StageRule {
     },
 }
 
-/// Whether a tensor outside the layers sits on a MindFormers job's last
+/// Whether a tensor outside the layers sits on a MindSpore Transformers job's last
 /// pipeline stage: `decoder.final_layernorm.*` and `output_layer.*`, and
 /// their optimizer states (`adam_m.`/`adam_v.` prefixes).
 pub fn on_last_stage(name: &str) -> bool {

@@ -450,7 +450,7 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
                 },
             ));
         }
-        // MindFormers' own order within a layer (its metadata.json's).
+        // MindSpore Transformers' own order within a layer (its metadata.json's).
         layer.sort_by_key(|t| layer_rank(MF_LAYER_ORDER, &t.name));
         out.extend(layer);
     }
@@ -581,7 +581,7 @@ fn shapes_of<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> HashMap<&'a str, 
         .collect()
 }
 
-/// The sizes of a MindFormers Qwen3 read off its tensors, each with the
+/// The sizes of a MindSpore Transformers Qwen3 read off its tensors, each with the
 /// tensor it came from.
 fn infer_dims(dir: &Path, shapes: &HashMap<&str, &[u64]>) -> Result<(Dims, Vec<String>)> {
     let dir = dir.display();
@@ -715,7 +715,7 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
     if opt > 0 {
         notes.push(format!("{opt} optimizer-state tensors not shown"));
     }
-    // A Hugging Face source read as MindFormers already has parts; the
+    // A Hugging Face source read as MindSpore Transformers already has parts; the
     // fused tensors moved into `parts` here keep pointing at them.
     let mut parts: Vec<Tensor> = std::mem::take(&mut it.parts);
     let mut pool = Pool {
