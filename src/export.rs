@@ -95,7 +95,7 @@ fn rank_file_dirs(jobs: &[Job<'_>]) -> Vec<PathBuf> {
 
 /// Writes the view of `plan` under `dest`.
 pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportStats> {
-    refuse_overlap(&plan.source.path, dest)?;
+    refuse_overlap(&plan.source.real_dirs(), dest)?;
     prepare_dest(dest, opts.force)?;
     let (jobs, dirs, tracker) = jobs(plan, dest);
     let stale = stale_rank_files(&rank_file_dirs(&jobs), &jobs, &source_files(plan))?;
@@ -206,15 +206,26 @@ fn remove_stale_rank_files(stale: &[PathBuf]) -> Result<()> {
 
 /// Refuses a DEST that is the source, lies inside it or contains it (after
 /// resolving symlinks), with or without `--force`: `export CKPT CKPT --force`
-/// once replaced the user's checkpoint with the view.
-fn refuse_overlap(source: &Path, dest: &Path) -> Result<()> {
-    let how = overlap_with_source(source, dest)
-        .map_err(|e| crate::bad!("{}: cannot resolve the destination: {e}", dest.display()))?;
-    if let Some(how) = how {
+/// once replaced the user's checkpoint with the view. The same holds for a
+/// folder the source's links lead to (`dirs` after the first: a Hub
+/// snapshot's `blobs/`).
+fn refuse_overlap(dirs: &[std::path::PathBuf], dest: &Path) -> Result<()> {
+    for (i, dir) in dirs.iter().enumerate() {
+        let how = overlap_with_source(dir, dest)
+            .map_err(|e| crate::bad!("{}: cannot resolve the destination: {e}", dest.display()))?;
+        let Some(how) = how else { continue };
+        if i == 0 {
+            bail!(
+                "{}: the destination {how} the source {}; export to a folder apart from it (--force does not change this)",
+                dest.display(),
+                dir.display()
+            );
+        }
         bail!(
-            "{}: the destination {how} the source {}; export to a folder apart from it (--force does not change this)",
+            "{}: the destination {how} {}, which holds the source's files (the links in {} lead there); export to a folder apart from it (--force does not change this)",
             dest.display(),
-            source.display()
+            dir.display(),
+            dirs[0].display()
         );
     }
     Ok(())

@@ -13,7 +13,7 @@ use super::limits::{MAX_METADATA_BYTES, MAX_TENSORS, MAX_WORLD};
 use super::mapped::RankFile;
 use super::metadata::{self, ChunkJson, StorageEntry, TensorMeta, from_value};
 use super::names::{self, Kind};
-use super::paths::{FileSet, read_small};
+use super::paths::{FileSet, Links, read_small};
 use super::source::{Chunk, Iteration, Tensor, read_common};
 use crate::error::{Error, Result};
 use crate::{bad, bail};
@@ -85,6 +85,7 @@ pub(crate) fn load_iteration(dir: &Path, name: Option<String>) -> Result<Iterati
     let mut files = FileSet {
         dir,
         named_in: &meta_path,
+        links: Links::Inside,
         files: Vec::new(),
         index: HashMap::new(),
     };

@@ -20,7 +20,15 @@ use crate::error::{Result, source_io};
 #[derive(Debug)]
 pub struct RankFile {
     pub name: String,
+    /// The name the folder gives the file (a link, in a Hub cache
+    /// snapshot): what messages say, and what [`RankFile::is_unchanged`]
+    /// stats, following the link, so that a link pointed elsewhere and a
+    /// blob replaced under it are both seen.
     pub path: PathBuf,
+    /// Where the file opened really is (the link's target): its folder is
+    /// part of the source a mount must not hide and an export must not
+    /// write into.
+    pub real_path: PathBuf,
     pub tensors: HashMap<String, StoredTensor>,
     map: Mmap,
     /// The file mapped, kept open to ask which of its pages are in the page
@@ -101,6 +109,14 @@ impl RankFile {
             .unwrap_or_default();
         let meta = file.metadata().map_err(|e| source_io(path, e))?;
         let identity = Identity::of(&meta);
+        // The kernel's own answer for the descriptor; without /proc, the
+        // path resolved (the same file unless swapped meanwhile).
+        let real_path = {
+            use std::os::fd::AsRawFd;
+            std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+                .or_else(|_| std::fs::canonicalize(path))
+                .unwrap_or_else(|_| path.to_path_buf())
+        };
         let len = meta.len();
         if len < 8 {
             return Err(bad!(
@@ -124,6 +140,7 @@ impl RankFile {
         Ok(RankFile {
             name,
             path: path.to_path_buf(),
+            real_path,
             tensors,
             map,
             file,
@@ -401,6 +418,36 @@ mod tests {
         // The map outlives the name.
         let b = g.tensors["b"].clone();
         assert_eq!(g.bytes(b.offset, b.len), &[7, 8, 9]);
+    }
+
+    #[test]
+    fn a_linked_file_is_checked_through_its_link() {
+        // A Hub cache snapshot: the name is a link to ../blobs/<hash>. The
+        // identity is the blob's; the check stats the link, so both a blob
+        // replaced under it and the link pointed elsewhere are changes.
+        let tmp = tempfile::tempdir().unwrap();
+        let blobs = tmp.path().join("blobs");
+        let snap = tmp.path().join("snap");
+        fs::create_dir_all(&blobs).unwrap();
+        fs::create_dir_all(&snap).unwrap();
+        fs::write(blobs.join("a"), two_tensors()).unwrap();
+        fs::write(blobs.join("b"), two_tensors()).unwrap();
+        let link = snap.join("model.safetensors");
+        std::os::unix::fs::symlink("../blobs/a", &link).unwrap();
+        let f = RankFile::open(&link).unwrap();
+        assert_eq!(f.path, link);
+        assert_eq!(f.real_path, fs::canonicalize(blobs.join("a")).unwrap());
+        assert!(f.is_unchanged());
+        // The blob replaced (renamed over, identical bytes): another inode.
+        fs::write(blobs.join("new"), two_tensors()).unwrap();
+        fs::rename(blobs.join("new"), blobs.join("a")).unwrap();
+        assert!(!f.is_unchanged());
+        // The link pointed at another blob.
+        let g = RankFile::open(&link).unwrap();
+        assert!(g.is_unchanged());
+        fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink("../blobs/b", &link).unwrap();
+        assert!(!g.is_unchanged());
     }
 
     #[test]

@@ -7,11 +7,13 @@
 //! [`limits`] holds every cap on what a file may ask for; [`mapped`] and
 //! [`guard`] live with files that may change under them;
 //! [`source`] (with [`iteration`], [`plain`] and [`paths`]) turns a folder
-//! into a [`source::Source`]; [`storage`] says when the filesystem under it
+//! into a [`source::Source`], [`hub`] finding the snapshot a Hub cache
+//! folder names; [`storage`] says when the filesystem under it
 //! will make cold reads slow.
 
 pub(crate) mod guard;
 pub mod header;
+pub mod hub;
 pub(crate) mod iteration;
 pub mod layout;
 pub mod limits;

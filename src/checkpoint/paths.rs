@@ -6,10 +6,12 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::Path;
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use super::limits::MAX_FILES;
 use super::mapped::RankFile;
-use crate::bail;
 use crate::error::{Result, source_io};
+use crate::{bad, bail};
 
 /// Reads a whole file of at most `cap` bytes. The cap holds while reading,
 /// not only by the size `stat` reports: a FIFO or a device (`/dev/zero`
@@ -30,12 +32,33 @@ pub(crate) fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Opens a file named by the checkpoint, refusing names and links that lead
-/// outside the folder: a checkpoint only ever names its own files.
+/// How a folder's symlinks are read.
+///
+/// A Checkpoint 2.0 folder names its own files in `metadata.json`: a
+/// `file_name` is a bare name, and a link leading out of the folder is
+/// refused, so that a checkpoint can only ever name its own files. A
+/// Hugging Face or plain folder is different: the Hub cache
+/// (`huggingface_hub`, `from_pretrained`) keeps every file of a snapshot as
+/// a link to `../../blobs/<sha256>`, and every loader reads through such
+/// links. There a link is followed wherever it leads, as long as it ends at
+/// a regular file the user can open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Links {
+    /// Links must stay inside the folder (`metadata.json`'s `file_name`s).
+    Inside,
+    /// Links are followed to any regular file (Hugging Face and plain folders).
+    Follow,
+}
+
+/// Opens a file named by the checkpoint: `file_name` must be a bare name in
+/// `dir`; where its link may lead is `links`'s rule. Whatever the rule, only
+/// a regular file is opened: a FIFO would block the open (and every read)
+/// forever, and a directory or a device is no safetensors file.
 pub(crate) fn open_rank_file(
     dir: &Path,
     file_name: &str,
     named_in: &Path,
+    links: Links,
     referrer: impl FnOnce() -> String,
 ) -> Result<RankFile> {
     let bare = !file_name.is_empty()
@@ -51,28 +74,94 @@ pub(crate) fn open_rank_file(
         );
     }
     let path = dir.join(file_name);
-    if !path.exists() {
-        bail!(
+    let missing = || {
+        bad!(
             "{}: {}names {file_name}, which does not exist in {}",
             named_in.display(),
             referrer(),
             dir.display()
+        )
+    };
+    let link = match fs::symlink_metadata(&path) {
+        Ok(m) => m.file_type().is_symlink(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
+        Err(e) => return Err(source_io(&path, e)),
+    };
+    if link && links == Links::Inside && !path.exists() {
+        return Err(missing());
+    }
+    let target = || match fs::read_link(&path) {
+        Ok(t) => format!(" (a link to {})", t.display()),
+        Err(_) => String::new(),
+    };
+    let meta = match fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{}: a loop of symbolic links{}; it leads to no file",
+            path.display(),
+            target()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{}: a dangling link{}: the file it names does not exist (an incomplete download?)",
+            path.display(),
+            target()
+        ),
+        Err(e) => return Err(source_io(&path, e)),
+    };
+    if let Some(what) = not_a_file(&meta) {
+        bail!(
+            "{}: is {what}{}, not a safetensors file",
+            path.display(),
+            if link { target() } else { String::new() }
         );
     }
     // Open once, then check the file that was opened (not the path, which a
     // symlink swapped in after the check could redirect), and map that
-    // same descriptor.
-    let real_dir = fs::canonicalize(dir).map_err(|e| source_io(dir, e))?;
-    let file = fs::File::open(&path).map_err(|e| source_io(&path, e))?;
-    let real = opened_path(&file, &path)?;
-    if real.parent() != Some(real_dir.as_path()) {
+    // same descriptor. O_NONBLOCK: a FIFO swapped in after the check must
+    // not block the open; it changes nothing for a regular file.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+        .map_err(|e| source_io(&path, e))?;
+    let opened = file.metadata().map_err(|e| source_io(&path, e))?;
+    if let Some(what) = not_a_file(&opened) {
         bail!(
-            "{}: is a link to {}, outside the checkpoint folder",
-            path.display(),
-            real.display()
+            "{}: changed while being opened (now {what})",
+            path.display()
         );
     }
+    if links == Links::Inside {
+        let real_dir = fs::canonicalize(dir).map_err(|e| source_io(dir, e))?;
+        let real = opened_path(&file, &path)?;
+        if real.parent() != Some(real_dir.as_path()) {
+            bail!(
+                "{}: is a link to {}, outside the checkpoint folder",
+                path.display(),
+                real.display()
+            );
+        }
+    }
     RankFile::from_file(file, &path)
+}
+
+/// What a file that is not a regular file is, for messages.
+fn not_a_file(m: &fs::Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO (named pipe)")
+    } else if t.is_char_device() || t.is_block_device() {
+        Some("a device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a regular file")
+    }
 }
 
 /// Where an opened file really is: the kernel's own answer in
@@ -101,6 +190,8 @@ fn opened_path(file: &fs::File, path: &Path) -> Result<std::path::PathBuf> {
 pub(crate) struct FileSet<'a> {
     pub(crate) dir: &'a Path,
     pub(crate) named_in: &'a Path,
+    /// Where the folder's links may lead.
+    pub(crate) links: Links,
     pub(crate) files: Vec<RankFile>,
     pub(crate) index: HashMap<String, usize>,
 }
@@ -118,7 +209,7 @@ impl FileSet<'_> {
                 self.named_in.display()
             );
         }
-        let f = open_rank_file(self.dir, name, self.named_in, referrer)?;
+        let f = open_rank_file(self.dir, name, self.named_in, self.links, referrer)?;
         self.files.push(f);
         self.index.insert(name.to_string(), self.files.len() - 1);
         Ok(self.files.len() - 1)
@@ -148,7 +239,7 @@ impl FileSet<'_> {
         // `tune_process`).
         let threads = todo.len().min(PREOPEN_THREADS);
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let (dir, named_in) = (self.dir, self.named_in);
+        let (dir, named_in, links) = (self.dir, self.named_in, self.links);
         let mut opened: Vec<(usize, RankFile)> = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
@@ -157,7 +248,7 @@ impl FileSet<'_> {
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(name) = todo.get(i) else { break };
-                            if let Ok(f) = open_rank_file(dir, name, named_in, String::new) {
+                            if let Ok(f) = open_rank_file(dir, name, named_in, links, String::new) {
                                 mine.push((i, f));
                             }
                         }
@@ -266,12 +357,78 @@ mod tests {
             &dir,
             "b.safetensors",
             Path::new("metadata.json"),
+            Links::Inside,
             String::new,
         )
         .unwrap_err();
         assert!(
             e.to_string().contains("outside the checkpoint folder"),
             "{e}"
+        );
+    }
+
+    /// `open_rank_file` of `name` in `dir` under `links`.
+    fn open(dir: &Path, name: &str, links: Links) -> Result<RankFile> {
+        open_rank_file(dir, name, Path::new("index.json"), links, String::new)
+    }
+
+    #[test]
+    fn a_plain_folder_follows_links_to_regular_files_only() {
+        use crate::checkpoint::source::tests::{f32s, input_err, safetensors};
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        // A Hub cache snapshot: the file is a relative link into blobs/.
+        let snap = tmp.path().join("snapshots/abc");
+        let blobs = tmp.path().join("blobs");
+        fs::create_dir_all(&snap).unwrap();
+        fs::create_dir_all(&blobs).unwrap();
+        fs::write(
+            blobs.join("2887e7"),
+            safetensors(&[("w", "F32", &[1], &f32s(&[1.0]))]),
+        )
+        .unwrap();
+        symlink("../../blobs/2887e7", snap.join("model.safetensors")).unwrap();
+        let f = open(&snap, "model.safetensors", Links::Follow).unwrap();
+        assert_eq!(f.path, snap.join("model.safetensors"));
+        assert_eq!(f.real_path, fs::canonicalize(blobs.join("2887e7")).unwrap());
+        assert!(f.is_unchanged());
+        // The strict rule of a Checkpoint 2.0 folder still refuses it.
+        let e = input_err(
+            open(&snap, "model.safetensors", Links::Inside),
+            &["outside"],
+        );
+        assert!(e.contains("2887e7"), "{e}");
+
+        let at = |n: &str| snap.join(n).display().to_string();
+        symlink("../../blobs/gone", snap.join("dangling.safetensors")).unwrap();
+        symlink("loop2.safetensors", snap.join("loop1.safetensors")).unwrap();
+        symlink("loop1.safetensors", snap.join("loop2.safetensors")).unwrap();
+        symlink("../../blobs", snap.join("dir.safetensors")).unwrap();
+        symlink("/dev/null", snap.join("dev.safetensors")).unwrap();
+        nix::unistd::mkfifo(
+            &snap.join("fifo.safetensors"),
+            nix::sys::stat::Mode::S_IRWXU,
+        )
+        .unwrap();
+        symlink("fifo.safetensors", snap.join("tofifo.safetensors")).unwrap();
+        for (name, words) in [
+            ("dangling.safetensors", &["dangling", "blobs/gone"][..]),
+            ("loop1.safetensors", &["loop"][..]),
+            ("dir.safetensors", &["a directory", "blobs"][..]),
+            ("dev.safetensors", &["a device", "/dev/null"][..]),
+            ("fifo.safetensors", &["FIFO"][..]),
+            ("tofifo.safetensors", &["FIFO"][..]),
+        ] {
+            let p = at(name);
+            let mut want = vec![p.as_str()];
+            want.extend(words);
+            input_err(open(&snap, name, Links::Follow), &want);
+        }
+        // Whatever the rule, a FIFO is refused, not opened (which would block).
+        input_err(open(&snap, "fifo.safetensors", Links::Inside), &["FIFO"]);
+        input_err(
+            open(&snap, "missing.safetensors", Links::Follow),
+            &["index.json", "missing.safetensors", "does not exist"],
         );
     }
 

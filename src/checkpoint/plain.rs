@@ -12,7 +12,7 @@ use super::iteration::{common_prefix, kind_of_file};
 use super::limits::MAX_METADATA_BYTES;
 use super::metadata::from_value;
 use super::names;
-use super::paths::{FileSet, read_small};
+use super::paths::{FileSet, Links, read_small};
 use super::source::{Chunk, Iteration, Tensor, read_common};
 use crate::error::{Result, source_io};
 use crate::{bad, bail};
@@ -84,6 +84,8 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
     let mut set = FileSet {
         dir,
         named_in: &named_in,
+        // A Hub cache snapshot is links into ../../blobs: follow them.
+        links: Links::Follow,
         files: Vec::new(),
         index: HashMap::new(),
     };

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use safetensors::Dtype;
 
 use super::header::elem_size;
+use super::hub;
 use super::iteration::load_iteration;
 use super::layout::Layout;
 use super::limits::MAX_SMALL_FILE_BYTES;
@@ -195,11 +196,31 @@ impl Source {
     /// `config.json` is read through that model's map (`model` overrides
     /// the detection): a Hugging Face Qwen3 folder becomes the MindSpore
     /// Transformers checkpoint it converts to.
+    /// A Hugging Face Hub cache folder (`models--ORG--NAME`) or a ref file
+    /// in one (`.../refs/main`) is read as the snapshot it names.
     pub fn open_with(path: &Path, model: ModelChoice) -> Result<Source> {
+        let snapshot = hub::resolve(path)?;
+        let path = snapshot.as_deref().unwrap_or(path);
         // Every path kept is absolute: the mount's daemon leaves the working
         // directory, and still checks source paths on every read.
         let abs = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
         models::read_through(Self::open_at(&abs)?, model)
+    }
+
+    /// Every folder the source's bytes live in: its own, and those its
+    /// files' links lead to (a Hub snapshot's `blobs/`), each once, the
+    /// source's first. A mount over any of them would hide the bytes the
+    /// view serves, and an export into one would write among them.
+    pub fn real_dirs(&self) -> Vec<PathBuf> {
+        let mut out = vec![self.path.clone()];
+        for f in self.iterations.iter().flat_map(|it| &it.files) {
+            if let Some(d) = f.real_path.parent()
+                && !out.iter().any(|o| o == d)
+            {
+                out.push(d.to_path_buf());
+            }
+        }
+        out
     }
 
     fn open_at(path: &Path) -> Result<Source> {

@@ -109,15 +109,28 @@ fn unescape_mountinfo(s: &str) -> String {
 pub fn mount(server: Server, mnt: &Path, opts: &MountOptions) -> Result<()> {
     let mnt = check_mount_point(mnt)?;
     // Mounting over the source hides it, and every read of the view then
-    // fails: the view's own bytes come from under the mount.
-    let src = server.source_path();
-    if let Some(how) = overlap_with_source(src, &mnt)
-        .map_err(|e| crate::bad!("{}: cannot resolve the mount point: {e}", mnt.display()))?
-    {
+    // fails: the view's own bytes come from under the mount. So does
+    // mounting over the folder a source's links lead to (a Hub snapshot's
+    // blobs/).
+    let dirs = server.source_dirs();
+    for (i, dir) in dirs.iter().enumerate() {
+        let Some(how) = overlap_with_source(dir, &mnt)
+            .map_err(|e| crate::bad!("{}: cannot resolve the mount point: {e}", mnt.display()))?
+        else {
+            continue;
+        };
+        if i == 0 {
+            bail!(
+                "{}: the mount point {how} the source {}; mounting there would hide it",
+                mnt.display(),
+                dir.display()
+            );
+        }
         bail!(
-            "{}: the mount point {how} the source {}; mounting there would hide it",
+            "{}: the mount point {how} {}, which holds the source's files (the links in {} lead there); mounting there would hide them",
             mnt.display(),
-            src.display()
+            dir.display(),
+            dirs[0].display()
         );
     }
     // What the environment lacks is found here, before anything runs.

@@ -373,7 +373,8 @@ pub fn hf_view(
     hf_files: Option<&Path>,
 ) -> Result<(Source, SmallFiles)> {
     let dir = match hf_files {
-        Some(d) => Some(d.to_path_buf()),
+        // A Hub cache folder or ref, as for a source: the snapshot it names.
+        Some(d) => Some(super::hub::resolve(d)?.unwrap_or_else(|| d.to_path_buf())),
         None if matches!(src.kind, SourceKind::Plain) => Some(src.path.clone()),
         None => None,
     };

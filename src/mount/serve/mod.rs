@@ -184,9 +184,10 @@ impl Server {
         self.core.internal_error(what, payload, outcome);
     }
 
-    /// The source's canonical path (a mount must not hide it).
-    pub fn source_path(&self) -> &std::path::Path {
-        &self.core.plan.source.path
+    /// Every folder the source's bytes live in, the source's first
+    /// ([`crate::checkpoint::source::Source::real_dirs`]).
+    pub fn source_dirs(&self) -> Vec<std::path::PathBuf> {
+        self.core.plan.source.real_dirs()
     }
 
     pub fn tree(&self) -> &Tree {
