@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::header::dtype_to_mindspore;
 use super::iteration::{common_prefix, kind_of_file};
-use super::limits::MAX_METADATA_BYTES;
+use super::limits::{MAX_CONFIG_BYTES, MAX_METADATA_BYTES};
 use super::metadata::from_value;
 use super::names;
 use super::paths::{FileSet, Links, read_small};
@@ -17,12 +17,48 @@ use super::source::{Chunk, Iteration, Tensor, read_common};
 use crate::error::{Result, source_io};
 use crate::{bad, bail};
 
-/// Loads a folder of plain safetensors files: a single-card save, a Hugging
-/// Face folder with `model.safetensors`, or one with an index.json.
-pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
-    let mut file_names: Vec<String> = Vec::new();
-    // With an index, the tensors it names and the file it says holds each.
-    let mut listed: Option<(std::path::PathBuf, BTreeMap<String, String>)> = None;
+/// transformers' single-file checkpoint name.
+const SINGLE: &str = "model.safetensors";
+/// transformers' index of a sharded checkpoint.
+const INDEX: &str = "model.safetensors.index.json";
+
+/// Which files of a folder hold its weights.
+#[derive(Debug, PartialEq, Eq)]
+enum Weights {
+    /// One safetensors file: every tensor it holds.
+    File(String),
+    /// An index: the tensors its `weight_map` places, in the files it names.
+    Index(String),
+    /// Every `*.safetensors` file (a single-card save without an index).
+    All,
+}
+
+/// Which files hold a folder's weights, chosen as transformers'
+/// `from_pretrained` chooses them (`_get_resolved_checkpoint_files` in
+/// transformers 5.24's `modeling_utils.py`), so that a view shows the model
+/// transformers would load from the folder: the file `config.json`'s
+/// `transformers_weights` names, if any; else `model.safetensors` when it
+/// is a file (an index beside it is then ignored, as by transformers: a
+/// folder holding both is ambiguous, and which model it holds is the one
+/// transformers loads); else `model.safetensors.index.json`. A folder
+/// transformers would not load (other names: a single-card save) keeps
+/// reshardfs's own rule: the one other index, or every `*.safetensors` file.
+fn choose_weights(dir: &Path) -> Result<Weights> {
+    let is_file = |n: &str| fs::metadata(dir.join(n)).is_ok_and(|m| m.is_file());
+    if let Some(named) = transformers_weights(dir)? {
+        if !is_file(&named) {
+            bail!(
+                "{}: transformers_weights names {named}, which is not a file in {}",
+                dir.join("config.json").display(),
+                dir.display()
+            );
+        }
+        return Ok(if named.ends_with(".safetensors.index.json") {
+            Weights::Index(named)
+        } else {
+            Weights::File(named)
+        });
+    }
     let mut indexes: Vec<String> = fs::read_dir(dir)
         .map_err(|e| source_io(dir, e))?
         .filter_map(|e| e.ok())
@@ -32,42 +68,96 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
         .filter(|n| n.ends_with(".safetensors.index.json") && !n.starts_with('.'))
         .collect();
     indexes.sort();
+    if is_file(SINGLE) {
+        if !indexes.is_empty() {
+            log::warn!(
+                "{}: holds both {SINGLE} and {}; reading {SINGLE} alone, as transformers' from_pretrained does",
+                dir.display(),
+                indexes.join(", ")
+            );
+        }
+        return Ok(Weights::File(SINGLE.into()));
+    }
     // transformers' own index wins; any other must be the only one, or
     // which tensors the folder holds would depend on listing order.
-    let index = if indexes.iter().any(|n| n == "model.safetensors.index.json") {
-        Some("model.safetensors.index.json".to_string())
-    } else if indexes.len() > 1 {
+    if indexes.iter().any(|n| n == INDEX) {
+        return Ok(Weights::Index(INDEX.into()));
+    }
+    if indexes.len() > 1 {
         bail!(
             "{}: several index files ({}); keep one, or name the folder of one model",
             dir.display(),
             indexes.join(", ")
         );
-    } else {
-        indexes.pop()
+    }
+    Ok(indexes.pop().map_or(Weights::All, Weights::Index))
+}
+
+/// `transformers_weights` of the folder's `config.json`: the weights file
+/// transformers loads instead of its default names. A config.json that
+/// does not parse is left to the model maps to report (or, with `--model
+/// none`, ignored, as it says nothing about the weights then).
+fn transformers_weights(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let raw = read_small(&path, MAX_CONFIG_BYTES)?;
+    let Ok(json) = serde_json::from_slice::<Value>(&raw) else {
+        return Ok(None);
     };
-    if let Some(index) = index {
-        let ip = dir.join(&index);
-        let raw = read_small(&ip, MAX_METADATA_BYTES)?;
-        let json: Value = serde_json::from_slice(&raw)
-            .map_err(|e| bad!("{}: not valid JSON: {e}", ip.display()))?;
-        let map: BTreeMap<String, String> = from_value(
-            json.get("weight_map")
-                .ok_or_else(|| bad!("{}: missing key `weight_map`", ip.display()))?,
-        )
-        .map_err(|e| bad!("{}: weight_map: {e}", ip.display()))?;
-        file_names.extend(map.values().cloned());
-        file_names.sort();
-        file_names.dedup();
-        listed = Some((ip, map));
-    } else {
-        for e in fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
-            let e = e.map_err(|e| source_io(dir, e))?;
-            let n = e.file_name().to_string_lossy().into_owned();
-            if n.ends_with(".safetensors") && !n.starts_with('.') {
-                file_names.push(n);
-            }
+    let Some(v) = json.get("transformers_weights") else {
+        return Ok(None);
+    };
+    let Some(named) = v.as_str() else {
+        bail!(
+            "{}: transformers_weights is {v}, expected a file name",
+            path.display()
+        );
+    };
+    let bare = !named.is_empty() && !named.contains(['/', '\\', '\0']) && named != "..";
+    if !bare || !(named.ends_with(".safetensors") || named.ends_with(".safetensors.index.json")) {
+        bail!(
+            "{}: transformers_weights is {named:?}; reshardfs reads a *.safetensors or *.safetensors.index.json file named bare, in the same folder",
+            path.display()
+        );
+    }
+    Ok(Some(named.to_string()))
+}
+
+/// Loads a folder of plain safetensors files: a single-card save, or a
+/// Hugging Face folder, its weights as [`choose_weights`] says.
+pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
+    let mut file_names: Vec<String> = Vec::new();
+    // With an index, the tensors it names and the file it says holds each.
+    let mut listed: Option<(std::path::PathBuf, BTreeMap<String, String>)> = None;
+    match choose_weights(dir)? {
+        Weights::Index(index) => {
+            let ip = dir.join(&index);
+            let raw = read_small(&ip, MAX_METADATA_BYTES)?;
+            let json: Value = serde_json::from_slice(&raw)
+                .map_err(|e| bad!("{}: not valid JSON: {e}", ip.display()))?;
+            let map: BTreeMap<String, String> = from_value(
+                json.get("weight_map")
+                    .ok_or_else(|| bad!("{}: missing key `weight_map`", ip.display()))?,
+            )
+            .map_err(|e| bad!("{}: weight_map: {e}", ip.display()))?;
+            file_names.extend(map.values().cloned());
+            file_names.sort();
+            file_names.dedup();
+            listed = Some((ip, map));
         }
-        file_names.sort();
+        Weights::File(name) => file_names.push(name),
+        Weights::All => {
+            for e in fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
+                let e = e.map_err(|e| source_io(dir, e))?;
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.ends_with(".safetensors") && !n.starts_with('.') {
+                    file_names.push(n);
+                }
+            }
+            file_names.sort();
+        }
     }
     if file_names.is_empty() {
         bail!(
@@ -275,9 +365,13 @@ mod tests {
     #[test]
     fn the_index_places_a_tensor_the_file_lacks() {
         index_err(
-            "model.safetensors",
-            json!({"a": "model.safetensors", "b": "model.safetensors"}),
-            &["{dir}/model.safetensors", "weight_map", "tensor b"],
+            "model-00001-of-00001.safetensors",
+            json!({"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"}),
+            &[
+                "{dir}/model-00001-of-00001.safetensors",
+                "weight_map",
+                "tensor b",
+            ],
         );
     }
 
@@ -285,9 +379,10 @@ mod tests {
     fn tensors_not_in_the_index_are_left_out() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
+        let shard = "model-00001-of-00001.safetensors";
         write_st(
             dir,
-            "model.safetensors",
+            shard,
             &[
                 ("a", "F32", &[1], &f32s(&[1.0])),
                 ("extra", "F32", &[1], &f32s(&[2.0])),
@@ -299,15 +394,72 @@ mod tests {
             "stray.safetensors",
             &[("a", "F32", &[1], &f32s(&[3.0]))],
         );
-        write_index(
-            dir,
-            "model.safetensors.index.json",
-            json!({"a": "model.safetensors"}),
-        );
+        write_index(dir, INDEX, json!({"a": shard}));
         let it = load_plain(dir).unwrap();
         assert_eq!(names(&it), vec!["a"]);
         assert_eq!(it.files.len(), 1);
-        assert_eq!(it.files[0].name, "model.safetensors");
+        assert_eq!(it.files[0].name, shard);
+    }
+
+    #[test]
+    fn model_safetensors_wins_over_an_index_as_in_transformers() {
+        // transformers 5.24's from_pretrained on a local folder: the file
+        // config.json's transformers_weights names, else model.safetensors
+        // if it is a file, else model.safetensors.index.json.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write_st(dir, SINGLE, &[("single", "F32", &[1], &f32s(&[1.0]))]);
+        write_st(
+            dir,
+            "model-00001-of-00001.safetensors",
+            &[("sharded", "F32", &[1], &f32s(&[2.0]))],
+        );
+        write_index(
+            dir,
+            INDEX,
+            json!({"sharded": "model-00001-of-00001.safetensors"}),
+        );
+        assert_eq!(choose_weights(dir).unwrap(), Weights::File(SINGLE.into()));
+        let it = load_plain(dir).unwrap();
+        assert_eq!(names(&it), vec!["single"]);
+        assert_eq!(it.files.len(), 1);
+        // transformers_weights decides before either.
+        fs::write(
+            dir.join("config.json"),
+            br#"{"transformers_weights": "model.safetensors.index.json"}"#,
+        )
+        .unwrap();
+        assert_eq!(choose_weights(dir).unwrap(), Weights::Index(INDEX.into()));
+        assert_eq!(names(&load_plain(dir).unwrap()), vec!["sharded"]);
+        fs::write(
+            dir.join("config.json"),
+            br#"{"transformers_weights": "model-00001-of-00001.safetensors"}"#,
+        )
+        .unwrap();
+        assert_eq!(names(&load_plain(dir).unwrap()), vec!["sharded"]);
+        let cfg = dir.join("config.json").display().to_string();
+        for (bad, word) in [
+            (r#""gone.safetensors""#, "not a file"),
+            (r#""../x.safetensors""#, "bare"),
+            (r#""pytorch_model.bin""#, "*.safetensors"),
+            ("3", "expected a file name"),
+        ] {
+            fs::write(
+                dir.join("config.json"),
+                format!(r#"{{"transformers_weights": {bad}}}"#),
+            )
+            .unwrap();
+            input_err(load_plain(dir), &[&cfg, "transformers_weights", word]);
+        }
+        // A config.json that does not parse says nothing about the weights
+        // here (the model maps report it).
+        fs::write(dir.join("config.json"), b"{").unwrap();
+        assert_eq!(choose_weights(dir).unwrap(), Weights::File(SINGLE.into()));
+        // A dangling model.safetensors link is not a file: the index is read.
+        fs::remove_file(dir.join("config.json")).unwrap();
+        fs::remove_file(dir.join(SINGLE)).unwrap();
+        std::os::unix::fs::symlink("gone", dir.join(SINGLE)).unwrap();
+        assert_eq!(choose_weights(dir).unwrap(), Weights::Index(INDEX.into()));
     }
 
     #[test]
@@ -366,22 +518,13 @@ mod tests {
         let dir = tmp.path();
         write_st(
             dir,
-            "model.safetensors",
+            "model-00001-of-00001.safetensors",
             &[("a", "F32", &[1], &f32s(&[1.0]))],
         );
-        fs::write(
-            dir.join("model.safetensors.index.json"),
-            b"{\"metadata\": {}}",
-        )
-        .unwrap();
+        fs::write(dir.join(INDEX), b"{\"metadata\": {}}").unwrap();
         input_err(
             load_plain(dir),
-            &[
-                &dir.join("model.safetensors.index.json")
-                    .display()
-                    .to_string(),
-                "weight_map",
-            ],
+            &[&dir.join(INDEX).display().to_string(), "weight_map"],
         );
     }
 
