@@ -229,6 +229,30 @@ struct ViewArgs {
     /// Default: the source's (`qwen3` for a Hugging Face Qwen3).
     #[arg(long, value_name = "PREFIX", value_parser = parse_prefix)]
     prefix: Option<String>,
+    /// With --hf and a generated config.json: set field KEY to VALUE (JSON,
+    /// e.g. `rope_theta=500000` or `rope_scaling={"rope_type":"yarn","factor":4.0}`;
+    /// anything that is not JSON is a string). Repeatable. Fields read off
+    /// the tensors and the dtype (--dtype) cannot be set.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_config_field)]
+    hf_config: Vec<(String, serde_json::Value)>,
+    /// Leave out the source tensors the model map does not know (listed on
+    /// stderr) instead of refusing the source. Derived buffers such as
+    /// `rotary_emb.inv_freq` are always left out.
+    #[arg(long)]
+    drop_unknown_tensors: bool,
+}
+
+/// `KEY=VALUE` of `--hf-config`: the value as JSON, else as a string.
+fn parse_config_field(s: &str) -> std::result::Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE (e.g. rope_theta=1000000)"))?;
+    let k = k.trim();
+    if k.is_empty() {
+        return Err(format!("{s:?}: the key is empty"));
+    }
+    let v = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+    Ok((k.to_string(), v))
 }
 
 fn parse_prefix(s: &str) -> std::result::Result<String, String> {
@@ -469,12 +493,14 @@ fn load_plan(src: &std::path::Path, spec: TargetSpec, view: &ViewArgs) -> Result
         hf = Some(HfOptions {
             max_shard_size: view.max_shard_size,
             files,
+            config_overrides: view.hf_config.clone(),
         });
     }
     let options = ViewOptions {
         dtype: view.dtype,
         prefix: view.prefix.clone(),
         hf,
+        drop_unknown: view.drop_unknown_tensors,
     };
     let t1 = std::time::Instant::now();
     let plan = Plan::build_with(source, spec, options)?;
@@ -483,6 +509,14 @@ fn load_plan(src: &std::path::Path, spec: TargetSpec, view: &ViewArgs) -> Result
         (t1 - t0).as_secs_f64() * 1e3,
         t1.elapsed().as_secs_f64() * 1e3
     );
+    // What the view assumed or left out is said before anything is written
+    // or mounted, once even when every iteration says it.
+    let mut said = std::collections::HashSet::new();
+    for w in plan.iterations.iter().flat_map(|ip| &ip.warnings) {
+        if said.insert(w) {
+            eprintln!("note: {w}");
+        }
+    }
     Ok(plan)
 }
 

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::checkpoint::layout::unravel;
+use crate::checkpoint::models;
 use crate::checkpoint::names::Kind;
 use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
 use crate::reshard::plan::{Plan, piece_count, pieces};
@@ -37,9 +38,13 @@ pub struct InspectIteration {
     /// Where the model's sizes came from.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub model_notes: Vec<String>,
-    /// Source tensors the model map does not know, left out of every view.
+    /// Source tensors the model map does not place, left out of every view.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub omitted: Vec<String>,
+    /// Of those, the ones the map does not know as derived buffers: a view
+    /// refuses the source unless asked to leave them out.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unknown: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -170,6 +175,10 @@ fn inspect_iteration(it: &Iteration) -> InspectIteration {
             .map(|m| m.notes.clone())
             .unwrap_or_default(),
         omitted: it.omitted.clone(),
+        unknown: models::unknown_tensors(it)
+            .into_iter()
+            .map(String::from)
+            .collect(),
     }
 }
 
@@ -190,7 +199,7 @@ impl InspectReport {
         for it in &self.iterations {
             let _ = writeln!(
                 o,
-                "\n{}world {} = {} stage(s) x {} rank(s); prefix {}; {} rank file(s)",
+                "\n{}world {} = {} stage(s) x {} rank(s); prefix {}; {} {}",
                 it.name
                     .as_ref()
                     .map(|n| format!("{n}: "))
@@ -199,7 +208,13 @@ impl InspectReport {
                 it.stages,
                 it.ranks_per_stage,
                 it.prefix.as_deref().unwrap_or("(none)"),
-                it.files
+                it.files,
+                // A plain or Hugging Face folder's files are no ranks' files.
+                if self.kind == "plain" {
+                    "safetensors file(s)"
+                } else {
+                    "rank file(s)"
+                }
             );
             let count = |k: Kind| it.tensors.iter().filter(|t| t.kind == k).count();
             let _ = writeln!(
@@ -262,6 +277,7 @@ impl InspectReport {
                 it.model.as_deref(),
                 &it.model_notes,
                 &it.omitted,
+                &it.unknown,
             ));
         }
         o
@@ -289,8 +305,13 @@ fn describe_target(plan: &Plan) -> String {
 }
 
 /// What a model map did: the model, where its sizes came from, and the
-/// source tensors left out.
-fn model_lines(model: Option<&str>, notes: &[String], omitted: &[String]) -> String {
+/// source tensors left out: derived buffers, and those it does not know.
+fn model_lines(
+    model: Option<&str>,
+    notes: &[String],
+    omitted: &[String],
+    unknown: &[String],
+) -> String {
     let mut o = String::new();
     if let Some(m) = model {
         let _ = writeln!(
@@ -302,14 +323,26 @@ model map {m}"
             let _ = writeln!(o, "  {n}");
         }
     }
-    if !omitted.is_empty() {
+    let derived: Vec<&String> = omitted.iter().filter(|n| !unknown.contains(n)).collect();
+    if !derived.is_empty() {
         let _ = writeln!(
             o,
             "
-left out ({} source tensor(s) the model map does not know):",
-            omitted.len()
+left out of every view ({} buffer(s) the model derives from its config):",
+            derived.len()
         );
-        for n in omitted {
+        for n in derived {
+            let _ = writeln!(o, "  {n}");
+        }
+    }
+    if !unknown.is_empty() {
+        let _ = writeln!(
+            o,
+            "
+not known to the model map ({} source tensor(s)): plan, export and mount refuse the source unless --drop-unknown-tensors leaves them out:",
+            unknown.len()
+        );
+        for n in unknown {
             let _ = writeln!(o, "  {n}");
         }
     }
@@ -541,7 +574,7 @@ fn iteration_line(it: &PlanIteration) -> String {
     if !it.omitted.is_empty() {
         let _ = writeln!(
             o,
-            "  left out ({} source tensor(s) the model map does not know): {}",
+            "  left out of the view ({} source tensor(s) the model map does not place): {}",
             it.omitted.len(),
             it.omitted.join(", ")
         );

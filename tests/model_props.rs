@@ -476,8 +476,8 @@ proptest! {
         let back = models::as_hf(mf, ModelChoice::parse("qwen3").unwrap(), None).unwrap();
         let plan = Plan::build_with(back, TargetSpec::Unshard, ViewOptions {
             dtype: widen.map(|_| c.dtype),
-            prefix: None,
-            hf: Some(HfOptions { max_shard_size: 1 + c.seed % 4096, files: Vec::new() }),
+            hf: Some(HfOptions { max_shard_size: 1 + c.seed % 4096, ..Default::default() }),
+            ..Default::default()
         }).unwrap();
         let engine = Engine::new(&plan);
         let mut seen = BTreeMap::new();

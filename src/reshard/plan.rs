@@ -15,6 +15,7 @@ use crate::checkpoint::limits::MAX_SLICES;
 use crate::checkpoint::metadata::{
     ChunkJson, Properties, StorageEntry, TensorMeta, format_shard_id,
 };
+use crate::checkpoint::models;
 use crate::checkpoint::names::{self, Kind};
 use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
 use crate::error::Result;
@@ -42,11 +43,14 @@ pub struct ViewOptions {
     pub prefix: Option<String>,
     /// Show each iteration as a Hugging Face folder instead of rank files.
     pub hf: Option<HfOptions>,
+    /// Leave out the source tensors the model map does not know, instead
+    /// of refusing the source (`--drop-unknown-tensors`).
+    pub drop_unknown: bool,
 }
 
 /// A Hugging Face folder view: whole tensors in `model-0000i-of-0000N`
 /// shards with an index, plus the model's other files.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct HfOptions {
     /// A shard holds at most this many bytes of tensor data, unless one
     /// tensor alone is larger (then it is alone), as transformers shards.
@@ -54,6 +58,8 @@ pub struct HfOptions {
     /// Files shown beside the weights byte for byte (config.json,
     /// tokenizer files...), by name.
     pub files: Vec<(String, Vec<u8>)>,
+    /// Fields set in a generated config.json (`--hf-config KEY=VALUE`).
+    pub config_overrides: Vec<(String, serde_json::Value)>,
 }
 
 /// The Hugging Face index of a sharded folder.
@@ -74,6 +80,10 @@ pub struct IterationPlan {
     /// How the view was made, for `plan` and `.reshardfs/summary`: the
     /// model map, where its sizes came from, a generated config.json.
     pub notes: Vec<String>,
+    /// What the user must be told on stderr when the view is made: fields
+    /// of a generated config.json that were assumed, tensors left out on
+    /// request. A view never changes the model in silence.
+    pub warnings: Vec<String>,
 }
 
 /// One safetensors file of the view.
@@ -137,12 +147,17 @@ impl Plan {
         }
         let mut iterations = Vec::with_capacity(source.iterations.len());
         for it in &source.iterations {
-            let planned = match &options.hf {
-                Some(hf) => plan_hf(it, &options, hf),
-                None => spec
-                    .resolve(it)
-                    .and_then(|t| plan_iteration(it, t.placements, t.world, &options)),
-            };
+            let left_out = models::check_left_out(it, options.drop_unknown);
+            let planned = left_out.and_then(|left_out| {
+                let mut p = match &options.hf {
+                    Some(hf) => plan_hf(it, &options, hf),
+                    None => spec
+                        .resolve(it)
+                        .and_then(|t| plan_iteration(it, t.placements, t.world, &options)),
+                }?;
+                p.warnings.extend(left_out);
+                Ok(p)
+            });
             iterations.push(planned.map_err(|e| in_iteration(e, it))?);
         }
         Ok(Plan {
@@ -249,6 +264,7 @@ fn plan_iteration(
         files,
         small,
         notes: model_notes(it),
+        warnings: Vec::new(),
     })
 }
 
@@ -322,19 +338,31 @@ fn plan_hf(it: &Iteration, options: &ViewOptions, hf: &HfOptions) -> Result<Iter
     let mut small = vec![(HF_INDEX.to_string(), index)];
     small.extend(hf.files.iter().cloned());
     let mut notes = model_notes(it);
-    if !small.iter().any(|(n, _)| n == "config.json") {
+    let mut warnings = Vec::new();
+    let dtype = view_float_dtype(it, options);
+    if small.iter().any(|(n, _)| n == models::CONFIG) {
+        if !hf.config_overrides.is_empty() {
+            crate::bail!(
+                "--hf-config sets fields of a generated config.json, but this view shows the model folder's own config.json as it is; edit that file instead"
+            );
+        }
+    } else {
         let Some(model) = &it.model else {
             crate::bail!(
                 "{}: no config.json to show: give --hf-files DIR (the model's Hugging Face folder) or --model qwen3 to generate one",
                 it.dir.display()
             );
         };
-        let dtype = it
-            .tensors
-            .first()
-            .map_or(Dtype::BF16, |t| view_dtype(t, options));
-        small.push(("config.json".into(), model.config.render(dtype)));
-        notes.push(model.config.note());
+        let config = &model.config;
+        config.check_overrides(&hf.config_overrides)?;
+        let dtype = dtype.unwrap_or(Dtype::BF16);
+        small.push((
+            models::CONFIG.into(),
+            config.render_with(dtype, &hf.config_overrides),
+        ));
+        let note = config.note(&hf.config_overrides);
+        notes.push(note.clone());
+        warnings.push(note);
     }
     Ok(IterationPlan {
         world: 1,
@@ -342,7 +370,17 @@ fn plan_hf(it: &Iteration, options: &ViewOptions, hf: &HfOptions) -> Result<Iter
         files,
         small,
         notes,
+        warnings,
     })
+}
+
+/// The dtype a Hugging Face view's `config.json` states: the view's dtype
+/// of its first floating-point model tensor (none: no float tensors).
+fn view_float_dtype(it: &Iteration, options: &ViewOptions) -> Option<Dtype> {
+    it.tensors
+        .iter()
+        .find(|t| t.kind == Kind::Model && cast::is_float(t.dtype))
+        .map(|t| view_dtype(t, options))
 }
 
 /// One view file holding `slices` (tensor index, slice) back to back in the

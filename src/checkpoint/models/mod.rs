@@ -51,6 +51,12 @@ pub struct Map {
     /// What [`Map::mark_mf_rules`] needs, for the message when
     /// `--model` insists on a checkpoint that lacks it.
     pub mf_needs: &'static str,
+    /// Whether a tensor the map does not place is a buffer the model
+    /// derives from its config (a rotary embedding's `inv_freq`), which a
+    /// view may leave out. Any other tensor the map does not know makes a
+    /// view refuse the source ([`check_left_out`]): without it the view is
+    /// not the model.
+    pub derived: fn(&str) -> bool,
 }
 
 impl std::fmt::Debug for Map {
@@ -128,11 +134,23 @@ pub struct GeneratedConfig {
     pub defaulted: &'static [&'static str],
 }
 
+/// Fields a user sets in a generated `config.json` (`--hf-config KEY=VALUE`).
+pub type ConfigOverrides = [(String, Value)];
+
 impl GeneratedConfig {
     /// The file's bytes for a view whose tensors are `dtype`: keys sorted,
     /// pretty-printed as transformers writes them, ending in a newline.
     pub fn render(&self, dtype: Dtype) -> Vec<u8> {
+        self.render_with(dtype, &[])
+    }
+
+    /// [`GeneratedConfig::render`] with the fields `overrides` sets (checked
+    /// by [`GeneratedConfig::check_overrides`]).
+    pub fn render_with(&self, dtype: Dtype, overrides: &ConfigOverrides) -> Vec<u8> {
         let mut fields = self.fields.clone();
+        for (k, v) in overrides {
+            fields.insert(k.clone(), v.clone());
+        }
         let name = Value::from(torch_dtype_name(dtype));
         fields.insert("dtype".into(), name.clone());
         fields.insert("torch_dtype".into(), name);
@@ -142,14 +160,111 @@ impl GeneratedConfig {
         out
     }
 
-    /// The note a plan shows for a generated config.
-    pub fn note(&self) -> String {
-        format!(
-            "config.json generated: sizes as above; {} defaults for {}",
-            self.model,
-            self.defaulted.join(", ")
-        )
+    /// Refuses an override of a field the tensors fix (the config would
+    /// then contradict the weights) or of the dtype (the view's, `--dtype`).
+    /// Fields the map does not write may be added (`bos_token_id`...).
+    pub fn check_overrides(&self, overrides: &ConfigOverrides) -> Result<()> {
+        for (k, _) in overrides {
+            if k == "dtype" || k == "torch_dtype" {
+                bail!("--hf-config {k}: the view's dtype goes there; change it with --dtype");
+            }
+            if let Some(v) = self.fields.get(k)
+                && !self.defaulted.contains(&k.as_str())
+            {
+                bail!(
+                    "--hf-config {k}: is {v}, read off the tensors; a config.json saying otherwise would not describe these weights"
+                );
+            }
+        }
+        Ok(())
     }
+
+    /// `key = value` of each field assumed (not known from the tensors and
+    /// not set by `overrides`).
+    pub fn assumed(&self, overrides: &ConfigOverrides) -> Vec<String> {
+        self.defaulted
+            .iter()
+            .filter(|k| !overrides.iter().any(|(o, _)| o == *k))
+            .filter_map(|k| self.fields.get(*k).map(|v| format!("{k} = {v}")))
+            .collect()
+    }
+
+    /// What a plan says of a generated config, and what stderr says: which
+    /// fields were assumed, with their values, and which the user set.
+    pub fn note(&self, overrides: &ConfigOverrides) -> String {
+        let mut o = format!(
+            "config.json generated: the sizes read off the tensors; not known from them, so assumed as in the released {} models: {}",
+            self.model,
+            self.assumed(overrides).join(", ")
+        );
+        if !overrides.is_empty() {
+            let set: Vec<String> = overrides
+                .iter()
+                .map(|(k, v)| format!("{k} = {v}"))
+                .collect();
+            o.push_str(&format!("; set by --hf-config: {}", set.join(", ")));
+        }
+        o.push_str("; set any field with --hf-config KEY=VALUE");
+        o
+    }
+}
+
+/// Source tensors of `it` that its model map left out and does not know as
+/// derived buffers ([`Map::derived`]).
+pub fn unknown_tensors(it: &Iteration) -> Vec<&str> {
+    let Some(map) = it.model.as_ref().and_then(|m| lookup(&m.model_type)) else {
+        return it.omitted.iter().map(String::as_str).collect();
+    };
+    it.omitted
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !(map.derived)(n))
+        .collect()
+}
+
+/// Every view of `it` leaves out what its map left out. Derived buffers go
+/// silently (listed by `inspect` and the plan); any other tensor makes the
+/// view fail, naming them, unless `drop_unknown` (`--drop-unknown-tensors`)
+/// says to leave them out, which the returned warning then says on stderr:
+/// a view that drops weights is another model.
+pub fn check_left_out(it: &Iteration, drop_unknown: bool) -> Result<Option<String>> {
+    let unknown = unknown_tensors(it);
+    if unknown.is_empty() {
+        return Ok(None);
+    }
+    let model = it
+        .model
+        .as_ref()
+        .and_then(|m| lookup(&m.model_type))
+        .map_or("model", |m| m.display);
+    let listed = list_some(&unknown);
+    if !drop_unknown {
+        bail!(
+            "{}: {} tensor(s) the {model} map does not know: {listed}; a view without them would not be this model. Pass --drop-unknown-tensors to leave them out anyway, or --model none to read the tensors as stored",
+            it.dir.display(),
+            unknown.len()
+        );
+    }
+    Ok(Some(format!(
+        "{}: left out, as --drop-unknown-tensors asks: {} tensor(s) the {model} map does not know: {listed}",
+        it.dir.display(),
+        unknown.len()
+    )))
+}
+
+/// Up to 8 names, then how many more.
+fn list_some(names: &[&str]) -> String {
+    const SHOWN: usize = 8;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    s
 }
 
 /// transformers' name for a dtype, as config.json writes it.
@@ -536,6 +651,42 @@ mod tests {
         let link = tmp.path().join("tokenizer.json");
         std::os::unix::fs::symlink(tmp.path().join("gone"), &link).unwrap();
         input_err(read_hf_files(tmp.path()), &[&link.display().to_string()]);
+    }
+
+    #[test]
+    fn tensors_a_map_does_not_know_refuse_a_view_unless_dropped() {
+        let mut src = Source::open(&fixture("qwen3-tiny-hf")).unwrap();
+        let it = &mut src.iterations[0];
+        assert_eq!(check_left_out(it, false).unwrap(), None);
+        // A derived buffer goes without a word.
+        it.omitted.push("model.rotary_emb.inv_freq".into());
+        assert!(unknown_tensors(it).is_empty());
+        assert_eq!(check_left_out(it, false).unwrap(), None);
+        it.omitted
+            .push("model.layers.0.self_attn.o_proj.bias".into());
+        assert_eq!(
+            unknown_tensors(it),
+            vec!["model.layers.0.self_attn.o_proj.bias"]
+        );
+        let dir = it.dir.display().to_string();
+        input_err(
+            check_left_out(it, false),
+            &[
+                &dir,
+                "1 tensor(s)",
+                "Qwen3 map",
+                "o_proj.bias",
+                "--drop-unknown-tensors",
+            ],
+        );
+        let w = check_left_out(it, true).unwrap().unwrap();
+        assert!(w.contains("o_proj.bias") && !w.contains("inv_freq"), "{w}");
+        // Long lists are cut.
+        for i in 0..20 {
+            it.omitted.push(format!("extra.{i}"));
+        }
+        let e = input_err(check_left_out(it, false), &["21 tensor(s)", "and 13 more"]);
+        assert!(!e.contains("extra.19"), "{e}");
     }
 
     #[test]

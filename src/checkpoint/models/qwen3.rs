@@ -45,7 +45,16 @@ pub static MAP: Map = Map {
     mf_to_hf,
     mark_mf_rules,
     mf_needs: "embedding, q_layernorm, linear_proj, linear_qkv and linear_fc1 of layer 0",
+    derived,
 };
+
+/// Buffers a Qwen3 computes from its config rather than learns: older
+/// transformers saved the rotary embedding's `inv_freq` (from `rope_theta`
+/// and `head_dim`), per layer or once; neither MindSpore Transformers nor
+/// transformers loads it, so a view may leave it out.
+fn derived(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+}
 
 /// The sizes that fix every tensor's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -462,7 +471,19 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
         Some(tp_layout(&[false])),
         SplitRules::default(),
     ));
-    if !d.tied || pool.has(HF_HEAD) {
+    let mut notes = vec![format!(
+        "sizes from {}: {}",
+        config.path.display(),
+        d.describe()
+    )];
+    if d.tied && pool.tensors.remove(HF_HEAD).is_some() {
+        // MindSpore Transformers' converter drops it too: a tied model's
+        // output layer is its embedding, and a stored copy is not loaded.
+        notes.push(format!(
+            "{HF_HEAD} is stored but left out: config.json ties it to the embedding (tie_word_embeddings: true), so {MF_HEAD} is not shown, as MindSpore Transformers' converter drops it"
+        ));
+    }
+    if !d.tied {
         let t = pool.take(HF_HEAD, &[d.vocab, d.hidden], MF_HEAD)?;
         out.push(renamed(
             t,
@@ -493,11 +514,7 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
     it.stages = 1;
     it.model = Some(ModelInfo {
         model_type: MAP.model_type.into(),
-        notes: vec![format!(
-            "sizes from {}: {}",
-            config.path.display(),
-            d.describe()
-        )],
+        notes,
         config: generated_config(&d),
     });
     Ok(it)
@@ -806,7 +823,8 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
     omitted.sort();
     it.tensors = out;
     it.parts = parts;
-    it.omitted = omitted;
+    // A Hugging Face source mapped back keeps what its first pass left out.
+    it.omitted.extend(omitted);
     it.prefix = None;
     it.model = Some(ModelInfo {
         model_type: MAP.model_type.into(),
@@ -816,24 +834,31 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
     Ok(it)
 }
 
-/// Fields of a generated `config.json` that are Qwen3's defaults in
-/// transformers (`Qwen3Config`), not read from the tensors.
+/// Fields of a generated `config.json` that the tensors cannot tell: each
+/// takes the value every released Qwen3 (0.6B to 32B, April 2025) has in
+/// its `config.json`, not `Qwen3Config`'s class default where the two
+/// differ (`rope_theta` 10000 and `max_position_embeddings` 32768 there):
+/// with the class defaults the logits of the 0.6B model moved by up to 0.59
+/// with identical weights. `max_window_layers` equals `num_hidden_layers`
+/// in those configs (it does nothing while `use_sliding_window` is false).
+/// Listed as stderr lists them: those that change the logits first.
 pub const DEFAULTED: &[&str] = &[
-    "hidden_act",
-    "max_position_embeddings",
-    "rms_norm_eps",
     "rope_theta",
-    "initializer_range",
+    "max_position_embeddings",
+    "rope_scaling",
+    "rms_norm_eps",
+    "hidden_act",
     "attention_dropout",
+    "initializer_range",
     "use_sliding_window",
     "sliding_window",
     "max_window_layers",
     "use_cache",
 ];
 
-/// A `config.json` for transformers: every size from `d`, the rest
-/// `Qwen3Config`'s defaults (listed in [`DEFAULTED`]); the dtype is the
-/// view's.
+/// A `config.json` for transformers: every size from `d`, the rest the
+/// released Qwen3 models' values (listed in [`DEFAULTED`]); the dtype is
+/// the view's.
 fn generated_config(d: &Dims) -> GeneratedConfig {
     let v: Value = json!({
         "architectures": ["Qwen3ForCausalLM"],
@@ -844,14 +869,15 @@ fn generated_config(d: &Dims) -> GeneratedConfig {
         "hidden_size": d.hidden,
         "initializer_range": 0.02,
         "intermediate_size": d.intermediate,
-        "max_position_embeddings": 32768,
-        "max_window_layers": 28,
+        "max_position_embeddings": 40960,
+        "max_window_layers": d.layers,
         "model_type": "qwen3",
         "num_attention_heads": d.heads,
         "num_hidden_layers": d.layers,
         "num_key_value_heads": d.groups,
         "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0,
+        "rope_scaling": null,
+        "rope_theta": 1000000,
         "sliding_window": null,
         "tie_word_embeddings": d.tied,
         "use_cache": true,
@@ -929,6 +955,82 @@ mod tests {
         assert_eq!(m.locate(7), (6, 3, 1));
         let up = rows_of(0, 1, 2, 1);
         assert_eq!(up.locate(3), (0, 7, 1));
+    }
+
+    #[test]
+    fn a_generated_config_assumes_the_released_models_values() {
+        // Qwen3-0.6B's config.json as released (and 1.7B to 32B: the same
+        // rope_theta and max_position_embeddings), not Qwen3Config's
+        // class defaults (10000, 32768).
+        let mut d = dims(16, 8, 128);
+        d.layers = 28;
+        let c = generated_config(&d);
+        let f = |k: &str| c.fields[k].clone();
+        assert_eq!(f("rope_theta"), json!(1000000));
+        assert_eq!(f("max_position_embeddings"), json!(40960));
+        assert_eq!(f("max_window_layers"), json!(28));
+        assert_eq!(f("rope_scaling"), Value::Null);
+        assert_eq!(f("rms_norm_eps"), json!(1e-6));
+        for k in DEFAULTED {
+            assert!(c.fields.contains_key(*k), "{k} is listed but not written");
+        }
+        let assumed = c.assumed(&[]);
+        assert_eq!(assumed[0], "rope_theta = 1000000");
+        assert_eq!(assumed[1], "max_position_embeddings = 40960");
+        assert_eq!(assumed.len(), DEFAULTED.len());
+        let set = [("rope_theta".to_string(), json!(500000.0))];
+        assert!(!c.assumed(&set).iter().any(|a| a.starts_with("rope_theta")));
+        let text: Value = serde_json::from_slice(&c.render_with(Dtype::F32, &set)).unwrap();
+        assert_eq!(text["rope_theta"], json!(500000.0));
+        assert_eq!(text["dtype"], json!("float32"));
+        assert_eq!(text["torch_dtype"], json!("float32"));
+        let note = c.note(&set);
+        assert!(
+            note.contains("released Qwen3") && note.contains("--hf-config"),
+            "{note}"
+        );
+        assert!(
+            note.contains("set by --hf-config: rope_theta = 500000.0"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn overrides_may_not_contradict_the_tensors() {
+        let c = generated_config(&dims(4, 2, 2));
+        let ok = [
+            ("rope_theta".to_string(), json!(5)),
+            ("bos_token_id".to_string(), json!(1)),
+        ];
+        c.check_overrides(&ok).unwrap();
+        for k in ["hidden_size", "num_key_value_heads", "tie_word_embeddings"] {
+            let e = c.check_overrides(&[(k.to_string(), json!(1))]).unwrap_err();
+            assert!(
+                e.to_string().contains(k) && e.to_string().contains("tensors"),
+                "{e}"
+            );
+            assert_eq!(e.exit_code(), 2);
+        }
+        for k in ["dtype", "torch_dtype"] {
+            let e = c
+                .check_overrides(&[(k.to_string(), json!("float16"))])
+                .unwrap_err();
+            assert!(e.to_string().contains("--dtype"), "{e}");
+        }
+    }
+
+    #[test]
+    fn only_rotary_buffers_are_derived() {
+        assert!(derived("model.rotary_emb.inv_freq"));
+        assert!(derived("model.layers.3.self_attn.rotary_emb.inv_freq"));
+        for n in [
+            "model.layers.0.self_attn.o_proj.bias",
+            "model.layers.0.self_attn.extra_bias",
+            "lm_head.weight",
+            "inv_freq",
+        ] {
+            assert!(!derived(n), "{n}");
+        }
     }
 
     #[test]
