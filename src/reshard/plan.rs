@@ -340,11 +340,21 @@ fn plan_hf(it: &Iteration, options: &ViewOptions, hf: &HfOptions) -> Result<Iter
     let mut notes = model_notes(it);
     let mut warnings = Vec::new();
     let dtype = view_float_dtype(it, options);
-    if small.iter().any(|(n, _)| n == models::CONFIG) {
+    if let Some((_, raw)) = small.iter_mut().find(|(n, _)| n == models::CONFIG) {
         if !hf.config_overrides.is_empty() {
             crate::bail!(
                 "--hf-config sets fields of a generated config.json, but this view shows the model folder's own config.json as it is; edit that file instead"
             );
+        }
+        // The folder's config.json, but stating the view's dtype.
+        if let Some(d) = dtype
+            && let Some(restated) = models::config_with_dtype(raw, d, options.dtype.is_some())
+        {
+            *raw = restated;
+            notes.push(format!(
+                "config.json as in the model's folder, but for its dtype: {}, the view's",
+                models::torch_dtype_name(d)
+            ));
         }
     } else {
         let Some(model) = &it.model else {

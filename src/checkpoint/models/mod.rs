@@ -267,6 +267,144 @@ fn list_some(names: &[&str]) -> String {
     s
 }
 
+/// A model folder's `config.json` restating the dtype of a view cast to
+/// `dtype`: the values of its top-level `dtype` and `torch_dtype` become
+/// transformers' name of `dtype`, and every other byte stays as it was.
+/// transformers 5 loads a model in its config's dtype by default, so a
+/// config left saying `bfloat16` over float32 weights undoes the cast. A
+/// config with neither field gets `dtype` as its first member when `add`
+/// (the view was cast: without it the weights are the folder's own).
+/// `None` when nothing changes; `raw` must be a JSON object.
+pub fn config_with_dtype(raw: &[u8], dtype: Dtype, add: bool) -> Option<Vec<u8>> {
+    let name = format!("\"{}\"", torch_dtype_name(dtype));
+    let members = top_level_members(raw)?;
+    let mut out = Vec::with_capacity(raw.len() + 32);
+    let mut at = 0;
+    let mut found = false;
+    for (key, value) in &members {
+        if key == "dtype" || key == "torch_dtype" {
+            found = true;
+            out.extend_from_slice(&raw[at..value.start]);
+            out.extend_from_slice(name.as_bytes());
+            at = value.end;
+        }
+    }
+    out.extend_from_slice(&raw[at..]);
+    if !found {
+        if !add {
+            return None;
+        }
+        // After the brace, indented as the first member is.
+        let brace = raw.iter().position(|&b| b == b'{')?;
+        let indent: Vec<u8> = match members.first() {
+            Some(_) => raw[brace + 1..]
+                .iter()
+                .copied()
+                .take_while(u8::is_ascii_whitespace)
+                .collect(),
+            None => b"\n  ".to_vec(),
+        };
+        let mut member = indent.clone();
+        member.extend_from_slice(format!("\"dtype\": {name}").as_bytes());
+        if !members.is_empty() {
+            member.push(b',');
+        } else {
+            member.push(b'\n');
+        }
+        out = raw.to_vec();
+        out.splice(brace + 1..brace + 1, member);
+    }
+    (out != raw).then_some(out)
+}
+
+/// The top-level members of a JSON object text: each key (decoded) and the
+/// byte range of its value. `None` unless `raw` is one valid JSON object.
+fn top_level_members(raw: &[u8]) -> Option<Vec<(String, std::ops::Range<usize>)>> {
+    let ws = |i: &mut usize| {
+        while raw.get(*i).is_some_and(u8::is_ascii_whitespace) {
+            *i += 1;
+        }
+    };
+    // The end of the string starting at `i` (a quote), past its closing quote.
+    let string_end = |mut i: usize| -> Option<usize> {
+        i += 1;
+        loop {
+            match raw.get(i)? {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+    };
+    // The end of the value starting at `i`.
+    let value_end = |mut i: usize| -> Option<usize> {
+        match raw.get(i)? {
+            b'"' => string_end(i),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                loop {
+                    match raw.get(i)? {
+                        b'"' => {
+                            i = string_end(i)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(i + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            _ => {
+                while raw
+                    .get(i)
+                    .is_some_and(|b| !b.is_ascii_whitespace() && !matches!(b, b',' | b'}' | b']'))
+                {
+                    i += 1;
+                }
+                Some(i)
+            }
+        }
+    };
+    serde_json::from_slice::<serde_json::Map<String, Value>>(raw).ok()?;
+    let mut i = 0;
+    ws(&mut i);
+    if raw.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut out = Vec::new();
+    loop {
+        ws(&mut i);
+        match raw.get(i)? {
+            b'}' => return Some(out),
+            b',' => {
+                i += 1;
+                continue;
+            }
+            b'"' => {}
+            _ => return None,
+        }
+        let key_end = string_end(i)?;
+        let key: String = serde_json::from_slice(&raw[i..key_end]).ok()?;
+        i = key_end;
+        ws(&mut i);
+        if raw.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        ws(&mut i);
+        let end = value_end(i)?;
+        out.push((key, i..end));
+        i = end;
+    }
+}
+
 /// transformers' name for a dtype, as config.json writes it.
 pub fn torch_dtype_name(dtype: Dtype) -> &'static str {
     match dtype {
@@ -687,6 +825,60 @@ mod tests {
         }
         let e = input_err(check_left_out(it, false), &["21 tensor(s)", "and 13 more"]);
         assert!(!e.contains("extra.19"), "{e}");
+    }
+
+    #[test]
+    fn a_config_restates_the_views_dtype_and_nothing_else() {
+        let f32 = |raw: &str, add: bool| {
+            config_with_dtype(raw.as_bytes(), Dtype::F32, add)
+                .map(|b| String::from_utf8(b).unwrap())
+        };
+        // As transformers 5 writes it: only the value changes.
+        let pretty = "{\n  \"architectures\": [\"Qwen3ForCausalLM\"],\n  \"dtype\": \"bfloat16\",\n  \"hidden_size\": 64\n}\n";
+        assert_eq!(
+            f32(pretty, true).unwrap(),
+            pretty.replace("\"bfloat16\"", "\"float32\"")
+        );
+        // transformers 4's torch_dtype, both, compact, duplicates, escapes.
+        assert_eq!(
+            f32(r#"{"torch_dtype":"bfloat16","x":1}"#, false).unwrap(),
+            r#"{"torch_dtype":"float32","x":1}"#
+        );
+        assert_eq!(
+            f32(r#"{ "dtype" : "float16" , "torch_dtype": null }"#, false).unwrap(),
+            r#"{ "dtype" : "float32" , "torch_dtype": "float32" }"#
+        );
+        // Only top-level members: nested ones and look-alike strings stay.
+        let nested = r#"{"text_config": {"dtype": "bfloat16"}, "note": "\"dtype\": x", "a": [{"dtype": 1}], "dtype": "bfloat16"}"#;
+        assert_eq!(
+            f32(nested, false).unwrap(),
+            r#"{"text_config": {"dtype": "bfloat16"}, "note": "\"dtype\": x", "a": [{"dtype": 1}], "dtype": "float32"}"#
+        );
+        // Already right: nothing to change.
+        assert_eq!(f32(r#"{"dtype": "float32"}"#, true), None);
+        // Neither field: added only for a cast view, indented as the rest.
+        assert_eq!(f32("{\n  \"x\": 1\n}", false), None);
+        assert_eq!(
+            f32("{\n  \"x\": 1\n}", true).unwrap(),
+            "{\n  \"dtype\": \"float32\",\n  \"x\": 1\n}"
+        );
+        assert_eq!(f32("{}", true).unwrap(), "{\n  \"dtype\": \"float32\"\n}");
+        // Whatever it was given, what comes out parses and says float32.
+        for raw in [
+            pretty,
+            nested,
+            "{}",
+            r#"{"a":{"b":[1,2,"}"]},"torch_dtype":"x"}"#,
+        ] {
+            let v: Value = serde_json::from_str(&f32(raw, true).unwrap_or(raw.into())).unwrap();
+            assert!(
+                v.get("dtype").or(v.get("torch_dtype")) == Some(&Value::from("float32")),
+                "{raw}"
+            );
+        }
+        // Not a JSON object: left alone.
+        assert_eq!(f32("[1]", true), None);
+        assert_eq!(f32("{", true), None);
     }
 
     #[test]
