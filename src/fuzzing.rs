@@ -46,6 +46,7 @@ pub fn metadata(dir: &Path, data: &[u8]) {
     let spec = TargetSpec::Mesh {
         sizes: Vec::new(),
         pp: None,
+        offset: None,
     };
     if let Ok(plan) = Plan::build(source, spec) {
         check_plan(&plan);
@@ -85,7 +86,11 @@ pub fn plan(source: Arc<Source>, data: &[u8]) {
             let pp = size();
             let mut sizes = vec![("dp".to_string(), dp), ("tp".to_string(), tp)];
             sizes.retain(|(_, n)| *n > 0);
-            TargetSpec::Mesh { sizes, pp }
+            TargetSpec::Mesh {
+                sizes,
+                pp,
+                offset: None,
+            }
         }
         1 => {
             let mut f = tempfile_in_tmp();

@@ -278,6 +278,19 @@ struct TargetArgs {
     /// source stage.
     #[arg(long, value_name = "N", conflicts_with_all = ["strategy", "unshard"])]
     pp: Option<u64>,
+    /// With --pp: MindSpore Transformers' `offset`, one integer per stage
+    /// added to its layers/N (e.g. `--pp 3 --pp-offset 1,0,0` puts 10, 9
+    /// and 9 of 28 layers on the three stages). They must sum to the
+    /// remainder layers % N; a --pp that does not divide the layers needs
+    /// it. The first and last stage may hold no layer, the others at least one.
+    #[arg(
+        long,
+        value_name = "O,O,...",
+        requires = "pp",
+        value_delimiter = ',',
+        allow_hyphen_values = true
+    )]
+    pp_offset: Option<Vec<i64>>,
     /// A target job's metadata.json, or a JSON object {tensor name: layout};
     /// each tensor takes the layout given there.
     #[arg(long, value_name = "FILE", conflicts_with = "unshard")]
@@ -294,6 +307,7 @@ impl TargetArgs {
             return Ok(TargetSpec::Mesh {
                 sizes: Vec::new(),
                 pp: None,
+                offset: None,
             });
         }
         self.spec()
@@ -322,6 +336,7 @@ impl TargetArgs {
         Ok(TargetSpec::Mesh {
             sizes: TargetSpec::parse_mesh(&self.mesh)?,
             pp: self.pp,
+            offset: self.pp_offset.clone(),
         })
     }
 }

@@ -384,7 +384,18 @@ proptest! {
             Target::Mesh { pp } => {
                 let sizes: Vec<(String, u64)> = ALIASES.iter().zip(&c.dst_dm).map(|(a, n)| (a.to_string(), *n)).collect();
                 let pp = pp.map(|n| 1 + n % layers.max(1));
-                (TargetSpec::Mesh { sizes, pp }, s * pp.unwrap_or(1))
+                // A split that does not divide the layers needs MindSpore
+                // Transformers' offset: the one that puts layer i on stage
+                // i*N/L, the rule the expectation below follows.
+                let offset = pp.filter(|&n| layers % n != 0).map(|n| {
+                    (0..n)
+                        .map(|st| {
+                            let held = (0..layers).filter(|i| i * n / layers == st).count() as i64;
+                            held - (layers / n) as i64
+                        })
+                        .collect()
+                });
+                (TargetSpec::Mesh { sizes, pp, offset }, s * pp.unwrap_or(1))
             }
             Target::Strategy { perm_seed } => {
                 let path = dir.path().join("strategy.json");

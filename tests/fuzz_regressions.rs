@@ -105,6 +105,7 @@ fn the_plan_property_catches_a_broken_plan() {
     let spec = || TargetSpec::Mesh {
         sizes: vec![("tp".into(), 2)],
         pp: None,
+        offset: None,
     };
     let plan = Plan::build(source.clone(), spec()).unwrap();
     fuzzing::check_plan(&plan);

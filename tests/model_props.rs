@@ -400,7 +400,7 @@ proptest! {
         let hf = write_hf(dir.path(), &c);
         let mf = mf_tensors(&c, &hf);
         let source = Source::open(dir.path()).unwrap();
-        let spec = TargetSpec::Mesh { sizes: vec![("tp".into(), c.tp)], pp: None };
+        let spec = TargetSpec::Mesh { sizes: vec![("tp".into(), c.tp)], pp: None, offset: None };
         let plan = Plan::build_with(source, spec, ViewOptions { dtype: c.cast, ..Default::default() }).unwrap();
         let view_dtype = c.cast.unwrap_or(c.dtype);
         let e = es(c.dtype);
@@ -468,7 +468,7 @@ proptest! {
         let hf = write_hf(&hf_dir, &c);
         let mf_dir = dir.path().join("mf");
         let widen = c.cast.filter(|&d| d == Dtype::F32);
-        let spec = TargetSpec::Mesh { sizes: vec![("tp".into(), c.tp)], pp: None };
+        let spec = TargetSpec::Mesh { sizes: vec![("tp".into(), c.tp)], pp: None, offset: None };
         let plan = Plan::build_with(Source::open(&hf_dir).unwrap(), spec, ViewOptions { dtype: widen, ..Default::default() }).unwrap();
         export(&plan, &mf_dir, &ExportOptions { force: false, threads: 2, progress: false }).unwrap();
 

@@ -34,6 +34,7 @@ fn check_change(change: impl FnOnce(&Path)) {
     let spec = TargetSpec::Mesh {
         sizes: vec![("tp".into(), 4)],
         pp: None,
+        offset: None,
     };
     let plan = Plan::build(Source::open(&root).unwrap(), spec).unwrap();
     let engine = Engine::new(&plan);

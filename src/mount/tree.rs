@@ -221,6 +221,7 @@ mod tests {
         let spec = TargetSpec::Mesh {
             sizes: vec![("tp".into(), 2)],
             pp: None,
+            offset: None,
         };
         let (_, t) = tree("tests/fixtures/tp4-f32", spec);
         assert_eq!(

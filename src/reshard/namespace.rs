@@ -129,6 +129,7 @@ mod tests {
             TargetSpec::Mesh {
                 sizes: vec![("tp".into(), 2)],
                 pp: None,
+                offset: None,
             },
         );
         let it = "iteration_00000005";

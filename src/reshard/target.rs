@@ -24,10 +24,12 @@ use crate::{bad, bail};
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetSpec {
     /// New sizes for named device axes (possibly none) and optionally a new
-    /// number of pipeline stages.
+    /// number of pipeline stages, with MindSpore Transformers' `offset`
+    /// (`--pp-offset`: per stage, layers beyond `layers / pp`).
     Mesh {
         sizes: Vec<(String, u64)>,
         pp: Option<u64>,
+        offset: Option<Vec<i64>>,
     },
     /// Layouts taken from a file.
     Strategy(PathBuf),
@@ -92,11 +94,14 @@ impl TargetSpec {
     /// A short human description (`tp=2 pp=1`, `unshard`, `strategy FILE`).
     pub fn describe(&self) -> String {
         match self {
-            TargetSpec::Mesh { sizes, pp } => {
+            TargetSpec::Mesh { sizes, pp, offset } => {
                 let mut parts: Vec<String> =
                     sizes.iter().map(|(a, n)| format!("{a}={n}")).collect();
                 if let Some(pp) = pp {
                     parts.push(format!("pp={pp}"));
+                }
+                if let Some(o) = offset {
+                    parts.push(format!("offset={}", join_offsets(o)));
                 }
                 if parts.is_empty() {
                     "same strategy as the source".into()
@@ -112,7 +117,9 @@ impl TargetSpec {
     /// Resolves the target against one source iteration.
     pub fn resolve(&self, it: &Iteration) -> Result<Target> {
         let placements = match self {
-            TargetSpec::Mesh { sizes, pp } => resolve_mesh(it, sizes, *pp)?,
+            TargetSpec::Mesh { sizes, pp, offset } => {
+                resolve_mesh(it, sizes, *pp, offset.as_deref())?
+            }
             TargetSpec::Strategy(path) => resolve_strategy(it, path)?,
             TargetSpec::Unshard => it
                 .tensors
@@ -184,6 +191,7 @@ fn resolve_mesh(
     it: &Iteration,
     sizes: &[(String, u64)],
     pp: Option<u64>,
+    offset: Option<&[i64]>,
 ) -> Result<Vec<Placement>> {
     let present: BTreeSet<&str> = it
         .tensors
@@ -206,6 +214,7 @@ fn resolve_mesh(
     let what = TargetSpec::Mesh {
         sizes: sizes.to_vec(),
         pp,
+        offset: offset.map(<[i64]>::to_vec),
     }
     .describe();
 
@@ -239,7 +248,7 @@ fn resolve_mesh(
         }
         layouts.push(Some(l));
     }
-    let rule = StageRule::new(it, pp)?;
+    let rule = StageRule::new(it, pp, offset)?;
     let stages = pp.unwrap_or(it.stages);
     let stage_devices = first.as_ref().map_or(1, |d| d.0);
     if stage_devices.saturating_mul(stages) > MAX_WORLD {
@@ -284,8 +293,12 @@ fn resolve_mesh(
 
 /// The target stage of each tensor. Without `--pp` a tensor stays on its
 /// source stage (which also keeps any uneven split the source job chose);
-/// with `--pp N`, layer `i` of `L` goes to stage `i*N/L`. A tensor outside
-/// the layers:
+/// with `--pp N`, the layers go to the stages in order, `L / N` each, as
+/// MindSpore Transformers places them (its `LayerSetting`): a split that
+/// does not divide the layers needs its `offset` (`--pp-offset`), one
+/// integer per stage added to `L / N`, summing to `L % N`, and is refused
+/// without one, as MindSpore Transformers refuses it. A tensor outside the
+/// layers:
 /// * from a multi-stage source, stays first if it was first, else goes last;
 /// * from a single-stage source (which says nothing about stages), goes where
 ///   MindSpore Transformers puts it: the final norm and the output layer
@@ -297,9 +310,22 @@ enum StageRule {
     Keep,
     Pp {
         stages: u64,
-        layers: u64,
+        layers: Layers,
         single_stage_source: bool,
     },
+}
+
+/// How the layers are split over the stages.
+enum Layers {
+    /// `per` layers on every stage (`L % N == 0`, no offset).
+    Even { per: u64 },
+    /// Stage `s` holds the layers below `ends[s]` not held by an earlier one.
+    Ends(Vec<u64>),
+}
+
+/// `1,0,0`: offsets as `--pp-offset` takes them.
+fn join_offsets(o: &[i64]) -> String {
+    o.iter().map(i64::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// Whether a tensor outside the layers sits on a MindSpore Transformers job's last
@@ -313,9 +339,50 @@ pub fn on_last_stage(name: &str) -> bool {
     })
 }
 
+/// The layers per stage that `offset` gives for `layers` layers over
+/// `stages` stages, with MindSpore Transformers' checks (`LayerSetting.
+/// _check_inputs`): one offset per stage, summing to `layers % stages`; the
+/// first and last stage may hold no layer, every other at least one.
+fn layers_per_stage(layers: u64, stages: u64, offset: &[i64]) -> Result<Vec<u64>> {
+    let given = join_offsets(offset);
+    if offset.len() as u64 != stages {
+        bail!(
+            "--pp-offset {given}: {} value(s) for {stages} stage(s); give one integer per stage",
+            offset.len()
+        );
+    }
+    let base = layers / stages;
+    let rem = layers % stages;
+    let sum: i128 = offset.iter().map(|&o| i128::from(o)).sum();
+    if sum != i128::from(rem) {
+        bail!(
+            "--pp-offset {given}: sums to {sum}, but {layers} layers over {stages} stages leave {rem} ({layers} % {stages}); the offsets must sum to that"
+        );
+    }
+    let last = offset.len() - 1;
+    offset
+        .iter()
+        .enumerate()
+        .map(|(s, &o)| {
+            let n = i128::from(base) + i128::from(o);
+            let least = if s == 0 || s == last { 0 } else { 1 };
+            if n < least {
+                bail!(
+                    "--pp-offset {given}: stage {s} would hold {n} layer(s) ({base} + {o}); the first and last stage may hold none, every other stage needs at least one"
+                );
+            }
+            // At most `layers`: the offsets sum to the remainder.
+            Ok(n as u64)
+        })
+        .collect()
+}
+
 impl StageRule {
-    fn new(it: &Iteration, pp: Option<u64>) -> Result<StageRule> {
+    fn new(it: &Iteration, pp: Option<u64>, offset: Option<&[i64]>) -> Result<StageRule> {
         let Some(stages) = pp else {
+            if offset.is_some() {
+                bail!("--pp-offset needs --pp: it says how --pp N splits the layers");
+            }
             return Ok(StageRule::Keep);
         };
         if stages == 0 {
@@ -335,27 +402,64 @@ impl StageRule {
                 layers.max(1)
             );
         }
+        let split = match offset {
+            Some(o) => {
+                let per = layers_per_stage(layers, stages, o)?;
+                let mut end = 0u64;
+                Layers::Ends(
+                    per.into_iter()
+                        .map(|n| {
+                            end = end.saturating_add(n);
+                            end
+                        })
+                        .collect(),
+                )
+            }
+            None if layers % stages != 0 => {
+                let rem = layers % stages;
+                // One more layer on each of the first `rem` stages.
+                let example: Vec<i64> = (0..stages.min(16)).map(|s| i64::from(s < rem)).collect();
+                bail!(
+                    "--pp {stages}: {layers} layers do not divide into {stages} stages, and MindSpore Transformers refuses such a split without an offset; say where the {rem} extra layer(s) go with --pp-offset, one integer per stage summing to {rem}{}",
+                    if stages <= 16 {
+                        format!(" (e.g. --pp-offset {})", join_offsets(&example))
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            None => Layers::Even {
+                per: (layers / stages).max(1),
+            },
+        };
         Ok(StageRule::Pp {
             stages,
-            layers,
+            layers: split,
             single_stage_source: it.stages <= 1,
         })
     }
 
     fn stage(&self, t: &Tensor) -> u64 {
-        match *self {
+        match self {
             StageRule::Keep => t.stage,
             StageRule::Pp {
                 stages,
                 layers,
                 single_stage_source,
-            } => match layer_index(&t.name) {
-                // In u128: `i * stages` may pass u64 for a huge layer index.
-                Some(i) => (u128::from(i) * u128::from(stages) / u128::from(layers)) as u64,
-                None if single_stage_source && on_last_stage(&t.name) => stages - 1,
-                None if single_stage_source || t.stage == 0 => 0,
-                None => stages - 1,
-            },
+            } => {
+                let (stages, single_stage_source) = (*stages, *single_stage_source);
+                match layer_index(&t.name) {
+                    Some(i) => match layers {
+                        Layers::Even { per } => (i / per).min(stages - 1),
+                        Layers::Ends(ends) => {
+                            (ends.partition_point(|&e| e <= i) as u64).min(stages - 1)
+                        }
+                    },
+                    None if single_stage_source && on_last_stage(&t.name) => stages - 1,
+                    None if single_stage_source || t.stage == 0 => 0,
+                    None => stages - 1,
+                }
+            }
         }
     }
 }
@@ -484,6 +588,30 @@ mod tests {
         ] {
             assert!(!on_last_stage(n), "{n}");
         }
+    }
+
+    #[test]
+    fn offsets_follow_mindspore_transformers_checks() {
+        // 28 layers over 3 stages: 9 each and one left over.
+        assert_eq!(layers_per_stage(28, 3, &[1, 0, 0]).unwrap(), vec![10, 9, 9]);
+        assert_eq!(layers_per_stage(28, 3, &[0, 0, 1]).unwrap(), vec![9, 9, 10]);
+        // Moving layers between stages of an even split.
+        assert_eq!(layers_per_stage(8, 2, &[-1, 1]).unwrap(), vec![3, 5]);
+        // The first and last stage may be empty, the middle ones not.
+        assert_eq!(layers_per_stage(4, 2, &[-2, 2]).unwrap(), vec![0, 4]);
+        assert_eq!(layers_per_stage(6, 3, &[1, -1, 0]).unwrap(), vec![3, 1, 2]);
+        let e = |l, n, o: &[i64], words: &[&str]| {
+            let msg = layers_per_stage(l, n, o).unwrap_err().to_string();
+            for w in words {
+                assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+            }
+        };
+        e(28, 3, &[1, 0], &["2 value(s) for 3 stage(s)"]);
+        e(28, 3, &[1, 1, 0], &["sums to 2", "leave 1", "28 % 3"]);
+        e(28, 3, &[0, 0, 0], &["sums to 0", "leave 1"]);
+        e(6, 3, &[2, -2, 0], &["stage 1", "0 layer(s)"]);
+        e(4, 2, &[-3, 3], &["stage 0", "-1 layer(s)"]);
+        e(4, 2, &[i64::MAX, i64::MIN], &["sums to"]);
     }
 
     #[test]

@@ -658,6 +658,7 @@ class Target:
     pp: int | None = None
     strategy: dict | None = None  # name -> layout (for the oracle)
     strategy_doc: object = None  # what is written to the --strategy file
+    pp_offset: list | None = None  # --pp-offset, one integer per stage
 
     def args(self, workdir) -> list[str]:
         if self.kind == "unshard":
@@ -671,12 +672,24 @@ class Target:
             out += ["--mesh", ",".join(f"{a}={n}" for a, n in self.mesh.items())]
         if self.pp is not None:
             out += ["--pp", str(self.pp)]
+        if self.pp_offset is not None:
+            out += ["--pp-offset", ",".join(map(str, self.pp_offset))]
         return out
 
     def describe(self) -> str:
         if self.kind == "strategy":
             return "--strategy " + json.dumps(self.strategy)
         return " ".join(self.args(None)) if self.kind != "strategy" else "--strategy"
+
+
+def pp_offset_for(layers: int, pp: int) -> list | None:
+    """MindSpore Transformers' `offset` that puts layer i of `layers` on stage i*pp//layers (None
+    when pp divides the layers: no offset is needed). Its stage s holds layers//pp + offset[s]
+    layers, in order (LayerSetting in mindformers/parallel_core/training_graph/transformer/utils.py)."""
+    if layers % pp == 0:
+        return None
+    held = [sum(1 for i in range(layers) if i * pp // layers == s) for s in range(pp)]
+    return [h - layers // pp for h in held]
 
 
 def parse_target_name(s: str) -> Target:

@@ -1,9 +1,12 @@
-"""`--pp N` places tensors outside the layers where MindFormers does .
+"""`--pp N` places tensors outside the layers where MindFormers does, and splits the layers as it
+does (with its `offset` when N does not divide them).
 
 The expected views are built here from the rule as the README states it, over sources written by
 the Python writer (`ckpt.write_iteration`), never from reshardfs's own output:
 
-* layer `i` of `L` goes to stage `i*N//L`;
+* layer `i` of `L` goes to stage `i*N//L` when N divides L; otherwise `--pp-offset` is needed, and
+  stage s holds `L//N + offset[s]` layers in order (MindFormers' LayerSetting: `pp_ids[i] =
+  searchsorted(cumsum(layers per stage), i + 1)`), the offsets summing to `L % N`;
 * from a single-stage source, `decoder.final_layernorm.*` and `output_layer.*` (and their `adam_m.`
   and `adam_v.` states) go to the last stage, every other tensor outside the layers to the first;
 * from a multi-stage source, such a tensor stays first if it was first, else goes last.
@@ -53,16 +56,23 @@ def strip(name: str) -> str:
     return name
 
 
-def expected_stage(name: str, n: int, src_stage: int, single_stage: bool) -> int:
+def mindformers_stage(i: int, n: int, offset) -> int:
+    """MindFormers' LayerSetting: the stage of layer i of L over n stages with `offset`."""
+    per = np.full(n, L // n) + np.array(offset if offset is not None else [0] * n)
+    return int(np.searchsorted(np.cumsum(per), i + 1))
+
+
+def expected_stage(name: str, n: int, src_stage: int, single_stage: bool, offset=None) -> int:
     base = strip(name)
     if base.startswith("decoder.layers."):
-        return int(base.split(".")[2]) * n // L
+        i = int(base.split(".")[2])
+        return mindformers_stage(i, n, offset) if offset is not None else i * n // L
     if single_stage:
         return n - 1 if base.startswith(("decoder.final_layernorm.", "output_layer.")) else 0
     return 0 if src_stage == 0 else n - 1
 
 
-def check_view(dest, params: dict, n: int, single_stage: bool):
+def check_view(dest, params: dict, n: int, single_stage: bool, offset=None):
     it = dest / ckpt.iteration_dir_name(1)
     world = n * S
     meta = json.loads((it / "metadata.json").read_text())
@@ -75,7 +85,7 @@ def check_view(dest, params: dict, n: int, single_stage: bool):
                 np.testing.assert_array_equal(arr, params[name].array, err_msg=f"{name} on rank {r}")
     assert set(held) == set(params)
     for name, p in params.items():
-        st = expected_stage(name, n, p.stage, single_stage)
+        st = expected_stage(name, n, p.stage, single_stage, offset)
         want = list(range(st * S, (st + 1) * S))
         assert sorted(held[name]) == want, f"{name}: held by ranks {held[name]}, expected stage {st}: {want}"
         lay = meta["state_dict_metadata"][name]["layout"]
@@ -104,3 +114,33 @@ def test_multi_stage_source_keeps_first_and_last(tmp_path, reshardfs_bin, n):
     run = ckpt.export(tmp_path / "src", tmp_path / "dest", ["--pp", str(n)])
     assert run.code == 0, str(run)
     check_view(tmp_path / "dest", params, n, single_stage=False)
+
+
+def test_uneven_pp_needs_an_offset(tmp_path, reshardfs_bin):
+    """4 layers over 3 stages: refused without --pp-offset (MindFormers refuses a split that does
+    not divide the layers unless `offset` is given), with a message saying how."""
+    write_source(tmp_path / "src", {name: 0 for name in MODEL}, 1)
+    for cmd in (["export", tmp_path / "src", tmp_path / "dest"], ["plan", tmp_path / "src"]):
+        run = ckpt.run_cli(cmd + ["--pp", "3"])
+        assert run.code == 2, str(run)
+        for w in ("--pp 3", "4 layers", "--pp-offset", "sum", "1,0,0"):
+            assert w in run.stderr, f"the message lacks {w!r}\n{run}"
+    assert not (tmp_path / "dest").exists() or not list((tmp_path / "dest").iterdir())
+
+
+@pytest.mark.parametrize("offset", [[1, 0, 0], [0, 0, 1], [-1, 1, 1]], ids=lambda o: ",".join(map(str, o)))
+def test_pp_offset_splits_layers_as_mindformers(tmp_path, reshardfs_bin, offset):
+    params = write_source(tmp_path / "src", {name: 0 for name in MODEL}, 1)
+    run = ckpt.export(tmp_path / "src", tmp_path / "dest", ["--pp", "3", "--pp-offset", ",".join(map(str, offset))])
+    assert run.code == 0, str(run)
+    check_view(tmp_path / "dest", params, 3, single_stage=True, offset=offset)
+
+
+@pytest.mark.parametrize("offset,words", [("1,1,0", ["sums to 2", "leave 1"]), ("1,0", ["2 value(s)", "3 stage(s)"]),
+                                          ("2,-1,0", ["stage 1", "0 layer(s)"]), ("1,x,0", ["--pp-offset"])])
+def test_bad_pp_offset(tmp_path, reshardfs_bin, offset, words):
+    write_source(tmp_path / "src", {name: 0 for name in MODEL}, 1)
+    run = ckpt.run_cli(["plan", tmp_path / "src", "--pp", "3", "--pp-offset", offset])
+    assert run.code == 2, str(run)
+    for w in words:
+        assert w in run.stderr, f"the message lacks {w!r}\n{run}"

@@ -254,9 +254,11 @@ def gen_target(rng, src: Source) -> Target:
     if r < 0.35:
         return Target("mesh", mesh=gen_mesh(rng, src))
     if r < 0.5:
-        return Target("mesh", mesh=gen_mesh(rng, src), pp=int(rng.integers(1, min(src.L, 4) + 1)))
+        pp = int(rng.integers(1, min(src.L, 4) + 1))
+        return Target("mesh", mesh=gen_mesh(rng, src), pp=pp, pp_offset=ckpt.pp_offset_for(src.L, pp))
     if r < 0.65:
-        return Target("pp", pp=int(rng.integers(1, min(src.L, 4) + 1)))
+        pp = int(rng.integers(1, min(src.L, 4) + 1))
+        return Target("pp", pp=pp, pp_offset=ckpt.pp_offset_for(src.L, pp))
     if r < 0.75:
         return Target("unshard")
     return gen_strategy(rng, src)

@@ -700,6 +700,9 @@ def test_property_random_shapes_against_reference(tmp_path, reshardfs_bin):
         src = make_hf(tmp_path / f"src{case}", s, shards=int(rng.integers(1, 4)), seed=case)
         strat = ref.Strategy(dp=dp, tp=tp, pp=pp)
         args = ["--mesh", f"dp={dp},tp={tp}", "--pp", str(pp)]
+        offset = ckpt.pp_offset_for(s["layers"], pp)  # qwen3ref places layer i on stage i*pp//L
+        if offset is not None:
+            args += ["--pp-offset", ",".join(map(str, offset))]
         r = ckpt.export(src, tmp_path / f"out{case}", args)
         assert r.code == 0, f"case {case} (seed {seed}) {s}:\n{r}"
         hf = hf_tensors(src)

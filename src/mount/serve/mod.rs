@@ -423,6 +423,7 @@ mod tests {
             TargetSpec::Mesh {
                 sizes: sizes.iter().map(|&(a, n)| (a.to_string(), n)).collect(),
                 pp,
+                offset: None,
             },
         )
         .unwrap()
