@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::checkpoint::layout::{Layout, Slice};
 use crate::checkpoint::limits::{MAX_METADATA_BYTES, MAX_WORLD};
 use crate::checkpoint::metadata::{LayoutJson, StorageEntry, from_value, parse_shard_id};
-use crate::checkpoint::names::{layer_index, parameter_name};
+use crate::checkpoint::names::{Kind, layer_index, parameter_name};
 use crate::checkpoint::paths::read_small;
 use crate::checkpoint::source::{Iteration, Tensor};
 use crate::error::Result;
@@ -489,11 +489,27 @@ fn resolve_strategy(it: &Iteration, path: &Path) -> Result<Vec<Placement>> {
     let mut missing = Vec::new();
     let mut placements = Vec::with_capacity(it.tensors.len());
     for t in &it.tensors {
-        let Some(entry) = entries.get(&t.name) else {
-            missing.push(t.name.as_str());
-            continue;
+        // An optimizer state takes its parameter's layout, as in MindSpore
+        // Transformers, when the file has none of its own: the strategy of
+        // a job saved without optimizer states applies to one with them.
+        let param = parameter_name(&t.name);
+        let (entry, from) = match (entries.get(&t.name), t.kind) {
+            (Some(e), _) => (e, t.name.as_str()),
+            (None, Kind::Opt) if param != t.name && entries.contains_key(param) => {
+                (&entries[param], param)
+            }
+            _ => {
+                missing.push(t.name.as_str());
+                continue;
+            }
         };
-        let at = |e: String| bad!("{p}: tensor {}: {e}", t.name);
+        let at = |e: String| {
+            if from == t.name {
+                bad!("{p}: tensor {}: {e}", t.name)
+            } else {
+                bad!("{p}: tensor {from} (whose layout {} takes): {e}", t.name)
+            }
+        };
         let layout_value = if from_metadata {
             if let Some(gs) = entry.get("global_shape") {
                 let gs: Vec<u64> = from_value(gs).map_err(|e| at(format!("global_shape: {e}")))?;
@@ -521,7 +537,7 @@ fn resolve_strategy(it: &Iteration, path: &Path) -> Result<Vec<Placement>> {
             }
             None => Placement {
                 layout: None,
-                ranks: holders.get(&t.name).cloned().unwrap_or_else(|| vec![0]),
+                ranks: holders.get(from).cloned().unwrap_or_else(|| vec![0]),
             },
         };
         placements.push(placement);

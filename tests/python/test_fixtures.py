@@ -364,3 +364,35 @@ def test_inspect_and_plan(fx, reshardfs_bin):
         assert run.stdout.strip(), str(run)
         if "--json" in args:
             json.loads(run.stdout)
+
+
+def test_strategy_of_a_model_only_job_places_optimizer_states(tmp_path, reshardfs_bin):
+    """--strategy from a job saved without optimizer states (its layouts name no adam_m./adam_v.
+    tensor) on a checkpoint with them: each state takes its parameter's layout, as in MindSpore
+    Transformers. GPT under the model-only layouts of dp=1,tp=4,pp=1 (written by the oracle)
+    must hold exactly what MindSpore Transformers' own reshard wrote for that strategy, Adam
+    states included; and GPT's own metadata.json stripped of its states reproduces its rank files."""
+    it, params, S, P = source_of("gpt-dp2-tp2-pp2-bf16")
+    exp_dir = FIXTURES / "expected" / "gpt-dp2-tp2-pp2-bf16.dp=1,tp=4,pp=1"
+    exp = ckpt.expected_for(params, S, P, ckpt.parse_target_name("dp=1,tp=4,pp=1"))
+    layouts = {n: p.layout for n, p in exp.params.items() if p.kind == "model"}
+    assert len(layouts) < len(exp.params), "the fixture must have optimizer states"
+    (tmp_path / "model-only.json").write_text(json.dumps(layouts))
+    out = tmp_path / "out"
+    run = ckpt.export(it, out, ["--strategy", tmp_path / "model-only.json"])
+    assert run.code == 0, str(run)
+    prefix, world = ckpt.source_prefix(it), len(os.listdir(exp_dir))
+    for r in range(world):
+        want = load_tensors(exp_dir / f"rank-{r}.safetensors")
+        assert any(n.startswith("adam_") for n in want)
+        assert rank_union(out, prefix, r, world, ("model", "opt")) == want, f"rank {r}"
+
+    meta = json.loads((it / "metadata.json").read_text())
+    meta["state_dict_metadata"] = {n: v for n, v in meta["state_dict_metadata"].items() if not n.startswith("adam_")}
+    meta["storage_data"] = {k: v for k, v in meta["storage_data"].items() if "adam_" not in k}
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    run = ckpt.export(it, tmp_path / "same", ["--strategy", tmp_path / "metadata.json"])
+    assert run.code == 0, str(run)
+    for f in sorted(os.listdir(it)):
+        if f.endswith(".safetensors"):
+            assert (tmp_path / "same" / f).read_bytes() == (it / f).read_bytes(), f
