@@ -82,8 +82,8 @@ enum Command {
         /// removing rank files of an earlier view that this view does not have.
         #[arg(long)]
         force: bool,
-        /// Files written in parallel (default: the number of CPUs).
-        #[arg(long, value_name = "N")]
+        /// Files written in parallel, at least 1 (default: the number of CPUs).
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
         threads: Option<usize>,
         /// Never draw a progress bar.
         #[arg(long)]
@@ -107,9 +107,9 @@ enum Command {
         /// Stay attached and log to stderr; SIGINT/SIGTERM/SIGHUP unmount.
         #[arg(long)]
         foreground: bool,
-        /// Block cache budget, e.g. 512M or 2G. Never exceeded: blocks are at
-        /// most a quarter of it (and at most 1 MiB).
-        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
+        /// Block cache budget, e.g. 512M or 2G, at least 16K. Never exceeded:
+        /// blocks are at most a quarter of it (between 4 KiB and 1 MiB).
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_cache_size)]
         cache_size: u64,
         /// How far ahead of a sequential reader view bytes are computed,
         /// when their source is not yet in the page cache (and, on a FUSE or
@@ -120,8 +120,9 @@ enum Command {
         /// Compute and ask for nothing ahead of readers.
         #[arg(long)]
         no_prefetch: bool,
-        /// FUSE request threads (default: the number of CPUs, at least 2).
-        #[arg(long, value_name = "N")]
+        /// FUSE request threads, at least 1 (default: the number of CPUs, and
+        /// at least 2).
+        #[arg(long, value_name = "N", value_parser = parse_threads)]
         threads: Option<usize>,
         /// Let other users read the mount (default: only the mounting user).
         #[arg(long)]
@@ -139,6 +140,27 @@ enum Command {
 /// G, T (with or without B) are binary here, as for memory.
 fn parse_size(s: &str) -> std::result::Result<u64, String> {
     parse_bytes(s, false)
+}
+
+/// A cache budget: four of the smallest blocks (4 KiB) at least, so that a
+/// block is never more than a quarter of it, as `--help` promises.
+fn parse_cache_size(s: &str) -> std::result::Result<u64, String> {
+    const MIN: u64 = 4 * 4096;
+    match parse_size(s)? {
+        n if n < MIN => Err(format!(
+            "{s:?} is {n} bytes; the cache needs at least 16K (four blocks of 4 KiB, the smallest)"
+        )),
+        n => Ok(n),
+    }
+}
+
+/// A thread count: at least one.
+fn parse_threads(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1 thread is needed".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of threads")),
+    }
 }
 
 /// Parses a shard size as transformers does: `5GB` is 5*10^9 bytes, `5GiB`
@@ -213,14 +235,18 @@ struct ViewArgs {
     #[arg(long, conflicts_with_all = ["mesh", "pp", "strategy", "unshard", "prefix"])]
     hf: bool,
     /// With --hf: show every file of DIR except its weights (config.json,
-    /// tokenizer files, ...) beside the view's weights. Default for a
-    /// Hugging Face source: its own folder; else config.json is generated.
-    #[arg(long, value_name = "DIR", requires = "hf")]
+    /// tokenizer files, ...) beside the view's weights, byte for byte but
+    /// for config.json's dtype, which states the view's. DIR may be a Hub
+    /// cache folder (models--ORG--NAME). Default for a Hugging Face source:
+    /// its own folder; else config.json is generated from the tensors (the
+    /// model from --model, or recognised from the tensor names), and stderr
+    /// says which fields were assumed.
+    #[arg(long, value_name = "DIR")]
     hf_files: Option<PathBuf>,
     /// With --hf: the largest shard, as transformers counts (5GB = 5*10^9
-    /// bytes, 5GiB = 5*2^30).
-    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_shard_size, requires = "hf")]
-    max_shard_size: u64,
+    /// bytes, 5GiB = 5*2^30) [default: 5GB].
+    #[arg(long, value_name = "SIZE", value_parser = parse_shard_size)]
+    max_shard_size: Option<u64>,
     /// Cast floating-point tensors to bf16, f16 or f32 when read (round to
     /// nearest even, as torch); the view's metadata says the new dtype.
     #[arg(long, value_name = "DTYPE", value_parser = cast::parse_dtype)]
@@ -253,6 +279,31 @@ fn parse_config_field(s: &str) -> std::result::Result<(String, serde_json::Value
     }
     let v = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
     Ok((k.to_string(), v))
+}
+
+/// transformers' default `max_shard_size`.
+const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
+
+impl ViewArgs {
+    /// Refuses options that would do nothing: each names what it needs.
+    /// (clap's `requires` cannot say it: `--hf`, a flag, is always present
+    /// to clap, with its default `false`.)
+    fn check(&self) -> Result<()> {
+        if self.hf {
+            return Ok(());
+        }
+        let only_hf = [
+            ("--hf-files", self.hf_files.is_some()),
+            ("--max-shard-size", self.max_shard_size.is_some()),
+            ("--hf-config", !self.hf_config.is_empty()),
+        ];
+        if let Some((flag, _)) = only_hf.iter().find(|(_, given)| *given) {
+            bail!(
+                "{flag} does something only with --hf (a Hugging Face view): add --hf, or drop {flag}"
+            );
+        }
+        Ok(())
+    }
 }
 
 fn parse_prefix(s: &str) -> std::result::Result<String, String> {
@@ -498,6 +549,7 @@ fn storage_hint(src: &std::path::Path) {
 
 /// Reads and checks the source, then plans the view, logging how long each took.
 fn load_plan(src: &std::path::Path, spec: TargetSpec, view: &ViewArgs) -> Result<Plan> {
+    view.check()?;
     let t0 = std::time::Instant::now();
     let model = view.model.unwrap_or_default();
     let mut source = Source::open_with(src, model)?;
@@ -506,7 +558,7 @@ fn load_plan(src: &std::path::Path, spec: TargetSpec, view: &ViewArgs) -> Result
         let (viewed, files) = models::hf_view(source, model, view.hf_files.as_deref())?;
         source = viewed;
         hf = Some(HfOptions {
-            max_shard_size: view.max_shard_size,
+            max_shard_size: view.max_shard_size.unwrap_or(DEFAULT_SHARD_SIZE),
             files,
             config_overrides: view.hf_config.clone(),
         });

@@ -318,6 +318,23 @@ CASES = [
     Bad("storage_rank_huge", edit_meta(lambda m: [e.__setitem__("storage_rank", 2**64 - 1)
                                                  for e in m["storage_data"][ckpt.shard_key(QKV, 1)]]),
         ["metadata.json"], all_of=("18446744073709551615",)),
+    # --- MindSpore Transformers' offset --------------------------------------------------
+    Bad("pp_offset_sum_not_the_remainder", None, ["--pp-offset"], fixture=GPT, target=["--pp", "2", "--pp-offset", "1,0"],
+        cmds=TARGET_CMDS, all_of=("sums to 1", "leave 0")),
+    Bad("pp_offset_one_per_stage", None, ["--pp-offset"], fixture=GPT, target=["--pp", "2", "--pp-offset", "0"],
+        cmds=TARGET_CMDS, all_of=("1 value(s)", "2 stage(s)")),
+    # --- options that would do nothing ---------------------------------------------------
+    Bad("hf_files_without_hf", None, ["--hf-files"], target=["--mesh", "tp=2", "--hf-files", "{tmp}"],
+        cmds=TARGET_CMDS, all_of=("--hf",)),
+    Bad("max_shard_size_without_hf", None, ["--max-shard-size"], target=["--mesh", "tp=2", "--max-shard-size", "1GB"],
+        cmds=TARGET_CMDS, all_of=("--hf",)),
+    Bad("hf_config_without_hf", None, ["--hf-config"], target=["--mesh", "tp=2", "--hf-config", "rope_theta=1"],
+        cmds=TARGET_CMDS, all_of=("--hf",)),
+    Bad("threads_0", None, ["--threads"], target=["--mesh", "tp=2", "--threads", "0"], cmds=("export", "mount"),
+        all_of=("at least 1",)),
+    # A block is at least 4 KiB, and at most a quarter of the cache: 16K at least.
+    Bad("cache_size_1K", None, ["--cache-size"], target=["--mesh", "tp=2", "--cache-size", "1K"], cmds=("mount",),
+        all_of=("16K",)),
     # --- plain safetensors folders (no metadata.json) -------------------------------------
     Bad("plain_index_names_missing_file", None, ["b.safetensors"], src="plain"),
     Bad("plain_file_not_safetensors", None, ["broken.safetensors"], src="plain"),
@@ -356,7 +373,8 @@ def make_plain(case, tmp: Path) -> Path:
         (plain / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": {"w": "a.safetensors", "v": "b.safetensors"}}))
     else:
-        ckpt.write_safetensors(plain / "model.safetensors", {"w": w})
+        # Not model.safetensors: that name alone would be read, as transformers reads it.
+        ckpt.write_safetensors(plain / "w.safetensors", {"w": w})
         (plain / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
     return plain
 
