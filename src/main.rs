@@ -555,12 +555,13 @@ fn load_plan(src: &std::path::Path, spec: TargetSpec, view: &ViewArgs) -> Result
     let mut source = Source::open_with(src, model)?;
     let mut hf = None;
     if view.hf {
-        let (viewed, files) = models::hf_view(source, model, view.hf_files.as_deref())?;
-        source = viewed;
+        let v = models::hf_view(source, model, view.hf_files.as_deref())?;
+        source = v.source;
         hf = Some(HfOptions {
             max_shard_size: view.max_shard_size.unwrap_or(DEFAULT_SHARD_SIZE),
-            files,
+            files: v.files,
             config_overrides: view.hf_config.clone(),
+            files_dir: v.dir,
         });
     }
     let options = ViewOptions {

@@ -50,9 +50,9 @@ impl ViewFs {
     }
 
     fn file_attr(&self, a: &Attr) -> FileAttr {
-        let (kind, perm, nlink) = match a.kind {
-            NodeKind::Dir => (FileType::Directory, 0o555, 2),
-            NodeKind::File => (FileType::RegularFile, 0o444, 1),
+        let (kind, nlink) = match a.kind {
+            NodeKind::Dir => (FileType::Directory, 2),
+            NodeKind::File => (FileType::RegularFile, 1),
         };
         FileAttr {
             ino: INodeNo(a.ino),
@@ -63,7 +63,7 @@ impl ViewFs {
             ctime: a.mtime,
             crtime: a.mtime,
             kind,
-            perm,
+            perm: a.perm,
             nlink,
             uid: self.uid,
             gid: self.gid,

@@ -1,4 +1,5 @@
-//! Mounting a view: the block cache ([`cache`]), the namespace ([`tree`]),
+//! Mounting a view: the block cache ([`cache`]), the namespace ([`tree`])
+//! and who may read each node of it ([`access`]),
 //! attributes, handles and bytes of every node ([`serve`]), prefetch for
 //! sequential readers ([`prefetch`]), the thin FUSE adapter
 //! ([`fuse`]) that only translates, and the background daemon ([`daemon`]).
@@ -6,6 +7,7 @@
 //! Only [`fuse`] and [`daemon`] know about FUSE; everything else is plain
 //! logic, unit-tested directly.
 
+pub(crate) mod access;
 pub(crate) mod cache;
 pub mod daemon;
 pub(crate) mod fuse;

@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::access::{Access, Grant};
+use crate::checkpoint::names;
+use crate::checkpoint::source::SourceKind;
 use crate::reshard::namespace::Content as Entry;
-use crate::reshard::plan::Plan;
+use crate::reshard::plan::{HF_INDEX, Plan, pieces};
 
 /// Inode number; the root is 1.
 pub type Ino = u64;
@@ -40,6 +43,9 @@ pub struct Node {
     pub parent: Ino,
     pub content: Content,
     pub mtime: SystemTime,
+    /// Permission bits: never more than the source files the node is made
+    /// of grant ([`super::access`]).
+    pub perm: u16,
 }
 
 #[derive(Debug)]
@@ -71,26 +77,114 @@ fn mtime(path: &Path) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// Who may read each part of a view, from the source files it is made of.
+struct Grants {
+    /// Per iteration, per view file: the source files it reads, and the
+    /// small files its layout comes from.
+    files: Vec<Vec<Grant>>,
+    /// Per iteration: every file of it (its folder lists all of them, and
+    /// its metadata.json or index describes all).
+    iterations: Vec<Grant>,
+    /// The whole view: its root and `.reshardfs/`.
+    all: Grant,
+}
+
+impl Grants {
+    fn of(plan: &Plan, access: &mut Access) -> Grants {
+        let mut files = Vec::new();
+        let mut iterations = Vec::new();
+        for (ip, it) in plan.iterations.iter().zip(&plan.source.iterations) {
+            let src: Vec<Grant> = it
+                .files
+                .iter()
+                .map(|f| access.file(&f.path, &f.real_path))
+                .collect();
+            // What the loaders read besides the tensors' files.
+            let mut small = [names::METADATA, names::COMMON, "config.json", HF_INDEX]
+                .iter()
+                .fold(Grant::ALL, |g, n| g.and(access.optional(&it.dir.join(n))));
+            if let Some(hf) = &plan.options.hf
+                && let Some(dir) = &hf.files_dir
+            {
+                for (n, _) in &hf.files {
+                    small = small.and(access.optional(&dir.join(n)));
+                }
+            }
+            let per_file: Vec<Grant> = ip
+                .files
+                .iter()
+                .map(|vf| {
+                    vf.tensors
+                        .iter()
+                        .flat_map(|pt| pieces(it, &it.tensors[pt.source], &pt.slice))
+                        .fold(small, |g, p| g.and(src[p.file]))
+                })
+                .collect();
+            iterations.push(src.iter().fold(small, |g, s| g.and(*s)));
+            files.push(per_file);
+        }
+        let tracker = match plan.source.kind {
+            SourceKind::Root { .. } => access.optional(&plan.source.path.join(names::TRACKER)),
+            _ => Grant::ALL,
+        };
+        let all = iterations.iter().fold(tracker, |g, i| g.and(*i));
+        Grants {
+            files,
+            iterations,
+            all,
+        }
+    }
+}
+
 impl Tree {
+    /// Lays out the tree of `plan` for the mounting user (this process).
+    pub fn build(plan: &Plan) -> Tree {
+        Tree::build_for(plan, nix::unistd::getgid().as_raw())
+    }
+
     /// Lays out the tree of `plan`: the plan's entries
     /// ([`Plan::entries`]), as `export` writes them, and `.reshardfs/`,
     /// whose texts are the report's rendering of the same plan (`reshardfs
-    /// plan` prints them).
-    pub fn build(plan: &Plan) -> Tree {
+    /// plan` prints them). `gid` is the mounting user's group, the group
+    /// of every node, which each node's mode grants read only as far as
+    /// its source files do ([`super::access`]).
+    pub fn build_for(plan: &Plan, gid: u32) -> Tree {
         let report = crate::report::plan(plan);
+        let grants = Grants::of(plan, &mut Access::new(gid));
+        let (all_dir, all_file) = (grants.all.dir_mode(), grants.all.file_mode());
+        let root_source = matches!(plan.source.kind, SourceKind::Root { .. });
+        // The iteration whose folder holds `path` (`None`: the root's own).
+        let iteration_of = |path: &Path| -> Option<usize> {
+            match path.parent().and_then(|p| p.to_str()) {
+                Some("") | None if root_source => None,
+                Some("") | None => Some(0),
+                Some(dir) => plan
+                    .source
+                    .iterations
+                    .iter()
+                    .position(|it| it.name.as_deref() == Some(dir)),
+            }
+        };
         let root_time = mtime(&plan.source.path);
         let mut t = Tree { nodes: Vec::new() };
-        let root = t.add(ROOT, "", Content::Dir(Vec::new()), root_time);
-        let info = t.add(root, INFO_DIR, Content::Dir(Vec::new()), root_time);
-        t.add(info, "README", bytes(readme().as_bytes()), root_time);
+        let root = t.add(ROOT, "", Content::Dir(Vec::new()), root_time, all_dir);
+        let info = t.add(root, INFO_DIR, Content::Dir(Vec::new()), root_time, all_dir);
+        t.add(
+            info,
+            "README",
+            bytes(readme().as_bytes()),
+            root_time,
+            all_file,
+        );
         t.add(
             info,
             "summary",
             bytes(report.summary().as_bytes()),
             root_time,
+            all_file,
         );
-        t.add(info, "stats", Content::Stats, root_time);
-        let plan_dir = t.add(info, "plan", Content::Dir(Vec::new()), root_time);
+        t.add(info, "stats", Content::Stats, root_time, all_file);
+        let plan_dir = t.add(info, "plan", Content::Dir(Vec::new()), root_time, all_dir);
 
         // Folders by relative path: the view's, and their mirrors under
         // .reshardfs/plan/. Entries come folder first.
@@ -106,20 +200,38 @@ impl Tree {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            let in_it = iteration_of(&e.path).map_or(grants.all, |i| grants.iterations[i]);
             match e.content {
                 Entry::Dir => {
-                    let d = t.add(dir, &name, Content::Dir(Vec::new()), time);
-                    let p = t.add(pdir, &name, Content::Dir(Vec::new()), time);
+                    // An iteration folder: its own grant.
+                    let g = plan
+                        .source
+                        .iterations
+                        .iter()
+                        .position(|it| it.name.as_deref() == e.path.to_str())
+                        .map_or(grants.all, |i| grants.iterations[i]);
+                    let d = t.add(dir, &name, Content::Dir(Vec::new()), time, g.dir_mode());
+                    let p = t.add(pdir, &name, Content::Dir(Vec::new()), time, g.dir_mode());
                     dirs.insert(e.path, (d, p));
                 }
+                Entry::Bytes(b) if e.is_tracker() => {
+                    t.add(dir, &name, bytes(b), time, all_file);
+                }
                 Entry::Bytes(b) => {
-                    t.add(dir, &name, bytes(b), time);
+                    t.add(dir, &name, bytes(b), time, in_it.file_mode());
                 }
                 Entry::View { it, file } => {
-                    t.add(dir, &name, Content::View { it, file, id }, time);
+                    let perm = grants.files[it][file].file_mode();
+                    t.add(dir, &name, Content::View { it, file, id }, time, perm);
                     id += 1;
                     let text = report.iterations[it].files[file].text();
-                    t.add(pdir, &format!("{name}.txt"), bytes(text.as_bytes()), time);
+                    t.add(
+                        pdir,
+                        &format!("{name}.txt"),
+                        bytes(text.as_bytes()),
+                        time,
+                        perm,
+                    );
                 }
             }
         }
@@ -131,12 +243,20 @@ impl Tree {
         t
     }
 
-    fn add(&mut self, parent: Ino, name: &str, content: Content, mtime: SystemTime) -> Ino {
+    fn add(
+        &mut self,
+        parent: Ino,
+        name: &str,
+        content: Content,
+        mtime: SystemTime,
+        perm: u16,
+    ) -> Ino {
         self.nodes.push(Node {
             name: name.to_string(),
             parent,
             content,
             mtime,
+            perm,
         });
         let ino = self.nodes.len() as Ino;
         if ino != ROOT
@@ -255,6 +375,118 @@ mod tests {
         );
         assert!(t.lookup(it, "nope").is_none());
         assert!(t.lookup(f, "x").is_none());
+    }
+
+    /// A copy of the tp4 fixture in an open (0755) folder, files 0644.
+    fn open_copy(tmp: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        mode(tmp, 0o755);
+        let root = tmp.join("tp4");
+        let it = root.join("iteration_00000005");
+        std::fs::create_dir_all(&it).unwrap();
+        let fx = Path::new("tests/fixtures/tp4-f32");
+        std::fs::copy(fx.join(names::TRACKER), root.join(names::TRACKER)).unwrap();
+        for e in std::fs::read_dir(fx.join("iteration_00000005")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), it.join(e.file_name())).unwrap();
+            mode(&it.join(e.file_name()), 0o644);
+        }
+        mode(&root, 0o755);
+        mode(&it, 0o755);
+        root
+    }
+
+    fn perm(t: &Tree, path: &str) -> u16 {
+        let mut at = ROOT;
+        for part in path.split('/').filter(|p| !p.is_empty()) {
+            at = t.lookup(at, part).unwrap_or_else(|| panic!("no {path}"));
+        }
+        t.get(at).unwrap().perm
+    }
+
+    #[test]
+    fn nodes_grant_no_more_than_their_source_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = open_copy(tmp.path());
+        let it = root.join("iteration_00000005");
+        let spec = || TargetSpec::Mesh {
+            sizes: vec![("tp".into(), 2)],
+            pp: None,
+            offset: None,
+        };
+        let build = || {
+            let plan = Plan::build(Source::open(&root).unwrap(), spec()).unwrap();
+            Tree::build_for(&plan, u32::MAX)
+        };
+        let above_open = tmp
+            .path()
+            .ancestors()
+            .skip(1)
+            .all(|d| std::fs::metadata(d).unwrap().permissions().mode() & 0o005 == 0o005);
+        assert!(
+            above_open,
+            "the test needs a temporary folder others can search"
+        );
+        let t = build();
+        let v0 = "iteration_00000005/model-0000000-0000002.safetensors";
+        let v1 = "iteration_00000005/model-0000001-0000002.safetensors";
+        for p in [
+            v0,
+            v1,
+            "iteration_00000005/metadata.json",
+            ".reshardfs/summary",
+        ] {
+            assert_eq!(perm(&t, p), 0o444, "{p}");
+        }
+        assert_eq!(perm(&t, ""), 0o555);
+        // One source file private (as transformers writes shards): the view
+        // file reading it, and everything describing the whole view, grant
+        // only the mounting user; the other view file stays readable. tp=2
+        // rank 1 reads source ranks 2 and 3 for the split tensors (and
+        // rank 0's copy of the whole ones).
+        std::fs::set_permissions(
+            it.join("model-0000003-0000004.safetensors"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let t = build();
+        assert_eq!(perm(&t, v1), 0o400);
+        assert_eq!(perm(&t, v0), 0o444);
+        assert_eq!(perm(&t, &format!(".reshardfs/plan/{v1}.txt")), 0o400);
+        for p in [
+            "iteration_00000005/metadata.json",
+            "latest_checkpointed_iteration.txt",
+            ".reshardfs/summary",
+            ".reshardfs/stats",
+        ] {
+            assert_eq!(perm(&t, p), 0o400, "{p}");
+        }
+        for p in ["", "iteration_00000005", ".reshardfs", ".reshardfs/plan"] {
+            assert_eq!(perm(&t, p), 0o500, "{p}");
+        }
+        // Group-readable, in the mounting user's group or another.
+        std::fs::set_permissions(
+            it.join("model-0000003-0000004.safetensors"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let gid = std::fs::metadata(&it).unwrap().gid();
+        let plan = Plan::build(Source::open(&root).unwrap(), spec()).unwrap();
+        assert_eq!(perm(&Tree::build_for(&plan, gid), v1), 0o440);
+        assert_eq!(
+            perm(&Tree::build_for(&plan, gid.wrapping_add(1)), v1),
+            0o400
+        );
+        // The iteration folder closed: nothing under it grants more.
+        std::fs::set_permissions(&it, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let t = build();
+        assert_eq!(perm(&t, v0), 0o400);
+        assert_eq!(perm(&t, ""), 0o500);
     }
 
     #[test]

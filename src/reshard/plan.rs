@@ -60,6 +60,9 @@ pub struct HfOptions {
     pub files: Vec<(String, Vec<u8>)>,
     /// Fields set in a generated config.json (`--hf-config KEY=VALUE`).
     pub config_overrides: Vec<(String, serde_json::Value)>,
+    /// The folder `files` were read from (who may read them there bounds
+    /// who may read them in a mount).
+    pub files_dir: Option<std::path::PathBuf>,
 }
 
 /// The Hugging Face index of a sharded folder.

@@ -76,3 +76,77 @@ def test_write_operations_refused(cmd, open_mount, exports):
     assert run(["cmp", ref / FILE, f]).code == 0, "the view changed"
     listing = run(["ls", d]).stdout.split()
     assert sorted(listing) == sorted(p.name for p in (ref / "iteration_00000005").iterdir())
+
+
+AS_NOBODY_IN_ROOTS_GROUP = ["setpriv", "--reuid=65534", "--regid=0", "--clear-groups"]
+PRIVATE = "iteration_00000005/model-0000003-0000004.safetensors"  # read by view rank 1 of tp=2
+V0 = "iteration_00000005/model-0000000-0000002.safetensors"
+V1 = "iteration_00000005/model-0000001-0000002.safetensors"
+
+
+@pytest.fixture
+def open_source():
+    """A copy of the tp4 fixture in a fresh 0755 folder under /tmp (files 0644, owned by root):
+    whatever another user is refused, the mount refuses, not the path."""
+    import shutil
+
+    made = []
+
+    def make(modes: dict):
+        base = Path(tempfile.mkdtemp(prefix="reshardfs-src-", dir="/tmp"))
+        made.append(base)
+        os.chmod(base, 0o755)
+        shutil.copytree(FIXTURES / TP4, base / "src")
+        for d, _, files in os.walk(base / "src"):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
+        for rel, mode in modes.items():
+            os.chmod(base / "src" / rel, mode)
+        return base / "src"
+
+    yield make
+    for base in made:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def mode_of(path) -> int:
+    r = run(["stat", "-c", "%a", path])
+    assert r.code == 0, str(r)
+    return int(r.stdout.strip(), 8)
+
+
+def test_allow_other_grants_no_more_than_the_source(open_mount, open_source, exports):
+    """--allow-other over a source with one file -rw------- (as transformers writes shards): the
+    view file made from it, every listing and every .reshardfs/ file grant only the mounting user,
+    so another user reads nothing (the root folder lists every file of the view); with the file
+    -rw-r----- the members of the mounting user's group read what is made of it; with -rw-r--r--
+    everyone does, byte for byte."""
+    ref = exports(FIXTURES / TP4, ["--mesh", "tp=2"])
+    cases = [(0o600, {V1: 0o400, V0: 0o444, "": 0o500, ".reshardfs": 0o500, ".reshardfs/summary": 0o400,
+                      f".reshardfs/plan/{V1}.txt": 0o400, "iteration_00000005/metadata.json": 0o400}),
+             (0o640, {V1: 0o440, V0: 0o444, "": 0o550, ".reshardfs/summary": 0o440}),
+             (0o644, {V1: 0o444, V0: 0o444, "": 0o555, ".reshardfs/summary": 0o444})]
+    for mode, want in cases:
+        src = open_source({PRIVATE: mode})
+        m = open_mount()
+        m.start_ok(src, ["--mesh", "tp=2", "--allow-other"])
+        got = {rel: mode_of(m.path(rel) if rel else m.mnt) for rel in want}
+        assert got == want, f"source file mode {mode:o}: view modes " + \
+            str({k: oct(v) for k, v in got.items()})
+        assert run(["cmp", ref / V1, m.path(V1)]).code == 0, "the mounting user must read the view"
+        other = run(AS_NOBODY + ["cat", m.path(V0)])
+        member = run(AS_NOBODY_IN_ROOTS_GROUP + ["cat", m.path(V1)])
+        listing = run(AS_NOBODY + ["ls", m.mnt])
+        summary = run(AS_NOBODY + ["cat", m.path(".reshardfs", "summary")])
+        m.cleanup()
+        if mode == 0o600:
+            for r in (other, member, listing, summary):
+                assert r.code != 0 and "Permission denied" in r.stderr, f"mode {mode:o}: must be refused\n{r}"
+        elif mode == 0o640:
+            assert member.code == 0 and member.out == (ref / V1).read_bytes(), f"a group member must read\n{member}"
+            assert other.code != 0 and "Permission denied" in other.stderr, f"others must be refused\n{other}"
+        else:
+            assert other.code == 0 and other.out == (ref / V0).read_bytes(), str(other)
+            assert member.code == 0 and member.out == (ref / V1).read_bytes(), str(member)
+            assert listing.code == 0 and summary.code == 0, f"{listing}\n{summary}"

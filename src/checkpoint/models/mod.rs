@@ -616,15 +616,20 @@ pub fn as_hf(mut src: Source, model: ModelChoice, config: Option<&Config>) -> Re
 /// Small files by name, with their bytes.
 pub type SmallFiles = Vec<(String, Vec<u8>)>;
 
+/// What `--hf` shows: the source as Hugging Face tensors, the files beside
+/// the weights and the folder they were read from.
+#[derive(Debug)]
+pub struct HfView {
+    pub source: Source,
+    pub files: SmallFiles,
+    pub dir: Option<std::path::PathBuf>,
+}
+
 /// What `--hf` shows for `src`: the source through the model's map back to
 /// Hugging Face names, and the files beside the weights, read once each:
 /// those of `hf_files`, else of a Hugging Face source's own folder; their
 /// config.json (if any) names the model and gives its sizes.
-pub fn hf_view(
-    src: Source,
-    model: ModelChoice,
-    hf_files: Option<&Path>,
-) -> Result<(Source, SmallFiles)> {
+pub fn hf_view(src: Source, model: ModelChoice, hf_files: Option<&Path>) -> Result<HfView> {
     let dir = match hf_files {
         // A Hub cache folder or ref, as for a source: the snapshot it names.
         Some(d) => Some(super::hub::resolve(d)?.unwrap_or_else(|| d.to_path_buf())),
@@ -645,7 +650,11 @@ pub fn hf_view(
             d.display()
         );
     }
-    Ok((as_hf(src, model, config.as_ref())?, files))
+    Ok(HfView {
+        source: as_hf(src, model, config.as_ref())?,
+        files,
+        dir,
+    })
 }
 
 /// A Hugging Face folder's weights: what a view shows anew, not as is.

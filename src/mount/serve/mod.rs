@@ -51,6 +51,8 @@ pub struct Attr {
     pub mtime: SystemTime,
     /// Content that changes while mounted (counters): never cache it.
     pub live: bool,
+    /// Permission bits ([`crate::mount::access`]).
+    pub perm: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -372,6 +374,7 @@ impl Core {
             size,
             mtime: node.mtime,
             live,
+            perm: node.perm,
         })
     }
 
