@@ -66,6 +66,13 @@ macro_rules! bail {
 /// An I/O error while reading the source is the source's problem (missing,
 /// unreadable, truncated): report it as bad input with the path.
 pub fn source_io(path: &Path, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ENOTCONN) {
+        // What a FUSE mount whose daemon died answers to everything.
+        return Error::Input(format!(
+            "{}: {e}: a FUSE mount whose daemon is gone is in the way (a reshardfs mount killed?); unmount it with `umount` or `fusermount3 -u`",
+            path.display()
+        ));
+    }
     Error::Input(format!("{}: {e}", path.display()))
 }
 

@@ -408,6 +408,11 @@ pub struct PlanTensor {
 pub struct PlanPiece {
     /// Source file read (one replica of the source slice).
     pub file: String,
+    /// For a tensor assembled from rows of others (fused QKV or gate/up,
+    /// or q_proj read out of a fused QKV): the stored tensor read, in
+    /// whose coordinates `start` and `shape` are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tensor: Option<String>,
     /// The source slice's grid index (its shard id's `k`).
     pub chunk: u64,
     pub start: Vec<u64>,
@@ -448,6 +453,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
                     .into_iter()
                     .map(|p| PlanPiece {
                         file: it.files[p.file].name.clone(),
+                        tensor: p.part.map(|i| it.parts[i].name.clone()),
                         chunk: p.chunk,
                         bytes: p.shape.iter().product::<u64>() * t.elem_size(),
                         start: p.start,
@@ -608,7 +614,13 @@ impl PlanFile {
             let sources: Vec<String> = t
                 .pieces
                 .iter()
-                .map(|p| format!("{} {}", ranges(&p.start, &p.shape), p.file))
+                .map(|p| {
+                    let r = ranges(&p.start, &p.shape);
+                    match &p.tensor {
+                        Some(t) => format!("{t}{r} {}", p.file),
+                        None => format!("{r} {}", p.file),
+                    }
+                })
                 .collect();
             rows.push([
                 t.offset.to_string(),
@@ -666,4 +678,56 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
         o.push('\n');
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reshard::target::TargetSpec;
+    use std::path::Path;
+
+    #[test]
+    fn a_fused_tensors_regions_name_the_tensors_read() {
+        let src = Source::open(Path::new("tests/fixtures/qwen3-tiny-hf")).unwrap();
+        let spec = TargetSpec::Mesh {
+            sizes: vec![("tp".into(), 2)],
+            pp: None,
+            offset: None,
+        };
+        let r = plan(&Plan::build(src, spec).unwrap());
+        let qkv = "decoder.layers.0.self_attention.linear_qkv.weight";
+        let t = r.iterations[0].files[0]
+            .tensors
+            .iter()
+            .find(|t| t.name == qkv)
+            .unwrap();
+        // tests/fixtures/README.md: 4 heads in 2 groups of head_dim 16; rank
+        // 0 of tp=2 holds group 0: query heads 0-1, key and value head 0.
+        let read: Vec<(Option<&str>, Vec<u64>)> = t
+            .pieces
+            .iter()
+            .map(|p| (p.tensor.as_deref(), p.shape.clone()))
+            .collect();
+        let l0 = "model.layers.0.self_attn.";
+        assert_eq!(
+            read,
+            vec![
+                (Some(&*format!("{l0}q_proj.weight")), vec![32, 64]),
+                (Some(&*format!("{l0}k_proj.weight")), vec![16, 64]),
+                (Some(&*format!("{l0}v_proj.weight")), vec![16, 64]),
+            ]
+        );
+        let text = r.iterations[0].files[0].text();
+        assert!(
+            text.contains(&format!("{l0}k_proj.weight[0:16, 0:64] model-")),
+            "{text}"
+        );
+        // A stored tensor's regions name no tensor: the row is its own.
+        let norm = r.iterations[0].files[0]
+            .tensors
+            .iter()
+            .find(|t| t.name == "decoder.layers.0.input_layernorm.weight")
+            .unwrap();
+        assert!(norm.pieces.iter().all(|p| p.tensor.is_none()));
+    }
 }

@@ -43,14 +43,20 @@ pub struct MountOptions {
 
 /// Checks that `mnt` can take a mount and returns its canonical path.
 pub fn check_mount_point(mnt: &Path) -> Result<PathBuf> {
-    let canon = match std::fs::canonicalize(mnt) {
-        Ok(p) => p,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
-            "{}: a dead mount is left here (transport endpoint is not connected); run `umount {}` (or `fusermount3 -u {}`) first",
+    // A FUSE mount whose daemon died: the path resolves (realpath needs no
+    // stat of the mount's root), but every stat of it fails with ENOTCONN.
+    let dead = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    let dead_here = || {
+        crate::bad!(
+            "{}: a dead mount is left here (transport endpoint is not connected: its daemon is gone); run `umount {}` (or `fusermount3 -u {}`) first",
             mnt.display(),
             mnt.display(),
             mnt.display()
-        ),
+        )
+    };
+    let canon = match std::fs::canonicalize(mnt) {
+        Ok(p) => p,
+        Err(e) if dead(&e) => return Err(dead_here()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail!("{}: the mount point does not exist", mnt.display())
         }
@@ -59,6 +65,7 @@ pub fn check_mount_point(mnt: &Path) -> Result<PathBuf> {
     match std::fs::metadata(&canon) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => bail!("{}: the mount point is not a directory", mnt.display()),
+        Err(e) if dead(&e) => return Err(dead_here()),
         Err(e) => bail!("{}: {e}", mnt.display()),
     }
     if let Some(m) = mounted_at(&canon) {

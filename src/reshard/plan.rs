@@ -124,9 +124,14 @@ pub struct SourceRegion {
     /// Index into `Iteration::files` of the replica read.
     #[serde(skip)]
     pub file: usize,
-    /// Start and shape in global coordinates.
+    /// Start and shape in global coordinates (of the part, for a part).
     pub start: Vec<u64>,
     pub shape: Vec<u64>,
+    /// For a tensor assembled from rows of others (a fused QKV, or q_proj
+    /// read out of one): the stored tensor read, an index into
+    /// `Iteration::parts`.
+    #[serde(skip)]
+    pub part: Option<usize>,
 }
 
 impl Plan {
@@ -562,7 +567,13 @@ pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
     if t.rows.is_some() {
         return part_slices(it, t, slice)
             .into_iter()
-            .flat_map(|(p, s)| pieces(it, &it.parts[p], &s))
+            .flat_map(|(p, s)| {
+                // The innermost part is the one stored: keep its name.
+                pieces(it, &it.parts[p], &s).into_iter().map(move |mut r| {
+                    r.part.get_or_insert(p);
+                    r
+                })
+            })
             .collect();
     }
     stored_pieces(t, slice)
@@ -585,6 +596,7 @@ fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
             file: t.chunks[k as usize].file,
             start: pick.iter().zip(&per_dim).map(|(&i, v)| v[i].1).collect(),
             shape: pick.iter().zip(&per_dim).map(|(&i, v)| v[i].2).collect(),
+            part: None,
         });
         // Odometer over the per-dimension intervals, last fastest.
         let mut d = pick.len();

@@ -758,3 +758,19 @@ def test_note_for_a_fuse_source_with_little_readahead(mounts, tmp_path):
     r = ckpt.export(a.mnt, tmp_path / "fast", ["--unshard"])
     assert r.code == 0, str(r)
     assert "note:" not in r.stderr, f"a note although the readahead is 1 MiB:\n{r}"
+
+
+def test_mount_over_a_dead_mount_says_to_unmount_it(mounts):
+    """A daemon killed (SIGKILL) leaves its mount point answering ENOTCONN ("Transport endpoint is
+    not connected") to everything; `mount` there says so and what to run, exit 2."""
+    m = mounts()
+    m.start_ok(FIXTURES / TP4, ["--mesh", "tp=2"])
+    pid = daemon_pid(m)
+    os.kill(pid, signal.SIGKILL)
+    assert mountutil.wait_gone(pid, 10), "the daemon survived SIGKILL"
+    assert m.is_mounted(), "a killed daemon's mount stays until unmounted"
+    for args in (["mount", FIXTURES / TP4, m.mnt, "--mesh", "tp=2"], ["inspect", m.mnt]):
+        r = ckpt.run_cli(args, timeout=30)
+        assert r.code == 2, f"expected exit 2\n{r}"
+        assert "umount" in r.stderr and str(m.mnt) in r.stderr, f"no hint to unmount\n{r}"
+    assert "dead mount" in ckpt.run_cli(["mount", FIXTURES / TP4, m.mnt], timeout=30).stderr

@@ -891,9 +891,10 @@ def _bad_cases():
                   ["model.layers.0.mlp.phantom.weight", "model-00001-of-00002.safetensors"]))
 
     def hf_without_model(t):
-        return MF_IT, ["--hf"]
+        # A MindFormers Qwen3 is recognised by its tensors; a GPT is no supported model's.
+        return ckpt.resolve_iteration(FIXTURES / "gpt-dp2-tp2-pp2-bf16"), ["--hf"]
 
-    cases.append(("hf-without-model-or-files", hf_without_model, ["--model"]))
+    cases.append(("hf-without-model-or-files", hf_without_model, ["--model", "no supported model"]))
     return cases
 
 

@@ -590,10 +590,9 @@ pub fn as_hf(mut src: Source, model: ModelChoice, config: Option<&Config>) -> Re
         (ModelChoice::Auto, Some(c)) => c.model()?,
         (ModelChoice::Auto, None) => match read_through().filter(|_| plain) {
             Some(m) => m,
-            None => bail!(
-                "{}: --hf needs to know the model: pass --model qwen3, or --hf-files DIR whose config.json names it",
-                src.path.display()
-            ),
+            // A MindSpore Transformers checkpoint says nothing of its model
+            // but its tensor names: the one map that recognises them.
+            None => recognise(&mut src)?,
         },
         (ModelChoice::None, _) => bail!(
             "{}: --hf with --model none: a MindSpore Transformers checkpoint needs a model map to become a Hugging Face folder (supported: {})",
@@ -611,6 +610,33 @@ pub fn as_hf(mut src: Source, model: ModelChoice, config: Option<&Config>) -> Re
         src.iterations.push(mapped);
     }
     Ok(src)
+}
+
+/// The one map whose tensors every iteration of a MindSpore Transformers
+/// checkpoint has ([`Map::mark_mf_rules`]); refused when none or several.
+fn recognise(src: &mut Source) -> Result<&'static Map> {
+    let fits: Vec<&'static Map> = MODELS
+        .iter()
+        .copied()
+        .filter(|m| src.iterations.iter_mut().all(|it| (m.mark_mf_rules)(it)))
+        .collect();
+    match fits[..] {
+        [m] => Ok(m),
+        [] => bail!(
+            "{}: --hf needs to know the model, and the tensors are no supported model's ({}): pass --model {}, or --hf-files DIR whose config.json names it",
+            src.path.display(),
+            supported(),
+            MODELS.first().map_or("NAME", |m| m.model_type)
+        ),
+        _ => bail!(
+            "{}: the tensors fit several models ({}): pass --model to say which",
+            src.path.display(),
+            fits.iter()
+                .map(|m| m.model_type)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 /// Small files by name, with their bytes.
@@ -915,7 +941,20 @@ mod tests {
         let src = Source::open_with(&gpt, ModelChoice::None).unwrap();
         input_err(
             as_hf(src, ModelChoice::Auto, None),
-            &[&path, "--model qwen3"],
+            &[&path, "--model qwen3", "no supported model"],
+        );
+    }
+
+    #[test]
+    fn as_hf_recognises_a_mindformers_qwen3_by_its_tensors() {
+        let src = Source::open(&fixture("qwen3-tiny-mf-tp2-pp2-f32")).unwrap();
+        let src = as_hf(src, ModelChoice::Auto, None).unwrap();
+        let it = &src.iterations[0];
+        assert_eq!(it.model.as_ref().unwrap().model_type, "qwen3");
+        assert!(
+            it.tensors
+                .iter()
+                .any(|t| t.name == "model.embed_tokens.weight")
         );
     }
 }

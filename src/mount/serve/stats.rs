@@ -211,4 +211,15 @@ mod tests {
         assert!(lines.contains(&"uptime_s: 1.5"), "{text}");
         assert!(legend().contains("internal_errors"));
     }
+
+    #[test]
+    fn the_readme_lists_every_key() {
+        let readme = include_str!("../../../README.md");
+        for (k, _, _) in STATS {
+            assert!(
+                readme.contains(&format!("`{k}`")),
+                "README.md does not list `{k}`"
+            );
+        }
+    }
 }
