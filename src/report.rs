@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::checkpoint::layout::unravel;
 use crate::checkpoint::names::Kind;
-use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
+use crate::checkpoint::source::{Assembly, Iteration, Source, SourceKind, Tensor};
 use crate::reshard::plan::{Plan, piece_count, pieces};
 
 #[derive(Serialize)]
@@ -90,21 +90,29 @@ pub fn inspect(source: &Source) -> InspectReport {
     }
 }
 
-/// The tensors whose rows make up `t` (and, for each of them that is
-/// itself assembled, its own parts): `q_proj + k_proj + v_proj`.
+/// The tensors `t` is made of (and, for each of them that is itself
+/// assembled, its own parts): `q_proj + k_proj + v_proj`, or for a tiled
+/// tensor `gate_proj (transposed) + ...`.
 fn rows_of(it: &Iteration, t: &Tensor) -> Vec<String> {
-    let Some(map) = &t.rows else {
+    let Some(a) = &t.assembly else {
         return Vec::new();
     };
+    let transposed = match a {
+        Assembly::Tiles(m) => m.bands.iter().flat_map(|b| &b.tiles).any(|t| t.transposed),
+        Assembly::Rows(_) => false,
+    };
     let mut out: Vec<String> = Vec::new();
-    for s in &map.segments {
-        let p = &it.parts[s.part];
+    for part in a.parts() {
+        let p = &it.parts[part];
         let inner = rows_of(it, p);
-        let name = if inner.is_empty() {
+        let mut name = if inner.is_empty() {
             p.name.clone()
         } else {
             format!("{} (rows of {})", p.name, inner.join(" + "))
         };
+        if transposed {
+            name.push_str(" (transposed)");
+        }
         if !out.contains(&name) {
             out.push(name);
         }

@@ -16,7 +16,7 @@ use crate::checkpoint::metadata::{
     ChunkJson, Properties, StorageEntry, TensorMeta, format_shard_id,
 };
 use crate::checkpoint::names::{self, Kind};
-use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
+use crate::checkpoint::source::{Assembly, Iteration, RowMap, Source, SourceKind, Tensor, TileMap};
 use crate::error::Result;
 use crate::reshard::cast;
 use crate::reshard::target::{Placement, TargetSpec};
@@ -505,10 +505,10 @@ fn view_metadata(
 
 /// The pieces of a target slice: its intersections with the source slices,
 /// each read from one replica. They tile the slice. For a tensor assembled
-/// from rows of parts, the pieces of the parts' row ranges it draws on (per
-/// part, the rows between the first and the last it reads).
+/// from parts, the pieces of the parts' regions it draws on (per part, the
+/// bounding box of what it reads).
 pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
-    if t.rows.is_some() {
+    if t.assembly.is_some() {
         return part_slices(it, t, slice)
             .into_iter()
             .flat_map(|(p, s)| pieces(it, &it.parts[p], &s))
@@ -551,13 +551,62 @@ fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
     }
 }
 
-/// For a tensor assembled from rows of parts: per part it draws on, the
-/// bounding slice of the part's rows that `slice` reads (other dimensions
-/// as in `slice`). Computed per segment of the row map, not per row.
-fn part_slices(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<(usize, Slice)> {
-    let Some(map) = &t.rows else {
+/// For a tensor assembled from parts: per part it draws on, the bounding
+/// slice of the part that `slice` reads.
+pub fn part_slices(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<(usize, Slice)> {
+    match &t.assembly {
+        Some(Assembly::Rows(map)) => row_part_slices(it, map, slice),
+        Some(Assembly::Tiles(map)) => tile_part_slices(map, slice),
+        None => Vec::new(),
+    }
+}
+
+/// Grows the slice kept for `part` in `out` to hold `add`, or adds it.
+fn merge_box(out: &mut Vec<(usize, Slice)>, part: usize, add: Slice) {
+    match out.iter_mut().find(|(p, _)| *p == part) {
+        Some((_, sl)) => {
+            for d in 0..sl.start.len() {
+                let end = (sl.start[d] + sl.shape[d]).max(add.start[d] + add.shape[d]);
+                sl.start[d] = sl.start[d].min(add.start[d]);
+                sl.shape[d] = end - sl.start[d];
+            }
+        }
+        None => out.push((part, add)),
+    }
+}
+
+/// [`part_slices`] for a tiled tensor: per band and tile the slice meets,
+/// the part's rectangle it comes from.
+fn tile_part_slices(map: &TileMap, slice: &Slice) -> Vec<(usize, Slice)> {
+    let (&[rs, cs], &[rn, cn]) = (slice.start.as_slice(), slice.shape.as_slice()) else {
         return Vec::new();
     };
+    let mut out = Vec::new();
+    for band in &map.bands {
+        let (a, b) = (rs.max(band.start), (rs + rn).min(band.start + band.rows));
+        if a >= b {
+            continue;
+        }
+        for tile in &band.tiles {
+            let (c, d) = (cs.max(tile.col), (cs + cn).min(tile.col + tile.cols));
+            if c >= d {
+                continue;
+            }
+            let (pr, pc) = tile.source(a - band.start..b - band.start, c - tile.col..d - tile.col);
+            let add = Slice {
+                start: vec![pr.start, pc.start],
+                shape: vec![pr.end - pr.start, pc.end - pc.start],
+            };
+            merge_box(&mut out, tile.part, add);
+        }
+    }
+    out
+}
+
+/// [`part_slices`] for a tensor made of rows of parts: the part's rows
+/// (other dimensions as in `slice`), computed per segment of the row map,
+/// not per row.
+fn row_part_slices(it: &Iteration, map: &RowMap, slice: &Slice) -> Vec<(usize, Slice)> {
     let (Some(&first), Some(&rows)) = (slice.start.first(), slice.shape.first()) else {
         return Vec::new();
     };
@@ -596,21 +645,14 @@ fn part_slices(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<(usize, Slice)>
         let mut shape = slice.shape.clone();
         start[0] = a;
         shape[0] = b + 1 - a;
-        match out.iter_mut().find(|(p, _)| *p == s.part) {
-            Some((_, sl)) => {
-                let end = (sl.start[0] + sl.shape[0]).max(b + 1);
-                sl.start[0] = sl.start[0].min(a);
-                sl.shape[0] = end - sl.start[0];
-            }
-            None => out.push((s.part, Slice { start, shape })),
-        }
+        merge_box(&mut out, s.part, Slice { start, shape });
     }
     out
 }
 
 /// How many pieces `pieces` would return, without building them.
 pub fn piece_count(it: &Iteration, t: &Tensor, slice: &Slice) -> u64 {
-    if t.rows.is_some() {
+    if t.assembly.is_some() {
         return part_slices(it, t, slice)
             .iter()
             .map(|(p, s)| piece_count(it, &it.parts[*p], s))

@@ -24,9 +24,11 @@ use crate::error::{Result, source_io};
 use crate::{bad, bail};
 
 pub mod qwen3;
+pub mod qwen3_moe;
 
-/// Every model with a map, by the Hub's `model_type`.
-pub static MODELS: &[&Map] = &[&qwen3::MAP];
+/// Every model with a map, by the Hub's `model_type`. A MindSpore
+/// Transformers checkpoint is matched against them in this order.
+pub static MODELS: &[&Map] = &[&qwen3::MAP, &qwen3_moe::MAP];
 
 /// The Hugging Face config file of a model folder.
 pub const CONFIG: &str = "config.json";
