@@ -242,7 +242,12 @@ impl InspectReport {
                         })
                         .collect()
                 } else {
-                    vec![format!("rows of {}", t.rows_of.join(" + "))]
+                    let what = if t.rows_of.iter().any(|r| r.ends_with("(transposed)")) {
+                        "tiles of"
+                    } else {
+                        "rows of"
+                    };
+                    vec![format!("{what} {}", compact(&t.rows_of))]
                 };
                 rows.push([
                     t.name.clone(),
@@ -322,6 +327,20 @@ left out ({} source tensor(s) the model map does not know):",
         }
     }
     o
+}
+
+/// A list joined with ` + `, its middle elided when long (a Qwen3-MoE
+/// layer's stacked experts come from 256 tensors; `--json` lists them all).
+fn compact(items: &[String]) -> String {
+    if items.len() <= 6 {
+        return items.join(" + ");
+    }
+    format!(
+        "{} + ... ({} in all) ... + {}",
+        items[..3].join(" + "),
+        items.len(),
+        items[items.len() - 1]
+    )
 }
 
 /// `gpt-model-0000004-0000008.safetensors` -> `model#4`, for dense tables.

@@ -166,6 +166,20 @@ def test_mf_to_mf_against_the_reference(args, s, tmp_path, reshardfs_bin):
     check_layouts(out, moeref.metadata({n: a.shape for n, (_, a) in params.items()}, s, layers))
 
 
+def test_hf_to_mf_with_a_moe_jobs_strategy_file(tmp_path, reshardfs_bin):
+    """--strategy: a Qwen3-MoE job's metadata.json (the expected folder's) gives its layouts, and
+    so MindSpore Transformers' own files; --unshard one rank holding every tensor whole."""
+    out = q3t.export_ok(HF_FX, tmp_path / "s", ["--strategy", EXP_FX / "metadata.json"])
+    for f in os.listdir(out):
+        assert (out / f).read_bytes() == (EXP_FX / f).read_bytes(), f"{f} differs from MindFormers' own"
+    out = q3t.export_ok(HF_FX, tmp_path / "u", ["--unshard"])
+    d = dims()
+    mf = moeref.hf_to_mf(hf_arrays(), d)
+    got = view_rank_tensors(out, 1)[0]
+    assert sorted(got) == sorted(mf)
+    assert all(got[n][1].tobytes() == a.tobytes() for n, a in mf.items())
+
+
 def test_mf_to_mf_mount_equals_export(mounts, tmp_path, reshardfs_bin):
     args = ["--mesh", "dp=4,tp=2,ep=4"]
     exp = q3t.export_ok(MF_FX, tmp_path / "exp", args)

@@ -340,8 +340,9 @@ pub fn as_hf(mut src: Source, model: ModelChoice, config: Option<&Config>) -> Re
         (ModelChoice::Auto, None) => match read_through().filter(|_| plain) {
             Some(m) => m,
             None => bail!(
-                "{}: --hf needs to know the model: pass --model qwen3, or --hf-files DIR whose config.json names it",
-                src.path.display()
+                "{}: --hf needs to know the model: pass --model MODEL ({}), or --hf-files DIR whose config.json names it",
+                src.path.display(),
+                supported()
             ),
         },
         (ModelChoice::None, _) => bail!(
@@ -389,8 +390,9 @@ pub fn hf_view(
     };
     if let (Some(d), None, ModelChoice::Auto) = (hf_files, &config, model) {
         bail!(
-            "--hf-files {}: no config.json there to say which model this is; pass --model qwen3",
-            d.display()
+            "--hf-files {}: no config.json there to say which model this is; pass --model MODEL ({})",
+            d.display(),
+            supported()
         );
     }
     Ok((as_hf(src, model, config.as_ref())?, files))

@@ -728,7 +728,8 @@ fn generated_config(d: &MoeDims) -> GeneratedConfig {
         "norm_topk_prob": d.norm_topk_prob.unwrap_or(true),
         "num_attention_heads": b.heads,
         "num_experts": d.experts,
-        "num_experts_per_tok": d.top_k.unwrap_or(8),
+        // As released, but never more experts than there are.
+        "num_experts_per_tok": d.top_k.unwrap_or(8.min(d.experts)),
         "num_hidden_layers": b.layers,
         "num_key_value_heads": b.groups,
         "output_router_logits": false,
