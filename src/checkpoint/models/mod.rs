@@ -566,7 +566,7 @@ mod tests {
         let src = Source::open_with(&gpt, ModelChoice::None).unwrap();
         input_err(
             as_hf(src, ModelChoice::Auto, None),
-            &[&path, "--model qwen3"],
+            &[&path, "--model MODEL", "qwen3, qwen3_moe"],
         );
     }
 }
