@@ -384,6 +384,10 @@ pub struct PlanFile {
     pub size: u64,
     pub header_bytes: usize,
     pub tensors: Vec<PlanTensor>,
+    /// The source file this view file is byte for byte, whole: a mount
+    /// serves it by FUSE passthrough where it may, `export` copies it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_as_source: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -417,6 +421,8 @@ pub struct PlanTotals {
     pub pieces: u64,
     /// Source bytes read to serve every byte of the view once.
     pub source_bytes_per_byte_served: f64,
+    /// View files that are a source file whole (`same_as_source`).
+    pub same_as_source: usize,
 }
 
 pub fn plan(plan: &Plan) -> PlanReport {
@@ -426,6 +432,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
         tensor_bytes: 0,
         pieces: 0,
         source_bytes_per_byte_served: 0.0,
+        same_as_source: 0,
     };
     let mut iterations = Vec::new();
     for (ip, it) in plan.iterations.iter().zip(&plan.source.iterations) {
@@ -433,6 +440,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
         for vf in &ip.files {
             totals.files += 1;
             totals.bytes += vf.size;
+            totals.same_as_source += usize::from(vf.whole_source.is_some());
             let mut tensors = Vec::new();
             for pt in &vf.tensors {
                 let t = &it.tensors[pt.source];
@@ -465,6 +473,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
                 size: vf.size,
                 header_bytes: vf.header.len(),
                 tensors,
+                same_as_source: vf.whole_source.map(|f| it.files[f].name.clone()),
             });
         }
         totals.bytes += ip.small.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
@@ -512,7 +521,7 @@ impl PlanReport {
         let mut o = self.head();
         for it in &self.iterations {
             o.push_str(&iteration_line(it));
-            let rows: Vec<[String; 3]> = it
+            let rows: Vec<[String; 4]> = it
                 .files
                 .iter()
                 .map(|f| {
@@ -520,6 +529,7 @@ impl PlanReport {
                         f.name.clone(),
                         format!("{} bytes", f.size),
                         format!("{} tensor(s)", f.tensors.len()),
+                        f.same_as_source_note(),
                     ]
                 })
                 .collect();
@@ -535,14 +545,22 @@ impl PlanReport {
 
     fn totals_line(&self) -> String {
         let t = &self.totals;
-        format!(
+        let mut o = format!(
             "\ntotal     {} file(s), {} bytes ({}), {} piece(s); source bytes read per byte served: {:.4}\n",
             t.files,
             t.bytes,
             human(t.bytes),
             t.pieces,
             t.source_bytes_per_byte_served
-        )
+        );
+        if t.same_as_source > 0 {
+            let _ = writeln!(
+                o,
+                "          {} of the {} view file(s) are a source file whole (mounted: read by the kernel from the source file, FUSE passthrough, where allowed)",
+                t.same_as_source, t.files
+            );
+        }
+        o
     }
 }
 
@@ -577,6 +595,13 @@ fn iteration_line(it: &PlanIteration) -> String {
 }
 
 impl PlanFile {
+    /// `= SOURCE` for a file that is a source file whole, else empty.
+    fn same_as_source_note(&self) -> String {
+        self.same_as_source
+            .as_ref()
+            .map_or(String::new(), |s| format!("= {s}"))
+    }
+
     /// One view file: its size and, per tensor, the byte range it occupies
     /// and the source regions its bytes come from.
     pub fn text(&self) -> String {
@@ -590,6 +615,12 @@ impl PlanFile {
             self.header_bytes,
             self.tensors.len()
         );
+        if let Some(s) = &self.same_as_source {
+            let _ = writeln!(
+                o,
+                "  byte for byte the source file {s}, whole (mounted: served by FUSE passthrough where allowed)"
+            );
+        }
         let mut rows = vec![[
             "OFFSET".to_string(),
             "BYTES".into(),
