@@ -122,6 +122,13 @@ enum Command {
         /// Compute and ask for nothing ahead of readers.
         #[arg(long)]
         no_prefetch: bool,
+        /// Serve every view file through the daemon. By default a view file
+        /// that is a source file whole (`plan` marks it) is read by the
+        /// kernel straight from that file (FUSE passthrough: Linux 6.9+,
+        /// and CAP_SYS_ADMIN, so not for an ordinary user, who gets the
+        /// daemon anyway).
+        #[arg(long)]
+        no_passthrough: bool,
         /// FUSE request threads (default: the number of CPUs, at least 2).
         #[arg(long, value_name = "N")]
         threads: Option<usize>,
@@ -413,6 +420,7 @@ fn run(command: Command) -> Result<()> {
             cache_size,
             prefetch_window,
             no_prefetch,
+            no_passthrough,
             threads,
             allow_other,
             log_file,
@@ -437,6 +445,9 @@ fn run(command: Command) -> Result<()> {
             let mut server = Server::with_prefetch(plan, cache_size, prefetch);
             if serve_zeros {
                 server = server.serve_zeros();
+            }
+            if no_passthrough {
+                server = server.without_passthrough();
             }
             daemon::mount(
                 server,
