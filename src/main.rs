@@ -401,8 +401,12 @@ fn run(command: Command) -> Result<()> {
                 },
             )?;
             let secs = start.elapsed().as_secs_f64();
+            let whole = match stats.copied_whole {
+                0 => String::new(),
+                n => format!(", {n} copied whole from the source"),
+            };
             eprintln!(
-                "exported {} file(s), {} in {:.2} s ({}/s) to {}",
+                "exported {} file(s){whole}, {} in {:.2} s ({}/s) to {}",
                 stats.files,
                 report::human(stats.bytes),
                 secs,
