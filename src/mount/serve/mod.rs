@@ -293,7 +293,7 @@ impl Server {
     /// Opens a file for reading, never by passthrough (nothing to
     /// register a backing file with).
     pub fn open(&self, ino: Ino) -> Result<Opened, OpenError> {
-        self.open_with(ino, &mut |_| Err(std::io::ErrorKind::Unsupported.into()))
+        self.open_file(ino, None)
     }
 
     /// Opens a file for reading; a view file that is a source file whole
@@ -302,7 +302,15 @@ impl Server {
     pub fn open_with(
         &self,
         ino: Ino,
-        register: &mut dyn FnMut(&std::fs::File) -> std::io::Result<Backing>,
+        register: &mut passthrough::Register<'_>,
+    ) -> Result<Opened, OpenError> {
+        self.open_file(ino, Some(register))
+    }
+
+    fn open_file(
+        &self,
+        ino: Ino,
+        register: Option<&mut passthrough::Register<'_>>,
     ) -> Result<Opened, OpenError> {
         let a = self.attr(ino).ok_or(OpenError::NotFound)?;
         if a.kind == NodeKind::Dir {

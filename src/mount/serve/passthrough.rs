@@ -86,6 +86,10 @@ impl PartialEq for Backing {
 
 impl Eq for Backing {}
 
+/// Hands a source file to the kernel as a backing file (the FUSE
+/// adapter's `open_backing`).
+pub type Register<'a> = dyn FnMut(&File) -> std::io::Result<Backing> + 'a;
+
 /// Why passthrough is off for a mount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Off {
@@ -215,14 +219,11 @@ impl Passthrough {
     /// How to answer an open of view file `ino`, which is `source` whole.
     /// `register` hands a file to the kernel (the FUSE adapter's
     /// `open_backing`); it is called only when passthrough is on, the
-    /// source unchanged, and the view file not open already. Every open
-    /// answered `Kernel` or `Daemon` is matched by one [`Passthrough::release`].
-    pub fn open(
-        &self,
-        ino: Ino,
-        source: &RankFile,
-        register: &mut dyn FnMut(&File) -> std::io::Result<Backing>,
-    ) -> Open {
+    /// source unchanged, and the view file not open already. Without one
+    /// (an open outside FUSE) the file is opened through the daemon. Every
+    /// open answered `Kernel` or `Daemon` is matched by one
+    /// [`Passthrough::release`].
+    pub fn open(&self, ino: Ino, source: &RankFile, register: Option<&mut Register<'_>>) -> Open {
         let mut slots = sync::lock(&self.slots);
         let on = *sync::lock(&self.state) == State::On;
         let unchanged = source.if_unchanged();
@@ -239,8 +240,8 @@ impl Passthrough {
                 }
             };
         }
-        let backing = match unchanged {
-            Some(file) if on => match register(file) {
+        let backing = match (unchanged, register) {
+            (Some(file), Some(register)) if on => match register(file) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     self.refused(source, &e);
@@ -373,8 +374,8 @@ mod tests {
         let (_d, src) = rank_file();
         let k = Kernel::new(None);
         let p = on();
-        let a = p.open(7, &src, &mut k.register());
-        let b = p.open(7, &src, &mut k.register());
+        let a = p.open(7, &src, Some(&mut k.register()));
+        let b = p.open(7, &src, Some(&mut k.register()));
         let (Open::Kernel(x), Open::Kernel(y)) = (&a, &b) else {
             panic!("{a:?} {b:?}");
         };
@@ -382,7 +383,7 @@ mod tests {
         assert_eq!(k.made.get(), 1);
         // Another view file of the same source: its own registration.
         assert!(matches!(
-            p.open(8, &src, &mut k.register()),
+            p.open(8, &src, Some(&mut k.register())),
             Open::Kernel(_)
         ));
         assert_eq!((k.made.get(), p.backing_files()), (2, 2));
@@ -395,7 +396,7 @@ mod tests {
         p.release(7); // an unknown file is ignored
         // Opened again: registered anew.
         assert!(matches!(
-            p.open(7, &src, &mut k.register()),
+            p.open(7, &src, Some(&mut k.register())),
             Open::Kernel(_)
         ));
         assert_eq!(k.made.get(), 3);
@@ -406,7 +407,7 @@ mod tests {
         let (_d, src) = rank_file();
         let k = Kernel::new(None);
         let p = on();
-        let held = p.open(1, &src, &mut k.register());
+        let held = p.open(1, &src, Some(&mut k.register()));
         assert!(matches!(held, Open::Kernel(_)));
         // Replaced by a new save (another inode, same bytes).
         let tmp = src.path.with_extension("new");
@@ -414,10 +415,10 @@ mod tests {
         std::fs::rename(&tmp, &src.path).unwrap();
         // Open by passthrough already: the kernel would refuse a daemon
         // open, and the backing file must not be handed out again.
-        assert_eq!(p.open(1, &src, &mut k.register()), Open::Refuse);
+        assert_eq!(p.open(1, &src, Some(&mut k.register())), Open::Refuse);
         // Not open yet: through the daemon (whose reads fail), counted so
         // that no passthrough open can join it.
-        assert_eq!(p.open(2, &src, &mut k.register()), Open::Daemon);
+        assert_eq!(p.open(2, &src, Some(&mut k.register())), Open::Daemon);
         assert_eq!(k.made.get(), 1);
         p.release(1);
         p.release(2);
@@ -430,7 +431,7 @@ mod tests {
         let k = Kernel::new(None);
         let p = Passthrough::new(true, 1);
         // Before the handshake (never in a mount): through the daemon.
-        assert_eq!(p.open(1, &src, &mut k.register()), Open::Daemon);
+        assert_eq!(p.open(1, &src, Some(&mut k.register())), Open::Daemon);
         assert!(p.negotiate(true, true));
         let old = std::fs::metadata(&src.path).unwrap().modified().unwrap();
         let later = old + std::time::Duration::from_secs(5);
@@ -443,15 +444,15 @@ mod tests {
                 .unwrap()
         };
         touch(later);
-        assert_eq!(p.open(2, &src, &mut k.register()), Open::Daemon);
+        assert_eq!(p.open(2, &src, Some(&mut k.register())), Open::Daemon);
         // The file is as planned again; 2 is still open through the daemon.
         touch(old);
-        assert_eq!(p.open(2, &src, &mut k.register()), Open::Daemon);
+        assert_eq!(p.open(2, &src, Some(&mut k.register())), Open::Daemon);
         assert_eq!(k.made.get(), 0);
         p.release(2);
         p.release(2);
         assert!(matches!(
-            p.open(2, &src, &mut k.register()),
+            p.open(2, &src, Some(&mut k.register())),
             Open::Kernel(_)
         ));
     }
@@ -462,25 +463,42 @@ mod tests {
         let ok = Kernel::new(None);
         let p = on();
         assert!(matches!(
-            p.open(1, &src, &mut ok.register()),
+            p.open(1, &src, Some(&mut ok.register())),
             Open::Kernel(_)
         ));
         let no = Kernel::new(Some(libc::EPERM));
-        assert_eq!(p.open(2, &src, &mut no.register()), Open::Daemon);
+        assert_eq!(p.open(2, &src, Some(&mut no.register())), Open::Daemon);
         assert_eq!(p.off(), Some(Off::Refused));
         // File 1 is still open by passthrough: its new opens join it.
         assert!(matches!(
-            p.open(1, &src, &mut ok.register()),
+            p.open(1, &src, Some(&mut ok.register())),
             Open::Kernel(_)
         ));
         assert_eq!(ok.made.get(), 1);
         // Nothing is registered any more.
-        assert_eq!(p.open(3, &src, &mut ok.register()), Open::Daemon);
+        assert_eq!(p.open(3, &src, Some(&mut ok.register())), Open::Daemon);
         assert_eq!(ok.made.get(), 1);
         p.release(1);
         p.release(1);
         p.release(2);
         assert_eq!((p.backing_files(), ok.live()), (0, 0));
+    }
+
+    #[test]
+    fn without_a_kernel_to_register_with_it_is_the_daemon() {
+        let (_d, src) = rank_file();
+        let p = on();
+        assert_eq!(p.open(1, &src, None), Open::Daemon);
+        assert_eq!(p.off(), None, "not a refusal");
+        // Counted: a passthrough open may not join it.
+        let k = Kernel::new(None);
+        assert_eq!(p.open(1, &src, Some(&mut k.register())), Open::Daemon);
+        p.release(1);
+        p.release(1);
+        assert!(matches!(
+            p.open(1, &src, Some(&mut k.register())),
+            Open::Kernel(_)
+        ));
     }
 
     #[test]
@@ -503,7 +521,7 @@ mod tests {
         // Off: nothing registered, nothing counted.
         let (_d, src) = rank_file();
         let k = Kernel::new(None);
-        assert_eq!(p.open(1, &src, &mut k.register()), Open::Daemon);
+        assert_eq!(p.open(1, &src, Some(&mut k.register())), Open::Daemon);
         assert_eq!((k.made.get(), p.backing_files()), (0, 0));
     }
 
