@@ -33,11 +33,19 @@ measures:
   14  random 4 KiB reads  prefetch on vs --no-prefetch, interleaved
   15  cold numpy load     rank 0 into numpy through the mount vs offline, both
                           after dropping the page cache
+  16  passthrough         a dp=2 x tp=4 checkpoint (--pt-size-gib, default 2) mounted
+                          --mesh dp=1: every view file is a source file whole, read by the
+                          kernel (FUSE passthrough). Warm (dd, page cache) and cold (dd,
+                          page cache dropped) reads of the view files, each paired with the
+                          same read of the same source files and of the view mounted
+                          --no-passthrough (today's path), interleaved in rotating order,
+                          median of max(--reps, 5); and safe_open + every tensor (torch)
+                          of each view file against the source file
 
 --only 3,11,... runs just those sections and what they use (3 and 4 are one
 section; sections 2-10 use row 1, 5 uses row 2, 7 and 10 use 3; 11-15 use
 smaller checkpoints, --cold-size-gib, default 0.8, as in the issue that asked
-for them).
+for them; 16 its own checkpoint).
 
 Every timing is the median of --reps runs; cold cases mount afresh per run and
 read the source once before, so the source is page-cache warm and the view is
@@ -541,7 +549,7 @@ class Bench:
         # removed at the end unless --keep (also what an earlier --keep run left)
         self.big = [self.work / n for n in ("row", "col", "s70", "row.params", "col.params", "s70.params",
                                             "cold-row", "cold-col", "cold-row.params", "cold-col.params",
-                                            "export", "offline-rank0.safetensors")]
+                                            "export", "offline-rank0.safetensors", "pt-dp2", "pt-dp2.params")]
         self.res = {}  # raw figures
         self.rows = []  # table rows
         self.targets = []
@@ -1225,6 +1233,122 @@ class Bench:
                  f"{fmt_s(median(m_t))} vs {fmt_s(median(o_t))}",
                  " ".join(f"{x:.2f}" for x in r), f"{median(r):.2f}x faster ({spread_text(r)})")
 
+    # ---- passthrough (section 16)
+
+    def passthrough(self):
+        """A dp=2 x tp=4 checkpoint mounted --mesh dp=1: the view's rank files are source files
+        0-3 whole. Three readers of the same bytes per repetition, in rotating order: the source
+        files themselves, the view (passthrough), the view mounted --no-passthrough (through the
+        daemon). Ratio = source seconds / view seconds of the same repetition."""
+        size = self.a.pt_size_gib * GiB / 2  # one data-parallel replica
+        h = 4096
+        per_layer = 2 * (16 * h * h + 2 * h)
+        layers = max(1, round((size - 2 * 2 * 32768 * h) / per_layer))
+        shape = ["--hidden", h, "--layers", layers, "--tp", 4, "--dp", 2]
+        ckpt = self.synth("pt-dp2", shape)
+        srcs_all = self.sources(ckpt)
+        mnt_pt, mnt_d = self.mnt, self.work / "mnt-daemon"
+        self.mounts.mount(ckpt, mnt_pt, "--mesh", "dp=1")
+        self.mounts.mount(ckpt, mnt_d, "--mesh", "dp=1", "--no-passthrough")
+        views = {k: [p for p in view_files(m) if p.suffix == ".safetensors"]
+                 for k, m in (("pt", mnt_pt), ("daemon", mnt_d))}
+        # The source files the view files are (plan marks them; ranks 0-3 here).
+        plan = json.loads(run([self.bin, "plan", ckpt, "--mesh", "dp=1", "--json"], capture_output=True,
+                              text=True)[1].stdout)
+        same = [f.get("same_as_source") for f in plan["iterations"][0]["files"]]
+        if None in same:
+            raise BenchError(f"16: not every view file is a source file whole: {same}")
+        srcs = [p for p in srcs_all if p.name in same]
+        nbytes = size_of(srcs)
+        print(f"passthrough checkpoint: synth_checkpoint.py {' '.join(map(str, shape))}: "
+              f"{fmt_b(size_of(srcs_all))}; {len(srcs)} view files, {fmt_b(nbytes)}")
+        self.res["passthrough"] = {"shape": [str(x) for x in shape], "bytes": nbytes,
+                                   "loadavg_start": loadavg()}
+        kinds = ["src", "pt", "daemon"]
+        reps = max(self.a.reps, 5)
+
+        def read(k, reader):
+            return reader(srcs if k == "src" else views[k])
+
+        # Warm: the source files in the page cache (large folios, as a read leaves them); the
+        # daemon's view once read, so its page cache holds it too.
+        recache(srcs)
+        dd(views["daemon"])
+        warm = {k: [] for k in kinds}
+        for i in range(reps):
+            for k in kinds[i % 3:] + kinds[:i % 3]:
+                warm[k].append(read(k, dd))
+        st_warm = self.mounts.stats(mnt_pt)
+        if st_warm["passthrough_opens"] == 0:
+            raise BenchError(f"16: the view was not opened by passthrough: {st_warm}")
+        # Cold: a fresh mount (as a new reader's), then the page cache dropped, per read. dd
+        # bs=1M for both: cat reads in st_blksize units, 1 MiB on the mount and 4 KiB (128 KiB
+        # reads) on ext4, and the larger reads make the disk's readahead larger (a first try
+        # with cat: the view 2.0x the source, the source side slowed by its own reads).
+        self.mounts.umount(mnt_d, "16 --no-passthrough")
+        self.mounts.umount(mnt_pt, "16 passthrough")
+        cold = {k: [] for k in kinds}
+        mnt_of = {"pt": (mnt_pt, []), "daemon": (mnt_d, ["--no-passthrough"])}
+        for i in range(reps):
+            for k in kinds[i % 3:] + kinds[:i % 3]:
+                if k != "src":
+                    self.mounts.mount(ckpt, mnt_of[k][0], "--mesh", "dp=1", *mnt_of[k][1])
+                drop_caches()
+                cold[k].append(read(k, dd))
+                if k != "src":
+                    self.mounts.umount(mnt_of[k][0], f"16 cold {k}")
+        self.mounts.mount(ckpt, mnt_pt, "--mesh", "dp=1")
+        self.mounts.mount(ckpt, mnt_d, "--mesh", "dp=1", "--no-passthrough")
+        # safe_open of each file and every tensor read (torch, as a loader does), warm. The
+        # tensors safe_open returns are views of its map: clone() reads every byte, as a
+        # loader copying them into its parameters does.
+        recache(srcs)
+        code = ("import sys, time; from safetensors import safe_open; import torch\n"
+                "t = time.perf_counter()\n"
+                "for p in sys.argv[1:]:\n"
+                "    with safe_open(p, framework='pt') as f:\n"
+                "        for k in f.keys(): f.get_tensor(k).clone()\n"
+                "print(time.perf_counter() - t)\n")
+        so = {k: [] for k in kinds}
+        for i in range(reps):
+            for k in kinds[i % 3:] + kinds[:i % 3]:
+                files = srcs if k == "src" else views[k]
+                self.pretouch(nbytes + 512 * MiB)  # the clones: fresh memory (module doc)
+                r = run([PY, "-c", code, *files], capture_output=True, text=True)[1]
+                so[k].append(float(r.stdout.split()[-1]))
+        st = self.mounts.stats(mnt_pt)
+        self.mounts.umount(mnt_d, "16 --no-passthrough")
+        self.mounts.umount(mnt_pt, "16 passthrough")
+        try:
+            mnt_d.rmdir()
+        except OSError:
+            pass
+        res = self.res["passthrough"]
+        res["loadavg_end"] = loadavg()
+        for name, t in (("warm", warm), ("cold", cold), ("safe_open", so)):
+            r = {k: [a / b for a, b in zip(t["src"], t[k])] for k in ("pt", "daemon")}
+            res[name] = {"samples_s": t, "ratios": r, "ratio": {k: median(v) for k, v in r.items()}}
+        res["stats"] = st
+        labels = {"warm": "warm read (dd bs=1M, page cache)", "cold": "cold read (dd bs=1M, page cache dropped)",
+                  "safe_open": "safe_open + every tensor cloned (torch), warm"}
+        for i, name in enumerate(("warm", "cold", "safe_open")):
+            t, r = res[name]["samples_s"], res[name]["ratios"]
+            value = (f"{nbytes / median(t['pt']) / GB:.2f} GB/s (source {nbytes / median(t['src']) / GB:.2f}, "
+                     f"daemon {nbytes / median(t['daemon']) / GB:.2f})" if name != "safe_open" else
+                     f"{median(t['pt']):.3f} s (source {median(t['src']):.3f}, daemon {median(t['daemon']):.3f})")
+            self.row(f"16{'abc'[i]}", f"dp=2 x tp=4 --mesh dp=1, {len(srcs)} view files ({fmt_b(nbytes)}): {labels[name]}",
+                     value, f"passthrough {' '.join(f'{x:.2f}' for x in r['pt'])}; "
+                            f"--no-passthrough {median(r['daemon']):.2f}x ({spread_text(r['daemon'])})",
+                     f"{median(r['pt']):.2f}x the source ({spread_text(r['pt'])})")
+            self.check("target", f"16{'abc'[i]} passthrough {name} >= 0.9x the source", median(r["pt"]) >= 0.9,
+                       f"{median(r['pt']):.2f}x ({spread_text(r['pt'])}; --no-passthrough "
+                       f"{median(r['daemon']):.2f}x)")
+        self.check("sanity", "16: every view open by passthrough, no byte through the daemon",
+                   st["bytes_served"] == 0 and st["passthrough_opens"] > 0 and st["passthrough_fallbacks"] == 0,
+                   f"passthrough_opens {st['passthrough_opens']}, fallbacks {st['passthrough_fallbacks']}, "
+                   f"bytes_served {st['bytes_served']} (after warm: {st_warm['bytes_served']})")
+        log(f"  loadavg {res['loadavg_start']:.2f} -> {res['loadavg_end']:.2f}")
+
     # ---- the run
 
     def run(self):
@@ -1243,8 +1367,12 @@ class Bench:
             if only & {str(n) for n in range(2, 11)}:
                 only.add("1")
         want = lambda n: only is None or str(n) in only  # noqa: E731
-        if only is not None and only <= {"11", "12", "13", "14", "15"}:
-            self.cold_sections(only)
+        if only is not None and only <= {"11", "12", "13", "14", "15", "16"}:
+            if only & {"11", "12", "13", "14", "15"}:
+                self.cold_sections(only)
+            if "16" in only:
+                self.section("16 passthrough: a data-parallel change")
+                self.passthrough()
             self.finish()
             return
         shape = self.shape()
@@ -1275,6 +1403,9 @@ class Bench:
                 section()
         if only is None or only & {"11", "12", "13", "14", "15"}:
             self.cold_sections(only)
+        if want(16):
+            self.section("16 passthrough: a data-parallel change")
+            self.passthrough()
         self.finish()
 
     def finish(self):
@@ -1398,6 +1529,8 @@ def main():
                     help="interleaved source/view pairs per cold figure (sections 11-15; default 5)")
     ap.add_argument("--cold-size-gib", type=float, default=0.8,
                     help="size of the checkpoints of sections 11-15 (default 0.8)")
+    ap.add_argument("--pt-size-gib", type=float, default=2.0,
+                    help="size of section 16's dp=2 checkpoint, both replicas (default 2)")
     a = ap.parse_args()
     if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
         sys.exit("bench: needs /dev/fuse access (root or the fuse group)")

@@ -5,7 +5,7 @@
 # Needs root or /dev/fuse access; takes a few minutes on 2 cores.
 #
 #   scripts/bench.sh [--size-gib N] [--workdir DIR] [--keep] [--reps N] [--only 11,12,...]
-#                    [--cold-reps N] [--cold-size-gib N]
+#                    [--cold-reps N] [--cold-size-gib N] [--pt-size-gib N]
 #   scripts/bench.sh qwen3 [--reps N] [--keep] [--quick]   # the Hugging Face bridge rows only
 #
 # Without `qwen3`, the Hugging Face bridge rows (scripts/bench_qwen3.py: Q1-Q3)

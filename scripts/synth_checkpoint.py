@@ -131,7 +131,9 @@ def main():
                 if a.fill == "sparse":
                     f.truncate(8 + len(hj) + off)
                 else:
-                    left, i = off, r
+                    # Data-parallel replicas (ranks a multiple of tp apart
+                    # in a stage) hold the same bytes, as in a real save.
+                    left, i = off, r - (r % S) // a.tp * a.tp
                     while left:
                         # Rotate the random block per write so slices differ.
                         n = min(left, len(chunk))

@@ -18,7 +18,9 @@ order into S shards of about equal size, as save_pretrained's greedy cut does).
 
 Presets: --preset tiny (the fixture's shape), --preset bench-2g (hidden 4096, ~2 GiB bf16),
 --preset qwen3-32b (64 layers, hidden 5120, intermediate 25600, 64 heads in 8 groups,
-head_dim 128, vocab 151936, 17 shards, sparse).
+head_dim 128, vocab 151936, 17 shards, sparse); Qwen3-MoE folders (128 experts per layer):
+--preset moe-30b-layer (one Qwen3-30B-A3B-shaped layer, ~1.4 GiB bf16), --preset
+qwen3-235b-a22b (Qwen3-235B-A22B's shape, 118 shards, sparse).
 
 Importable: write_folder(out, shape, ...) and hf_tensor_shapes(shape) are used by the tests.
 """
@@ -45,6 +47,13 @@ PRESETS = {
                      shards=2),
     "qwen3-32b": dict(layers=64, hidden=5120, intermediate=25600, heads=64, groups=8, head_dim=128, vocab=151936,
                       shards=17, fill="sparse"),
+    # Qwen3-MoE (`experts` set): one Qwen3-30B-A3B-shaped layer, ~1.4 GiB bf16 (128 experts of 768
+    # at hidden 2048: 1.13 GiB; untied embeddings at vocab 32768: 0.25 GiB)
+    "moe-30b-layer": dict(layers=1, hidden=2048, intermediate=6144, heads=32, groups=4, head_dim=128, vocab=32768,
+                          experts=128, moe_intermediate=768, shards=2),
+    # Qwen3-235B-A22B's shape, sparse: 94 layers x 128 experts x 3 = 36,096 expert tensors, 118 shards
+    "qwen3-235b-a22b": dict(layers=94, hidden=4096, intermediate=12288, heads=64, groups=4, head_dim=128,
+                            vocab=151936, experts=128, moe_intermediate=1536, shards=118, fill="sparse"),
 }
 
 
@@ -61,9 +70,21 @@ def hf_tensor_shapes(s: dict) -> list[tuple[str, list[int]]]:
             (p + "self_attn.o_proj.weight", [h, s["heads"] * hd]),
             (p + "self_attn.q_norm.weight", [hd]),
             (p + "self_attn.k_norm.weight", [hd]),
-            (p + "mlp.gate_proj.weight", [s["intermediate"], h]),
-            (p + "mlp.up_proj.weight", [s["intermediate"], h]),
-            (p + "mlp.down_proj.weight", [h, s["intermediate"]]),
+        ]
+        if s.get("experts"):
+            f = s["moe_intermediate"]
+            out.append((p + "mlp.gate.weight", [s["experts"], h]))
+            for j in range(s["experts"]):
+                out += [(p + f"mlp.experts.{j}.gate_proj.weight", [f, h]),
+                        (p + f"mlp.experts.{j}.up_proj.weight", [f, h]),
+                        (p + f"mlp.experts.{j}.down_proj.weight", [h, f])]
+        else:
+            out += [
+                (p + "mlp.gate_proj.weight", [s["intermediate"], h]),
+                (p + "mlp.up_proj.weight", [s["intermediate"], h]),
+                (p + "mlp.down_proj.weight", [h, s["intermediate"]]),
+            ]
+        out += [
             (p + "input_layernorm.weight", [h]),
             (p + "post_attention_layernorm.weight", [h]),
         ]
@@ -74,6 +95,12 @@ def hf_tensor_shapes(s: dict) -> list[tuple[str, list[int]]]:
 
 
 def config_json(s: dict, dtype: str) -> dict:
+    if s.get("experts"):
+        cfg = config_json({k: v for k, v in s.items() if k not in ("experts", "moe_intermediate")}, dtype)
+        cfg.update(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=s["experts"],
+                   moe_intermediate_size=s["moe_intermediate"], num_experts_per_tok=8, norm_topk_prob=True,
+                   decoder_sparse_step=1, mlp_only_layers=[])
+        return cfg
     return {
         "architectures": ["Qwen3ForCausalLM"],
         "attention_bias": False,
@@ -192,7 +219,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out")
     ap.add_argument("--preset", choices=sorted(PRESETS))
-    for k in ("layers", "hidden", "intermediate", "heads", "groups", "head-dim", "vocab", "shards"):
+    for k in ("layers", "hidden", "intermediate", "heads", "groups", "head-dim", "vocab", "shards", "experts",
+              "moe-intermediate"):
         ap.add_argument("--" + k, type=int)
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -202,7 +230,8 @@ def main(argv=None) -> int:
     s = dict(PRESETS["tiny"])
     if a.preset:
         s.update(PRESETS[a.preset])
-    for k in ("layers", "hidden", "intermediate", "heads", "groups", "head_dim", "vocab", "shards"):
+    for k in ("layers", "hidden", "intermediate", "heads", "groups", "head_dim", "vocab", "shards", "experts",
+              "moe_intermediate"):
         v = getattr(a, k)
         if v is not None:
             s[k] = v

@@ -3,7 +3,9 @@
 //! Files are written in parallel, each under a temporary name and renamed
 //! when complete, so an interrupted export never leaves a file that looks
 //! whole. The tracker is written last, so a loader never finds a root whose
-//! latest iteration is still being written.
+//! latest iteration is still being written. A view file that is a source
+//! file whole (the plan marks it) is copied by the kernel
+//! (`copy_file_range`), or shares its extents where the filesystem can.
 
 use std::collections::HashSet;
 use std::fs;
@@ -39,6 +41,8 @@ pub struct ExportOptions {
 pub struct ExportStats {
     pub files: usize,
     pub bytes: u64,
+    /// Of the files, view files copied whole from their source file.
+    pub copied_whole: usize,
 }
 
 /// One file to write: its final path and where its bytes come from.
@@ -119,6 +123,7 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
 
     let engine = Engine::new(plan);
     let next = AtomicUsize::new(0);
+    let copied_whole = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let threads = opts.threads.clamp(1, jobs.len().max(1));
     std::thread::scope(|s| {
@@ -131,10 +136,16 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(job) = jobs.get(i) else { return };
-                    if let Err(e) = write_job(&engine, job, &mut buf, &bar)
-                        && let Ok(mut f) = failure.lock()
-                    {
-                        f.get_or_insert(e);
+                    match write_job(plan, &engine, job, &mut buf, &bar) {
+                        Ok(true) => {
+                            copied_whole.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            if let Ok(mut f) = failure.lock() {
+                                f.get_or_insert(e);
+                            }
+                        }
                     }
                 }
             });
@@ -146,12 +157,13 @@ pub fn export(plan: &Plan, dest: &Path, opts: &ExportOptions) -> Result<ExportSt
     }
     remove_stale_rank_files(&stale)?;
     if let Some(t) = &tracker {
-        write_job(&engine, t, &mut [], &bar)?;
+        write_job(plan, &engine, t, &mut [], &bar)?;
     }
     bar.finish_and_clear();
     Ok(ExportStats {
         files: jobs.len() + usize::from(tracker.is_some()),
         bytes: total,
+        copied_whole: copied_whole.into_inner(),
     })
 }
 
@@ -270,8 +282,15 @@ fn prepare_dest(dest: &Path, force: bool) -> Result<()> {
 
 /// Writes one file under a temporary name in its folder, renamed over the
 /// final name once complete (`tempfile`'s `persist`); a failed write leaves
-/// nothing (the temporary file is removed when dropped).
-fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressBar) -> Result<()> {
+/// nothing (the temporary file is removed when dropped). True when a view
+/// file was copied whole from its source file.
+fn write_job(
+    plan: &Plan,
+    engine: &Engine<'_>,
+    job: &Job<'_>,
+    buf: &mut [u8],
+    bar: &ProgressBar,
+) -> Result<bool> {
     use std::os::unix::fs::PermissionsExt;
     let name = job
         .path
@@ -287,6 +306,7 @@ fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressB
         .tempfile_in(dir)
         .map_err(|e| Error::io(format!("creating a temporary file in {}", dir.display()), e))?;
     let ctx = |what: &str| format!("{what} {}", job.path.display());
+    let mut whole = false;
     match &job.content {
         Content::Bytes(b) => {
             tmp.write_all(b).map_err(|e| Error::io(ctx("writing"), e))?;
@@ -296,6 +316,22 @@ fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressB
         &Content::View { it, file } => {
             let size = engine.size(it, file);
             let mut off = 0u64;
+            let source = plan.iterations[it].files[file]
+                .whole_source
+                .map(|f| &plan.source.iterations[it].files[f]);
+            if let Some(src) = source {
+                off = copy_whole(src, tmp.as_file(), size, bar).map_err(|e| match e {
+                    CopyError::Changed => crate::bad!(
+                        "{}: the source file changed (truncated, deleted, replaced or rewritten) or became unreadable while in use",
+                        src.path.display()
+                    ),
+                    CopyError::Io(e) => Error::io(
+                        format!("copying {} to {}", src.path.display(), job.path.display()),
+                        e,
+                    ),
+                })?;
+                whole = off == size;
+            }
             while off < size {
                 let n = engine
                     .read(it, file, off, buf)
@@ -321,5 +357,77 @@ fn write_job(engine: &Engine<'_>, job: &Job<'_>, buf: &mut [u8], bar: &ProgressB
             e.error,
         )
     })?;
-    Ok(())
+    Ok(whole)
+}
+
+/// Copies the source file `src`, `size` bytes, whole into `out` at its
+/// position, with `copy_file_range`: the kernel copies in-kernel (or, on a
+/// filesystem with reflinks such as XFS or btrfs, shares the extents; NFS
+/// copies on the server), and no byte passes through this process. From
+/// the descriptor the plan mapped, checked unchanged before and after (as
+/// the engine checks every read). Returns the bytes copied: `size`, or 0
+/// when the filesystems cannot (`EXDEV`, `EINVAL`, `ENOSYS`,
+/// `EOPNOTSUPP`), and the caller writes the file with the engine.
+fn copy_whole(
+    src: &crate::checkpoint::mapped::RankFile,
+    out: &fs::File,
+    size: u64,
+    bar: &ProgressBar,
+) -> std::result::Result<u64, CopyError> {
+    use std::os::fd::AsRawFd;
+    /// Per call, so the progress bar moves.
+    const STEP: u64 = 64 << 20;
+    let file = src.if_unchanged().ok_or(CopyError::Changed)?;
+    let mut off_in: libc::loff_t = 0;
+    let mut done = 0u64;
+    while done < size {
+        let n = (size - done).min(STEP) as usize;
+        // SAFETY: both descriptors are open for the call; `off_in` is a
+        // valid loff_t the kernel advances; a null `off_out` copies at (and
+        // advances) `out`'s own position.
+        let r = unsafe {
+            libc::copy_file_range(
+                file.as_raw_fd(),
+                &mut off_in,
+                out.as_raw_fd(),
+                std::ptr::null_mut(),
+                n,
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            let unsupported = matches!(
+                e.raw_os_error(),
+                Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            );
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            if unsupported && done == 0 {
+                log::debug!(
+                    "{}: copy_file_range: {e}; copying through the engine",
+                    src.path.display()
+                );
+                return Ok(0);
+            }
+            return Err(CopyError::Io(e));
+        }
+        if r == 0 {
+            // The file ended early: it shrank since planning.
+            return Err(CopyError::Changed);
+        }
+        done += r as u64;
+        bar.inc(r as u64);
+    }
+    if src.if_unchanged().is_none() {
+        return Err(CopyError::Changed);
+    }
+    Ok(done)
+}
+
+enum CopyError {
+    /// The source is no longer the file planned: bad input, as a read of it.
+    Changed,
+    Io(std::io::Error),
 }

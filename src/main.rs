@@ -26,7 +26,8 @@ use safetensors::Dtype;
 /// a matching metadata.json. It also bridges Hugging Face and MindSpore
 /// Transformers: a Hub Qwen3 folder shows as a MindSpore Transformers
 /// checkpoint of any strategy, and `--hf` shows a MindSpore Transformers
-/// checkpoint as a Hugging Face folder transformers and vLLM load.
+/// checkpoint as a Hugging Face folder transformers and vLLM load (Qwen3 and
+/// Qwen3-MoE, with expert parallelism).
 ///
 /// Exit codes: 0 success, 2 bad input (checkpoint or target), 1 other failure.
 #[derive(Parser)]
@@ -48,7 +49,8 @@ enum Command {
         /// iteration folder, a Hugging Face model folder, or a folder of
         /// plain safetensors files.
         src: PathBuf,
-        /// Read the source through a model's map (`qwen3`) or as stored (`none`).
+        /// Read the source through a model's map (`qwen3`, `qwen3_moe`) or as
+        /// stored (`none`).
         #[arg(long, value_name = "MODEL", value_parser = ModelChoice::parse)]
         model: Option<ModelChoice>,
         /// Print JSON instead of a table.
@@ -120,6 +122,13 @@ enum Command {
         /// Compute and ask for nothing ahead of readers.
         #[arg(long)]
         no_prefetch: bool,
+        /// Serve every view file through the daemon. By default a view file
+        /// that is a source file whole (`plan` marks it) is read by the
+        /// kernel straight from that file (FUSE passthrough: Linux 6.9+,
+        /// and CAP_SYS_ADMIN, so not for an ordinary user, who gets the
+        /// daemon anyway).
+        #[arg(long)]
+        no_passthrough: bool,
         /// FUSE request threads, at least 1 (default: the number of CPUs, and
         /// at least 2).
         #[arg(long, value_name = "N", value_parser = parse_threads)]
@@ -223,10 +232,10 @@ fn parse_bytes(s: &str, decimal: bool) -> std::result::Result<u64, String> {
 /// How the view's files look: a model map, a Hugging Face folder, a cast.
 #[derive(Args)]
 struct ViewArgs {
-    /// Read the source through a model's map: `qwen3`, or `none` for the
-    /// tensors as stored. Default: a folder whose config.json says
-    /// `model_type: qwen3` is a Hugging Face Qwen3, read as the MindSpore
-    /// Transformers checkpoint it converts to.
+    /// Read the source through a model's map: `qwen3`, `qwen3_moe`, or
+    /// `none` for the tensors as stored. Default: a folder whose
+    /// config.json names one of those `model_type`s is a Hugging Face
+    /// model, read as the MindSpore Transformers checkpoint it converts to.
     #[arg(long, value_name = "MODEL", value_parser = ModelChoice::parse)]
     model: Option<ModelChoice>,
     /// Show each iteration as a Hugging Face folder: HF names, fused
@@ -316,9 +325,10 @@ fn parse_prefix(s: &str) -> std::result::Result<String, String> {
 /// The target strategy. Give --mesh and/or --pp, or --strategy, or --unshard.
 #[derive(Args)]
 struct TargetArgs {
-    /// New sizes for named device axes, e.g. `tp=2` or `dp=1,tp=4`. Every
-    /// tensor keeps its alias names and tensor map; axes not named keep their
-    /// size. Repeatable.
+    /// New sizes for named device axes, e.g. `tp=2`, `dp=1,tp=4` or
+    /// `dp=8,tp=1,ep=8`. Every tensor keeps its alias names and tensor map;
+    /// axes not named keep their size, except a MoE expert matrix's
+    /// `dp_ex_ep`, which follows dp*tp*cp/ep. Repeatable.
     #[arg(long, value_name = "ALIAS=N[,ALIAS=N...]", conflicts_with_all = ["strategy", "unshard"])]
     mesh: Vec<String>,
     /// Number of pipeline stages: layer i of L goes to stage i*N/L. From a
@@ -481,8 +491,12 @@ fn run(command: Command) -> Result<()> {
                 },
             )?;
             let secs = start.elapsed().as_secs_f64();
+            let whole = match stats.copied_whole {
+                0 => String::new(),
+                n => format!(", {n} copied whole from the source"),
+            };
             eprintln!(
-                "exported {} file(s), {} in {:.2} s ({}/s) to {}",
+                "exported {} file(s){whole}, {} in {:.2} s ({}/s) to {}",
                 stats.files,
                 report::human(stats.bytes),
                 secs,
@@ -500,6 +514,7 @@ fn run(command: Command) -> Result<()> {
             cache_size,
             prefetch_window,
             no_prefetch,
+            no_passthrough,
             threads,
             allow_other,
             log_file,
@@ -524,6 +539,9 @@ fn run(command: Command) -> Result<()> {
             let mut server = Server::with_prefetch(plan, cache_size, prefetch);
             if serve_zeros {
                 server = server.serve_zeros();
+            }
+            if no_passthrough {
+                server = server.without_passthrough();
             }
             daemon::mount(
                 server,

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::checkpoint::layout::unravel;
 use crate::checkpoint::models;
 use crate::checkpoint::names::Kind;
-use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
+use crate::checkpoint::source::{Assembly, Iteration, Source, SourceKind, Tensor};
 use crate::reshard::plan::{Plan, piece_count, pieces};
 
 #[derive(Serialize)]
@@ -95,21 +95,29 @@ pub fn inspect(source: &Source) -> InspectReport {
     }
 }
 
-/// The tensors whose rows make up `t` (and, for each of them that is
-/// itself assembled, its own parts): `q_proj + k_proj + v_proj`.
+/// The tensors `t` is made of (and, for each of them that is itself
+/// assembled, its own parts): `q_proj + k_proj + v_proj`, or for a tiled
+/// tensor `gate_proj (transposed) + ...`.
 fn rows_of(it: &Iteration, t: &Tensor) -> Vec<String> {
-    let Some(map) = &t.rows else {
+    let Some(a) = &t.assembly else {
         return Vec::new();
     };
+    let transposed = match a {
+        Assembly::Tiles(m) => m.bands.iter().flat_map(|b| &b.tiles).any(|t| t.transposed),
+        Assembly::Rows(_) => false,
+    };
     let mut out: Vec<String> = Vec::new();
-    for s in &map.segments {
-        let p = &it.parts[s.part];
+    for part in a.parts() {
+        let p = &it.parts[part];
         let inner = rows_of(it, p);
-        let name = if inner.is_empty() {
+        let mut name = if inner.is_empty() {
             p.name.clone()
         } else {
             format!("{} (rows of {})", p.name, inner.join(" + "))
         };
+        if transposed {
+            name.push_str(" (transposed)");
+        }
         if !out.contains(&name) {
             out.push(name);
         }
@@ -249,7 +257,12 @@ impl InspectReport {
                         })
                         .collect()
                 } else {
-                    vec![format!("rows of {}", t.rows_of.join(" + "))]
+                    let what = if t.rows_of.iter().any(|r| r.ends_with("(transposed)")) {
+                        "tiles of"
+                    } else {
+                        "rows of"
+                    };
+                    vec![format!("{what} {}", compact(&t.rows_of))]
                 };
                 rows.push([
                     t.name.clone(),
@@ -349,6 +362,20 @@ not known to the model map ({} source tensor(s)): plan, export and mount refuse 
     o
 }
 
+/// A list joined with ` + `, its middle elided when long (a Qwen3-MoE
+/// layer's stacked experts come from 256 tensors; `--json` lists them all).
+fn compact(items: &[String]) -> String {
+    if items.len() <= 6 {
+        return items.join(" + ");
+    }
+    format!(
+        "{} + ... ({} in all) ... + {}",
+        items[..3].join(" + "),
+        items.len(),
+        items[items.len() - 1]
+    )
+}
+
 /// `gpt-model-0000004-0000008.safetensors` -> `model#4`, for dense tables.
 fn short_file(name: &str) -> String {
     match crate::checkpoint::names::parse_rank_file_name(name) {
@@ -390,6 +417,10 @@ pub struct PlanFile {
     pub size: u64,
     pub header_bytes: usize,
     pub tensors: Vec<PlanTensor>,
+    /// The source file this view file is byte for byte, whole: a mount
+    /// serves it by FUSE passthrough where it may, `export` copies it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub same_as_source: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -428,6 +459,8 @@ pub struct PlanTotals {
     pub pieces: u64,
     /// Source bytes read to serve every byte of the view once.
     pub source_bytes_per_byte_served: f64,
+    /// View files that are a source file whole (`same_as_source`).
+    pub same_as_source: usize,
 }
 
 pub fn plan(plan: &Plan) -> PlanReport {
@@ -437,6 +470,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
         tensor_bytes: 0,
         pieces: 0,
         source_bytes_per_byte_served: 0.0,
+        same_as_source: 0,
     };
     let mut iterations = Vec::new();
     for (ip, it) in plan.iterations.iter().zip(&plan.source.iterations) {
@@ -444,6 +478,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
         for vf in &ip.files {
             totals.files += 1;
             totals.bytes += vf.size;
+            totals.same_as_source += usize::from(vf.whole_source.is_some());
             let mut tensors = Vec::new();
             for pt in &vf.tensors {
                 let t = &it.tensors[pt.source];
@@ -477,6 +512,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
                 size: vf.size,
                 header_bytes: vf.header.len(),
                 tensors,
+                same_as_source: vf.whole_source.map(|f| it.files[f].name.clone()),
             });
         }
         totals.bytes += ip.small.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
@@ -524,7 +560,7 @@ impl PlanReport {
         let mut o = self.head();
         for it in &self.iterations {
             o.push_str(&iteration_line(it));
-            let rows: Vec<[String; 3]> = it
+            let rows: Vec<[String; 4]> = it
                 .files
                 .iter()
                 .map(|f| {
@@ -532,6 +568,7 @@ impl PlanReport {
                         f.name.clone(),
                         format!("{} bytes", f.size),
                         format!("{} tensor(s)", f.tensors.len()),
+                        f.same_as_source_note(),
                     ]
                 })
                 .collect();
@@ -547,14 +584,22 @@ impl PlanReport {
 
     fn totals_line(&self) -> String {
         let t = &self.totals;
-        format!(
+        let mut o = format!(
             "\ntotal     {} file(s), {} bytes ({}), {} piece(s); source bytes read per byte served: {:.4}\n",
             t.files,
             t.bytes,
             human(t.bytes),
             t.pieces,
             t.source_bytes_per_byte_served
-        )
+        );
+        if t.same_as_source > 0 {
+            let _ = writeln!(
+                o,
+                "          {} of the {} view file(s) are a source file whole (mounted: read by the kernel from the source file, FUSE passthrough, where allowed)",
+                t.same_as_source, t.files
+            );
+        }
+        o
     }
 }
 
@@ -589,6 +634,13 @@ fn iteration_line(it: &PlanIteration) -> String {
 }
 
 impl PlanFile {
+    /// `= SOURCE` for a file that is a source file whole, else empty.
+    fn same_as_source_note(&self) -> String {
+        self.same_as_source
+            .as_ref()
+            .map_or(String::new(), |s| format!("= {s}"))
+    }
+
     /// One view file: its size and, per tensor, the byte range it occupies
     /// and the source regions its bytes come from.
     pub fn text(&self) -> String {
@@ -602,6 +654,12 @@ impl PlanFile {
             self.header_bytes,
             self.tensors.len()
         );
+        if let Some(s) = &self.same_as_source {
+            let _ = writeln!(
+                o,
+                "  byte for byte the source file {s}, whole (mounted: served by FUSE passthrough where allowed)"
+            );
+        }
         let mut rows = vec![[
             "OFFSET".to_string(),
             "BYTES".into(),

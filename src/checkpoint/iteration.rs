@@ -267,7 +267,7 @@ fn check_tensor(
         stage: 0,
         allow_shape_mismatch: tm.properties.allow_shape_mismatch,
         allow_to_save: tm.properties.allow_to_save,
-        rows: None,
+        assembly: None,
         rules: Default::default(),
     })
 }

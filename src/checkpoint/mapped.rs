@@ -155,6 +155,19 @@ impl RankFile {
         &self.map[offset as usize..(offset + len) as usize]
     }
 
+    /// The file's length when it was opened (the length mapped).
+    pub fn size(&self) -> u64 {
+        self.identity.len
+    }
+
+    /// The open file, while it still holds the bytes that were planned
+    /// ([`RankFile::is_unchanged`], not shrunk under the map): for handing
+    /// the file itself to the kernel (passthrough) or to `copy_file_range`.
+    /// The descriptor is the one mapped and checked, never a reopened path.
+    pub fn if_unchanged(&self) -> Option<&File> {
+        (self.is_unchanged() && !self.is_damaged()).then_some(&self.file)
+    }
+
     /// Drops `[offset, offset+len)` from this process's page tables once
     /// copied: the pages stay in the page cache (a later read maps them again
     /// at the cost of a minor fault), but they no longer count towards the

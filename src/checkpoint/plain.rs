@@ -240,7 +240,7 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
                 stage: 0,
                 allow_shape_mismatch: false,
                 allow_to_save: true,
-                rows: None,
+                assembly: None,
                 rules: Default::default(),
             });
         }

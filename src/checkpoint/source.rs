@@ -92,9 +92,9 @@ pub struct Tensor {
     /// MindSpore's `allow_shape_mismatch` / `allow_to_save`, passed to the view.
     pub allow_shape_mismatch: bool,
     pub allow_to_save: bool,
-    /// Set when the tensor is assembled from rows of `Iteration::parts`
-    /// rather than stored: `chunks` is then empty and `frag` all ones.
-    pub rows: Option<RowMap>,
+    /// Set when the tensor is assembled from `Iteration::parts` rather
+    /// than stored: `chunks` is then empty and `frag` all ones.
+    pub assembly: Option<Assembly>,
     /// What a target may not do to this tensor.
     pub rules: SplitRules,
 }
@@ -138,6 +138,115 @@ pub struct RowSegment {
     pub stride: u64,
     /// The part's row for `out_start` in period 0.
     pub base: u64,
+}
+
+/// How a tensor is made of other tensors (`Iteration::parts`), described,
+/// never materialised: the engine reads its bytes from the parts' stored
+/// slices when asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assembly {
+    /// Whole rows of parts, in a repeating pattern (fused QKV and gate/up,
+    /// and each part read back out of them).
+    Rows(RowMap),
+    /// Rectangles of 2-D parts, each copied or transposed (Qwen3-MoE's
+    /// experts stacked as one matrix, and each expert read back out).
+    Tiles(TileMap),
+}
+
+impl Assembly {
+    pub fn rows(&self) -> Option<&RowMap> {
+        match self {
+            Assembly::Rows(m) => Some(m),
+            Assembly::Tiles(_) => None,
+        }
+    }
+
+    /// The parts the assembly reads, each once, in order of first use.
+    pub fn parts(&self) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        let mut add = |p: usize| {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        };
+        match self {
+            Assembly::Rows(m) => m.segments.iter().for_each(|s| add(s.part)),
+            Assembly::Tiles(t) => t
+                .bands
+                .iter()
+                .flat_map(|b| &b.tiles)
+                .for_each(|t| add(t.part)),
+        }
+        out
+    }
+}
+
+/// A 2-D tensor cut into bands of whole rows, each band into tiles side by
+/// side, each tile taken from a rectangle of a 2-D part, copied or
+/// transposed. Qwen3-MoE's `weight1` `[E·H, 2F]` is E bands of H rows, each
+/// `[gate_Jᵀ | up_Jᵀ]`: two transposed tiles; one expert's `gate_J` read
+/// back out of it is one band, one tile, transposed from rows `J·H..` of
+/// `weight1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TileMap {
+    /// Sorted by `start`, tiling the tensor's rows.
+    pub bands: Vec<Band>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Band {
+    /// The band's first row and its row count.
+    pub start: u64,
+    pub rows: u64,
+    /// Sorted by `col`, tiling the tensor's columns.
+    pub tiles: Vec<Tile>,
+}
+
+/// Columns `col..col+cols` of a band, from part `part`: output element
+/// `(band.start + i, col + j)` is the part's element `(row + i, col0 + j)`,
+/// or, `transposed`, `(row + j, col0 + i)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tile {
+    pub col: u64,
+    pub cols: u64,
+    /// Index into `Iteration::parts`.
+    pub part: usize,
+    /// The part's element that lands at the tile's first element.
+    pub row: u64,
+    pub col0: u64,
+    pub transposed: bool,
+}
+
+impl TileMap {
+    /// The band holding row `row` (rows past the end: the last band).
+    pub fn band(&self, row: u64) -> &Band {
+        let i = self
+            .bands
+            .partition_point(|b| b.start + b.rows <= row)
+            .min(self.bands.len() - 1);
+        &self.bands[i]
+    }
+}
+
+impl Tile {
+    /// The rectangle of the part that output rows `rows` (of its band,
+    /// counted from the band's start) and columns `cols` (of the tile,
+    /// counted from its first) come from: `(part rows, part columns)`.
+    pub fn source(
+        &self,
+        rows: std::ops::Range<u64>,
+        cols: std::ops::Range<u64>,
+    ) -> (std::ops::Range<u64>, std::ops::Range<u64>) {
+        let (r, c) = if self.transposed {
+            (cols, rows)
+        } else {
+            (rows, cols)
+        };
+        (
+            self.row + r.start..self.row + r.end,
+            self.col0 + c.start..self.col0 + c.end,
+        )
+    }
 }
 
 impl RowMap {

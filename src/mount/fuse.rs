@@ -4,8 +4,9 @@
 //! know, and no state is kept here: open handles, their snapshots and
 //! listings live in [`Server`], where they are unit-tested. View files are
 //! opened with the kernel's page cache kept (their bytes never change while
-//! mounted); the counters file is opened direct-I/O so every read sees fresh
-//! numbers.
+//! mounted), or by passthrough when the server says so (it decides, and
+//! keeps the backing files: [`crate::mount::serve::passthrough`]); the
+//! counters file is opened direct-I/O so every read sees fresh numbers.
 //!
 //! **The panic policy.** A panic in a request handler is a bug. Left alone,
 //! it ends one of fuser 0.18's worker threads for good: the kernel gets EIO
@@ -23,12 +24,13 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 use crate::mount::hooks;
+use crate::mount::serve::passthrough::Backing;
 use crate::mount::serve::{Attr, NodeKind, OpenError, ReadError, Server};
 
 /// Attributes of the view never change while mounted.
@@ -93,6 +95,7 @@ fn open_errno(e: OpenError) -> Errno {
         OpenError::NotFound => Errno::ENOENT,
         OpenError::IsDir => Errno::EISDIR,
         OpenError::NotDir => Errno::ENOTDIR,
+        OpenError::SourceChanged => Errno::EIO,
     }
 }
 
@@ -105,6 +108,13 @@ impl Filesystem for ViewFs {
         }
         if let Err(max) = config.set_max_write(MAX_IO) {
             let _ = config.set_max_write(max);
+        }
+        let offered = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH);
+        if let Some(depth) = self.server.negotiate_passthrough(offered)
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && let Err(max) = config.set_max_stack_depth(depth)
+        {
+            let _ = config.set_max_stack_depth(max);
         }
         Ok(())
     }
@@ -130,9 +140,21 @@ impl Filesystem for ViewFs {
             if flags.acc_mode() != OpenAccMode::O_RDONLY {
                 return reply.error(Errno::EROFS);
             }
-            match self.server.open(ino.0) {
-                Ok(o) if o.direct_io => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO),
-                Ok(o) => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_KEEP_CACHE),
+            let opened = self.server.open_with(ino.0, &mut |file| {
+                reply.open_backing(file).map(Backing::new)
+            });
+            match opened {
+                Ok(o) => match (&o.passthrough, o.direct_io) {
+                    (Some(b), _) => match b.get::<BackingId>() {
+                        Some(id) => {
+                            reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), id)
+                        }
+                        // Only this adapter makes backing files: never.
+                        None => reply.error(Errno::EIO),
+                    },
+                    (None, true) => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_DIRECT_IO),
+                    (None, false) => reply.opened(FileHandle(o.fh), FopenFlags::FOPEN_KEEP_CACHE),
+                },
                 Err(e) => reply.error(open_errno(e)),
             }
         });

@@ -17,7 +17,7 @@ use crate::checkpoint::metadata::{
 };
 use crate::checkpoint::models;
 use crate::checkpoint::names::{self, Kind};
-use crate::checkpoint::source::{Iteration, Source, SourceKind, Tensor};
+use crate::checkpoint::source::{Assembly, Iteration, RowMap, Source, SourceKind, Tensor, TileMap};
 use crate::error::Result;
 use crate::reshard::cast;
 use crate::reshard::target::{Placement, TargetSpec};
@@ -100,6 +100,11 @@ pub struct VirtualFile {
     /// In file order; their bytes follow the header back to back.
     pub tensors: Vec<PlannedTensor>,
     pub size: u64,
+    /// Set when the file is, byte for byte, source file
+    /// `Iteration::files[i]` whole ([`whole_source_file`]): a mount can
+    /// then let the kernel read that file itself (FUSE passthrough) and
+    /// `export` can copy it whole.
+    pub whole_source: Option<usize>,
 }
 
 /// One tensor of a view file: which slice of which source tensor.
@@ -455,6 +460,7 @@ fn plan_file(
         })
         .collect::<Result<_>>()?;
     let size = tensors.last().map_or(base, |t| t.offset + t.len);
+    let whole_source = whole_source_file(it, &header, &tensors, size);
     Ok(VirtualFile {
         name,
         rank: 0,
@@ -462,7 +468,78 @@ fn plan_file(
         header,
         tensors,
         size,
+        whole_source,
     })
+}
+
+/// The source file that a view file with this header, these tensors and
+/// this size is, byte for byte, whole; if any. So it is when every tensor
+/// is one stored slice, read as stored (no cast, not assembled from other
+/// tensors' rows or tiles), that one file holds at the offset it has in the view, and
+/// the header and length are the file's own. The most common reshard, a
+/// change of data parallelism alone, gives only such files (and so do a
+/// view with the source's own strategy, a Hugging Face view that keeps the
+/// source's shards, a plain folder viewed whole).
+///
+/// A slice may be held by several files (data-parallel replicas); the
+/// engine reads each from the lowest rank holding it, so a view rank's
+/// replicated tensors come from rank 0 while its split ones come from its
+/// own rank: the candidates are the holders of the slice held by fewest
+/// files, and the first that holds every other slice in place wins. Its
+/// header is compared with the view's (its first bytes, read when the
+/// source was opened): no tensor data is read. A file with no tensors
+/// (nothing to gain) is never one.
+fn whole_source_file(
+    it: &Iteration,
+    header: &[u8],
+    tensors: &[PlannedTensor],
+    size: u64,
+) -> Option<usize> {
+    let mut chunks = Vec::with_capacity(tensors.len());
+    for pt in tensors {
+        let t = &it.tensors[pt.source];
+        if t.assembly.is_some()
+            || pt.dtype != t.dtype
+            || pt.slice.shape != t.chunk_shape
+            || piece_count(it, t, &pt.slice) != 1
+        {
+            return None;
+        }
+        let k = pieces(it, t, &pt.slice).pop()?.chunk;
+        chunks.push((pt, t, t.chunks.get(usize::try_from(k).ok()?)?));
+    }
+    let (_, _, fewest) = chunks.iter().min_by_key(|(_, _, c)| c.holders.len())?;
+    let f = fewest.holders.iter().map(|h| h.0).find(|&f| {
+        it.files[f].size() == size
+            && chunks
+                .iter()
+                .all(|&(pt, t, c)| holds_in_place(it, f, pt, t, c))
+    })?;
+    let source = &it.files[f];
+    // The length was compared: the header lies within the file.
+    (source.bytes(0, header.len() as u64) == header && !source.is_damaged()).then_some(f)
+}
+
+/// Whether file `f` holds `chunk` of `t` stored exactly as `pt`'s slice
+/// (that slice's box, not the whole tensor) at `pt`'s own offset.
+fn holds_in_place(
+    it: &Iteration,
+    f: usize,
+    pt: &PlannedTensor,
+    t: &Tensor,
+    chunk: &crate::checkpoint::source::Chunk,
+) -> bool {
+    if chunk.file == f {
+        return chunk.origin == pt.slice.start
+            && chunk.stored_shape == pt.slice.shape
+            && chunk.offset == pt.offset;
+    }
+    // Another replica: its own stored copy, under the same name.
+    chunk.holders.iter().any(|h| h.0 == f)
+        && it.files[f]
+            .tensors
+            .get(&t.name)
+            .is_some_and(|st| st.shape == pt.slice.shape && st.offset == pt.offset)
 }
 
 /// The view's metadata.json: MindSpore's own schema, describing the target
@@ -561,10 +638,10 @@ fn view_metadata(
 
 /// The pieces of a target slice: its intersections with the source slices,
 /// each read from one replica. They tile the slice. For a tensor assembled
-/// from rows of parts, the pieces of the parts' row ranges it draws on (per
-/// part, the rows between the first and the last it reads).
+/// from parts, the pieces of the parts' regions it draws on (per part, the
+/// bounding box of what it reads).
 pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
-    if t.rows.is_some() {
+    if t.assembly.is_some() {
         return part_slices(it, t, slice)
             .into_iter()
             .flat_map(|(p, s)| {
@@ -614,13 +691,62 @@ fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
     }
 }
 
-/// For a tensor assembled from rows of parts: per part it draws on, the
-/// bounding slice of the part's rows that `slice` reads (other dimensions
-/// as in `slice`). Computed per segment of the row map, not per row.
-fn part_slices(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<(usize, Slice)> {
-    let Some(map) = &t.rows else {
+/// For a tensor assembled from parts: per part it draws on, the bounding
+/// slice of the part that `slice` reads.
+pub fn part_slices(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<(usize, Slice)> {
+    match &t.assembly {
+        Some(Assembly::Rows(map)) => row_part_slices(it, map, slice),
+        Some(Assembly::Tiles(map)) => tile_part_slices(map, slice),
+        None => Vec::new(),
+    }
+}
+
+/// Grows the slice kept for `part` in `out` to hold `add`, or adds it.
+fn merge_box(out: &mut Vec<(usize, Slice)>, part: usize, add: Slice) {
+    match out.iter_mut().find(|(p, _)| *p == part) {
+        Some((_, sl)) => {
+            for d in 0..sl.start.len() {
+                let end = (sl.start[d] + sl.shape[d]).max(add.start[d] + add.shape[d]);
+                sl.start[d] = sl.start[d].min(add.start[d]);
+                sl.shape[d] = end - sl.start[d];
+            }
+        }
+        None => out.push((part, add)),
+    }
+}
+
+/// [`part_slices`] for a tiled tensor: per band and tile the slice meets,
+/// the part's rectangle it comes from.
+fn tile_part_slices(map: &TileMap, slice: &Slice) -> Vec<(usize, Slice)> {
+    let (&[rs, cs], &[rn, cn]) = (slice.start.as_slice(), slice.shape.as_slice()) else {
         return Vec::new();
     };
+    let mut out = Vec::new();
+    for band in &map.bands {
+        let (a, b) = (rs.max(band.start), (rs + rn).min(band.start + band.rows));
+        if a >= b {
+            continue;
+        }
+        for tile in &band.tiles {
+            let (c, d) = (cs.max(tile.col), (cs + cn).min(tile.col + tile.cols));
+            if c >= d {
+                continue;
+            }
+            let (pr, pc) = tile.source(a - band.start..b - band.start, c - tile.col..d - tile.col);
+            let add = Slice {
+                start: vec![pr.start, pc.start],
+                shape: vec![pr.end - pr.start, pc.end - pc.start],
+            };
+            merge_box(&mut out, tile.part, add);
+        }
+    }
+    out
+}
+
+/// [`part_slices`] for a tensor made of rows of parts: the part's rows
+/// (other dimensions as in `slice`), computed per segment of the row map,
+/// not per row.
+fn row_part_slices(it: &Iteration, map: &RowMap, slice: &Slice) -> Vec<(usize, Slice)> {
     let (Some(&first), Some(&rows)) = (slice.start.first(), slice.shape.first()) else {
         return Vec::new();
     };
@@ -659,21 +785,14 @@ fn part_slices(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<(usize, Slice)>
         let mut shape = slice.shape.clone();
         start[0] = a;
         shape[0] = b + 1 - a;
-        match out.iter_mut().find(|(p, _)| *p == s.part) {
-            Some((_, sl)) => {
-                let end = (sl.start[0] + sl.shape[0]).max(b + 1);
-                sl.start[0] = sl.start[0].min(a);
-                sl.shape[0] = end - sl.start[0];
-            }
-            None => out.push((s.part, Slice { start, shape })),
-        }
+        merge_box(&mut out, s.part, Slice { start, shape });
     }
     out
 }
 
 /// How many pieces `pieces` would return, without building them.
 pub fn piece_count(it: &Iteration, t: &Tensor, slice: &Slice) -> u64 {
-    if t.rows.is_some() {
+    if t.assembly.is_some() {
         return part_slices(it, t, slice)
             .iter()
             .map(|(p, s)| piece_count(it, &it.parts[*p], s))
@@ -701,6 +820,134 @@ fn intervals(start: u64, len: u64, chunk: u64) -> Vec<(u64, u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reshard::engine::Engine;
+    use std::path::Path;
+
+    fn mesh(src: &str, sizes: &[(&str, u64)], options: ViewOptions) -> Plan {
+        let spec = TargetSpec::Mesh {
+            sizes: sizes.iter().map(|&(a, n)| (a.to_string(), n)).collect(),
+            pp: None,
+            offset: None,
+        };
+        Plan::build_with(Source::open(Path::new(src)).unwrap(), spec, options).unwrap()
+    }
+
+    /// (view file, source file it is marked as) for every view file.
+    fn marked(plan: &Plan) -> Vec<(String, Option<String>)> {
+        let it = &plan.source.iterations[0];
+        plan.iterations[0]
+            .files
+            .iter()
+            .map(|vf| {
+                let f = vf.whole_source.map(|i| it.files[i].name.clone());
+                (vf.name.clone(), f)
+            })
+            .collect()
+    }
+
+    /// Every view file, read whole through the engine, against every
+    /// source file read from disk: a file is marked exactly when its bytes
+    /// are that source file's.
+    fn marks_match_the_bytes(plan: &Plan) {
+        let engine = Engine::new(plan);
+        let it = &plan.source.iterations[0];
+        let sources: Vec<Vec<u8>> = it
+            .files
+            .iter()
+            .map(|f| std::fs::read(&f.path).unwrap())
+            .collect();
+        for (i, vf) in plan.iterations[0].files.iter().enumerate() {
+            let mut buf = vec![0u8; vf.size as usize];
+            engine.read(0, i, 0, &mut buf).unwrap();
+            let equal: Vec<usize> = (0..sources.len()).filter(|&s| sources[s] == buf).collect();
+            match vf.whole_source {
+                Some(s) => assert!(
+                    equal.contains(&s),
+                    "{} is not {}",
+                    vf.name,
+                    it.files[s].name
+                ),
+                None => assert!(
+                    equal.is_empty(),
+                    "{} equals a source file, unmarked",
+                    vf.name
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_data_parallel_change_gives_source_files_whole() {
+        // dp=2 x tp=2 x pp=2 to dp=1: view rank (stage p, tp t) is source
+        // rank 4p + t, whose replicated tensors the engine reads from rank
+        // 0 of the stage: still that file, whole.
+        let p = mesh(
+            "tests/fixtures/gpt-dp2-tp2-pp2-bf16",
+            &[("dp", 1)],
+            ViewOptions::default(),
+        );
+        let got = marked(&p);
+        let want: Vec<(String, Option<String>)> = [
+            ("model", 0, 0),
+            ("model", 1, 1),
+            ("model", 2, 4),
+            ("model", 3, 5),
+            ("opt", 0, 0),
+            ("opt", 1, 1),
+            ("opt", 2, 4),
+            ("opt", 3, 5),
+        ]
+        .iter()
+        .map(|&(k, v, s)| {
+            (
+                format!("gpt-{k}-{v:07}-0000004.safetensors"),
+                Some(format!("gpt-{k}-{s:07}-0000008.safetensors")),
+            )
+        })
+        .collect();
+        assert_eq!(got, want);
+        marks_match_the_bytes(&p);
+        // The source's own strategy: every file is itself.
+        let p = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 4)],
+            ViewOptions::default(),
+        );
+        assert!(
+            marked(&p)
+                .iter()
+                .all(|(v, s)| s.as_deref() == Some(v.as_str()))
+        );
+        marks_match_the_bytes(&p);
+    }
+
+    #[test]
+    fn resharded_or_cast_files_are_not_source_files() {
+        let p = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        assert!(marked(&p).iter().all(|(_, s)| s.is_none()));
+        marks_match_the_bytes(&p);
+        let p = mesh(
+            "tests/fixtures/gpt-dp2-tp2-pp2-bf16",
+            &[("tp", 4)],
+            ViewOptions::default(),
+        );
+        assert!(marked(&p).iter().all(|(_, s)| s.is_none()));
+        // A cast changes the bf16 model files; the f32 optimizer files
+        // stay what they are.
+        let cast = ViewOptions {
+            dtype: Some(Dtype::F32),
+            ..ViewOptions::default()
+        };
+        let p = mesh("tests/fixtures/gpt-dp2-tp2-pp2-bf16", &[("dp", 1)], cast);
+        for (v, s) in marked(&p) {
+            assert_eq!(s.is_some(), v.contains("-opt-"), "{v}: {s:?}");
+        }
+        marks_match_the_bytes(&p);
+    }
 
     #[test]
     fn intervals_cut_at_chunk_boundaries() {

@@ -187,6 +187,43 @@ fn check_rules(t: &Tensor, p: &Placement) -> Result<()> {
     Ok(())
 }
 
+/// The device axis of MindSpore Transformers' expert matrix `(dp_ex_ep,
+/// ep)` that follows the others: `dp*tp*cp/ep`, so that the experts and the
+/// dense tensors of a stage agree on its ranks.
+const DERIVED_AXIS: &str = "dp_ex_ep";
+
+/// Sizes the derived axis of `l` so that `l` has `devices` ranks, those of
+/// the stage's dense layout `dense`; MindSpore Transformers also requires
+/// `ep` (the expert matrix's other axes) to divide `dp*tp`.
+fn derive_axis(l: &mut Layout, devices: u64, dense: &Layout) -> std::result::Result<(), String> {
+    let Some(axis) = l.alias_name.iter().position(|a| a == DERIVED_AXIS) else {
+        return Ok(());
+    };
+    let others: u64 = (0..l.device_matrix.len())
+        .filter(|&a| a != axis)
+        .map(|a| l.device_matrix[a])
+        .product();
+    let cp = dense
+        .alias_name
+        .iter()
+        .position(|a| a == "cp")
+        .map_or(1, |a| dense.device_matrix[a]);
+    let dp_tp = devices / cp.max(1);
+    let names: Vec<String> = (0..l.device_matrix.len())
+        .filter(|&a| a != axis)
+        .map(|a| format!("{}={}", l.alias_name[a], l.device_matrix[a]))
+        .collect();
+    if others == 0 || !dp_tp.is_multiple_of(others) {
+        return Err(format!(
+            "{} does not divide dp*tp = {dp_tp} ({}); MindSpore Transformers requires it for its expert matrix",
+            names.join("*"),
+            dense.describe_mesh()
+        ));
+    }
+    l.device_matrix[axis] = devices / others;
+    Ok(())
+}
+
 fn resolve_mesh(
     it: &Iteration,
     sizes: &[(String, u64)],
@@ -218,41 +255,57 @@ fn resolve_mesh(
     }
     .describe();
 
-    // New layouts (rank lists filled in below, once stages are known).
-    let mut layouts: Vec<Option<Layout>> = Vec::with_capacity(it.tensors.len());
+    if sizes.iter().any(|(a, _)| a == DERIVED_AXIS) {
+        bail!(
+            "--mesh {DERIVED_AXIS}=...: {DERIVED_AXIS} follows dp*tp*cp/ep; give dp, tp, cp and ep instead"
+        );
+    }
+    // New layouts (rank lists filled in below, once stages are known): the
+    // ones without a derived axis first, which fix the ranks per stage.
+    let mut layouts: Vec<Option<Layout>> = vec![None; it.tensors.len()];
     // The first tensor's ranks per stage, which every other must match.
-    let mut first: Option<(u64, &str, String)> = None;
-    for t in &it.tensors {
-        let Some(src) = &t.layout else {
-            layouts.push(None);
-            continue;
-        };
-        let mut l = src
-            .with_sizes(sizes)
-            .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
-        if t.rules.whole_if_uneven && l.check_divides(&t.global_shape).is_err() {
-            // MindSpore Transformers keeps such a tensor whole rather than refusing.
-            l.tensor_map.iter_mut().for_each(Vec::clear);
+    let mut first: Option<(u64, &str, String, Layout)> = None;
+    let derived = |l: &Layout| l.alias_name.iter().any(|a| a == DERIVED_AXIS);
+    for pass in [false, true] {
+        for (ti, t) in it.tensors.iter().enumerate() {
+            let Some(src) = &t.layout else {
+                continue;
+            };
+            if derived(src) != pass {
+                continue;
+            }
+            let mut l = src
+                .with_sizes(sizes)
+                .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
+            if pass && let Some((n, _, _, dense)) = &first {
+                derive_axis(&mut l, *n, dense)
+                    .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
+            }
+            if t.rules.whole_if_uneven && l.check_divides(&t.global_shape).is_err() {
+                // MindSpore Transformers keeps such a tensor whole rather than refusing.
+                l.tensor_map.iter_mut().for_each(Vec::clear);
+            }
+            l.check_divides(&t.global_shape)
+                .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
+            let n = l.devices();
+            match &first {
+                None => first = Some((n, &t.name, l.describe_mesh(), l.clone())),
+                Some((m, other, mesh, _)) if *m != n => bail!(
+                    "target {what}: tensors disagree on ranks per stage: {other} has {m} ({mesh}), {} has {n} ({})",
+                    t.name,
+                    l.describe_mesh()
+                ),
+                _ => {}
+            }
+            layouts[ti] = Some(l);
         }
-        l.check_divides(&t.global_shape)
-            .map_err(|e| bad!("target {what}: tensor {}: {e}", t.name))?;
-        let n = l.devices();
-        match &first {
-            None => first = Some((n, &t.name, l.describe_mesh())),
-            Some((m, other, mesh)) if *m != n => bail!(
-                "target {what}: tensors disagree on ranks per stage: {other} has {m} ({mesh}), {} has {n} ({})",
-                t.name,
-                l.describe_mesh()
-            ),
-            _ => {}
-        }
-        layouts.push(Some(l));
     }
     let rule = StageRule::new(it, pp, offset)?;
     let stages = pp.unwrap_or(it.stages);
     let stage_devices = first.as_ref().map_or(1, |d| d.0);
     if stage_devices.saturating_mul(stages) > MAX_WORLD {
         let (name, mesh) = first.map_or(("", String::new()), |d| (d.1, d.2));
+
         bail!(
             "target {what}: tensor {name}: {stages} stage(s) x {stage_devices} rank(s) ({mesh}) is more than the {MAX_WORLD} ranks a view may have"
         );

@@ -22,6 +22,9 @@ Run as a script (`python mountutil.py CMD ...`, always in a subprocess, on mount
   hold FILE                       open FILE, print "open"; on each stdin line "read" print the
                                   sha256 and length of the whole file read through that fd;
                                   exit on stdin EOF
+  maphold FILE                    open FILE and mmap it whole (its fstat size), print "mapped";
+                                  on each stdin line "read" print the sha256 of the whole map
+                                  (a SIGBUS ends the process); exit on stdin EOF
 """
 
 from __future__ import annotations
@@ -547,6 +550,21 @@ def _cmd_hold(path):
     os.close(fd)
 
 
+def _cmd_maphold(path):
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY)
+    m = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+    sys.stdout.write("mapped\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        if line.strip() == "read":
+            sys.stdout.write(f"{hashlib.sha256(m).hexdigest()} {len(m)}\n")
+            sys.stdout.flush()
+    m.close()
+    os.close(fd)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "tensors":
@@ -555,5 +573,7 @@ if __name__ == "__main__":
         _cmd_pread(*args)
     elif cmd == "hold":
         _cmd_hold(*args)
+    elif cmd == "maphold":
+        _cmd_maphold(*args)
     else:
         raise SystemExit(f"unknown command {cmd!r}")

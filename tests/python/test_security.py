@@ -150,3 +150,30 @@ def test_allow_other_grants_no_more_than_the_source(open_mount, open_source, exp
             assert other.code == 0 and other.out == (ref / V0).read_bytes(), str(other)
             assert member.code == 0 and member.out == (ref / V1).read_bytes(), str(member)
             assert listing.code == 0 and summary.code == 0, f"{listing}\n{summary}"
+
+
+WHOLE = "iteration_00000005/model-0000001-0000004.safetensors"
+
+
+@pytest.mark.parametrize("allow_other", [False, True], ids=["owner-only", "allow-other"])
+def test_passthrough_files_keep_the_same_rules(allow_other, open_mount):
+    """The source's own strategy: every view file is a source file whole, opened by passthrough.
+    Other users, modes and writes are as for every view file."""
+    args = ["--mesh", "tp=4"] + (["--allow-other"] if allow_other else [])
+    src = FIXTURES / TP4 / WHOLE
+    m = open_mount()
+    m.start_ok(FIXTURES / TP4, args)
+    assert run(["cmp", src, m.path(WHOLE)]).code == 0
+    r = run(AS_NOBODY + ["cat", m.path(WHOLE)])
+    if allow_other:
+        assert r.code == 0 and r.out == src.read_bytes(), f"--allow-other: nobody must read\n{r}"
+    else:
+        assert r.code != 0 and "Permission denied" in r.stderr, f"without --allow-other nobody must be refused\n{r}"
+    # The view file's own attributes (read-only), not the source file's.
+    mode = int(run(["stat", "-c", "%a", m.path(WHOLE)]).stdout.strip(), 8)
+    assert mode & 0o222 == 0, oct(mode)
+    for cmd in (["truncate", "-s", "0", m.path(WHOLE)], ["sh", "-c", f"echo x >> {m.path(WHOLE)}"]):
+        assert run(cmd).code != 0, f"{cmd} succeeded on the read-only view"
+    assert run(["cmp", src, m.path(WHOLE)]).code == 0, "the view (or its source) changed"
+    s = m.stats()
+    assert s["passthrough_opens"] >= 2 + allow_other and s["bytes_served"] == 0, s

@@ -272,3 +272,30 @@ wait $fg; echo "fg-exit $?"
     assert "still-running" not in out, out
     assert "fg-exit 0" in out, out + r.stderr
     assert "mounted-anyway" not in out and "leftover" not in out, out
+
+
+def test_an_ordinary_user_gets_the_daemon_instead_of_passthrough(world, user):
+    """The source's own strategy: every view file is a source file whole, which root's mount hands
+    to the kernel (test_passthrough.py). An ordinary user may not register backing files
+    (CAP_SYS_ADMIN): the files are served through the daemon, the same bytes, and the log says
+    why in one line."""
+    need_mode(os.access("/dev/fuse", os.R_OK | os.W_OK), "/dev/fuse is not accessible to this user")
+    b = world
+    it = "iteration_00000005"
+    body = f"""{b}/reshardfs mount {b}/src {b}/mnt --mesh tp=4 --log-file {b}/out/daemon.log; echo "mount-exit $?"
+for f in {b}/mnt/{it}/*.safetensors; do echo "file $(basename $f) $(sha256sum < $f | cut -d' ' -f1)"; done
+sed 's/^/stat /' {b}/mnt/.reshardfs/stats
+fusermount3 -u {b}/mnt; echo "umount-exit $?"
+""" + CHECK_NOTHING_LEFT.format(b=b)
+    r = scenario(b, user, body, fuse_mode=0o666)
+    out = r.stdout
+    assert "mount-exit 0" in out, f"{out}\n{r.stderr}\n{log_of(b)}"
+    got = {ln.split()[1]: ln.split()[2] for ln in out.splitlines() if ln.startswith("file ")}
+    want = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (b / "src" / it).glob("*.safetensors")}
+    assert got == want and len(got) == 4, f"the view files are not the source files:\n{got}\n{want}"
+    stats = {ln.split()[1].rstrip(":"): ln.split()[2] for ln in out.splitlines() if ln.startswith("stat ")}
+    assert stats["passthrough_opens"] == "0" and stats["passthrough_fallbacks"] == "4", stats
+    log = log_of(b)
+    lines = [ln for ln in log.splitlines() if "FUSE passthrough" in ln]
+    assert len(lines) == 1 and "CAP_SYS_ADMIN" in lines[0] and "through the daemon" in lines[0], log
+    assert "umount-exit 0" in out and "mounted-anyway" not in out and "leftover" not in out, out

@@ -24,9 +24,11 @@ use crate::error::{Result, source_io};
 use crate::{bad, bail};
 
 pub mod qwen3;
+pub mod qwen3_moe;
 
-/// Every model with a map, by the Hub's `model_type`.
-pub static MODELS: &[&Map] = &[&qwen3::MAP];
+/// Every model with a map, by the Hub's `model_type`. A MindSpore
+/// Transformers checkpoint is matched against them in this order.
+pub static MODELS: &[&Map] = &[&qwen3::MAP, &qwen3_moe::MAP];
 
 /// The Hugging Face config file of a model folder.
 pub const CONFIG: &str = "config.json";
@@ -623,10 +625,9 @@ fn recognise(src: &mut Source) -> Result<&'static Map> {
     match fits[..] {
         [m] => Ok(m),
         [] => bail!(
-            "{}: --hf needs to know the model, and the tensors are no supported model's ({}): pass --model {}, or --hf-files DIR whose config.json names it",
+            "{}: --hf needs to know the model, and the tensors are no supported model's: pass --model MODEL ({}), or --hf-files DIR whose config.json names it",
             src.path.display(),
-            supported(),
-            MODELS.first().map_or("NAME", |m| m.model_type)
+            supported()
         ),
         _ => bail!(
             "{}: the tensors fit several models ({}): pass --model to say which",
@@ -672,8 +673,9 @@ pub fn hf_view(src: Source, model: ModelChoice, hf_files: Option<&Path>) -> Resu
     };
     if let (Some(d), None, ModelChoice::Auto) = (hf_files, &config, model) {
         bail!(
-            "--hf-files {}: no config.json there to say which model this is; pass --model qwen3",
-            d.display()
+            "--hf-files {}: no config.json there to say which model this is; pass --model MODEL ({})",
+            d.display(),
+            supported()
         );
     }
     Ok(HfView {
@@ -941,7 +943,12 @@ mod tests {
         let src = Source::open_with(&gpt, ModelChoice::None).unwrap();
         input_err(
             as_hf(src, ModelChoice::Auto, None),
-            &[&path, "--model qwen3", "no supported model"],
+            &[
+                &path,
+                "--model MODEL",
+                "qwen3, qwen3_moe",
+                "no supported model",
+            ],
         );
     }
 

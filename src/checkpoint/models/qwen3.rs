@@ -33,7 +33,7 @@ use super::{Config, GeneratedConfig, Map, ModelInfo};
 use crate::checkpoint::header::dtype_to_mindspore;
 use crate::checkpoint::layout::Layout;
 use crate::checkpoint::names::{self, Kind, layer_index};
-use crate::checkpoint::source::{Iteration, RowMap, RowSegment, SplitRules, Tensor};
+use crate::checkpoint::source::{Assembly, Iteration, RowMap, RowSegment, SplitRules, Tensor};
 use crate::error::Result;
 use crate::{bad, bail};
 
@@ -52,7 +52,7 @@ pub static MAP: Map = Map {
 /// transformers saved the rotary embedding's `inv_freq` (from `rope_theta`
 /// and `head_dim`), per layer or once; neither MindSpore Transformers nor
 /// transformers loads it, so a view may leave it out.
-fn derived(name: &str) -> bool {
+pub(super) fn derived(name: &str) -> bool {
     name.ends_with("rotary_emb.inv_freq")
 }
 
@@ -96,7 +96,7 @@ impl Dims {
         Ok(d)
     }
 
-    fn check(&self) -> std::result::Result<(), String> {
+    pub(super) fn check(&self) -> std::result::Result<(), String> {
         if self.groups == 0 || self.head_dim == 0 {
             return Err("num_key_value_heads and head_dim must be positive".into());
         }
@@ -127,22 +127,22 @@ impl Dims {
         Ok(())
     }
 
-    fn q_rows(&self) -> u64 {
+    pub(super) fn q_rows(&self) -> u64 {
         self.heads * self.head_dim
     }
-    fn kv_rows(&self) -> u64 {
+    pub(super) fn kv_rows(&self) -> u64 {
         self.groups * self.head_dim
     }
     /// Query heads per key/value group.
-    fn ratio(&self) -> u64 {
+    pub(super) fn ratio(&self) -> u64 {
         self.heads / self.groups
     }
     /// Rows of one key/value group in the fused QKV.
-    fn group_rows(&self) -> u64 {
+    pub(super) fn group_rows(&self) -> u64 {
         (self.ratio() + 2) * self.head_dim
     }
 
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         format!(
             "hidden_size={}, num_attention_heads={}, num_key_value_heads={}, head_dim={}, intermediate_size={}, vocab_size={}",
             self.hidden, self.heads, self.groups, self.head_dim, self.intermediate, self.vocab
@@ -184,7 +184,7 @@ const HF_LAYER_ORDER: &[&str] = &[
 ];
 
 /// Where a layer's tensor comes in `order` (by the end of its name).
-fn layer_rank(order: &[&str], name: &str) -> usize {
+pub(super) fn layer_rank(order: &[&str], name: &str) -> usize {
     order
         .iter()
         .position(|o| name.ends_with(&format!(".{o}")))
@@ -192,7 +192,7 @@ fn layer_rank(order: &[&str], name: &str) -> usize {
 }
 
 /// Where a tensor is split: by tp on the dimensions marked true.
-fn tp_layout(split: &[bool]) -> Layout {
+pub(super) fn tp_layout(split: &[bool]) -> Layout {
     Layout {
         device_matrix: vec![1, 1, 1],
         tensor_map: split
@@ -234,22 +234,22 @@ const LAYER_RENAMES: &[(&str, &str, &[bool])] = &[
     ),
 ];
 
-fn hf_layer(i: u64, suffix: &str) -> String {
+pub(super) fn hf_layer(i: u64, suffix: &str) -> String {
     format!("model.layers.{i}.{suffix}")
 }
-fn mf_layer(i: u64, suffix: &str) -> String {
+pub(super) fn mf_layer(i: u64, suffix: &str) -> String {
     format!("decoder.layers.{i}.{suffix}")
 }
 
-const HF_EMBED: &str = "model.embed_tokens.weight";
-const HF_NORM: &str = "model.norm.weight";
-const HF_HEAD: &str = "lm_head.weight";
-const MF_EMBED: &str = "embedding.word_embeddings.weight";
-const MF_NORM: &str = "decoder.final_layernorm.weight";
-const MF_HEAD: &str = "output_layer.weight";
+pub(super) const HF_EMBED: &str = "model.embed_tokens.weight";
+pub(super) const HF_NORM: &str = "model.norm.weight";
+pub(super) const HF_HEAD: &str = "lm_head.weight";
+pub(super) const MF_EMBED: &str = "embedding.word_embeddings.weight";
+pub(super) const MF_NORM: &str = "decoder.final_layernorm.weight";
+pub(super) const MF_HEAD: &str = "output_layer.weight";
 
 /// The shape a Hugging Face tensor must have (by its name within a layer).
-fn hf_shape(d: &Dims, suffix: &str) -> Vec<u64> {
+pub(super) fn hf_shape(d: &Dims, suffix: &str) -> Vec<u64> {
     match suffix {
         "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![d.hidden],
         "self_attn.q_norm.weight" | "self_attn.k_norm.weight" => vec![d.head_dim],
@@ -265,31 +265,34 @@ fn hf_shape(d: &Dims, suffix: &str) -> Vec<u64> {
 }
 
 /// Tensors by name, taken out one by one as the map places them.
-struct Pool<'a> {
-    it: &'a Iteration,
-    tensors: HashMap<String, Tensor>,
+pub(super) struct Pool<'a> {
+    pub(super) it: &'a Iteration,
+    pub(super) tensors: HashMap<String, Tensor>,
     /// Says where the sizes came from, for shape errors.
-    sizes_from: String,
+    pub(super) sizes_from: String,
+    /// The model, for messages (`Qwen3`).
+    pub(super) model: &'static str,
 }
 
 impl Pool<'_> {
-    fn file_of(&self, t: &Tensor) -> String {
+    pub(super) fn file_of(&self, t: &Tensor) -> String {
         t.chunks
             .first()
             .map(|c| self.it.files[c.file].path.display().to_string())
             .unwrap_or_else(|| self.it.dir.display().to_string())
     }
 
-    fn has(&self, name: &str) -> bool {
+    pub(super) fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
     /// Takes `name`, which must exist with shape `shape`.
-    fn take(&mut self, name: &str, shape: &[u64], needed_for: &str) -> Result<Tensor> {
+    pub(super) fn take(&mut self, name: &str, shape: &[u64], needed_for: &str) -> Result<Tensor> {
         let t = self.tensors.remove(name).ok_or_else(|| {
             bad!(
-                "{}: tensor {name} is missing; Qwen3 needs it for {needed_for}",
-                self.it.dir.display()
+                "{}: tensor {name} is missing; {} needs it for {needed_for}",
+                self.it.dir.display(),
+                self.model
             )
         })?;
         if t.global_shape != shape {
@@ -306,7 +309,12 @@ impl Pool<'_> {
 }
 
 /// A tensor under a new name, with a new layout, in the single source stage.
-fn renamed(mut t: Tensor, name: String, layout: Option<Layout>, rules: SplitRules) -> Tensor {
+pub(super) fn renamed(
+    mut t: Tensor,
+    name: String,
+    layout: Option<Layout>,
+    rules: SplitRules,
+) -> Tensor {
     t.name = name;
     t.layout = layout;
     t.stage = 0;
@@ -316,11 +324,24 @@ fn renamed(mut t: Tensor, name: String, layout: Option<Layout>, rules: SplitRule
 }
 
 /// A tensor assembled from rows of `Iteration::parts`.
-fn assembled(
+pub(super) fn assembled(
     name: String,
     dtype: Dtype,
     shape: Vec<u64>,
     map: RowMap,
+    layout: Option<Layout>,
+    rules: SplitRules,
+) -> Tensor {
+    made_of(name, dtype, shape, Assembly::Rows(map), layout, rules)
+}
+
+/// A tensor made of `Iteration::parts` as `assembly` says, in the single
+/// source stage.
+pub(super) fn made_of(
+    name: String,
+    dtype: Dtype,
+    shape: Vec<u64>,
+    assembly: Assembly,
     layout: Option<Layout>,
     rules: SplitRules,
 ) -> Tensor {
@@ -338,13 +359,13 @@ fn assembled(
         stage: 0,
         allow_shape_mismatch: false,
         allow_to_save: true,
-        rows: Some(map),
+        assembly: Some(assembly),
         rules,
     }
 }
 
 /// All parts of a fused tensor must share one dtype.
-fn same_dtype(pool: &Pool<'_>, parts: &[&Tensor]) -> Result<Dtype> {
+pub(super) fn same_dtype(pool: &Pool<'_>, parts: &[&Tensor]) -> Result<Dtype> {
     let d = parts[0].dtype;
     if let Some(p) = parts.iter().find(|p| p.dtype != d) {
         bail!(
@@ -371,6 +392,7 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
         it: &it,
         tensors,
         sizes_from: format!("{} ({})", config.path.display(), d.describe()),
+        model: MAP.display,
     };
     let mut out: Vec<Tensor> = Vec::new();
     let mut parts: Vec<Tensor> = Vec::new();
@@ -545,7 +567,7 @@ fn fc1_from_parts(p: usize) -> RowMap {
 
 /// Per key/value group: its query heads, its key head, its value head;
 /// q, k, v at parts `p`, `p+1`, `p+2`.
-fn qkv_from_parts(d: &Dims, p: usize) -> RowMap {
+pub(super) fn qkv_from_parts(d: &Dims, p: usize) -> RowMap {
     let q = d.ratio() * d.head_dim;
     let h = d.head_dim;
     RowMap {
@@ -578,7 +600,7 @@ fn qkv_from_parts(d: &Dims, p: usize) -> RowMap {
 
 /// Rows `base..base+len` of every period of `period_in` rows of part `p`,
 /// back to back: one of q/k/v out of a fused QKV, gate or up out of fc1.
-fn rows_of(p: usize, len: u64, period_in: u64, base: u64) -> RowMap {
+pub(super) fn rows_of(p: usize, len: u64, period_in: u64, base: u64) -> RowMap {
     RowMap {
         period: len,
         segments: vec![RowSegment {
@@ -592,7 +614,9 @@ fn rows_of(p: usize, len: u64, period_in: u64, base: u64) -> RowMap {
 }
 
 /// Each tensor's shape by name.
-fn shapes_of<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> HashMap<&'a str, &'a [u64]> {
+pub(super) fn shapes_of<'a>(
+    tensors: impl Iterator<Item = &'a Tensor>,
+) -> HashMap<&'a str, &'a [u64]> {
     tensors
         .map(|t| (t.name.as_str(), t.global_shape.as_slice()))
         .collect()
@@ -601,16 +625,51 @@ fn shapes_of<'a>(tensors: impl Iterator<Item = &'a Tensor>) -> HashMap<&'a str, 
 /// The sizes of a MindSpore Transformers Qwen3 read off its tensors, each with the
 /// tensor it came from.
 fn infer_dims(dir: &Path, shapes: &HashMap<&str, &[u64]>) -> Result<(Dims, Vec<String>)> {
+    let (mut d, mut notes) = infer_attention(dir, shapes, MAP.display)?;
+    let fc1 = mf_layer(0, "mlp.linear_fc1.weight");
+    let f = shape_of(dir, shapes, &fc1, 2, MAP.display)?[0];
+    if f % 2 != 0 {
+        bail!(
+            "{}: tensor {fc1}: {f} rows, expected an even number (gate and up interleaved)",
+            dir.display()
+        );
+    }
+    notes.push(format!("intermediate_size = {} (from {fc1})", f / 2));
+    d.intermediate = f / 2;
+    d.check()
+        .map_err(|e| bad!("{}: inferred sizes: {e}", dir.display()))?;
+    Ok((d, notes))
+}
+
+/// The shape of tensor `name`, which must have `ndim` non-zero dimensions:
+/// it is needed to infer `model`'s sizes.
+pub(super) fn shape_of<'a>(
+    dir: &Path,
+    shapes: &HashMap<&str, &'a [u64]>,
+    name: &str,
+    ndim: usize,
+    model: &str,
+) -> Result<&'a [u64]> {
     let dir = dir.display();
-    let get = |name: &str, ndim: usize| -> Result<&[u64]> {
-        let s = *shapes.get(name).ok_or_else(|| {
-            bad!("{dir}: tensor {name} is missing; it is needed to infer the Qwen3 sizes (or give --hf-files DIR with a config.json)")
-        })?;
-        if s.len() != ndim || s.contains(&0) {
-            bail!("{dir}: tensor {name}: shape {s:?}, expected {ndim} non-zero dimensions");
-        }
-        Ok(s)
-    };
+    let s = *shapes.get(name).ok_or_else(|| {
+        bad!("{dir}: tensor {name} is missing; it is needed to infer the {model} sizes (or give --hf-files DIR with a config.json)")
+    })?;
+    if s.len() != ndim || s.contains(&0) {
+        bail!("{dir}: tensor {name}: shape {s:?}, expected {ndim} non-zero dimensions");
+    }
+    Ok(s)
+}
+
+/// The sizes a MindSpore Transformers Qwen3 (or Qwen3-MoE) shows in its
+/// embedding, layers and attention, each with the tensor it came from;
+/// `intermediate` is left 0 for the caller (dense or expert MLP).
+pub(super) fn infer_attention(
+    dir: &Path,
+    shapes: &HashMap<&str, &[u64]>,
+    model: &str,
+) -> Result<(Dims, Vec<String>)> {
+    let get = |name: &str, ndim: usize| shape_of(dir, shapes, name, ndim, model);
+    let dir = dir.display();
     let mut notes = Vec::new();
     let e = get(MF_EMBED, 2)?;
     let (vocab, hidden) = (e[0], e[1]);
@@ -624,7 +683,7 @@ fn infer_dims(dir: &Path, shapes: &HashMap<&str, &[u64]>) -> Result<(Dims, Vec<S
         .max()
         .map_or(0, |m| m + 1);
     if layers == 0 {
-        bail!("{dir}: no decoder.layers.N tensors: not a MindFormers Qwen3 checkpoint");
+        bail!("{dir}: no decoder.layers.N tensors: not a MindFormers {model} checkpoint");
     }
     notes.push(format!(
         "num_hidden_layers = {layers} (from the decoder.layers.N names)"
@@ -652,12 +711,6 @@ fn infer_dims(dir: &Path, shapes: &HashMap<&str, &[u64]>) -> Result<(Dims, Vec<S
             bad!("{dir}: tensor {qkv}: {rows} rows are not (heads + 2 * groups) * head_dim for {heads} heads of {head_dim}")
         })?;
     notes.push(format!("num_key_value_heads = {groups} (from {qkv})"));
-    let fc1 = mf_layer(0, "mlp.linear_fc1.weight");
-    let f = get(&fc1, 2)?[0];
-    if f % 2 != 0 {
-        bail!("{dir}: tensor {fc1}: {f} rows, expected an even number (gate and up interleaved)");
-    }
-    notes.push(format!("intermediate_size = {} (from {fc1})", f / 2));
     let tied = !shapes.contains_key(MF_HEAD);
     notes.push(format!(
         "tie_word_embeddings = {tied} ({MF_HEAD} {})",
@@ -667,7 +720,7 @@ fn infer_dims(dir: &Path, shapes: &HashMap<&str, &[u64]>) -> Result<(Dims, Vec<S
     let d = Dims {
         vocab,
         hidden,
-        intermediate: f / 2,
+        intermediate: 0,
         layers,
         heads,
         groups,
@@ -675,7 +728,6 @@ fn infer_dims(dir: &Path, shapes: &HashMap<&str, &[u64]>) -> Result<(Dims, Vec<S
         tied,
         qkv_bias,
     };
-    d.check().map_err(|e| bad!("{dir}: inferred sizes: {e}"))?;
     Ok((d, notes))
 }
 
@@ -739,6 +791,7 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
         it: &it,
         tensors: by_name,
         sizes_from,
+        model: MAP.display,
     };
     let mut out: Vec<Tensor> = Vec::new();
     let whole = SplitRules::default;

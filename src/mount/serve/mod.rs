@@ -5,8 +5,10 @@
 //!
 //! [`read`] is the read path (what a request for view bytes does, and the
 //! per-thread state it keeps); [`stats`] the counters and
-//! `.reshardfs/stats`; prefetch lives in [`super::prefetch`].
+//! `.reshardfs/stats`; [`passthrough`] which view files the kernel reads
+//! itself, and their backing files; prefetch lives in [`super::prefetch`].
 
+pub mod passthrough;
 mod read;
 pub(crate) mod stats;
 
@@ -22,6 +24,7 @@ use crate::mount::sync;
 use crate::mount::tree::{Content, Ino, Tree};
 use crate::reshard::engine::SourceFault;
 use crate::reshard::plan::Plan;
+use passthrough::{Backing, Open, Passthrough};
 use stats::{Counter, Counters};
 
 /// View bytes are computed and cached in blocks of at most this size: large
@@ -77,6 +80,8 @@ pub(crate) struct Core {
     zeros: bool,
     /// What `.reshardfs/stats` shows as `prefetch_window`.
     prefetch_window: u64,
+    /// View files that are a source file whole, read by the kernel itself.
+    passthrough: Passthrough,
     /// Distinguishes servers in per-thread state (never reused).
     id: usize,
 }
@@ -88,14 +93,24 @@ enum Handle {
     Snapshot(Arc<[u8]>),
     /// A view file: where its reader is, for prefetch.
     View(Arc<Sequential>),
+    /// A view file that is a source file whole, open by passthrough or
+    /// through the daemon (then with its reader, when prefetching): its
+    /// opens are counted so that the kernel's rule holds (every open of a
+    /// file open by passthrough names the same backing file).
+    Whole {
+        ino: Ino,
+        seq: Option<Arc<Sequential>>,
+    },
 }
 
 /// A handle returned by [`Server::open`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     pub fh: u64,
     /// The content changes while mounted: the kernel must not cache it.
     pub direct_io: bool,
+    /// Open by passthrough: the kernel reads this backing file itself.
+    pub passthrough: Option<Backing>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -106,6 +121,11 @@ pub enum OpenError {
     IsDir,
     #[error("not a directory")]
     NotDir,
+    /// A view file open by passthrough whose source file changed since:
+    /// another open would be handed the changed file, or refused by the
+    /// kernel (EIO either way).
+    #[error("its source file changed")]
+    SourceChanged,
 }
 
 /// One entry of a directory listing.
@@ -137,8 +157,27 @@ impl Server {
             core.zeros = true;
             core.prefetch_window = 0;
         }
+        self.core.passthrough.turn_off();
         self.prefetcher = Prefetcher::off();
         self
+    }
+
+    /// Every view file served through the daemon, also those that are a
+    /// source file whole (`--no-passthrough`).
+    pub fn without_passthrough(self) -> Self {
+        self.core.passthrough.turn_off();
+        self
+    }
+
+    /// At the FUSE handshake: whether to ask the kernel for passthrough
+    /// (then with this stacking depth), given whether it offers it. Logs
+    /// once why not, when it is wanted and cannot be had.
+    pub fn negotiate_passthrough(&self, kernel_offers: bool) -> Option<u32> {
+        let may = passthrough::may_register();
+        self.core
+            .passthrough
+            .negotiate(kernel_offers, may)
+            .then_some(passthrough::MAX_STACK_DEPTH)
     }
 
     /// A server with the default prefetch ([`PrefetchConfig::default`]).
@@ -156,8 +195,15 @@ impl Server {
             .flat_map(|it| &it.files)
             .any(|f| f.advice_reads_ahead());
         let prefetcher = Prefetcher::new(prefetch, cache_bytes, block_size, advise_ahead);
+        let whole = plan
+            .iterations
+            .iter()
+            .flat_map(|it| &it.files)
+            .filter(|f| f.whole_source.is_some())
+            .count();
         Server {
             core: Arc::new(Core {
+                passthrough: Passthrough::new(true, whole),
                 plan,
                 tree,
                 cache: BlockCache::new(cache_bytes),
@@ -247,26 +293,73 @@ impl Server {
             .collect())
     }
 
-    /// Opens a file for reading.
+    /// Opens a file for reading, never by passthrough (nothing to
+    /// register a backing file with).
     pub fn open(&self, ino: Ino) -> Result<Opened, OpenError> {
+        self.open_file(ino, None)
+    }
+
+    /// Opens a file for reading; a view file that is a source file whole
+    /// by passthrough when it may be ([`passthrough`]), `register` handing
+    /// the source file to the kernel.
+    pub fn open_with(
+        &self,
+        ino: Ino,
+        register: &mut passthrough::Register<'_>,
+    ) -> Result<Opened, OpenError> {
+        self.open_file(ino, Some(register))
+    }
+
+    fn open_file(
+        &self,
+        ino: Ino,
+        register: Option<&mut passthrough::Register<'_>>,
+    ) -> Result<Opened, OpenError> {
         let a = self.attr(ino).ok_or(OpenError::NotFound)?;
         if a.kind == NodeKind::Dir {
             return Err(OpenError::IsDir);
         }
+        let view = match self.core.tree.get(ino).map(|n| &n.content) {
+            Some(&Content::View { it, file, .. }) => Some((it, file)),
+            _ => None,
+        };
+        let reader = || (self.prefetcher.window() > 0).then(Arc::default);
+        let whole = view.and_then(|(it, file)| {
+            let f = self.core.plan.iterations[it].files[file].whole_source?;
+            Some(&self.core.plan.source.iterations[it].files[f])
+        });
+        let mut passthrough = None;
         let handle = if a.live {
             Handle::Snapshot(Arc::from(self.core.stats_text().into_bytes()))
-        } else if self.prefetcher.window() > 0
-            && matches!(
-                self.core.tree.get(ino).map(|n| &n.content),
-                Some(Content::View { .. })
-            )
-        {
-            Handle::View(Arc::default())
+        } else if let Some(source) = whole {
+            match self.core.passthrough.open(ino, source, register) {
+                Open::Kernel(b) => {
+                    self.core.counters.add(Counter::PassthroughOpens, 1);
+                    passthrough = Some(b);
+                    Handle::Whole { ino, seq: None }
+                }
+                Open::Daemon => {
+                    self.core.counters.add(Counter::PassthroughFallbacks, 1);
+                    Handle::Whole { ino, seq: reader() }
+                }
+                Open::Refuse => {
+                    self.core.counters.add(Counter::ReadErrors, 1);
+                    log::error!(
+                        "{}: not opened: its source file {} changed (truncated, deleted, replaced or rewritten) while the view file is open",
+                        self.core.tree.path(ino),
+                        source.path.display()
+                    );
+                    return Err(OpenError::SourceChanged);
+                }
+            }
+        } else if let (Some(_), Some(seq)) = (view, reader()) {
+            Handle::View(seq)
         } else {
             // Fixed bytes: nothing to remember.
             return Ok(Opened {
                 fh: 0,
                 direct_io: false,
+                passthrough: None,
             });
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -274,15 +367,24 @@ impl Server {
         Ok(Opened {
             fh,
             direct_io: a.live,
+            passthrough,
         })
     }
 
-    /// Forgets a handle (unknown handles are ignored).
+    /// Forgets a handle (unknown handles are ignored); the last handle of a
+    /// view file open by passthrough unregisters its backing file.
     pub fn release(&self, fh: u64) {
         if fh != 0 {
             let gone = sync::write(&self.handles).remove(&fh);
-            if let Some(Handle::View(seq)) = gone {
-                seq.close();
+            match gone {
+                Some(Handle::View(seq)) => seq.close(),
+                Some(Handle::Whole { ino, seq }) => {
+                    if let Some(seq) = seq {
+                        seq.close();
+                    }
+                    self.core.passthrough.release(ino);
+                }
+                _ => {}
             }
         }
     }
@@ -312,8 +414,12 @@ impl Server {
         } else {
             match sync::read(&self.handles).get(&fh) {
                 Some(Handle::Snapshot(t)) => Found::Snapshot(t.clone()),
-                Some(Handle::View(s)) => Found::View(s.clone()),
-                None => Found::None,
+                Some(Handle::View(s) | Handle::Whole { seq: Some(s), .. }) => {
+                    Found::View(s.clone())
+                }
+                // A passthrough handle's reads go to the kernel; any that
+                // comes here is served as without a handle.
+                Some(Handle::Whole { seq: None, .. }) | None => Found::None,
             }
         };
         match found {
@@ -394,6 +500,7 @@ impl Core {
             uptime_s: self.started.elapsed().as_secs_f64(),
             block_size: self.block_size,
             prefetch_window: self.prefetch_window,
+            backing_files: self.passthrough.backing_files(),
         })
     }
 }
@@ -649,6 +756,53 @@ mod tests {
         assert_eq!(s.open_handles(), 0);
         let f = s.open(f).unwrap();
         assert!(!f.direct_io);
+    }
+
+    #[test]
+    fn whole_source_files_are_opened_by_passthrough_and_counted() {
+        // tp4-f32 with its own strategy: every view file is a source file.
+        let s = Server::new(plan("tests/fixtures/tp4-f32", &[("tp", 4)], None), 1 << 20);
+        assert!(s.core.passthrough.negotiate(true, true));
+        let f = view_file(&s, "model-0000002-0000004.safetensors");
+        let registered = std::cell::RefCell::new(Vec::new());
+        let mut register = |file: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            registered.borrow_mut().push(file.metadata().unwrap().ino());
+            Ok(Backing::new(()))
+        };
+        let a = s.open_with(f, &mut register).unwrap();
+        let b = s.open_with(f, &mut register).unwrap();
+        assert!(a.passthrough.is_some() && a.passthrough == b.passthrough);
+        assert!(!a.direct_io && a.fh != 0 && a.fh != b.fh);
+        // The descriptor handed over is the source file's own.
+        let want = std::fs::metadata(
+            "tests/fixtures/tp4-f32/iteration_00000005/model-0000002-0000004.safetensors",
+        )
+        .unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(*registered.borrow(), vec![want.ino()]);
+        assert_eq!(stat(&s, "passthrough_opens"), 2);
+        assert_eq!(stat(&s, "passthrough_backing_files"), 1);
+        // A read that still comes through such a handle is served.
+        let whole = s.read(f, 0, 1 << 20, joined).unwrap();
+        assert_eq!(s.read_handle(f, a.fh, 0, 1 << 20, joined).unwrap(), whole);
+        s.release(a.fh);
+        s.release(b.fh);
+        assert_eq!(stat(&s, "passthrough_backing_files"), 0);
+        // Metadata and the counters are never passed through.
+        let it = s.tree().lookup(ROOT, "iteration_00000005").unwrap();
+        let meta = s.tree().lookup(it, "metadata.json").unwrap();
+        assert_eq!(s.open_with(meta, &mut register).unwrap().passthrough, None);
+        // Turned off: through the daemon, counted as such.
+        let s = Server::new(plan("tests/fixtures/tp4-f32", &[("tp", 4)], None), 1 << 20)
+            .without_passthrough();
+        assert!(!s.core.passthrough.negotiate(true, true));
+        let h = s.open_with(f, &mut register).unwrap();
+        assert_eq!(h.passthrough, None);
+        assert_eq!(registered.borrow().len(), 1);
+        assert_eq!(stat(&s, "passthrough_fallbacks"), 1);
+        s.release(h.fh);
+        assert_eq!(s.open_handles(), 0);
     }
 
     fn stat(s: &Server, key: &str) -> u64 {

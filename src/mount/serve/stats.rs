@@ -19,9 +19,11 @@ pub(crate) enum Counter {
     ReadErrors,
     InternalErrors,
     PrefetchAdvised,
+    PassthroughOpens,
+    PassthroughFallbacks,
 }
 
-const COUNTERS: usize = Counter::PrefetchAdvised as usize + 1;
+const COUNTERS: usize = Counter::PassthroughFallbacks as usize + 1;
 
 #[derive(Default)]
 pub(crate) struct Counters([AtomicU64; COUNTERS]);
@@ -46,6 +48,7 @@ pub(crate) enum Value {
     Cache(fn(&CacheStats) -> u64),
     BlockSize,
     PrefetchWindow,
+    BackingFiles,
 }
 
 /// Every line of `.reshardfs/stats`, in order: key, value, meaning.
@@ -76,7 +79,7 @@ pub(crate) const STATS: &[(&str, Value, &str)] = &[
     (
         "read_errors",
         Value::Counter(Counter::ReadErrors),
-        "reads failed with EIO (a source file changed or became unreadable)",
+        "reads (and opens) failed with EIO (a source file changed or became unreadable)",
     ),
     (
         "internal_errors",
@@ -130,6 +133,21 @@ pub(crate) const STATS: &[(&str, Value, &str)] = &[
         Value::Counter(Counter::PrefetchAdvised),
         "source bytes asked of a FUSE or network source ahead of readers",
     ),
+    (
+        "passthrough_opens",
+        Value::Counter(Counter::PassthroughOpens),
+        "opens of view files that are a source file whole, handed to the kernel (FUSE passthrough: their reads never reach the daemon)",
+    ),
+    (
+        "passthrough_fallbacks",
+        Value::Counter(Counter::PassthroughFallbacks),
+        "opens of such files served through the daemon instead (passthrough off or refused, or the source changed)",
+    ),
+    (
+        "passthrough_backing_files",
+        Value::BackingFiles,
+        "source files registered with the kernel now (one per such file open by passthrough)",
+    ),
 ];
 
 /// What a rendering needs besides the counters.
@@ -139,6 +157,7 @@ pub(crate) struct Snapshot<'a> {
     pub uptime_s: f64,
     pub block_size: u64,
     pub prefetch_window: u64,
+    pub backing_files: u64,
 }
 
 /// The file: one `key: value` per line, in [`STATS`]'s order.
@@ -152,6 +171,7 @@ pub(crate) fn render(s: &Snapshot<'_>) -> String {
             Value::Cache(f) => writeln!(out, "{key}: {}", f(&s.cache)),
             Value::BlockSize => writeln!(out, "{key}: {}", s.block_size),
             Value::PrefetchWindow => writeln!(out, "{key}: {}", s.prefetch_window),
+            Value::BackingFiles => writeln!(out, "{key}: {}", s.backing_files),
         };
     }
     out
@@ -202,6 +222,7 @@ mod tests {
             uptime_s: 1.5,
             block_size: 4096,
             prefetch_window: 0,
+            backing_files: 2,
         });
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), STATS.len());
@@ -209,6 +230,7 @@ mod tests {
         assert!(lines.contains(&"cache_hits: 7"), "{text}");
         assert!(lines.contains(&"block_size: 4096"), "{text}");
         assert!(lines.contains(&"uptime_s: 1.5"), "{text}");
+        assert!(lines.contains(&"passthrough_backing_files: 2"), "{text}");
         assert!(legend().contains("internal_errors"));
     }
 
