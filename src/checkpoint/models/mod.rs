@@ -864,6 +864,91 @@ mod tests {
         assert!(!e.contains("extra.19"), "{e}");
     }
 
+    /// A fixture's Hugging Face folder with `edit` applied to its config.
+    fn hf_folder_with(fx: &str, edit: impl Fn(&mut Value)) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        for e in fs::read_dir(fixture(fx)).unwrap() {
+            let p = e.unwrap().path();
+            let to = tmp.path().join(p.file_name().unwrap());
+            fs::write(&to, fs::read(&p).unwrap()).unwrap();
+        }
+        let path = tmp.path().join(CONFIG);
+        let mut cfg: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        edit(&mut cfg);
+        fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+        tmp
+    }
+
+    #[test]
+    fn a_tied_model_leaves_a_stored_head_out_as_the_converter_does() {
+        for fx in ["qwen3-tiny-hf", "qwen3-moe-tiny-hf"] {
+            let names = |tied: bool| {
+                let dir = hf_folder_with(fx, |c| c["tie_word_embeddings"] = Value::Bool(tied));
+                let src = Source::open(dir.path()).unwrap();
+                let it = &src.iterations[0];
+                // Not an unknown tensor: the view goes ahead without a flag.
+                assert_eq!(check_left_out(it, false).unwrap(), None, "{fx}");
+                let notes = it.model.as_ref().unwrap().notes.join("\n");
+                let said = notes.contains("lm_head.weight is stored but left out");
+                assert_eq!(said, tied, "{fx}: {notes}");
+                let names: Vec<String> = it.tensors.iter().map(|t| t.name.clone()).collect();
+                assert!(
+                    names
+                        .iter()
+                        .any(|n| n == "embedding.word_embeddings.weight")
+                );
+                names
+            };
+            assert!(
+                !names(true).iter().any(|n| n == "output_layer.weight"),
+                "{fx}"
+            );
+            assert!(
+                names(false).iter().any(|n| n == "output_layer.weight"),
+                "{fx}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_tensor_of_a_moe_folder_refuses_a_view_unless_dropped() {
+        let dir = hf_folder_with("qwen3-moe-tiny-hf", |_| {});
+        write_st(
+            dir.path(),
+            "model-00003-of-00003.safetensors",
+            &[
+                (
+                    "model.layers.0.mlp.shared_expert_gate.weight",
+                    "F32",
+                    &[1],
+                    &f32s(&[1.0]),
+                ),
+                ("model.rotary_emb.inv_freq", "F32", &[1], &f32s(&[1.0])),
+            ],
+        );
+        // The index does not list the new file: read without it.
+        fs::remove_file(dir.path().join("model.safetensors.index.json")).unwrap();
+        let src = Source::open(dir.path()).unwrap();
+        let it = &src.iterations[0];
+        assert_eq!(
+            unknown_tensors(it),
+            vec!["model.layers.0.mlp.shared_expert_gate.weight"]
+        );
+        input_err(
+            check_left_out(it, false),
+            &[
+                "Qwen3-MoE map",
+                "shared_expert_gate.weight",
+                "--drop-unknown-tensors",
+            ],
+        );
+        let w = check_left_out(it, true).unwrap().unwrap();
+        assert!(
+            w.contains("shared_expert_gate") && !w.contains("inv_freq"),
+            "{w}"
+        );
+    }
+
     #[test]
     fn a_config_restates_the_views_dtype_and_nothing_else() {
         let f32 = |raw: &str, add: bool| {

@@ -498,22 +498,7 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
         config.path.display(),
         d.describe()
     )];
-    if d.tied && pool.tensors.remove(HF_HEAD).is_some() {
-        // MindSpore Transformers' converter drops it too: a tied model's
-        // output layer is its embedding, and a stored copy is not loaded.
-        notes.push(format!(
-            "{HF_HEAD} is stored but left out: config.json ties it to the embedding (tie_word_embeddings: true), so {MF_HEAD} is not shown, as MindSpore Transformers' converter drops it"
-        ));
-    }
-    if !d.tied {
-        let t = pool.take(HF_HEAD, &[d.vocab, d.hidden], MF_HEAD)?;
-        out.push(renamed(
-            t,
-            MF_HEAD.into(),
-            Some(tp_layout(&[true, false])),
-            SplitRules::default(),
-        ));
-    }
+    out.extend(hf_head(&mut pool, &d, &mut notes)?);
 
     let mut omitted: Vec<String> = pool.tensors.into_keys().collect();
     omitted.sort();
@@ -540,6 +525,35 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
         config: generated_config(&d),
     });
     Ok(it)
+}
+
+/// The output layer a Hugging Face folder converts to: `lm_head.weight` as
+/// `output_layer.weight`, split on tp; none when the config ties it to the
+/// embedding, even when a copy is stored, as MindSpore Transformers'
+/// converter has it: its network (`GPTModel` with
+/// `share_embeddings_and_output_weights = tie_word_embeddings`, for Qwen3
+/// and Qwen3-MoE alike) has no output layer to load one into. A stored
+/// copy left out so is said in `notes` (and so by `inspect`).
+pub(super) fn hf_head(
+    pool: &mut Pool,
+    d: &Dims,
+    notes: &mut Vec<String>,
+) -> Result<Option<Tensor>> {
+    if d.tied {
+        if pool.tensors.remove(HF_HEAD).is_some() {
+            notes.push(format!(
+                "{HF_HEAD} is stored but left out: config.json ties it to the embedding (tie_word_embeddings: true), so {MF_HEAD} is not shown, as MindSpore Transformers' converter drops it"
+            ));
+        }
+        return Ok(None);
+    }
+    let t = pool.take(HF_HEAD, &[d.vocab, d.hidden], MF_HEAD)?;
+    Ok(Some(renamed(
+        t,
+        MF_HEAD.into(),
+        Some(tp_layout(&[true, false])),
+        SplitRules::default(),
+    )))
 }
 
 /// `fc1[2i] = gate[i]`, `fc1[2i+1] = up[i]`; gate at part `p`, up at `p+1`.

@@ -53,9 +53,17 @@ pub static MAP: Map = Map {
     mf_to_hf,
     mark_mf_rules,
     mf_needs: "embedding, q_layernorm, linear_proj, linear_qkv, mlp.router and mlp.experts.weight1/weight2 of layer 0",
-    // The same rotary embedding as the dense model's.
-    derived: super::qwen3::derived,
+    derived,
 };
+
+/// Buffers a view may leave out: the dense model's (the rotary embedding's
+/// `inv_freq`, the same rotary embedding) and the router's `fi_accu`, the
+/// expert-load counts MindSpore Transformers' network accumulates for its
+/// load balancing: not a weight, no Hugging Face counterpart, and left at
+/// its initial value by its `load_checkpoint` when a checkpoint lacks it.
+fn derived(name: &str) -> bool {
+    qwen3::derived(name) || name.ends_with(".mlp.router.fi_accu")
+}
 
 /// The sizes that fix every tensor's shape: the dense Qwen3 ones
 /// (`intermediate` unused: there are no dense layers) and the experts'.
@@ -246,15 +254,13 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
     let mut parts: Vec<Tensor> = Vec::new();
     let tp = |split: &[bool]| Some(tp_layout(split));
 
-    if !b.tied || pool.has(HF_HEAD) {
-        let t = pool.take(HF_HEAD, &[b.vocab, b.hidden], MF_HEAD)?;
-        out.push(renamed(
-            t,
-            MF_HEAD.into(),
-            tp(&[true, false]),
-            SplitRules::default(),
-        ));
-    }
+    let mut notes = vec![format!(
+        "sizes from {}: {}",
+        config.path.display(),
+        d.describe()
+    )];
+    // First, where MindSpore Transformers' metadata.json lists it.
+    out.extend(qwen3::hf_head(&mut pool, b, &mut notes)?);
     let embed_rules = SplitRules {
         dim0_group: None,
         whole_if_uneven: true,
@@ -414,11 +420,7 @@ pub fn hf_to_mf(mut it: Iteration, config: &Config) -> Result<Iteration> {
     it.stages = 1;
     it.model = Some(ModelInfo {
         model_type: MAP.model_type.into(),
-        notes: vec![format!(
-            "sizes from {}: {}",
-            config.path.display(),
-            d.describe()
-        )],
+        notes,
         config: generated_config(&d),
     });
     Ok(it)
@@ -677,7 +679,8 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
     }
     it.tensors = out;
     it.parts = parts;
-    it.omitted = omitted;
+    // A Hugging Face source mapped back keeps what its first pass left out.
+    it.omitted.extend(omitted);
     it.prefix = None;
     it.model = Some(ModelInfo {
         model_type: MAP.model_type.into(),
@@ -687,17 +690,26 @@ pub fn mf_to_hf(mut it: Iteration, config: Option<&Config>) -> Result<Iteration>
     Ok(it)
 }
 
-/// Fields of a generated `config.json` not read from the tensors: what the
-/// released Qwen3-MoE models (Qwen3-30B-A3B, Qwen3-235B-A22B) have.
+/// Fields of a generated `config.json` that the tensors cannot tell: each
+/// takes the value the released Qwen3-MoE models (Qwen3-30B-A3B and
+/// Qwen3-235B-A22B, April 2025) have in their `config.json`, not
+/// `Qwen3MoeConfig`'s class default where the two differ: `rope_theta`
+/// 10000, `max_position_embeddings` 32768 and `norm_topk_prob` false there,
+/// each of which changes the logits. `max_window_layers` equals
+/// `num_hidden_layers` in both (it does nothing while `use_sliding_window`
+/// is false); `intermediate_size` (6144 in 30B-A3B) sizes no tensor of a
+/// model without dense layers. Listed as stderr lists them: those that
+/// change the logits first.
 pub const DEFAULTED: &[&str] = &[
+    "rope_theta",
+    "max_position_embeddings",
+    "rope_scaling",
     "num_experts_per_tok",
     "norm_topk_prob",
-    "hidden_act",
-    "max_position_embeddings",
     "rms_norm_eps",
-    "rope_theta",
-    "initializer_range",
+    "hidden_act",
     "attention_dropout",
+    "initializer_range",
     "use_sliding_window",
     "sliding_window",
     "max_window_layers",
@@ -736,6 +748,7 @@ fn generated_config(d: &MoeDims) -> GeneratedConfig {
         "num_key_value_heads": b.groups,
         "output_router_logits": false,
         "rms_norm_eps": 1e-6,
+        "rope_scaling": null,
         "rope_theta": 1000000.0,
         "router_aux_loss_coef": 0.001,
         "sliding_window": null,
@@ -755,6 +768,122 @@ fn generated_config(d: &MoeDims) -> GeneratedConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Qwen3-30B-A3B's sizes.
+    fn a3b() -> MoeDims {
+        MoeDims {
+            base: Dims {
+                vocab: 151936,
+                hidden: 2048,
+                intermediate: 0,
+                layers: 48,
+                heads: 32,
+                groups: 4,
+                head_dim: 128,
+                tied: false,
+                qkv_bias: false,
+            },
+            experts: 128,
+            moe_intermediate: 768,
+            top_k: None,
+            norm_topk_prob: None,
+        }
+    }
+
+    #[test]
+    fn a_generated_config_is_the_released_models() {
+        // Qwen3-30B-A3B's config.json as released on the Hub, but for what
+        // a view states itself (the dtype) and what no tensor or size
+        // tells (token ids, the writer's version).
+        let released: Value = serde_json::from_str(
+            r#"{"architectures": ["Qwen3MoeForCausalLM"], "attention_bias": false,
+            "attention_dropout": 0.0, "decoder_sparse_step": 1, "head_dim": 128,
+            "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+            "intermediate_size": 6144, "max_position_embeddings": 40960,
+            "max_window_layers": 48, "mlp_only_layers": [], "model_type": "qwen3_moe",
+            "moe_intermediate_size": 768, "norm_topk_prob": true, "num_attention_heads": 32,
+            "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+            "num_key_value_heads": 4, "output_router_logits": false, "rms_norm_eps": 1e-06,
+            "rope_scaling": null, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+            "sliding_window": null, "tie_word_embeddings": false, "use_cache": true,
+            "use_sliding_window": false, "vocab_size": 151936}"#,
+        )
+        .unwrap();
+        let c = generated_config(&a3b());
+        assert_eq!(Value::Object(c.fields.clone()), released);
+        // Every assumed field is written; those that change the logits,
+        // where Qwen3MoeConfig's class defaults differ (10000, 32768,
+        // false), come first.
+        for k in DEFAULTED {
+            assert!(c.fields.contains_key(*k), "{k} is listed but not written");
+        }
+        let assumed = c.assumed(&[]);
+        assert_eq!(assumed.len(), DEFAULTED.len());
+        assert_eq!(
+            &assumed[..5],
+            &[
+                "rope_theta = 1000000.0",
+                "max_position_embeddings = 40960",
+                "rope_scaling = null",
+                "num_experts_per_tok = 8",
+                "norm_topk_prob = true",
+            ]
+        );
+        let note = c.note(&[]);
+        assert!(
+            note.contains("released Qwen3-MoE models") && note.contains("--hf-config KEY=VALUE"),
+            "{note}"
+        );
+        // A model with fewer experts than the released top-k routes to all.
+        let mut d = a3b();
+        d.experts = 4;
+        assert_eq!(generated_config(&d).fields["num_experts_per_tok"], json!(4));
+    }
+
+    #[test]
+    fn overrides_set_assumed_fields_only() {
+        let c = generated_config(&a3b());
+        let set = [
+            ("rope_theta".to_string(), json!(500000.0)),
+            ("num_experts_per_tok".to_string(), json!(2)),
+            ("bos_token_id".to_string(), json!(151643)),
+        ];
+        c.check_overrides(&set).unwrap();
+        let text: Value = serde_json::from_slice(&c.render_with(Dtype::F32, &set)).unwrap();
+        assert_eq!(text["rope_theta"], json!(500000.0));
+        assert_eq!(text["num_experts_per_tok"], json!(2));
+        assert_eq!(text["bos_token_id"], json!(151643));
+        assert_eq!(text["dtype"], json!("float32"));
+        assert!(!c.assumed(&set).iter().any(|a| a.starts_with("rope_theta")));
+        assert!(
+            c.note(&set)
+                .contains("set by --hf-config: rope_theta = 500000.0")
+        );
+        // The sizes are the tensors'.
+        for k in [
+            "num_experts",
+            "moe_intermediate_size",
+            "hidden_size",
+            "dtype",
+        ] {
+            let e = c.check_overrides(&[(k.to_string(), json!(1))]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{k}");
+        }
+    }
+
+    #[test]
+    fn the_routers_counts_and_rotary_buffers_are_derived() {
+        assert!(derived("decoder.layers.3.mlp.router.fi_accu"));
+        assert!(derived("model.rotary_emb.inv_freq"));
+        for n in [
+            "model.layers.0.mlp.gate.bias",
+            "model.layers.0.mlp.shared_expert.gate_proj.weight",
+            "decoder.layers.0.mlp.router.expert_bias",
+            "fi_accu",
+        ] {
+            assert!(!derived(n), "{n}");
+        }
+    }
 
     #[test]
     fn hf_order_puts_experts_in_order_after_the_router() {
