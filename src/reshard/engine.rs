@@ -769,13 +769,15 @@ fn transpose_from(
             // Whole elements, so the cast path's element handling is not
             // needed: `fill` converts span by span.
             fill(source, part, to, sub, 0, len, &mut buf, touched)?;
+            // The buffer's `n` rows of `width` elements become output
+            // columns `r - prows.start ..`, one output row per part column.
             let c0 = (r - prows.start) as usize * es_out;
             transpose(
                 &buf,
                 width as usize * es_out,
                 es_out,
-                width as usize,
                 n as usize,
+                width as usize,
                 &mut dst[c0..],
                 stride,
             );
