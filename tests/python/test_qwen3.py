@@ -460,19 +460,23 @@ UNMAPPED = {"model.rotary_emb.inv_freq": ("F32", np.arange(8, dtype=np.float32))
 
 
 def test_unknown_hf_tensor_left_out_and_listed(tmp_path, reshardfs_bin):
+    """inspect lists both; a view needs --drop-unknown-tensors for the one that is not a derived
+    buffer (test_model_rules.py: the refusal)."""
     extra = UNMAPPED
     src = hf_from_fixture(tmp_path / "src", add=extra)
     r = ok(run_bin(["inspect", src]))
     for n in extra:
         assert n in r.stdout, f"`inspect` does not list the unmapped tensor {n}:\n{r}"
-    out = export_ok(src, tmp_path / "out", EXP_ARGS)
+    r = run_bin(["export", src, tmp_path / "refused"] + EXP_ARGS)
+    assert r.code == 2 and "extra_bias" in r.stderr and "inv_freq" not in r.stderr, str(r)
+    out = export_ok(src, tmp_path / "out", EXP_ARGS + ["--drop-unknown-tensors"])
     check_mf_view(out, expected_files(), expected_meta())
 
 
 def test_unknown_hf_tensor_in_mount_summary(mounts, tmp_path):
     extra = UNMAPPED
     src = hf_from_fixture(tmp_path / "src", add=extra)
-    snap, summary = mount_and_copy(mounts, src, EXP_ARGS, tmp_path / "snap")
+    snap, summary = mount_and_copy(mounts, src, EXP_ARGS + ["--drop-unknown-tensors"], tmp_path / "snap")
     check_mf_view(snap, expected_files(), expected_meta())
     for n in extra:
         assert n in summary, f".reshardfs/summary does not list the unmapped tensor {n}:\n{summary}"

@@ -228,7 +228,7 @@ def test_mf_to_hf_generated_config(tmp_path, reshardfs_bin):
     assert cfg["num_experts"] == src["num_local_experts"]
     assert cfg["dtype"] == "float32"
     r = q3t.run_bin(["plan", MF_FX, "--hf", "--model", "qwen3_moe"])
-    assert r.code == 0 and "num_experts_per_tok" in r.stdout and "defaults" in r.stdout, str(r)
+    assert r.code == 0 and "num_experts_per_tok = 4" in r.stdout and "assumed" in r.stdout, str(r)
 
 
 @pytest.mark.hf_stack
