@@ -23,5 +23,6 @@ pub mod models;
 pub mod names;
 pub(crate) mod paths;
 pub(crate) mod plain;
+pub mod s3;
 pub mod source;
 pub mod storage;

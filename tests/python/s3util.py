@@ -1,0 +1,264 @@
+"""The object-store tests' S3 server and fault proxy.
+
+`S3Server` runs tests/s3/s3rver-strict.js (s3rver from npm, file-backed, with SigV4 verification of
+presigned requests and If-Match added) on a free loopback port, in a folder of the test's; it is
+stopped, and its folder removed, on every path. Objects are put with plain unsigned PUTs (s3rver
+takes them; what the tests check is what reshardfs reads, with signatures).
+
+`FaultProxy` stands between reshardfs and the server: each request is forwarded as it is, unless
+a fault is armed: an answer of 503 (SlowDown) before forwarding, a connection reset, a stall past
+the client's timeout, a body cut short, or a delay on every request (latency). It counts what it
+forwarded.
+
+Credentials: access key S3RVER, secret S3RVER. `env()` gives what reshardfs needs to reach the
+server (or the proxy).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+S3DIR = HERE.parent / "s3"
+KEY = SECRET = "S3RVER"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class S3Server:
+    def __init__(self, workdir, buckets=("ckpts",)):
+        self.dir = Path(workdir) / "s3data"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.buckets = list(buckets)
+        self.proc = None
+        self.log = Path(workdir) / "s3rver.log"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=30):
+        script = S3DIR / "s3rver-strict.js"
+        if not (S3DIR / "node_modules" / "s3rver").is_dir():
+            raise RuntimeError(f"s3rver is not installed: run `npm ci --prefix {S3DIR}` (scripts/test.sh does)")
+        self.logf = open(self.log, "ab")
+        self.proc = subprocess.Popen(["node", "--openssl-legacy-provider", str(script), str(self.dir), str(self.port),
+                                      *self.buckets], stdout=subprocess.PIPE, stderr=self.logf)
+        line = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and b"listening" not in line:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+        if b"listening" not in line:
+            self.stop()
+            raise RuntimeError(f"s3rver did not start: {self.log.read_text(errors='replace')[-2000:]}")
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def env(self, endpoint=None) -> dict:
+        return {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": endpoint or self.endpoint}
+
+    # --- objects (unsigned, straight to the server) ---
+
+    def _conn(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+
+    def put(self, bucket, key, data: bytes):
+        c = self._conn()
+        c.request("PUT", f"/{bucket}/{urllib.parse.quote(key)}", body=data,
+                  headers={"Content-Length": str(len(data))})
+        r = c.getresponse()
+        r.read()
+        assert r.status == 200, f"PUT {bucket}/{key}: {r.status}"
+
+    def delete(self, bucket, key):
+        c = self._conn()
+        c.request("DELETE", f"/{bucket}/{urllib.parse.quote(key)}")
+        r = c.getresponse()
+        r.read()
+        assert r.status in (200, 204), f"DELETE {bucket}/{key}: {r.status}"
+
+    def upload_tree(self, src, bucket, prefix):
+        """Every file under `src` as `prefix/relative/path` (links followed)."""
+        src = Path(src)
+        n = 0
+        for dirpath, _, files in os.walk(src, followlinks=True):
+            for f in sorted(files):
+                p = Path(dirpath) / f
+                rel = p.relative_to(src).as_posix()
+                self.put(bucket, f"{prefix}/{rel}" if prefix else rel, p.read_bytes())
+                n += 1
+        return n
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class FaultProxy:
+    """A TCP proxy in front of the server, one thread per connection; faults are per request."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream = upstream_port
+        self.port = free_port()
+        self.delay = 0.0  # seconds added before forwarding every request
+        self.faults: list[str] = []  # consumed one per request: "503", "reset", "stall", "truncate"
+        self.stall_s = 30.0
+        self.requests = 0
+        self.bytes_out = 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", self.port))
+        self.sock.listen(64)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def arm(self, *faults):
+        with self.lock:
+            self.faults.extend(faults)
+
+    def _next_fault(self):
+        with self.lock:
+            self.requests += 1
+            return self.faults.pop(0) if self.faults else None
+
+    def _accept(self):
+        while not self.stopping:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    @staticmethod
+    def _read_request(c) -> bytes | None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = c.recv(65536)
+            if not d:
+                return None
+            buf += d
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        n = 0
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                n = int(v.strip())
+        while len(rest) < n:
+            d = c.recv(65536)
+            if not d:
+                return None
+            rest += d
+        return head + b"\r\n\r\n" + rest
+
+    def _serve(self, c):
+        up = None
+        try:
+            while True:
+                req = self._read_request(c)
+                if req is None:
+                    return
+                fault = self._next_fault()
+                if self.delay:
+                    time.sleep(self.delay)
+                if fault == "503":
+                    body = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+                    c.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    continue
+                if fault == "reset":
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    return
+                if fault == "stall":
+                    time.sleep(self.stall_s)
+                    return
+                if up is None:
+                    up = socket.create_connection(("127.0.0.1", self.upstream), timeout=60)
+                up.sendall(req)
+                resp = self._read_response(up, head_only=req.startswith(b"HEAD"))
+                if resp is None:
+                    return
+                if fault == "truncate":
+                    cut = len(resp) - max(1, (len(resp) - resp.index(b"\r\n\r\n")) // 2)
+                    c.sendall(resp[:cut])
+                    return
+                with self.lock:
+                    self.bytes_out += len(resp)
+                c.sendall(resp)
+        except OSError:
+            return
+        finally:
+            c.close()
+            if up is not None:
+                up.close()
+
+    @staticmethod
+    def _read_response(up, head_only=False) -> bytes | None:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = up.recv(65536)
+            if not d:
+                return None
+            buf += d
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        n, chunked = None, False
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            k = k.strip().lower()
+            if k == b"content-length":
+                n = int(v.strip())
+            if k == b"transfer-encoding" and b"chunked" in v.lower():
+                chunked = True
+        if head_only or head.split(b" ")[1] in (b"204", b"304"):
+            return head + b"\r\n\r\n"
+        if chunked:
+            while not rest.endswith(b"0\r\n\r\n"):
+                d = up.recv(65536)
+                if not d:
+                    return None
+                rest += d
+        else:
+            while n is not None and len(rest) < n:
+                d = up.recv(1 << 20)
+                if not d:
+                    return None
+                rest += d
+        return head + b"\r\n\r\n" + rest
+
+    def close(self):
+        self.stopping = True
+        self.sock.close()
