@@ -17,7 +17,9 @@ use reshardfs::checkpoint::s3::{Location, creds};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).ok_or("usage: s3_get s3://BUCKET/KEY [THREADS] [PART_MIB]")?;
+    let url = args
+        .get(1)
+        .ok_or("usage: s3_get s3://BUCKET/KEY [THREADS] [PART_MIB]")?;
     let threads: usize = args.get(2).map_or(Ok(8), |s| s.parse())?;
     let part: u64 = args.get(3).map_or(Ok(8), |s| s.parse())? << 20;
     let loc = Location::parse(url).ok_or("not an s3:// URL")??;
@@ -29,7 +31,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (client, next, obj, key) = (client.clone(), next.clone(), obj.clone(), loc.prefix.clone());
+            let (client, next, obj, key) = (
+                client.clone(),
+                next.clone(),
+                obj.clone(),
+                loc.prefix.clone(),
+            );
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; part as usize];
                 loop {
@@ -39,7 +46,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                     let off = i * part;
                     let n = part.min(obj.size - off) as usize;
-                    client.get_range(&key, &obj.etag, off, &mut buf[..n]).map_err(|e| e.to_string())?;
+                    client
+                        .get_range(&key, &obj.etag, off, &mut buf[..n])
+                        .map_err(|e| e.to_string())?;
                 }
             })
         })

@@ -52,6 +52,102 @@ pub fn parse_header(file: &[u8]) -> Result<HashMap<String, StoredTensor>, String
     Ok(tensors)
 }
 
+/// [`parse_header`] for a file of `file_len` bytes of which only `head`,
+/// its first bytes, are at hand (an object in a store, read by ranged
+/// GETs): the same checks, the tensors' bytes never read. `head` must hold
+/// at least the 8-byte length and the header it gives
+/// ([`header_len`] says how much that is).
+pub fn parse_header_of(
+    head: &[u8],
+    file_len: u64,
+) -> Result<HashMap<String, StoredTensor>, String> {
+    let n = header_len(head, file_len)?;
+    let json = head.get(8..8 + n as usize).ok_or_else(|| {
+        format!(
+            "invalid safetensors header: {}",
+            explain(&SafeTensorError::InvalidHeaderLength, file_len)
+        )
+    })?;
+    let meta: safetensors::tensor::Metadata =
+        serde_json::from_slice(json).map_err(|e| format!("invalid safetensors header: {e}"))?;
+    let data_start = 8 + n;
+    let mut infos: Vec<(String, &safetensors::tensor::TensorInfo)> =
+        meta.tensors().into_iter().collect();
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let mut at = 0usize;
+    let mut tensors = HashMap::new();
+    for (tname, info) in infos {
+        let (s, e) = info.data_offsets;
+        if s != at || e < s {
+            return Err(format!(
+                "invalid safetensors header: {}",
+                explain(&SafeTensorError::InvalidOffset(tname), file_len)
+            ));
+        }
+        let bits = info.dtype.bitsize();
+        if bits % 8 != 0 {
+            return Err(format!(
+                "tensor {tname}: dtype {:?} has sub-byte elements, which cannot be resliced",
+                info.dtype
+            ));
+        }
+        let nbytes = info
+            .shape
+            .iter()
+            .try_fold(bits / 8, |a, &d| a.checked_mul(d));
+        if nbytes != Some(e - s) {
+            return Err(format!(
+                "invalid safetensors header: {}",
+                explain(&SafeTensorError::TensorInvalidInfo, file_len)
+            ));
+        }
+        at = e;
+        tensors.insert(
+            tname,
+            StoredTensor {
+                dtype: info.dtype,
+                shape: info.shape.iter().map(|&s| s as u64).collect(),
+                offset: data_start + s as u64,
+                len: (e - s) as u64,
+            },
+        );
+    }
+    if data_start.checked_add(at as u64) != Some(file_len) {
+        return Err(format!(
+            "invalid safetensors header: {}",
+            explain(&SafeTensorError::MetadataIncompleteBuffer, file_len)
+        ));
+    }
+    Ok(tensors)
+}
+
+/// The length of the JSON header a safetensors file of `file_len` bytes
+/// starting with `head` (at least its first 8 bytes) declares, checked
+/// against the format's 100 MB cap and the file's length.
+pub fn header_len(head: &[u8], file_len: u64) -> Result<u64, String> {
+    let Some(len) = head.get(..8) else {
+        return Err(format!(
+            "not a safetensors file: {file_len} bytes, shorter than the 8-byte header length"
+        ));
+    };
+    let mut b = [0u8; 8];
+    b.copy_from_slice(len);
+    let n = u64::from_le_bytes(b);
+    if n > 100_000_000 {
+        return Err(format!(
+            "invalid safetensors header: {}",
+            explain(&SafeTensorError::HeaderTooLarge, file_len)
+        ));
+    }
+    if n + 8 > file_len {
+        return Err(format!(
+            "invalid safetensors header: {}",
+            explain(&SafeTensorError::InvalidHeaderLength, file_len)
+        ));
+    }
+    Ok(n)
+}
+
 fn explain(e: &SafeTensorError, file_len: u64) -> String {
     match e {
         SafeTensorError::HeaderTooLarge => "header length exceeds 100 MB".into(),

@@ -12,24 +12,39 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 use super::header::{StoredTensor, parse_header};
+use super::s3::store::ObjectFile;
 use super::{guard, storage};
 use crate::bad;
 use crate::error::{Result, source_io};
 
-/// A source rank file, memory-mapped, with its header checked.
+/// A source rank file, its header checked: memory-mapped from the file
+/// system, or an object read by ranged GETs.
 #[derive(Debug)]
 pub struct RankFile {
     pub name: String,
     /// The name the folder gives the file (a link, in a Hub cache
     /// snapshot): what messages say, and what [`RankFile::is_unchanged`]
     /// stats, following the link, so that a link pointed elsewhere and a
-    /// blob replaced under it are both seen.
+    /// blob replaced under it are both seen. `s3://bucket/key` for an object.
     pub path: PathBuf,
     /// Where the file opened really is (the link's target): its folder is
     /// part of the source a mount must not hide and an export must not
     /// write into.
     pub real_path: PathBuf,
     pub tensors: HashMap<String, StoredTensor>,
+    backing: Backing,
+}
+
+/// Where a rank file's bytes are.
+#[derive(Debug)]
+enum Backing {
+    Mapped(Mapped),
+    Object(ObjectFile),
+}
+
+/// A local file's map and what guards it.
+#[derive(Debug)]
+struct Mapped {
     map: Mmap,
     /// The file mapped, kept open to ask which of its pages are in the page
     /// cache ([`RankFile::is_resident`]). One descriptor per source file;
@@ -142,30 +157,70 @@ impl RankFile {
             path: path.to_path_buf(),
             real_path,
             tensors,
-            map,
-            file,
-            region,
-            advice_window: storage::advice_window(identity.dev),
-            identity,
+            backing: Backing::Mapped(Mapped {
+                map,
+                file,
+                region,
+                advice_window: storage::advice_window(identity.dev),
+                identity,
+            }),
         })
     }
 
-    /// Bytes of the map. Ranges come from headers checked at open.
-    pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
-        &self.map[offset as usize..(offset + len) as usize]
+    /// A rank file that is an object in a store, its header already read
+    /// and checked by the store.
+    pub fn from_object(
+        path: PathBuf,
+        tensors: HashMap<String, StoredTensor>,
+        object: ObjectFile,
+    ) -> RankFile {
+        RankFile {
+            name: path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            real_path: path.clone(),
+            path,
+            tensors,
+            backing: Backing::Object(object),
+        }
+    }
+
+    /// The object behind the file, if it is one.
+    pub fn object(&self) -> Option<&ObjectFile> {
+        match &self.backing {
+            Backing::Object(o) => Some(o),
+            Backing::Mapped(_) => None,
+        }
+    }
+
+    /// Bytes of the map; `None` for an object (read those through
+    /// [`RankFile::object`]). Ranges come from headers checked at open.
+    pub fn map_bytes(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        match &self.backing {
+            Backing::Mapped(m) => Some(&m.map[offset as usize..(offset + len) as usize]),
+            Backing::Object(_) => None,
+        }
     }
 
     /// The file's length when it was opened (the length mapped).
     pub fn size(&self) -> u64 {
-        self.identity.len
+        match &self.backing {
+            Backing::Mapped(m) => m.identity.len,
+            Backing::Object(o) => o.size(),
+        }
     }
 
     /// The open file, while it still holds the bytes that were planned
     /// ([`RankFile::is_unchanged`], not shrunk under the map): for handing
     /// the file itself to the kernel (passthrough) or to `copy_file_range`.
     /// The descriptor is the one mapped and checked, never a reopened path.
+    /// `None` for an object: there is no local file to hand over.
     pub fn if_unchanged(&self) -> Option<&File> {
-        (self.is_unchanged() && !self.is_damaged()).then_some(&self.file)
+        let Backing::Mapped(m) = &self.backing else {
+            return None;
+        };
+        (self.is_unchanged() && !self.is_damaged()).then_some(&m.file)
     }
 
     /// Drops `[offset, offset+len)` from this process's page tables once
@@ -173,13 +228,16 @@ impl RankFile {
     /// at the cost of a minor fault), but they no longer count towards the
     /// process's RSS, which the cache budget alone should bound.
     pub fn release(&self, offset: u64, len: u64) {
+        let Backing::Mapped(m) = &self.backing else {
+            return;
+        };
         // Widen to whole 2 MiB spans: the kernel maps large folios and
         // faults around a touched page, so pages just outside the range
         // were mapped by this read too.
         const SPAN: u64 = 2 << 20;
         let end = (offset + len)
             .next_multiple_of(SPAN)
-            .min(self.map.len() as u64);
+            .min(m.map.len() as u64);
         let offset = offset / SPAN * SPAN;
         if offset >= end {
             return;
@@ -187,7 +245,7 @@ impl RankFile {
         // SAFETY: MADV_DONTNEED on a read-only shared file map only unmaps
         // pages; their contents (the file's) are unchanged on the next access.
         let r = unsafe {
-            self.map.unchecked_advise_range(
+            m.map.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
                 offset as usize,
                 (end - offset) as usize,
@@ -203,9 +261,14 @@ impl RankFile {
     /// that a copy from it later finds the pages there instead of faulting
     /// them in one readahead window at a time. Only advice: errors are
     /// logged, never fatal.
+    /// For an object, the blocks are fetched ahead into the store's cache.
     pub fn will_need(&self, offset: u64, len: u64) {
+        let m = match &self.backing {
+            Backing::Mapped(m) => m,
+            Backing::Object(o) => return o.will_need(offset, len),
+        };
         let page = guard::page_size();
-        let end = offset.saturating_add(len).min(self.map.len() as u64);
+        let end = offset.saturating_add(len).min(m.map.len() as u64);
         let offset = offset / page * page;
         // One call reads at most one window of its range, so on a FUSE or
         // network mount the range is asked for a window at a time.
@@ -213,13 +276,13 @@ impl RankFile {
         // ahead: one call per range 5.8-6.2 s, one per 128 KiB 2.7 s
         // (`cat`: 2.2 s). On a block device the window is several MiB and
         // small calls only split the I/O: one call per range.
-        let step = self.advice_window.unwrap_or(u64::MAX);
+        let step = m.advice_window.unwrap_or(u64::MAX);
         let mut at = offset;
         while at < end {
             let n = (end - at).min(step);
-            if let Err(e) =
-                self.map
-                    .advise_range(memmap2::Advice::WillNeed, at as usize, n as usize)
+            if let Err(e) = m
+                .map
+                .advise_range(memmap2::Advice::WillNeed, at as usize, n as usize)
             {
                 log::debug!("{}: madvise(WILLNEED): {e}", self.path.display());
                 return;
@@ -230,8 +293,12 @@ impl RankFile {
 
     /// Whether advice ([`RankFile::will_need`]) is how to read ahead of
     /// this file: it is on a FUSE or network filesystem.
+    /// An object is read ahead by asking for it, too.
     pub fn advice_reads_ahead(&self) -> bool {
-        self.advice_window.is_some()
+        match &self.backing {
+            Backing::Mapped(m) => m.advice_window.is_some(),
+            Backing::Object(_) => true,
+        }
     }
 
     /// Whether every page of `[offset, offset+len)` is in the page cache,
@@ -244,24 +311,76 @@ impl RankFile {
     /// 0.90x with `mincore`; 7 runs of a column split on the local disk, the
     /// throttled image and sshfs: 1.03x/0.98x, 1.00x/1.03x, 0.80x/0.76x).
     /// On error, false (the caller then prepares as if it had to wait).
+    /// For an object: whether the store's cache holds it.
     pub fn is_resident(&self, offset: u64, len: u64) -> bool {
+        let m = match &self.backing {
+            Backing::Mapped(m) => m,
+            Backing::Object(o) => return o.is_cached(offset, len),
+        };
         let page = guard::page_size();
-        let end = offset.saturating_add(len).min(self.map.len() as u64);
+        let end = offset.saturating_add(len).min(m.map.len() as u64);
         let start = offset / page * page;
         if start >= end {
             return true;
         }
         let pages = (end - start).div_ceil(page);
-        match storage::cached_pages(&self.file, start, end - start) {
+        match storage::cached_pages(&m.file, start, end - start) {
             Some(cached) => cached >= pages,
-            None => self.mapped_resident(start, end, pages),
+            None => m.resident(start, end, pages),
         }
     }
 
+    /// Whether the file has shrunk (or failed) under its map since it was
+    /// opened: bytes copied from it may then be zeros and must not be served.
+    /// Cheap (an atomic load): checked after every copy.
+    /// An object is, once a GET found it changed.
+    pub fn is_damaged(&self) -> bool {
+        match &self.backing {
+            Backing::Mapped(m) => guard::is_damaged(m.region),
+            Backing::Object(o) => o.is_damaged(),
+        }
+    }
+
+    /// Whether the path still names the file that was opened, unchanged:
+    /// a source deleted, replaced (renamed over) or rewritten in place
+    /// since the view was planned no longer holds the bytes the plan
+    /// describes. A `stat`: checked once per read, not per copy.
+    /// An object is checked by every GET instead (`If-Match` its ETag):
+    /// true until one found it changed.
+    pub fn is_unchanged(&self) -> bool {
+        match &self.backing {
+            Backing::Mapped(m) => {
+                std::fs::metadata(&self.path).is_ok_and(|s| Identity::of(&s) == m.identity)
+            }
+            Backing::Object(o) => !o.is_damaged(),
+        }
+    }
+}
+
+/// What the tests reach past the interface for.
+#[cfg(test)]
+impl RankFile {
+    pub(crate) fn bytes(&self, offset: u64, len: u64) -> &[u8] {
+        self.map_bytes(offset, len).expect("a mapped file")
+    }
+
+    fn mapped(&self) -> &Mapped {
+        match &self.backing {
+            Backing::Mapped(m) => m,
+            Backing::Object(_) => panic!("not a mapped file"),
+        }
+    }
+
+    fn mapped_resident(&self, start: u64, end: u64, pages: u64) -> bool {
+        self.mapped().resident(start, end, pages)
+    }
+}
+
+impl Mapped {
     /// [`RankFile::is_resident`] by `mincore`, for kernels without
     /// `cachestat`: `[start, end)` within the map, `start` page-aligned,
     /// `pages` pages long.
-    fn mapped_resident(&self, start: u64, end: u64, pages: u64) -> bool {
+    fn resident(&self, start: u64, end: u64, pages: u64) -> bool {
         let mut vec = vec![0u8; pages as usize];
         // SAFETY: the range lies within the map (the caller clipped it, start
         // page-aligned, the map itself page-aligned); `vec` has one byte
@@ -275,24 +394,9 @@ impl RankFile {
         };
         r == 0 && vec.iter().all(|v| v & 1 == 1)
     }
-
-    /// Whether the file has shrunk (or failed) under its map since it was
-    /// opened: bytes copied from it may then be zeros and must not be served.
-    /// Cheap (an atomic load): checked after every copy.
-    pub fn is_damaged(&self) -> bool {
-        guard::is_damaged(self.region)
-    }
-
-    /// Whether the path still names the file that was opened, unchanged:
-    /// a source deleted, replaced (renamed over) or rewritten in place
-    /// since the view was planned no longer holds the bytes the plan
-    /// describes. A `stat`: checked once per read, not per copy.
-    pub fn is_unchanged(&self) -> bool {
-        std::fs::metadata(&self.path).is_ok_and(|m| Identity::of(&m) == self.identity)
-    }
 }
 
-impl Drop for RankFile {
+impl Drop for Mapped {
     fn drop(&mut self) {
         guard::unregister(self.region);
     }
@@ -361,7 +465,7 @@ mod tests {
         // pages of a file nobody maps leave the cache on this advice.
         f.release(0, len);
         nix::fcntl::posix_fadvise(
-            &f.file,
+            &f.mapped().file,
             0,
             0,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,

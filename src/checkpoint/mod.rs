@@ -26,3 +26,4 @@ pub(crate) mod plain;
 pub mod s3;
 pub mod source;
 pub mod storage;
+pub mod store;

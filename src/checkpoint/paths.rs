@@ -10,13 +10,19 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use super::limits::MAX_FILES;
 use super::mapped::RankFile;
+use super::store;
 use crate::error::{Result, source_io};
 use crate::{bad, bail};
 
-/// Reads a whole file of at most `cap` bytes. The cap holds while reading,
-/// not only by the size `stat` reports: a FIFO or a device (`/dev/zero`
-/// given as `--strategy`) reports 0 and would otherwise be read forever.
+/// Reads a whole file of at most `cap` bytes, from the store that holds it.
 pub(crate) fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    store::of(path)?.read_small(path, cap)
+}
+
+/// [`read_small`] on the file system. The cap holds while reading, not
+/// only by the size `stat` reports: a FIFO or a device (`/dev/zero` given
+/// as `--strategy`) reports 0 and would otherwise be read forever.
+pub(crate) fn read_local_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     let file = fs::File::open(path).map_err(|e| source_io(path, e))?;
     let mut buf = Vec::new();
@@ -43,23 +49,22 @@ pub(crate) fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>> {
 /// links. There a link is followed wherever it leads, as long as it ends at
 /// a regular file the user can open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Links {
+pub enum Links {
     /// Links must stay inside the folder (`metadata.json`'s `file_name`s).
     Inside,
     /// Links are followed to any regular file (Hugging Face and plain folders).
     Follow,
 }
 
-/// Opens a file named by the checkpoint: `file_name` must be a bare name in
-/// `dir`; where its link may lead is `links`'s rule. Whatever the rule, only
-/// a regular file is opened: a FIFO would block the open (and every read)
-/// forever, and a directory or a device is no safetensors file.
+/// Opens a file named by the checkpoint, from the store that holds `dir`:
+/// `file_name` must be a bare name in `dir`; where its link may lead is
+/// `links`'s rule.
 pub(crate) fn open_rank_file(
     dir: &Path,
     file_name: &str,
     named_in: &Path,
     links: Links,
-    referrer: impl FnOnce() -> String,
+    referrer: &dyn Fn() -> String,
 ) -> Result<RankFile> {
     let bare = !file_name.is_empty()
         && file_name != "."
@@ -73,6 +78,20 @@ pub(crate) fn open_rank_file(
             referrer()
         );
     }
+    store::of(dir)?.open_rank_file(dir, file_name, named_in, links, referrer)
+}
+
+/// [`open_rank_file`] on the file system, `file_name` checked bare. Whatever
+/// the rule for links, only a regular file is opened: a FIFO would block
+/// the open (and every read) forever, and a directory or a device is no
+/// safetensors file.
+pub(crate) fn open_local_rank_file(
+    dir: &Path,
+    file_name: &str,
+    named_in: &Path,
+    links: Links,
+    referrer: &dyn Fn() -> String,
+) -> Result<RankFile> {
     let path = dir.join(file_name);
     let missing = || {
         bad!(
@@ -199,7 +218,7 @@ pub(crate) struct FileSet<'a> {
 impl FileSet<'_> {
     /// The index of file `name`, opening it on first use; `referrer` says
     /// who named it, for the message if it cannot be opened.
-    pub(crate) fn get(&mut self, name: &str, referrer: impl FnOnce() -> String) -> Result<usize> {
+    pub(crate) fn get(&mut self, name: &str, referrer: impl Fn() -> String) -> Result<usize> {
         if let Some(&i) = self.index.get(name) {
             return Ok(i);
         }
@@ -209,7 +228,7 @@ impl FileSet<'_> {
                 self.named_in.display()
             );
         }
-        let f = open_rank_file(self.dir, name, self.named_in, self.links, referrer)?;
+        let f = open_rank_file(self.dir, name, self.named_in, self.links, &referrer)?;
         self.files.push(f);
         self.index.insert(name.to_string(), self.files.len() - 1);
         Ok(self.files.len() - 1)
@@ -248,7 +267,8 @@ impl FileSet<'_> {
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(name) = todo.get(i) else { break };
-                            if let Ok(f) = open_rank_file(dir, name, named_in, links, String::new) {
+                            if let Ok(f) = open_rank_file(dir, name, named_in, links, &String::new)
+                            {
                                 mine.push((i, f));
                             }
                         }
@@ -358,7 +378,7 @@ mod tests {
             "b.safetensors",
             Path::new("metadata.json"),
             Links::Inside,
-            String::new,
+            &String::new,
         )
         .unwrap_err();
         assert!(
@@ -369,7 +389,7 @@ mod tests {
 
     /// `open_rank_file` of `name` in `dir` under `links`.
     fn open(dir: &Path, name: &str, links: Links) -> Result<RankFile> {
-        open_rank_file(dir, name, Path::new("index.json"), links, String::new)
+        open_rank_file(dir, name, Path::new("index.json"), links, &String::new)
     }
 
     #[test]

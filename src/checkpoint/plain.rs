@@ -2,7 +2,6 @@
 //! single-card save, or a Hugging Face folder read tensor by tensor.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
 use std::path::Path;
 
 use serde_json::Value;
@@ -14,7 +13,8 @@ use super::metadata::from_value;
 use super::names;
 use super::paths::{FileSet, Links, read_small};
 use super::source::{Chunk, Iteration, Tensor, read_common};
-use crate::error::{Result, source_io};
+use super::store::{self, EntryKind};
+use crate::error::Result;
 use crate::{bad, bail};
 
 /// transformers' single-file checkpoint name.
@@ -44,7 +44,12 @@ enum Weights {
 /// transformers would not load (other names: a single-card save) keeps
 /// reshardfs's own rule: the one other index, or every `*.safetensors` file.
 fn choose_weights(dir: &Path) -> Result<Weights> {
-    let is_file = |n: &str| fs::metadata(dir.join(n)).is_ok_and(|m| m.is_file());
+    let store = store::of(dir)?;
+    let is_file = |n: &str| {
+        store
+            .kind(&dir.join(n))
+            .is_ok_and(|k| k == Some(EntryKind::File))
+    };
     if let Some(named) = transformers_weights(dir)? {
         if !is_file(&named) {
             bail!(
@@ -59,10 +64,10 @@ fn choose_weights(dir: &Path) -> Result<Weights> {
             Weights::File(named)
         });
     }
-    let mut indexes: Vec<String> = fs::read_dir(dir)
-        .map_err(|e| source_io(dir, e))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+    let mut indexes: Vec<String> = store
+        .list(dir)?
+        .into_iter()
+        .map(|e| e.name)
         // A dotfile (`._model.safetensors.index.json`, macOS's companion of
         // a copied file) is not an index, as a dotfile is not a shard.
         .filter(|n| n.ends_with(".safetensors.index.json") && !n.starts_with('.'))
@@ -99,7 +104,7 @@ fn choose_weights(dir: &Path) -> Result<Weights> {
 /// none`, ignored, as it says nothing about the weights then).
 fn transformers_weights(dir: &Path) -> Result<Option<String>> {
     let path = dir.join("config.json");
-    if !path.is_file() {
+    if store::of(&path)?.kind(&path)? != Some(EntryKind::File) {
         return Ok(None);
     }
     let raw = read_small(&path, MAX_CONFIG_BYTES)?;
@@ -149,9 +154,8 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
         }
         Weights::File(name) => file_names.push(name),
         Weights::All => {
-            for e in fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
-                let e = e.map_err(|e| source_io(dir, e))?;
-                let n = e.file_name().to_string_lossy().into_owned();
+            for e in store::of(dir)?.list(dir)? {
+                let n = e.name;
                 if n.ends_with(".safetensors") && !n.starts_with('.') {
                     file_names.push(n);
                 }
@@ -273,6 +277,7 @@ mod tests {
     use crate::checkpoint::source::tests::{f32s, input_err, write_st};
     use safetensors::Dtype;
     use serde_json::json;
+    use std::fs;
 
     fn write_index(dir: &Path, name: &str, map: serde_json::Value) {
         let index = json!({"metadata": {"total_size": 0}, "weight_map": map});

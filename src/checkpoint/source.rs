@@ -7,7 +7,6 @@
 //! [`super::plain`], so a checkpoint that opens is one the plan and the byte
 //! engine can serve without further validation.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
@@ -22,9 +21,10 @@ use super::models::{self, ModelChoice, ModelInfo};
 use super::names::{self, Kind};
 use super::paths::read_small;
 use super::plain::load_plain;
+use super::store::{self, EntryKind, Store};
 use crate::bad;
 use crate::bail;
-use crate::error::{Result, source_io};
+use crate::error::Result;
 
 /// A loaded source checkpoint.
 #[derive(Debug)]
@@ -308,19 +308,27 @@ impl Source {
     /// A Hugging Face Hub cache folder (`models--ORG--NAME`) or a ref file
     /// in one (`.../refs/main`) is read as the snapshot it names.
     pub fn open_with(path: &Path, model: ModelChoice) -> Result<Source> {
-        let snapshot = hub::resolve(path)?;
+        let store = store::of(path)?;
+        let snapshot = match store.is_local() {
+            true => hub::resolve(path)?,
+            false => None,
+        };
         let path = snapshot.as_deref().unwrap_or(path);
         // Every path kept is absolute: the mount's daemon leaves the working
         // directory, and still checks source paths on every read.
-        let abs = fs::canonicalize(path).map_err(|e| source_io(path, e))?;
-        models::read_through(Self::open_at(&abs)?, model)
+        let abs = store.canonical(path)?;
+        models::read_through(Self::open_at(store.as_ref(), &abs)?, model)
     }
 
     /// Every folder the source's bytes live in: its own, and those its
     /// files' links lead to (a Hub snapshot's `blobs/`), each once, the
     /// source's first. A mount over any of them would hide the bytes the
     /// view serves, and an export into one would write among them.
+    /// None for a source in an object store.
     pub fn real_dirs(&self) -> Vec<PathBuf> {
+        if self.is_remote() {
+            return Vec::new();
+        }
         let mut out = vec![self.path.clone()];
         for f in self.iterations.iter().flat_map(|it| &it.files) {
             if let Some(d) = f.real_path.parent()
@@ -332,19 +340,23 @@ impl Source {
         out
     }
 
-    fn open_at(path: &Path) -> Result<Source> {
-        let meta = fs::metadata(path).map_err(|e| source_io(path, e))?;
-        if !meta.is_dir() {
+    /// Whether the source lies in an object store.
+    pub fn is_remote(&self) -> bool {
+        store::is_remote(&self.path)
+    }
+
+    fn open_at(store: &dyn Store, path: &Path) -> Result<Source> {
+        if store.kind(path)? != Some(EntryKind::Dir) {
             bail!(
                 "{}: not a directory; give a checkpoint root, an iteration folder or a folder of safetensors files",
                 path.display()
             );
         }
         let tracker_path = path.join(names::TRACKER);
-        if tracker_path.exists() {
-            return Self::open_root(path, &tracker_path);
+        if store.kind(&tracker_path)?.is_some() {
+            return Self::open_root(store, path, &tracker_path);
         }
-        if path.join(names::METADATA).exists() {
+        if store.kind(&path.join(names::METADATA))?.is_some() {
             let it = load_iteration(path, None)?;
             return Ok(Source {
                 path: path.to_path_buf(),
@@ -352,7 +364,7 @@ impl Source {
                 iterations: vec![it],
             });
         }
-        let iteration_dirs = list_iteration_dirs(path)?;
+        let iteration_dirs = list_iteration_dirs(store, path)?;
         if !iteration_dirs.is_empty() {
             bail!(
                 "{}: has iteration folders but no {}; give one iteration folder instead",
@@ -368,7 +380,7 @@ impl Source {
         })
     }
 
-    fn open_root(path: &Path, tracker_path: &Path) -> Result<Source> {
+    fn open_root(store: &dyn Store, path: &Path, tracker_path: &Path) -> Result<Source> {
         let tracker = read_small(tracker_path, MAX_SMALL_FILE_BYTES)?;
         let text = String::from_utf8_lossy(&tracker);
         let latest: u64 = text.trim().parse().map_err(|_| {
@@ -378,7 +390,7 @@ impl Source {
                 text.chars().take(40).collect::<String>()
             )
         })?;
-        let dirs = list_iteration_dirs(path)?;
+        let dirs = list_iteration_dirs(store, path)?;
         if !dirs.iter().any(|(n, _)| *n == latest) {
             bail!(
                 "{}: names iteration {latest}, but {} does not exist",
@@ -399,15 +411,13 @@ impl Source {
 }
 
 /// `iteration_N` folders of a root, by number.
-fn list_iteration_dirs(path: &Path) -> Result<Vec<(u64, String)>> {
+fn list_iteration_dirs(store: &dyn Store, path: &Path) -> Result<Vec<(u64, String)>> {
     let mut dirs = Vec::new();
-    for entry in fs::read_dir(path).map_err(|e| source_io(path, e))? {
-        let entry = entry.map_err(|e| source_io(path, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(n) = names::parse_iteration_dir(&name)
-            && entry.path().is_dir()
+    for entry in store.list(path)? {
+        if let Some(n) = names::parse_iteration_dir(&entry.name)
+            && entry.kind == EntryKind::Dir
         {
-            dirs.push((n, name));
+            dirs.push((n, entry.name));
         }
     }
     dirs.sort();
@@ -425,7 +435,7 @@ fn list_iteration_dirs(path: &Path) -> Result<Vec<(u64, String)>> {
 /// common.json, kept byte for byte, when the folder has one.
 pub(crate) fn read_common(dir: &Path) -> Result<Option<Vec<u8>>> {
     let path = dir.join(names::COMMON);
-    if path.exists() {
+    if store::of(&path)?.kind(&path)?.is_some() {
         read_small(&path, MAX_SMALL_FILE_BYTES).map(Some)
     } else {
         Ok(None)
@@ -440,6 +450,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::error::Error;
     use serde_json::{Value, json};
+    use std::fs;
 
     /// A safetensors file from the format alone: an 8-byte little-endian
     /// header length, the JSON header (padded with spaces to a multiple of

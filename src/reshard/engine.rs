@@ -24,6 +24,98 @@ pub struct SourceFault {
     pub path: PathBuf,
 }
 
+/// The source iteration as one read sees it: the iteration itself (through
+/// `Deref`), and its bytes, from the map of a local file or, for an
+/// object, from the store's blocks, which the read keeps alive while it
+/// copies from them ([`Pins`]).
+pub(crate) struct Src<'a> {
+    it: &'a Iteration,
+    pins: Pins,
+}
+
+impl<'a> Src<'a> {
+    pub(crate) fn new(it: &'a Iteration) -> Src<'a> {
+        Src {
+            it,
+            pins: Pins::default(),
+        }
+    }
+
+    /// Bytes `[at, at + len)` of source file `f` (a range its header
+    /// placed). An object's come from the blocks of the store's cache,
+    /// fetched now if they are not there; a fetch that fails fails the read
+    /// (and a changed object marks the file damaged, failing every later
+    /// read of it).
+    fn bytes(&self, f: usize, at: u64, len: u64) -> Result<&[u8], SourceFault> {
+        let file = &self.it.files[f];
+        if let Some(b) = file.map_bytes(at, len) {
+            return Ok(b);
+        }
+        let fault = || SourceFault {
+            path: file.path.clone(),
+        };
+        let Some(o) = file.object() else {
+            return Err(fault());
+        };
+        if len == 0 {
+            return Ok(&[]);
+        }
+        let bs = o.block_size();
+        let (first, last) = (at / bs, (at + len - 1) / bs);
+        if first == last {
+            let block = o.block(first).map_err(|_| fault())?;
+            let block = self.pins.keep(block);
+            let from = (at - first * bs) as usize;
+            return Ok(&block[from..from + len as usize]);
+        }
+        // Across blocks: ask for all of them at once (the store's fetchers
+        // get them in parallel), then copy them together.
+        o.will_need(at, len);
+        let mut joined = vec![0u8; len as usize];
+        o.read(at, &mut joined).map_err(|_| fault())?;
+        Ok(self.pins.keep(std::sync::Arc::from(joined)))
+    }
+}
+
+impl std::ops::Deref for Src<'_> {
+    type Target = Iteration;
+    fn deref(&self) -> &Iteration {
+        self.it
+    }
+}
+
+/// Blocks a read copies from, kept alive until it ends: an append-only
+/// list whose entries never move, so a slice of one lives as long as the
+/// list. Cells of a fixed array, then the next array, each set once
+/// (`OnceCell`), so no borrow outlives a `RefCell` guard; most reads pin a
+/// handful of blocks, none are allocated for a local source.
+#[derive(Default)]
+struct Pins {
+    cells: [std::cell::OnceCell<std::sync::Arc<[u8]>>; 16],
+    used: std::cell::Cell<usize>,
+    next: std::cell::OnceCell<Box<Pins>>,
+}
+
+impl Pins {
+    fn keep(&self, block: std::sync::Arc<[u8]>) -> &[u8] {
+        let i = self.used.get();
+        // The rows of one tensor come from the same block, span after span.
+        if let Some(same) = self.cells[..i]
+            .iter()
+            .rev()
+            .filter_map(|c| c.get())
+            .find(|b| std::sync::Arc::ptr_eq(b, &block))
+        {
+            return same;
+        }
+        if i < self.cells.len() {
+            self.used.set(i + 1);
+            return self.cells[i].get_or_init(|| block);
+        }
+        self.next.get_or_init(Box::default).keep(block)
+    }
+}
+
 /// What one read produced.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Served {
@@ -85,6 +177,7 @@ pub fn read_file(
     let total = (end - offset) as usize;
     let mut out = &mut buf[..total];
     let mut mine = Touched::default();
+    let source = &Src::new(source);
     for seg in segments(vf, offset, end) {
         match seg {
             Segment::Header(r) => {
@@ -249,7 +342,10 @@ impl Piece {
     pub fn bytes<'a>(&self, source: &'a Iteration, vf: &'a VirtualFile) -> &'a [u8] {
         match *self {
             Piece::Header { start, end } => &vf.header[start..end],
-            Piece::Source { file, at, len } => source.files[file].bytes(at, len),
+            // `gather` lists no piece of an object.
+            Piece::Source { file, at, len } => {
+                source.files[file].map_bytes(at, len).unwrap_or_default()
+            }
         }
     }
 }
@@ -295,6 +391,11 @@ pub fn gather(
             shape: &pt.slice.shape,
         };
         walk_region(source, t, region, at, n, &mut |file, at, len| {
+            // An object's bytes are fetched, not mapped: nothing to hand
+            // to the kernel.
+            if source.files[file].object().is_some() {
+                return Err(());
+            }
             if let Some(Piece::Source {
                 file: f,
                 at: a,
@@ -358,7 +459,7 @@ fn stored_span(t: &Tensor, region: Region<'_>, at: u64, len: u64) -> Option<(usi
 /// Copies bytes `[at, at + out.len())` of a planned tensor's target slice,
 /// cast to the view's dtype when it differs from the source's.
 fn copy_tensor(
-    source: &Iteration,
+    source: &Src<'_>,
     pt: &PlannedTensor,
     at: u64,
     out: &mut [u8],
@@ -408,7 +509,7 @@ struct Region<'a> {
 /// source's view in bfloat16 reads twice the bytes it serves). An element
 /// the range starts or ends inside goes through an element-sized buffer.
 fn copy_cast(
-    source: &Iteration,
+    source: &Src<'_>,
     t: &Tensor,
     to: Dtype,
     region: Region<'_>,
@@ -455,7 +556,7 @@ fn copy_cast(
 /// Copies bytes `[at, at + out.len())` of the row-major bytes of `region`
 /// of tensor `t`, from wherever its elements are stored.
 fn copy_region(
-    source: &Iteration,
+    source: &Src<'_>,
     t: &Tensor,
     region: Region<'_>,
     at: u64,
@@ -480,7 +581,7 @@ fn copy_region(
 /// elements, unless a transposed tile is involved), else whole elements.
 #[allow(clippy::too_many_arguments)]
 fn fill(
-    source: &Iteration,
+    source: &Src<'_>,
     t: &Tensor,
     to: Dtype,
     region: Region<'_>,
@@ -519,7 +620,7 @@ fn fill(
 /// finds it, straight from the source map into `out`.
 #[allow(clippy::too_many_arguments)]
 fn fill_stored(
-    source: &Iteration,
+    source: &Src<'_>,
     t: &Tensor,
     to: Dtype,
     region: Region<'_>,
@@ -531,11 +632,10 @@ fn fill_stored(
     let (es_in, es_out) = (t.elem_size(), elem_size(to));
     let mut done = 0usize;
     walk_stored(t, region, at, len, &mut |f, src, n| {
-        let file = &source.files[f];
         // Same dtype: n bytes, possibly cutting elements; a cast: whole
         // elements, each es_out bytes.
         let end = done + (n * es_out / es_in) as usize;
-        cast::convert(t.dtype, to, file.bytes(src, n), &mut out[done..end]);
+        cast::convert(t.dtype, to, source.bytes(f, src, n)?, &mut out[done..end]);
         touched.add(f, src, src + n);
         done = end;
         // Checked after the copy: a fault during it has set the flag by now.
@@ -625,7 +725,7 @@ fn for_each_run<E>(
 /// row by row from its part, a transposed one by [`transpose_from`].
 #[allow(clippy::too_many_arguments)]
 fn fill_tiles(
-    source: &Iteration,
+    source: &Src<'_>,
     t: &Tensor,
     map: &TileMap,
     to: Dtype,
@@ -683,7 +783,7 @@ struct Block {
 /// One block of a band into `out` (row-major, `block.cols` elements of
 /// `to` per row), tile by tile.
 fn fill_block(
-    source: &Iteration,
+    source: &Src<'_>,
     band: &crate::checkpoint::source::Band,
     to: Dtype,
     block: Block,
@@ -740,7 +840,7 @@ fn fill_block(
 /// time; through a small buffer when the part is itself assembled.
 #[allow(clippy::too_many_arguments)]
 fn transpose_from(
-    source: &Iteration,
+    source: &Src<'_>,
     part: &Tensor,
     to: Dtype,
     prows: std::ops::Range<u64>,
@@ -804,8 +904,7 @@ fn transpose_from(
                     * es_in as u64;
             let (nr, nc) = ((r_end - r) as usize, (c_end - c) as usize);
             let span = ((nr - 1) * row_bytes + nc * es_in) as u64;
-            let file = &source.files[chunk.file];
-            let src = file.bytes(first, span);
+            let src = source.bytes(chunk.file, first, span)?;
             // Output rows (c..c_end of the part) start at output row c - pcols.start,
             // output columns (r..r_end) at r - prows.start.
             let at = (c - pcols.start) as usize * stride + (r - prows.start) as usize * es_out;

@@ -517,7 +517,7 @@ fn whole_source_file(
     })?;
     let source = &it.files[f];
     // The length was compared: the header lies within the file.
-    (source.bytes(0, header.len() as u64) == header && !source.is_damaged()).then_some(f)
+    (source.map_bytes(0, header.len() as u64) == Some(header) && !source.is_damaged()).then_some(f)
 }
 
 /// Whether file `f` holds `chunk` of `t` stored exactly as `pt`'s slice

@@ -20,6 +20,7 @@ use serde_json::Value;
 use super::limits::{MAX_CONFIG_BYTES, MAX_HF_FILE_BYTES};
 use super::paths::read_small;
 use super::source::{Iteration, Source, SourceKind};
+use super::store;
 use crate::error::{Result, source_io};
 use crate::{bad, bail};
 
@@ -487,6 +488,12 @@ impl Config {
     /// Reads `dir/config.json` if there is one.
     pub fn find(dir: &Path) -> Result<Option<Config>> {
         let path = dir.join(CONFIG);
+        if store::is_remote(&path) {
+            return match store::of(&path)?.kind(&path)? {
+                Some(_) => Config::read(&path).map(Some),
+                None => Ok(None),
+            };
+        }
         match std::fs::symlink_metadata(&path) {
             Ok(_) => Config::read(&path).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -695,6 +702,19 @@ fn is_weight_file(name: &str) -> bool {
 /// cache snapshot) except `*.safetensors` and `model.safetensors.index.json`.
 pub fn read_hf_files(dir: &Path) -> Result<SmallFiles> {
     let mut out = Vec::new();
+    if store::is_remote(dir) {
+        for e in store::of(dir)?.list(dir)? {
+            if e.kind == store::EntryKind::File
+                && !is_weight_file(&e.name)
+                && !e.name.starts_with('.')
+            {
+                let data = read_small(&dir.join(&e.name), MAX_HF_FILE_BYTES)?;
+                out.push((e.name, data));
+            }
+        }
+        out.sort();
+        return Ok(out);
+    }
     for e in std::fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
         let e = e.map_err(|e| source_io(dir, e))?;
         let name = e.file_name().to_string_lossy().into_owned();

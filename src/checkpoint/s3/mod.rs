@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod creds;
+pub mod store;
 
 use crate::bail;
 use crate::error::Result;
