@@ -34,6 +34,19 @@ else
             echo "test.sh: fusermount3 is missing; install Debian's fuse3 (as root: apt-get install fuse3)" >&2
         fi
     fi
+    # The object-store tests' S3 server (s3rver, from npm) needs Node.js; Debian's will do.
+    if ! command -v npm >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+        else
+            echo "test.sh: npm is missing; install Debian's nodejs and npm" >&2
+        fi
+    fi
+    # Installed once per lock file: tests/s3/node_modules is kept between runs.
+    if ! cmp -s tests/s3/package-lock.json tests/s3/node_modules/.installed-lock 2>/dev/null; then
+        npm ci --prefix tests/s3 --no-audit --no-fund --loglevel=error
+        cp tests/s3/package-lock.json tests/s3/node_modules/.installed-lock
+    fi
 fi
 
 # Formatting and lints first: a style or lint failure fails the suite.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use reshardfs::checkpoint::models::{self, ModelChoice};
+use reshardfs::checkpoint::s3::store as s3store;
 use reshardfs::checkpoint::source::Source;
 use reshardfs::export::{ExportOptions, export};
 use reshardfs::mount::daemon;
@@ -36,8 +37,81 @@ struct Cli {
     /// Log level: error, warn, info, debug or trace (default: RUST_LOG, else warn).
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
+    #[command(flatten)]
+    s3: S3Args,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How a source in an S3-compatible object store (`s3://BUCKET/PREFIX`) is
+/// reached. Credentials come from the environment as for the AWS tools:
+/// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN, else
+/// AWS_PROFILE (default `default`) in ~/.aws/credentials and ~/.aws/config;
+/// the region from AWS_REGION (default us-east-1); extra root certificates
+/// for https from AWS_CA_BUNDLE.
+#[derive(Args)]
+struct S3Args {
+    /// The store's URL, for S3-compatible stores (MinIO, Ceph RGW, OBS, ...):
+    /// addressed path-style. Default: AWS_ENDPOINT_URL, else AWS S3.
+    #[arg(long, global = true, value_name = "URL")]
+    endpoint_url: Option<String>,
+    /// Send requests unsigned (a public bucket): no credentials needed.
+    #[arg(long, global = true)]
+    no_sign_request: bool,
+    /// Tries of one request in all, the first included, on 5xx, SlowDown,
+    /// resets and timeouts [default: 5].
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+    s3_max_attempts: Option<u32>,
+    /// No retry starts once this many seconds have passed since a
+    /// request's first try: a store that stays unreachable fails the reads
+    /// that need it (EIO) within about this bound [default: 30].
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_seconds)]
+    s3_retry_timeout: Option<std::time::Duration>,
+    /// One request (connect, send, the whole answer) takes at most this
+    /// many seconds [default: 20].
+    #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_seconds)]
+    s3_timeout: Option<std::time::Duration>,
+    /// Bound of the cache of object blocks (4 MiB each), beside
+    /// --cache-size's cache of view blocks [default: 256M].
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
+    s3_cache_size: Option<u64>,
+}
+
+impl S3Args {
+    fn options(&self) -> s3store::Options {
+        let mut o = s3store::Options {
+            endpoint: self.endpoint_url.clone(),
+            no_sign: self.no_sign_request,
+            ..Default::default()
+        };
+        if let Some(n) = self.s3_max_attempts {
+            o.retry.attempts = n;
+        }
+        if let Some(t) = self.s3_retry_timeout {
+            o.retry.total = t;
+        }
+        if let Some(t) = self.s3_timeout {
+            o.retry.timeout = t;
+        }
+        if let Some(c) = self.s3_cache_size {
+            o.cache_bytes = c;
+        }
+        o
+    }
+}
+
+/// Seconds, fractions allowed, more than 0 and at most a day.
+fn parse_seconds(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(v > 0.0 && v <= 86_400.0) {
+        return Err(format!(
+            "{s:?}: expected more than 0 and at most 86400 seconds"
+        ));
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }
 
 #[derive(Subcommand)]
@@ -47,7 +121,8 @@ enum Command {
     Inspect {
         /// Checkpoint root (with latest_checkpointed_iteration.txt), one
         /// iteration folder, a Hugging Face model folder, or a folder of
-        /// plain safetensors files.
+        /// plain safetensors files; on disk or in an object store
+        /// (`s3://BUCKET/PREFIX`).
         src: PathBuf,
         /// Read the source through a model's map (`qwen3`, `qwen3_moe`) or as
         /// stored (`none`).
@@ -60,7 +135,8 @@ enum Command {
     /// Show the view a target gives: every file with its size and tensors,
     /// where each tensor's bytes come from, and totals.
     Plan {
-        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder.
+        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder,
+        /// on disk or `s3://BUCKET/PREFIX`.
         src: PathBuf,
         #[command(flatten)]
         target: TargetArgs,
@@ -72,7 +148,8 @@ enum Command {
     },
     /// Write the view to DEST, with the same tree a mount shows.
     Export {
-        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder.
+        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder,
+        /// on disk or `s3://BUCKET/PREFIX`.
         src: PathBuf,
         /// Destination folder (created if missing; must be empty unless --force).
         dest: PathBuf,
@@ -98,7 +175,8 @@ enum Command {
     /// target the view has the source's own strategy. A `.reshardfs/` folder
     /// at the mount's root shows each file's plan and live counters.
     Mount {
-        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder.
+        /// Checkpoint root, iteration folder, Hugging Face model folder, or plain safetensors folder,
+        /// on disk or `s3://BUCKET/PREFIX`.
         src: PathBuf,
         /// An existing directory (what it holds is hidden while mounted).
         mnt: PathBuf,
@@ -412,6 +490,7 @@ fn main() -> ExitCode {
     }
     logger.init();
     tune_process();
+    s3store::configure(cli.s3.options());
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

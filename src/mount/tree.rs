@@ -72,6 +72,12 @@ Everything here is read-only; nothing is written to the source.
 }
 
 fn mtime(path: &Path) -> SystemTime {
+    // An object store's listing gives no times this view keeps: its nodes
+    // take the time the process first asked, all the same.
+    if crate::checkpoint::store::is_remote(path) {
+        static FIRST: std::sync::OnceLock<SystemTime> = std::sync::OnceLock::new();
+        return *FIRST.get_or_init(SystemTime::now);
+    }
     std::fs::metadata(path)
         .and_then(|m| m.modified())
         .unwrap_or(SystemTime::UNIX_EPOCH)

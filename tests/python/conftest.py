@@ -30,6 +30,8 @@ FIXTURE_MARKERS = {
     "user": "fuse",
     "tiny_model": "hf_stack",
     "synth_ckpt": "slow",
+    # A real S3 server (Node.js, installed by the full tier only).
+    "s3": "slow",
 }
 
 

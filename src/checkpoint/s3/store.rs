@@ -135,6 +135,14 @@ pub struct ObjectStore {
     fetch: OnceLock<SyncSender<(ObjectFile, u64)>>,
 }
 
+// A panic while a store is in use leaves nothing half-done that matters:
+// its locks ignore poisoning, a block half-fetched is never cached, and the
+// client's connections are dropped on error. So a plan holding objects may
+// cross `catch_unwind` as one holding maps does (the fuzz checks, the
+// daemon's guarded requests).
+impl std::panic::RefUnwindSafe for ObjectStore {}
+impl std::panic::UnwindSafe for ObjectStore {}
+
 impl std::fmt::Debug for ObjectStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "ObjectStore(s3://{})", self.client.bucket())

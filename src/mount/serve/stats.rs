@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::checkpoint::s3::store as s3store;
 use crate::mount::cache::CacheStats;
 
 /// The daemon's own counters (the cache keeps its own, [`CacheStats`]).
@@ -49,6 +50,8 @@ pub(crate) enum Value {
     BlockSize,
     PrefetchWindow,
     BackingFiles,
+    /// One of the object stores' totals ([`s3store::totals`]).
+    Store(usize),
 }
 
 /// Every line of `.reshardfs/stats`, in order: key, value, meaning.
@@ -148,6 +151,26 @@ pub(crate) const STATS: &[(&str, Value, &str)] = &[
         Value::BackingFiles,
         "source files registered with the kernel now (one per such file open by passthrough)",
     ),
+    (
+        "s3_requests",
+        Value::Store(0),
+        "requests sent to object stores (listings, GETs; retries included)",
+    ),
+    (
+        "s3_bytes_fetched",
+        Value::Store(1),
+        "object bytes fetched (headers, small files and blocks)",
+    ),
+    (
+        "s3_retries",
+        Value::Store(2),
+        "requests tried again after a 5xx, SlowDown, reset, timeout or short answer",
+    ),
+    (
+        "s3_failures",
+        Value::Store(3),
+        "requests that failed for good (retries spent, or an answer no retry changes)",
+    ),
 ];
 
 /// What a rendering needs besides the counters.
@@ -172,6 +195,7 @@ pub(crate) fn render(s: &Snapshot<'_>) -> String {
             Value::BlockSize => writeln!(out, "{key}: {}", s.block_size),
             Value::PrefetchWindow => writeln!(out, "{key}: {}", s.prefetch_window),
             Value::BackingFiles => writeln!(out, "{key}: {}", s.backing_files),
+            Value::Store(i) => writeln!(out, "{key}: {}", s3store::totals()[*i]),
         };
     }
     out

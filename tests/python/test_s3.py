@@ -1,0 +1,254 @@
+"""Sources in an S3-compatible object store, read through a real S3 server over HTTP.
+
+The server is s3rver (npm, installed by scripts/test.sh into tests/s3), made strict about SigV4
+signatures and If-Match (tests/s3/s3rver-strict.js); faults come from s3util.FaultProxy, a proxy
+of the test's own between reshardfs and the server. The fixtures are uploaded as they lie on
+disk; every view from the bucket is compared byte for byte with the same view exported from
+disk (itself compared with MindSpore Transformers' own results by the other tests).
+Mounts follow test_mount.py's rules: guarded, every access from a subprocess with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import ckpt
+import mountutil
+from ckpt import FIXTURES
+from s3util import FaultProxy, S3Server
+
+BUCKET = "ckpts"
+# (fixture, the key prefix it is uploaded to, the folder of it a source names)
+SOURCES = {
+    "gpt": ("gpt-dp2-tp2-pp2-bf16", ""),
+    "tp4": ("tp4-f32", ""),
+    "qwen3-hf": ("qwen3-tiny-hf", ""),
+    "qwen3-mf": ("qwen3-tiny-mf-tp2-pp2-f32", "iteration_00001000"),
+    "moe-hf": ("qwen3-moe-tiny-hf", ""),
+    "moe-mf": ("qwen3-moe-tiny-mf-dp2-tp2-ep2-f32", ""),
+}
+# Targets the local tests use, both bridge directions among them.
+VIEWS = [
+    ("gpt", ["--mesh", "tp=4"]),
+    ("gpt", ["--unshard"]),
+    ("gpt", ["--mesh", "dp=1,tp=2", "--pp", "1", "--dtype", "f32"]),
+    ("tp4", ["--mesh", "tp=2"]),
+    ("tp4", ["--mesh", "tp=4"]),
+    ("qwen3-hf", ["--mesh", "dp=1,tp=2", "--pp", "2"]),
+    ("qwen3-hf", ["--hf", "--max-shard-size", "40KB"]),
+    ("qwen3-mf", ["--hf"]),
+    ("qwen3-mf", ["--unshard"]),
+    ("moe-hf", ["--mesh", "dp=2,ep=2"]),
+    ("moe-mf", ["--hf"]),
+]
+
+
+def local(name) -> Path:
+    fx, sub = SOURCES[name]
+    return FIXTURES / fx / sub if sub else FIXTURES / fx
+
+
+def remote(name) -> str:
+    fx, sub = SOURCES[name]
+    return f"s3://{BUCKET}/{name}" + (f"/{sub}" if sub else "")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    srv = S3Server(tmp_path_factory.mktemp("s3"), buckets=(BUCKET,))
+    srv.start()
+    try:
+        for name, (fx, _) in SOURCES.items():
+            srv.upload_tree(FIXTURES / fx, BUCKET, name)
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+def _run_env(cmd, env, timeout) -> mountutil.Proc:
+    p = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "RUST_BACKTRACE": "0", **env})
+    return mountutil.Proc(cmd, p.returncode, p.stdout, p.stderr)
+
+
+def files_under(root: Path) -> list[str]:
+    out = []
+    for d, _, fs in os.walk(root):
+        out += [os.path.relpath(os.path.join(d, f), root) for f in fs]
+    return sorted(out)
+
+
+def s3_mount(mounts, srv_env, src, args, name="mnt"):
+    m = mounts(name)
+    m.env.update(srv_env)
+    m.start_ok(src, args)
+    return m
+
+
+@pytest.mark.parametrize("name,args", VIEWS, ids=[f"{n}:{' '.join(a) or 'as-saved'}" for n, a in VIEWS])
+def test_a_view_from_the_bucket_is_the_view_from_disk(s3, mounts, exports, name, args):
+    """Every file of the mount from the bucket equals the same view exported from disk (cmp,
+    through the kernel); the tree is the same; and `export` from the bucket writes the same."""
+    ref = exports(local(name), args)
+    m = s3_mount(mounts, s3.env(), remote(name), args)
+    listed = mountutil.run(["find", m.mnt, "-type", "f", "-not", "-path", "*/.reshardfs/*"])
+    assert listed.code == 0, str(listed)
+    got = sorted(os.path.relpath(p, m.mnt) for p in listed.stdout.split())
+    assert got == files_under(ref)
+    for rel in got:
+        r = mountutil.cmp(ref / rel, m.path(rel))
+        assert r.code == 0, f"{rel}: {r}"
+    stats = m.stats()
+    assert stats["s3_requests"] > 0 and stats["read_errors"] == 0, stats
+    dest = Path(m.mnt).parent / "exported"
+    r = _run_env([ckpt.binary(), "export", remote(name), dest, *args], s3.env(), 120)
+    assert r.code == 0, str(r)
+    diff = mountutil.run(["diff", "-r", ref, dest])
+    assert diff.code == 0, str(diff)
+
+
+def test_inspect_and_plan_name_the_objects(s3):
+    r = _run_env([ckpt.binary(), "inspect", remote("gpt")], s3.env(), 60)
+    assert r.code == 0, str(r)
+    assert f"s3://{BUCKET}/gpt" in r.stdout and "16 rank file(s)" in r.stdout, r.stdout
+    r = _run_env([ckpt.binary(), "plan", remote("tp4"), "--mesh", "tp=2"], s3.env(), 60)
+    assert r.code == 0 and f"s3://{BUCKET}/tp4" in r.stdout, str(r)
+
+
+def test_mount_reads_only_headers_until_data_is_read(s3, mounts):
+    """`ls -l` of a fresh mount reads no tensor data: what is fetched is the small files and, per
+    rank file, one GET of its first 64 KiB at most (the header; these rank files are smaller than
+    that); then reading a view file fetches about what it needs, in whole blocks."""
+    m = s3_mount(mounts, s3.env(), remote("gpt"), ["--mesh", "tp=4"])
+    assert mountutil.run(["ls", "-lR", m.mnt]).code == 0
+    s0 = m.stats()
+    rank_files = list(local("gpt").rglob("*.safetensors"))
+    small = sum(p.stat().st_size for p in local("gpt").rglob("*") if p.is_file() and p.suffix != ".safetensors")
+    heads = sum(min(p.stat().st_size, 64 << 10) for p in rank_files)
+    assert s0["s3_bytes_fetched"] == heads + small, (s0, heads, small)
+    assert mountutil.run(["cat", m.path(".reshardfs", "summary")]).code == 0
+    assert m.stats()["s3_bytes_fetched"] == s0["s3_bytes_fetched"], "listing and .reshardfs read no data"
+
+
+def run_fails(args, env, *needles):
+    r = _run_env([ckpt.binary(), *args], env, 60)
+    assert r.code == 2, str(r)
+    for n in needles:
+        assert n in r.stderr, f"{n!r} not in: {r.stderr}"
+    return r
+
+
+def test_bad_locations_and_credentials_exit_2_naming_the_key(s3, tmp_path):
+    env = s3.env()
+    run_fails(["inspect", "s3://nosuchbucket/x"], env, "nosuchbucket", "no such bucket")
+    run_fails(["inspect", f"s3://{BUCKET}/nothing-here"], env, f"s3://{BUCKET}/nothing-here", "not a directory")
+    secret = "WrongSecret/Do-Not-Print-0123456789"
+    r = run_fails(["inspect", remote("gpt")], {**env, "AWS_SECRET_ACCESS_KEY": secret}, f"s3://{BUCKET}")
+    assert secret not in r.stderr and "S3RVER" not in r.stderr, r.stderr
+    assert "denied" in r.stderr or "Signature" in r.stderr, r.stderr
+    bare = {k: v for k, v in env.items() if not k.startswith("AWS_SECRET")}
+    bare.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    run_fails(["inspect", remote("gpt")], bare, "no credentials")
+    # A public bucket (s3rver serves anonymous requests): no credentials needed.
+    r = _run_env([ckpt.binary(), "--no-sign-request", "inspect", remote("gpt")], bare, 60)
+    assert r.code == 0, str(r)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = _run_env([ckpt.binary(), "mount", "s3://nosuchbucket/x", mnt, "--mesh", "tp=2"], env, 60)
+    assert r.code == 2 and not mountutil.is_mounted(mnt), str(r)
+
+
+def test_a_missing_or_short_shard_exits_2_naming_it(s3):
+    env = s3.env()
+    fx = FIXTURES / "gpt-dp2-tp2-pp2-bf16"
+    s3.upload_tree(fx, BUCKET, "gpt-missing")
+    it = next(p for p in fx.iterdir() if p.name.startswith("iteration_"))
+    victim = sorted(f.name for f in it.glob("*.safetensors"))[3]
+    s3.delete(BUCKET, f"gpt-missing/{it.name}/{victim}")
+    run_fails(["inspect", f"s3://{BUCKET}/gpt-missing"], env, victim, "does not exist")
+    s3.upload_tree(fx, BUCKET, "gpt-short")
+    data = (it / victim).read_bytes()
+    s3.put(BUCKET, f"gpt-short/{it.name}/{victim}", data[: len(data) - 100])
+    run_fails(["inspect", f"s3://{BUCKET}/gpt-short"], env, victim, "end of the file")
+    s3.put(BUCKET, f"gpt-short/{it.name}/{victim}", data[:5])
+    run_fails(["inspect", f"s3://{BUCKET}/gpt-short"], env, victim, "shorter than the 8-byte header length")
+
+
+@pytest.fixture
+def proxy(s3):
+    p = FaultProxy(s3.port)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_faults_are_retried_and_never_serve_a_wrong_byte(s3, proxy, exports, tmp_path):
+    """503s, resets, stalls past the timeout and bodies cut short, on listings, headers and
+    data: retried; the export equals the one from disk."""
+    args = ["--mesh", "tp=4"]
+    ref = exports(local("gpt"), args)
+    env = s3.env(proxy.endpoint)
+    proxy.stall_s = 3.0
+    for i, faults in enumerate([["503"] * 3, ["reset", "503", "reset"], ["truncate"] * 2, ["stall"]]):
+        # Faults land on the first requests (listing, headers) and, spread, on data reads.
+        proxy.arm(*faults)
+        dest = tmp_path / f"out{i}"
+        r = _run_env([ckpt.binary(), "--s3-timeout", "1", "export", remote("gpt"), dest, *args], env, 120)
+        assert r.code == 0, f"{faults}: {r}"
+        assert mountutil.run(["diff", "-r", ref, dest]).code == 0, faults
+    assert proxy.requests > 0
+
+
+def test_an_unreachable_store_fails_reads_within_the_bound_then_recovers(s3, proxy, mounts, exports):
+    """The server gone mid-mount: reads that need it fail with EIO within the retry bound, the
+    daemon lives, cached bytes still serve; back again: reads succeed, byte for byte."""
+    args = ["--mesh", "tp=4"]
+    ref = exports(local("tp4"), args)
+    m = mounts()
+    m.env.update(s3.env(proxy.endpoint))
+    m.start_ok(remote("tp4"), ["--s3-retry-timeout", "2", "--s3-timeout", "1", "--s3-cache-size", "8M", *args])
+    files = [f for f in files_under(ref) if f.endswith(".safetensors")]
+    first = files[0]
+    assert mountutil.cmp(ref / first, m.path(first)).code == 0
+    proxy.faults = []
+    proxy.arm(*(["reset"] * 10_000))
+    t0 = time.monotonic()
+    r = mountutil.run(["cat", m.path(files[1])], timeout=60)
+    took = time.monotonic() - t0
+    assert r.code != 0 and "Input/output error" in r.stderr, str(r)
+    assert took < 15, f"the failing read took {took:.1f} s"
+    assert m.is_mounted() and m.stats()["s3_failures"] > 0
+    with proxy.lock:
+        proxy.faults.clear()
+    assert mountutil.cmp(ref / files[1], m.path(files[1])).code == 0
+    assert mountutil.cmp(ref / first, m.path(first)).code == 0
+
+
+def test_an_object_rewritten_under_the_mount_fails_its_reads(s3, mounts, exports):
+    """The same key put again with other bytes (a new ETag): the reads that need it fail with
+    EIO, from then on; the other files still read right. Never a mix of old and new bytes."""
+    fx = FIXTURES / "tp4-f32"
+    s3.upload_tree(fx, BUCKET, "tp4-rewrite")
+    args = ["--mesh", "tp=4", "--s3-cache-size", "8M"]
+    ref = exports(fx, ["--mesh", "tp=4"])
+    m = s3_mount(mounts, s3.env(), f"s3://{BUCKET}/tp4-rewrite", args)
+    files = [f for f in files_under(ref) if f.endswith(".safetensors")]
+    it = next(p for p in fx.iterdir() if p.name.startswith("iteration_"))
+    # As saved, view file k is source file k: rewrite one source file.
+    victim = next(f for f in files if f.endswith("0000001-0000004.safetensors"))
+    data = bytearray((fx / victim).read_bytes())
+    data[-4:] = b"\xff\xff\xff\xff"
+    s3.put(BUCKET, f"tp4-rewrite/{victim}", bytes(data))
+    r = mountutil.run(["cat", m.path(victim)])
+    assert r.code != 0 and "Input/output error" in r.stderr, str(r)
+    r = mountutil.run(["cat", m.path(victim)])
+    assert r.code != 0, "a changed object must keep failing"
+    other = next(f for f in files if f != victim)
+    assert mountutil.cmp(ref / other, m.path(other)).code == 0
+    assert it.name in victim
