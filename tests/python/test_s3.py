@@ -10,6 +10,7 @@ Mounts follow test_mount.py's rules: guarded, every access from a subprocess wit
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -252,3 +253,26 @@ def test_an_object_rewritten_under_the_mount_fails_its_reads(s3, mounts, exports
     other = next(f for f in files if f != victim)
     assert mountutil.cmp(ref / other, m.path(other)).code == 0
     assert it.name in victim
+
+
+def test_two_nodes_each_fetch_only_their_own_ranks(s3, mounts):
+    """Two mounts of one bucket, as two nodes of a tp=2 job from a tp=4 save: each reads its own
+    rank's file. Beyond what a mount fetches at start (headers, small files), each fetches
+    exactly the source objects its file's pieces lie in (these objects are under one block
+    each, so fetched whole), and no other. (Replicated tensors are read from the lowest rank
+    holding them: node b also fetches rank 0's object for its norms.)"""
+    args = ["--mesh", "tp=2"]
+    plan = json.loads(_run_env([ckpt.binary(), "plan", remote("tp4"), *args, "--json"], s3.env(), 60).stdout)
+    it = plan["iterations"][0]
+    size = {p.name: p.stat().st_size for p in local("tp4").rglob("*.safetensors")}
+    fetched, needed = [], []
+    for rank, name in enumerate(["node-a", "node-b"]):
+        vf = next(f for f in it["files"] if f["rank"] == rank and f["kind"] == "model")
+        m = s3_mount(mounts, s3.env(), remote("tp4"), args, name=name)
+        start = m.stats()["s3_bytes_fetched"]
+        rel = f"{it['name']}/{vf['name']}" if it["name"] else vf["name"]
+        assert mountutil.cat(m.path(rel)).code == 0
+        fetched.append(m.stats()["s3_bytes_fetched"] - start)
+        needed.append(sum(size[f] for f in {p["file"] for t in vf["tensors"] for p in t["pieces"]}))
+    assert fetched == needed, (fetched, needed)
+    assert all(n < sum(size.values()) for n in needed), "neither node needs the whole save"
