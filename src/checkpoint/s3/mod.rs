@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod creds;
+#[cfg(test)]
+pub mod mem;
 pub mod store;
 
 use crate::bail;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::client::{Client, Listing, Retry, S3Error};
+use super::client::{Client, Counters, Listing, Object, Retry, S3Error};
 use super::creds::{self, Settings};
 use crate::checkpoint::header::{header_len, parse_header_of};
 use crate::checkpoint::mapped::RankFile;
@@ -104,9 +104,17 @@ pub fn for_bucket(bucket: &str) -> Result<Arc<ObjectStore>> {
         options.retry,
         ca.as_deref().filter(|_| https),
     )?;
-    let store = Arc::new(ObjectStore::new(client, options.cache_bytes));
+    let store = ObjectStore::new(Box::new(client), options.cache_bytes);
     stores.push(store.clone());
     Ok(store)
+}
+
+/// Makes `store` the one `s3://` paths of its bucket name: how the tests
+/// put a bucket in memory ([`super::mem`]) behind every reader.
+pub fn register(store: Arc<ObjectStore>) {
+    let mut stores = lock(&STORES);
+    stores.retain(|s| s.client.bucket() != store.client.bucket());
+    stores.push(store);
 }
 
 /// What every store's client did, summed: requests, bytes fetched,
@@ -115,7 +123,7 @@ pub fn totals() -> [u64; 4] {
     let stores = lock(&STORES);
     let mut t = [0u64; 4];
     for s in stores.iter() {
-        let c = &s.client.counters;
+        let c = s.client.counters();
         t[0] += c.requests.load(Ordering::Relaxed);
         t[1] += c.bytes.load(Ordering::Relaxed);
         t[2] += c.retries.load(Ordering::Relaxed);
@@ -126,9 +134,57 @@ pub fn totals() -> [u64; 4] {
 
 type Slot = Arc<OnceLock<std::result::Result<Arc<[u8]>, S3Error>>>;
 
+/// What a store asks of the service: the client over HTTP, or, in the
+/// unit tests, objects in memory with faults injected on demand
+/// ([`mem::Objects`]), as mountpoint-s3 keeps a mock and a failure client
+/// beside its real one.
+pub trait Backend: Send + Sync {
+    fn bucket(&self) -> &str;
+    /// One level of the listing under `prefix` (delimiter `/`).
+    fn list(&self, prefix: &str) -> std::result::Result<Listing, S3Error>;
+    /// Bytes `[offset, offset + buf.len())` of `key`, only from the object
+    /// whose ETag is `etag`.
+    fn get_range(
+        &self,
+        key: &str,
+        etag: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), S3Error>;
+    /// The whole object if it holds at most `cap` bytes.
+    fn get_whole(&self, key: &str, cap: u64) -> std::result::Result<Vec<u8>, S3Error>;
+    fn counters(&self) -> &Counters;
+}
+
+impl Backend for Client {
+    fn bucket(&self) -> &str {
+        Client::bucket(self)
+    }
+    fn list(&self, prefix: &str) -> std::result::Result<Listing, S3Error> {
+        Client::list(self, prefix)
+    }
+    fn get_range(
+        &self,
+        key: &str,
+        etag: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), S3Error> {
+        Client::get_range(self, key, etag, offset, buf)
+    }
+    fn get_whole(&self, key: &str, cap: u64) -> std::result::Result<Vec<u8>, S3Error> {
+        Client::get_whole(self, key, cap).map(|(data, _)| data)
+    }
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
 /// One bucket: its client, the listings read so far, the block cache.
 pub struct ObjectStore {
-    client: Client,
+    client: Box<dyn Backend>,
+    /// Itself, for the files it opens to hold.
+    me: std::sync::Weak<ObjectStore>,
     listings: Mutex<HashMap<String, Arc<Listing>>>,
     blocks: Mutex<lru::LruCache<(u64, u64), Slot>>,
     next_id: AtomicU64,
@@ -156,17 +212,20 @@ fn input(e: S3Error) -> Error {
 }
 
 impl ObjectStore {
-    fn new(client: Client, cache_bytes: u64) -> ObjectStore {
+    /// A store over `client` whose block cache holds `cache_bytes` (at
+    /// least two blocks).
+    pub fn new(client: Box<dyn Backend>, cache_bytes: u64) -> Arc<ObjectStore> {
         let blocks = (cache_bytes / BLOCK_SIZE).max(2) as usize;
-        ObjectStore {
+        Arc::new_cyclic(|me| ObjectStore {
             client,
+            me: me.clone(),
             listings: Mutex::new(HashMap::new()),
             blocks: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(blocks).unwrap_or(NonZeroUsize::MIN),
             )),
             next_id: AtomicU64::new(0),
             fetch: OnceLock::new(),
-        }
+        })
     }
 
     /// The key `path` names (`s3://bucket/key`), without a trailing `/`.
@@ -196,7 +255,7 @@ impl ObjectStore {
     }
 
     /// The object `name` of folder `dir_key`, as listed.
-    fn object(&self, dir_key: &str, name: &str) -> Result<Option<super::client::Object>> {
+    fn object(&self, dir_key: &str, name: &str) -> Result<Option<Object>> {
         let l = self.listing(dir_key)?;
         let key = join(dir_key, name);
         Ok(l.objects.iter().find(|o| o.key == key).cloned())
@@ -320,7 +379,7 @@ impl Store for ObjectStore {
 
     fn read_small(&self, path: &Path, cap: u64) -> Result<Vec<u8>> {
         let key = self.key(path)?;
-        let (data, _) = self.client.get_whole(&key, cap).map_err(|e| match e {
+        let data = self.client.get_whole(&key, cap).map_err(|e| match e {
             S3Error::Failed { reason, .. } if reason.contains("more than") => bad!(
                 "{}: more than the {cap} bytes this file may hold",
                 path.display()
@@ -365,7 +424,10 @@ impl Store for ObjectStore {
                 .map_err(input)?;
         }
         let tensors = parse_header_of(&head, obj.size).map_err(bad_header)?;
-        let store = for_bucket(self.client.bucket())?;
+        let store = self
+            .me
+            .upgrade()
+            .ok_or_else(|| crate::internal!("an object store opened a file while dropped"))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let file = ObjectFile(Arc::new(Obj {
             store,
@@ -497,5 +559,221 @@ impl ObjectFile {
         let end = offset.saturating_add(len).min(self.0.size);
         (offset / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE))
             .all(|i| self.0.store.is_cached(self.0.id, i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mem::{Fault, Objects};
+    use super::*;
+    use crate::checkpoint::source::Source;
+    use crate::reshard::engine::Engine;
+    use crate::reshard::plan::Plan;
+    use crate::reshard::target::TargetSpec;
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tp4-f32");
+
+    /// A bucket in memory named `bucket`, holding the tp=4 fixture under
+    /// `tp4/`, registered for `s3://bucket/...`; and its objects.
+    fn bucket(bucket: &str, cache: u64) -> (Arc<ObjectStore>, &'static Objects) {
+        let objects: &'static Objects = Box::leak(Box::new(Objects::new(bucket)));
+        for e in walk(Path::new(FIXTURE)) {
+            let rel = e
+                .strip_prefix(FIXTURE)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            objects.put(&format!("tp4/{rel}"), std::fs::read(&e).unwrap());
+        }
+        struct Shared(&'static Objects);
+        impl Backend for Shared {
+            fn bucket(&self) -> &str {
+                self.0.bucket()
+            }
+            fn list(&self, p: &str) -> std::result::Result<Listing, S3Error> {
+                self.0.list(p)
+            }
+            fn get_range(
+                &self,
+                k: &str,
+                e: &str,
+                o: u64,
+                b: &mut [u8],
+            ) -> std::result::Result<(), S3Error> {
+                self.0.get_range(k, e, o, b)
+            }
+            fn get_whole(&self, k: &str, c: u64) -> std::result::Result<Vec<u8>, S3Error> {
+                self.0.get_whole(k, c)
+            }
+            fn counters(&self) -> &Counters {
+                self.0.counters()
+            }
+        }
+        let store = ObjectStore::new(Box::new(Shared(objects)), cache);
+        register(store.clone());
+        (store, objects)
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    fn tp2() -> TargetSpec {
+        TargetSpec::Mesh {
+            sizes: vec![("tp".into(), 2)],
+            pp: None,
+            offset: None,
+        }
+    }
+
+    /// Every view file, read whole in `chunk`-byte reads.
+    fn read_all(plan: &Plan, chunk: usize) -> Vec<std::result::Result<Vec<u8>, String>> {
+        let engine = Engine::new(plan);
+        (0..plan.iterations[0].files.len())
+            .map(|f| {
+                let mut out = vec![0u8; engine.size(0, f) as usize];
+                for (i, part) in out.chunks_mut(chunk).enumerate() {
+                    engine
+                        .read(0, f, (i * chunk) as u64, part)
+                        .map_err(|e| e.to_string())?;
+                }
+                Ok(out)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_view_from_a_bucket_is_the_view_from_disk() {
+        let (_, objects) = bucket("mem-same", DEFAULT_CACHE);
+        let remote =
+            Plan::build(Source::open(Path::new("s3://mem-same/tp4")).unwrap(), tp2()).unwrap();
+        let local = Plan::build(Source::open(Path::new(FIXTURE)).unwrap(), tp2()).unwrap();
+        assert_eq!(remote.source.path, Path::new("s3://mem-same/tp4"));
+        for chunk in [4096, 1 << 20] {
+            let want: Vec<_> = read_all(&local, chunk);
+            assert_eq!(read_all(&remote, chunk), want);
+        }
+        // Headers at open, then each object's one block once: the second
+        // pass came from the cache.
+        let data_gets = objects.gets.lock().unwrap().len();
+        assert_eq!(data_gets, 2 * 4, "a header GET and a block GET per object");
+    }
+
+    #[test]
+    fn an_object_changed_under_a_view_fails_its_reads_for_good() {
+        let (_, objects) = bucket("mem-changed", DEFAULT_CACHE);
+        let plan = Plan::build(
+            Source::open(Path::new("s3://mem-changed/tp4")).unwrap(),
+            tp2(),
+        )
+        .unwrap();
+        let it = &plan.source.iterations[0];
+        let victim = it
+            .files
+            .iter()
+            .position(|f| f.name.starts_with("model-0000002"))
+            .unwrap();
+        let key = format!(
+            "tp4/{}/{}",
+            it.dir.file_name().unwrap().to_string_lossy(),
+            it.files[victim].name
+        );
+        let mut data = std::fs::read(Path::new(FIXTURE).join(&key[4..])).unwrap();
+        *data.last_mut().unwrap() ^= 1;
+        objects.put(&key, data);
+        // View rank 1 reads source ranks 2 and 3; rank 0 only 0 and 1.
+        let got = read_all(&plan, 1 << 20);
+        assert!(got[0].is_ok(), "{:?}", got[0].as_ref().err());
+        let err = got[1].as_ref().unwrap_err();
+        assert!(
+            err.contains("the source file changed") && err.contains(&key),
+            "{err}"
+        );
+        assert!(it.files[victim].is_damaged() && !it.files[victim].is_unchanged());
+        assert!(read_all(&plan, 1 << 20)[1].is_err(), "still failing");
+    }
+
+    #[test]
+    fn an_unreachable_store_fails_only_the_reads_that_meet_it() {
+        let (_, objects) = bucket("mem-down", DEFAULT_CACHE);
+        let plan =
+            Plan::build(Source::open(Path::new("s3://mem-down/tp4")).unwrap(), tp2()).unwrap();
+        let want = read_all(
+            &Plan::build(Source::open(Path::new(FIXTURE)).unwrap(), tp2()).unwrap(),
+            1 << 20,
+        );
+        objects.arm(&[Fault::Unreachable; 4]);
+        let first = read_all(&plan, 1 << 20);
+        assert!(first.iter().any(|r| r.is_err()), "the faults must be met");
+        // Nothing is marked damaged, and once the store answers every byte reads.
+        assert!(
+            plan.source.iterations[0]
+                .files
+                .iter()
+                .all(|f| !f.is_damaged())
+        );
+        let mut again = read_all(&plan, 1 << 20);
+        for _ in 0..4 {
+            if again.iter().all(|r| r.is_ok()) {
+                break;
+            }
+            again = read_all(&plan, 1 << 20);
+        }
+        assert_eq!(again, want);
+    }
+
+    #[test]
+    fn a_block_is_fetched_once_however_many_wait_and_the_cache_is_bounded() {
+        let (store, objects) = bucket("mem-once", 2 * BLOCK_SIZE);
+        let src = Source::open(Path::new("s3://mem-once/tp4")).unwrap();
+        let files: Vec<&ObjectFile> = src.iterations[0]
+            .files
+            .iter()
+            .map(|f| f.object().unwrap())
+            .collect();
+        let gets = || objects.gets.lock().unwrap().len();
+        let opened = gets();
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| files[0].block(0).unwrap());
+            }
+        });
+        assert_eq!(gets(), opened + 1, "eight readers, one GET");
+        files[1].block(0).unwrap();
+        files[2].block(0).unwrap();
+        // Two blocks fit: the first was evicted, and is fetched again.
+        assert!(!files[0].is_cached(0, 1) && files[2].is_cached(0, 1));
+        files[0].block(0).unwrap();
+        assert_eq!(gets(), opened + 4);
+        assert!(lock(&store.blocks).len() <= 2);
+    }
+
+    #[test]
+    fn a_missing_or_short_object_is_refused_naming_it() {
+        let (_, objects) = bucket("mem-bad", DEFAULT_CACHE);
+        let it = "tp4/iteration_00000005";
+        let name = "model-0000001-0000004.safetensors";
+        let data = std::fs::read(Path::new(FIXTURE).join("iteration_00000005").join(name)).unwrap();
+        objects.put(&format!("{it}/{name}"), data[..data.len() - 8].to_vec());
+        let e = Source::open(Path::new("s3://mem-bad/tp4"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("s3://mem-bad/{it}/{name}")) && e.contains("end of the file"),
+            "{e}"
+        );
+        let e = Source::open(Path::new("s3://mem-bad/nothing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("s3://mem-bad/nothing: not a directory"), "{e}");
     }
 }
