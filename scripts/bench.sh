@@ -7,6 +7,7 @@
 #   scripts/bench.sh [--size-gib N] [--workdir DIR] [--keep] [--reps N] [--only 11,12,...]
 #                    [--cold-reps N] [--cold-size-gib N] [--pt-size-gib N]
 #   scripts/bench.sh qwen3 [--reps N] [--keep] [--quick]   # the Hugging Face bridge rows only
+#   scripts/bench.sh s3 [--reps N] [--layers N] [--latency-ms MS] [--keep]   # object-store rows
 #
 # Without `qwen3`, the Hugging Face bridge rows (scripts/bench_qwen3.py: Q1-Q3)
 # run after the others unless BENCH_QWEN3=0.
@@ -31,6 +32,17 @@ if { ! command -v sshfs >/dev/null || [ ! -x /usr/sbin/sshd ]; } && [ "$(id -u)"
         || echo "bench: could not install them; section 13 will fail" >&2
 fi
 cargo build --release --quiet
+if [ "${1:-}" = s3 ]; then
+    shift
+    # The S3 server (s3rver, npm) and the clients compared with (Debian's rclone and s3fs).
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        for t in rclone s3fs npm; do
+            command -v "$t" >/dev/null || { apt-get update -qq >&2; apt-get install -y -qq rclone s3fs nodejs npm >&2; break; }
+        done
+    fi
+    [ -d tests/s3/node_modules/s3rver ] || npm ci --prefix tests/s3 --no-audit --no-fund --loglevel=error
+    exec "$PY" scripts/bench_s3.py "$@"
+fi
 if [ "${1:-}" = qwen3 ]; then
     shift
     exec "$PY" scripts/bench_qwen3.py "$@"

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Object-store rows of the benchmark (`scripts/bench.sh s3`): a synthetic tp=8 checkpoint in a
+file-backed S3 server on loopback (s3rver, tests/s3), read
+
+  S1  by rclone copy (8 parallel transfers) into /dev/shm: what the server delivers to a
+      well-known parallel client, the baseline of every ratio;
+  S2  as a tp=2 view and S3 as an `--unshard` view, through a fresh `reshardfs mount s3://...`,
+      every view file read once with cat: throughput as a ratio of S1's;
+  S4  the tp=2 view through reshardfs mounted on s3fs (Debian's FUSE S3 client), what users
+      stack today: its time against S2's;
+  S5-S7 the same three through a proxy that holds every request --latency-ms (default 10), as an
+      object store across a network does;
+
+with, for S2/S3, the read amplification (bytes fetched from the store / bytes the view holds) and
+the daemon's peak RSS against its bound (--cache-size + --s3-cache-size + the prefetch window +
+64 MiB). The page cache is dropped before every pass (the server's files are read from disk);
+runs are interleaved, each figure the median of --reps with its spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests" / "python"))
+
+import bench  # noqa: E402  (run, cat, drop_caches, median, spread_text, proc_status, Mounts, view_files)
+from s3util import FaultProxy, S3Server, KEY, SECRET  # noqa: E402
+
+BUCKET = "bench"
+MiB = 1 << 20
+
+
+def log(msg):
+    bench.log(msg)
+
+
+def rclone(conf: Path, endpoint: str, dest: Path) -> float:
+    conf.write_text(
+        f"[s]\ntype = s3\nprovider = Other\naccess_key_id = {KEY}\nsecret_access_key = {SECRET}\n"
+        f"endpoint = {endpoint}\n"
+    )
+    shutil.rmtree(dest, ignore_errors=True)
+    # rclone refuses a plain-http endpoint while AWS_CA_BUNDLE is set.
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    dt, _ = bench.run(["rclone", "--config", conf, "copy", "--transfers", "8", f"s:{BUCKET}/ck", dest],
+                      env=env, capture_output=True, text=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    return dt
+
+
+def native(mounts, endpoint, mnt, args):
+    """(seconds to read every view file once, view bytes, bytes fetched, peak RSS) of a fresh mount."""
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    mounts.mount(f"s3://{BUCKET}/ck", mnt, *args)
+    files = bench.view_files(mnt)
+    size = sum(os.stat(f).st_size for f in files)
+    start = mounts.stats(mnt)["s3_bytes_fetched"]
+    dt = bench.cat(files)
+    st = mounts.stats(mnt)
+    rss = bench.proc_status(st["pid"]).get("VmHWM", 0)
+    mounts.umount(mnt, "s3")
+    return dt, size, st["s3_bytes_fetched"] - start, rss
+
+
+class S3fs:
+    def __init__(self, work: Path):
+        self.mnt = work / "s3fs"
+        self.passwd = work / "s3fs.passwd"
+        self.passwd.write_text(f"{KEY}:{SECRET}\n")
+        self.passwd.chmod(0o600)
+
+    def mount(self, endpoint):
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        bench.run(["s3fs", BUCKET, self.mnt, "-o", f"url={endpoint}", "-o", "use_path_request_style",
+                   "-o", f"passwd_file={self.passwd}", "-o", "ro"], capture_output=True, text=True)
+        deadline = time.time() + 10
+        while not os.path.ismount(self.mnt) and time.time() < deadline:
+            time.sleep(0.05)
+
+    def umount(self):
+        subprocess.run(["umount", str(self.mnt)], stderr=subprocess.DEVNULL)
+        if os.path.ismount(self.mnt):
+            subprocess.run(["umount", "-l", str(self.mnt)], stderr=subprocess.DEVNULL)
+
+
+def stacked(mounts, s3fs, endpoint, mnt, args):
+    s3fs.mount(endpoint)
+    try:
+        mounts.mount(s3fs.mnt / "ck", mnt, *args)
+        dt = bench.cat(bench.view_files(mnt))
+        mounts.umount(mnt, "s3fs")
+        return dt
+    finally:
+        s3fs.umount()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="/var/tmp/reshardfs-bench-s3")
+    ap.add_argument("--layers", type=int, default=8, help="of the synthetic model (8: about 1.2 GiB)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--latency-ms", type=float, default=10.0)
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the server's data")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_s3: needs root (drops the page cache, mounts s3fs)")
+    for tool in ("rclone", "s3fs", "node"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench_s3: {tool} is missing (Debian: apt-get install rclone s3fs nodejs npm)")
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    ck = work / f"ck-{a.layers}"
+    if not ck.exists():
+        log(f"writing a tp=8 checkpoint of {a.layers} layers")
+        bench.run([sys.executable, HERE / "synth_checkpoint.py", ck, "--layers", a.layers, "--hidden", 2048,
+                   "--vocab", 32000, "--tp", 8, "--fill", "random"], capture_output=True, text=True)
+    src_bytes = sum(p.stat().st_size for p in ck.rglob("*") if p.is_file())
+    srv = S3Server(work / "server", buckets=(BUCKET,))
+    srv.start()
+    proxy = None
+    mounts = bench.Mounts(str(ROOT / "target" / "release" / "reshardfs"))
+    s3fs = S3fs(work)
+    try:
+        log(f"uploading {src_bytes / MiB:.0f} MiB")
+        srv.upload_tree(ck, BUCKET, "ck")
+        os.environ.update(srv.env())
+        proxy = FaultProxy(srv.port)
+        proxy.delay = a.latency_ms / 1000
+        conf = work / "rclone.conf"
+        shm = Path("/dev/shm/reshardfs-bench-s3")
+        mnt = work / "mnt"
+        rows = {}
+        configs = []
+        for where, ep in (("loopback", srv.endpoint), (f"{a.latency_ms:g} ms", proxy.endpoint)):
+            configs += [
+                (where, "rclone copy --transfers 8", lambda ep=ep: (rclone(conf, ep, shm), None)),
+                (where, "reshardfs s3:// tp8 -> tp2", lambda ep=ep: (None, native(mounts, ep, mnt, ["--mesh", "tp=2"]))),
+                (where, "reshardfs s3:// --unshard", lambda ep=ep: (None, native(mounts, ep, mnt, ["--unshard"]))),
+                (where, "reshardfs on s3fs, tp8 -> tp2", lambda ep=ep: (stacked(mounts, s3fs, ep, mnt, ["--mesh", "tp=2"]), None)),
+            ]
+        for rep in range(a.reps):
+            order = configs[rep % len(configs):] + configs[: rep % len(configs)]
+            for where, name, fn in order:
+                bench.drop_caches()
+                t, nat = fn()
+                r = rows.setdefault((where, name), {"t": [], "amp": [], "rss": [], "size": 0})
+                if nat:
+                    dt, size, fetched, rss = nat
+                    r["t"].append(dt)
+                    r["amp"].append(fetched / size)
+                    r["rss"].append(rss)
+                    r["size"] = size
+                else:
+                    r["t"].append(t)
+                    r["size"] = src_bytes
+                log(f"rep {rep + 1}/{a.reps} {where:>9} {name}: {r['t'][-1]:.2f} s")
+        bound = (1024 + 256 + 16 + 64) * MiB
+        print(f"\n## Object store (s3rver on loopback; {src_bytes / MiB:.0f} MiB tp=8 checkpoint; "
+              f"medians of {a.reps}, spread min..max)\n")
+        print("| where | reader | time | throughput | ratio | amplification | peak RSS |")
+        print("|---|---|---|---|---|---|---|")
+        for where in dict.fromkeys(w for w, _ in rows):
+            base = rows[(where, "rclone copy --transfers 8")]
+            base_tput = base["size"] / bench.median(base["t"])
+            nat_t = bench.median(rows[(where, "reshardfs s3:// tp8 -> tp2")]["t"])
+            for (w, name), r in rows.items():
+                if w != where:
+                    continue
+                med = bench.median(r["t"])
+                tput = r["size"] / med
+                if name.startswith("reshardfs on s3fs"):
+                    ratio = f"{med / nat_t:.2f}x the time of native tp2"
+                else:
+                    ratio = f"{tput / base_tput:.2f}x rclone"
+                amp = f"{bench.median(r['amp']):.4f}" if r["amp"] else ""
+                rss = f"{max(r['rss']) / MiB:.0f} MiB (bound {bound / MiB:.0f})" if r["rss"] else ""
+                print(f"| {where} | {name} | {med:.2f} s ({bench.spread_text(r['t'])}) | "
+                      f"{tput / MiB:.0f} MiB/s | {ratio} | {amp} | {rss} |")
+    finally:
+        mounts.cleanup()
+        s3fs.umount()
+        if proxy:
+            proxy.close()
+        srv.stop()
+        shutil.rmtree("/dev/shm/reshardfs-bench-s3", ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(work / "server", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
