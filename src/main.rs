@@ -194,9 +194,11 @@ enum Command {
         /// How far ahead of a sequential reader view bytes are computed,
         /// when their source is not yet in the page cache (and, on a FUSE or
         /// network source such as sshfs or NFS, asked of it a readahead
-        /// window at a time); at most half the cache.
-        #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size)]
-        prefetch_window: u64,
+        /// window at a time; from an object store, fetched), at most half the
+        /// cache [default: 16M; 64M from an object store, where it keeps 8
+        /// GETs of 4 MiB in flight].
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        prefetch_window: Option<u64>,
         /// Compute and ask for nothing ahead of readers.
         #[arg(long)]
         no_prefetch: bool,
@@ -607,8 +609,15 @@ fn run(command: Command) -> Result<()> {
             let prefetch = if no_prefetch {
                 PrefetchConfig::off()
             } else {
+                // Objects are fetched in 4 MiB blocks by 8 fetchers: a window
+                // of 16 blocks keeps them busy (16 MiB kept 4 in flight).
+                let default = if plan.source.is_remote() {
+                    64 << 20
+                } else {
+                    16 << 20
+                };
                 PrefetchConfig {
-                    window: prefetch_window,
+                    window: prefetch_window.unwrap_or(default),
                     // For measuring and testing only (docs/DESIGN.md lists it).
                     mode: std::env::var(prefetch::Mode::ENV)
                         .map_or(prefetch::Mode::Auto, |v| prefetch::Mode::parse(&v)),

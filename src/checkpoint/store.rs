@@ -99,11 +99,19 @@ impl Store for Local {
     }
 
     fn kind(&self, path: &Path) -> Result<Option<EntryKind>> {
-        Ok(match std::fs::metadata(path) {
-            Ok(m) if m.is_dir() => Some(EntryKind::Dir),
-            Ok(_) => Some(EntryKind::File),
-            Err(_) => None,
-        })
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => Ok(Some(EntryKind::Dir)),
+            Ok(_) => Ok(Some(EntryKind::File)),
+            // Nothing there (or a dangling link): absent. Anything else (a
+            // dead mount's ENOTCONN, EACCES) is the user's to know.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(source_io(path, e)),
+        }
     }
 
     fn read_small(&self, path: &Path, cap: u64) -> Result<Vec<u8>> {

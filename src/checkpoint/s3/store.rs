@@ -283,6 +283,20 @@ impl ObjectStore {
             .is_some_and(|s| matches!(s.get(), Some(Ok(_))))
     }
 
+    /// Makes a slot for block `block` of file `id` unless there is one
+    /// (cached, or being fetched): `true` when it is new, and so worth
+    /// handing to a fetcher. Without it every prefetch pass queued the
+    /// blocks still in flight again, and fetchers sat waiting on each
+    /// other's GETs instead of starting new ones.
+    fn want(&self, id: u64, block: u64) -> bool {
+        let mut blocks = lock(&self.blocks);
+        if blocks.get(&(id, block)).is_some() {
+            return false;
+        }
+        blocks.put((id, block), Arc::new(OnceLock::new()));
+        true
+    }
+
     /// The queue of the fetchers, started on first use.
     fn fetchers(&self) -> &SyncSender<(ObjectFile, u64)> {
         self.fetch.get_or_init(|| {
@@ -548,7 +562,9 @@ impl ObjectFile {
         let end = offset.saturating_add(len).min(self.0.size);
         let q = self.0.store.fetchers();
         for i in offset / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE) {
-            if !self.0.store.is_cached(self.0.id, i) && q.try_send((self.clone(), i)).is_err() {
+            // A block left out when the queue is full keeps its empty slot:
+            // the reader that needs it fetches it into that slot itself.
+            if self.0.store.want(self.0.id, i) && q.try_send((self.clone(), i)).is_err() {
                 break;
             }
         }
