@@ -75,6 +75,16 @@ struct S3Args {
     /// --cache-size's cache of view blocks [default: 256M].
     #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
     s3_cache_size: Option<u64>,
+    /// Keep object blocks and headers in DIR too (made 0700 if missing), so
+    /// that the next start on this machine fetches only what changed. Off
+    /// by default. Each block is named by its object's key and ETag: a
+    /// replaced object is never served from it.
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Bound of --cache-dir; the least recently used blocks go first
+    /// [default: 10G].
+    #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size, requires = "cache_dir")]
+    cache_dir_size: Option<u64>,
 }
 
 impl S3Args {
@@ -96,6 +106,11 @@ impl S3Args {
         if let Some(c) = self.s3_cache_size {
             o.cache_bytes = c;
         }
+        // Absolute: the mount's daemon leaves the working directory.
+        o.cache_dir = self.cache_dir.as_ref().map(|d| {
+            let d = std::path::absolute(d).unwrap_or_else(|_| d.clone());
+            (d, self.cache_dir_size.unwrap_or(10 << 30))
+        });
         o
     }
 }

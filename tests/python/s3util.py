@@ -209,16 +209,8 @@ class FaultProxy:
                 if up is None:
                     up = socket.create_connection(("127.0.0.1", self.upstream), timeout=60)
                 up.sendall(req)
-                resp = self._read_response(up, head_only=req.startswith(b"HEAD"))
-                if resp is None:
+                if not self._relay(up, c, head_only=req.startswith(b"HEAD"), truncate=fault == "truncate"):
                     return
-                if fault == "truncate":
-                    cut = len(resp) - max(1, (len(resp) - resp.index(b"\r\n\r\n")) // 2)
-                    c.sendall(resp[:cut])
-                    return
-                with self.lock:
-                    self.bytes_out += len(resp)
-                c.sendall(resp)
         except OSError:
             return
         finally:
@@ -226,9 +218,59 @@ class FaultProxy:
             if up is not None:
                 up.close()
 
-    @staticmethod
-    def _read_response(up, head_only=False) -> bytes | None:
+    def _relay(self, up, c, head_only=False, truncate=False) -> bool:
+        """Forwards one response from `up` to `c` as it arrives (a body of known length is
+        streamed, not held: the proxy must not be what limits throughput); `truncate` sends the
+        head and half the body, then gives up. False when the connection is done."""
         buf = b""
+        while b"\r\n\r\n" not in buf:
+            d = up.recv(65536)
+            if not d:
+                return False
+            buf += d
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        n, chunked = None, False
+        for line in head.split(b"\r\n")[1:]:
+            k, _, v = line.partition(b":")
+            k = k.strip().lower()
+            if k == b"content-length":
+                n = int(v.strip())
+            if k == b"transfer-encoding" and b"chunked" in v.lower():
+                chunked = True
+        if chunked or n is None or head_only or head.split(b" ")[1] in (b"204", b"304"):
+            # Small answers (listings, errors): held whole, as before.
+            resp = self._read_response(up, head_only, first=buf)
+            if resp is None:
+                return False
+            if truncate:
+                cut = len(resp) - max(1, (len(resp) - resp.index(b"\r\n\r\n")) // 2)
+                c.sendall(resp[:cut])
+                return False
+            with self.lock:
+                self.bytes_out += len(resp)
+            c.sendall(resp)
+            return True
+        limit = max(1, n // 2) if truncate else n
+        c.sendall(head + b"\r\n\r\n")
+        sent = 0
+        if rest:
+            part = rest[:limit]
+            c.sendall(part)
+            sent += len(part)
+        while sent < limit:
+            d = up.recv(min(1 << 20, n - sent))
+            if not d:
+                return False
+            d = d[: limit - sent]
+            c.sendall(d)
+            sent += len(d)
+        with self.lock:
+            self.bytes_out += len(head) + 4 + sent
+        return not truncate
+
+    @staticmethod
+    def _read_response(up, head_only=False, first=b"") -> bytes | None:
+        buf = first
         while b"\r\n\r\n" not in buf:
             d = up.recv(65536)
             if not d:
@@ -245,6 +287,7 @@ class FaultProxy:
                 chunked = True
         if head_only or head.split(b" ")[1] in (b"204", b"304"):
             return head + b"\r\n\r\n"
+        rest = bytearray(rest)
         if chunked:
             while not rest.endswith(b"0\r\n\r\n"):
                 d = up.recv(65536)
@@ -257,7 +300,7 @@ class FaultProxy:
                 if not d:
                     return None
                 rest += d
-        return head + b"\r\n\r\n" + rest
+        return head + b"\r\n\r\n" + bytes(rest)
 
     def close(self):
         self.stopping = True

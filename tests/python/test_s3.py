@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -276,3 +277,46 @@ def test_two_nodes_each_fetch_only_their_own_ranks(s3, mounts):
         needed.append(sum(size[f] for f in {p["file"] for t in vf["tensors"] for p in t["pieces"]}))
     assert fetched == needed, (fetched, needed)
     assert all(n < sum(size.values()) for n in needed), "neither node needs the whole save"
+
+
+def test_a_cache_dir_serves_the_next_start(s3, mounts, exports, tmp_path):
+    """--cache-dir: a second mount on the same machine fetches no block and no header again
+    (only the listings and the small files), and serves the same bytes; a replaced object is
+    fetched anew, never served from the folder; the folder keeps its bound."""
+    fx = FIXTURES / "tp4-f32"
+    s3.upload_tree(fx, BUCKET, "tp4-cached")
+    cache = tmp_path / "cache"
+    args = ["--cache-dir", cache, "--mesh", "tp=2"]
+    ref = exports(fx, ["--mesh", "tp=2"])
+    small = sum(p.stat().st_size for p in fx.rglob("*") if p.is_file() and p.suffix != ".safetensors")
+    fetched = []
+    for run in range(2):
+        m = s3_mount(mounts, s3.env(), f"s3://{BUCKET}/tp4-cached", args, name=f"mnt{run}")
+        for rel in files_under(ref):
+            assert mountutil.cmp(ref / rel, m.path(rel)).code == 0, rel
+        fetched.append(m.stats()["s3_bytes_fetched"])
+        m.cleanup()
+    total = sum(p.stat().st_size for p in fx.rglob("*"))
+    assert fetched[0] > total and fetched[1] == small, (fetched, total, small)
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    # One object replaced by other bytes (a new ETag): the next start fetches it (its header and
+    # its block) and nothing else, and serves the new bytes, as a view of the changed save on disk.
+    changed = tmp_path / "changed"
+    shutil.copytree(fx, changed)
+    it = next(p for p in changed.iterdir() if p.name.startswith("iteration_"))
+    name = sorted(f.name for f in it.glob("*.safetensors"))[0]
+    data = bytearray((it / name).read_bytes())
+    data[-4:] = b"\x00\x00\xc0\x7f"
+    (it / name).write_bytes(bytes(data))
+    s3.put(BUCKET, f"tp4-cached/{it.name}/{name}", bytes(data))
+    ref2 = exports(changed, ["--mesh", "tp=2"])
+    m = s3_mount(mounts, s3.env(), f"s3://{BUCKET}/tp4-cached", args, name="mnt2")
+    for rel in files_under(ref2):
+        assert mountutil.cmp(ref2 / rel, m.path(rel)).code == 0, rel
+    assert m.stats()["s3_bytes_fetched"] == small + min(len(data), 64 << 10) + len(data), m.stats()
+    m.cleanup()
+    # A bound smaller than what is kept: the folder is trimmed to it at start.
+    m = s3_mount(mounts, s3.env(), f"s3://{BUCKET}/tp4-cached", [*args, "--cache-dir-size", "200K"], name="mnt3")
+    assert mountutil.cat(m.path(files_under(ref)[0])).code == 0
+    m.cleanup()
+    assert sum(p.stat().st_size for p in cache.iterdir()) <= 200 << 10

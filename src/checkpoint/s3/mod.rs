@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod creds;
+pub mod disk;
 #[cfg(test)]
 pub mod mem;
 pub mod store;

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use super::client::{Client, Counters, Listing, Object, Retry, S3Error};
 use super::creds::{self, Settings};
+use super::disk;
 use crate::checkpoint::header::{header_len, parse_header_of};
 use crate::checkpoint::mapped::RankFile;
 use crate::checkpoint::paths::Links;
@@ -56,6 +57,8 @@ pub struct Options {
     pub no_sign: bool,
     pub retry: Retry,
     pub cache_bytes: u64,
+    /// `--cache-dir` and its bound.
+    pub cache_dir: Option<(PathBuf, u64)>,
 }
 
 impl Default for Options {
@@ -65,6 +68,7 @@ impl Default for Options {
             no_sign: false,
             retry: Retry::default(),
             cache_bytes: DEFAULT_CACHE,
+            cache_dir: None,
         }
     }
 }
@@ -104,7 +108,11 @@ pub fn for_bucket(bucket: &str) -> Result<Arc<ObjectStore>> {
         options.retry,
         ca.as_deref().filter(|_| https),
     )?;
-    let store = ObjectStore::new(Box::new(client), options.cache_bytes);
+    let disk = match &options.cache_dir {
+        Some((dir, bytes)) => Some(disk::DiskCache::open(dir, *bytes)?),
+        None => None,
+    };
+    let store = ObjectStore::with_disk(Box::new(client), options.cache_bytes, disk);
     stores.push(store.clone());
     Ok(store)
 }
@@ -189,6 +197,8 @@ pub struct ObjectStore {
     blocks: Mutex<lru::LruCache<(u64, u64), Slot>>,
     next_id: AtomicU64,
     fetch: OnceLock<SyncSender<(ObjectFile, u64)>>,
+    /// `--cache-dir`: blocks and headers kept on disk between runs.
+    disk: Option<disk::DiskCache>,
 }
 
 // A panic while a store is in use leaves nothing half-done that matters:
@@ -215,6 +225,15 @@ impl ObjectStore {
     /// A store over `client` whose block cache holds `cache_bytes` (at
     /// least two blocks).
     pub fn new(client: Box<dyn Backend>, cache_bytes: u64) -> Arc<ObjectStore> {
+        Self::with_disk(client, cache_bytes, None)
+    }
+
+    /// [`ObjectStore::new`], blocks and headers kept in `disk` too.
+    pub fn with_disk(
+        client: Box<dyn Backend>,
+        cache_bytes: u64,
+        disk: Option<disk::DiskCache>,
+    ) -> Arc<ObjectStore> {
         let blocks = (cache_bytes / BLOCK_SIZE).max(2) as usize;
         Arc::new_cyclic(|me| ObjectStore {
             client,
@@ -225,7 +244,33 @@ impl ObjectStore {
             )),
             next_id: AtomicU64::new(0),
             fetch: OnceLock::new(),
+            disk,
         })
+    }
+
+    /// Bytes `[offset, offset + buf.len())` of object `key` (version
+    /// `etag`), from the disk cache when it holds them under `name`, else
+    /// fetched (and kept there).
+    fn get_kept(
+        &self,
+        name: &str,
+        key: &str,
+        etag: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), S3Error> {
+        let parts = [self.client.bucket(), key, etag, name];
+        if let Some(d) = &self.disk
+            && let Some(data) = d.get(&parts, Some(buf.len()))
+        {
+            buf.copy_from_slice(&data);
+            return Ok(());
+        }
+        self.client.get_range(key, etag, offset, buf)?;
+        if let Some(d) = &self.disk {
+            d.put(&parts, buf);
+        }
+        Ok(())
     }
 
     /// The key `path` names (`s3://bucket/key`), without a trailing `/`.
@@ -344,6 +389,29 @@ fn join(dir_key: &str, name: &str) -> String {
     }
 }
 
+impl ObjectStore {
+    /// A rank file's header, fetched: the first 64 KiB hold most headers
+    /// whole; a longer one is read by a second GET of exactly what is
+    /// missing. What is returned is the 8-byte length and the header.
+    fn fetch_header(&self, obj: &Object, bad_header: &dyn Fn(String) -> Error) -> Result<Vec<u8>> {
+        let mut head = vec![0u8; obj.size.min(64 << 10) as usize];
+        self.client
+            .get_range(&obj.key, &obj.etag, 0, &mut head)
+            .map_err(input)?;
+        let n = header_len(&head, obj.size).map_err(bad_header)?;
+        let want = (8 + n) as usize;
+        if want > head.len() {
+            let have = head.len();
+            head.resize(want, 0);
+            self.client
+                .get_range(&obj.key, &obj.etag, have as u64, &mut head[have..])
+                .map_err(input)?;
+        }
+        head.truncate(want);
+        Ok(head)
+    }
+}
+
 impl Store for ObjectStore {
     fn list(&self, dir: &Path) -> Result<Vec<Entry>> {
         let key = self.key(dir)?;
@@ -422,22 +490,25 @@ impl Store for ObjectStore {
             );
         };
         let bad_header = |e: String| bad!("{}: {e}", path.display());
-        // The first 64 KiB hold most headers whole; a longer one is read
-        // by a second GET of exactly what is missing.
-        let mut head = vec![0u8; obj.size.min(64 << 10) as usize];
-        self.client
-            .get_range(&obj.key, &obj.etag, 0, &mut head)
-            .map_err(input)?;
-        let n = header_len(&head, obj.size).map_err(bad_header)?;
-        let want = (8 + n) as usize;
-        if want > head.len() {
-            let have = head.len();
-            head.resize(want, 0);
-            self.client
-                .get_range(&obj.key, &obj.etag, have as u64, &mut head[have..])
-                .map_err(input)?;
-        }
-        let tensors = parse_header_of(&head, obj.size).map_err(bad_header)?;
+        // A header kept on disk is used only if it still parses as this
+        // object's (the name pins the ETag; the parse checks the rest).
+        let kept = [self.client.bucket(), &obj.key, &obj.etag, "header"];
+        let from_disk = self
+            .disk
+            .as_ref()
+            .and_then(|d| d.get(&kept, None))
+            .and_then(|h| parse_header_of(&h, obj.size).ok());
+        let tensors = match from_disk {
+            Some(t) => t,
+            None => {
+                let head = self.fetch_header(&obj, &bad_header)?;
+                let t = parse_header_of(&head, obj.size).map_err(bad_header)?;
+                if let Some(d) = &self.disk {
+                    d.put(&kept, &head);
+                }
+                t
+            }
+        };
         let store = self
             .me
             .upgrade()
@@ -456,6 +527,7 @@ impl Store for ObjectStore {
 
     fn canonical(&self, path: &Path) -> Result<PathBuf> {
         let key = self.key(path)?;
+
         Ok(PathBuf::from(if key.is_empty() {
             format!("s3://{}", self.client.bucket())
         } else {
@@ -508,8 +580,7 @@ impl ObjectFile {
         let got = slot.get_or_init(|| {
             let mut buf = vec![0u8; len as usize];
             o.store
-                .client
-                .get_range(&o.key, &o.etag, start, &mut buf)
+                .get_kept(&i.to_string(), &o.key, &o.etag, start, &mut buf)
                 .map(|()| Arc::from(buf))
         });
         match got {
