@@ -71,7 +71,7 @@ struct S3Args {
     /// many seconds [default: 20].
     #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_seconds)]
     s3_timeout: Option<std::time::Duration>,
-    /// Bound of the cache of object blocks (4 MiB each), beside
+    /// Bound of the cache of object blocks (8 MiB each), beside
     /// --cache-size's cache of view blocks [default: 256M].
     #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
     s3_cache_size: Option<u64>,
@@ -211,7 +211,7 @@ enum Command {
         /// network source such as sshfs or NFS, asked of it a readahead
         /// window at a time; from an object store, fetched), at most half the
         /// cache [default: 16M; 64M from an object store, where it keeps 8
-        /// GETs of 4 MiB in flight].
+        /// GETs of 8 MiB in flight].
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         prefetch_window: Option<u64>,
         /// Compute and ask for nothing ahead of readers.
@@ -624,8 +624,8 @@ fn run(command: Command) -> Result<()> {
             let prefetch = if no_prefetch {
                 PrefetchConfig::off()
             } else {
-                // Objects are fetched in 4 MiB blocks by 8 fetchers: a window
-                // of 16 blocks keeps them busy (16 MiB kept 4 in flight).
+                // Objects are fetched in 8 MiB blocks by 8 fetchers: a window
+                // of 8 blocks keeps them busy (16 MiB kept 2 in flight).
                 let default = if plan.source.is_remote() {
                     64 << 20
                 } else {
