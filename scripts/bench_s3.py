@@ -11,6 +11,10 @@ file-backed S3 server on loopback (s3rver, tests/s3), read
   S5-S7 the same three through a proxy that holds every request --latency-ms (default 10), as an
       object store across a network does;
 
+  S9  the peer vLLM users load from S3 with: Run:ai Model Streamer (PyPI runai-model-streamer and
+      runai-model-streamer-s3 0.17.1, installed into WORKDIR) streaming a Qwen3-MoE-shaped Hugging
+      Face folder into CPU tensors, against safetensors' safe_open of the same folder through a
+      `reshardfs mount s3://... --model none --unshard`, every tensor read (--no-runai skips it);
   S8  a 70B-shaped checkpoint (80 layers, hidden 8192, tp=8 x pp=8 with optimizer states: 128
       rank files, sparse on the server's disk): `mount` + `ls -lR` of a fresh mount, the listing
       and every header fetched;
@@ -129,6 +133,51 @@ def place_sparse(srv: S3Server, src: Path, prefix: str) -> int:
     return n
 
 
+RUNAI = ["runai-model-streamer==0.17.1", "runai-model-streamer-s3==0.17.1"]
+
+RUNAI_READ = """
+import sys, time
+from runai_model_streamer import SafetensorsStreamer
+t = time.perf_counter(); n = 0
+with SafetensorsStreamer() as s:
+    s.stream_files(sys.argv[1:])
+    for _, x in s.get_tensors():
+        n += x.numel() * x.element_size()
+print(time.perf_counter() - t, n)
+"""
+
+SAFE_OPEN_READ = """
+import sys, time
+from safetensors import safe_open
+t = time.perf_counter(); n = 0
+for f in sys.argv[1:]:
+    with safe_open(f, "pt") as s:
+        for k in s.keys():
+            x = s.get_tensor(k)
+            n += x.numel() * x.element_size()
+print(time.perf_counter() - t, n)
+"""
+
+
+def runai_packages(work: Path) -> Path:
+    """Run:ai's streamer and its S3 backend in WORKDIR/runai-pkgs (torch and numpy come from the
+    project's venv)."""
+    pkgs = work / "runai-pkgs"
+    if not (pkgs / "runai_model_streamer_s3").exists():
+        log("installing runai-model-streamer into " + str(pkgs))
+        bench.run([sys.executable, "-m", "pip", "install", "-q", "--target", pkgs, "boto3", "humanize"],
+                  capture_output=True, text=True)
+        bench.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", pkgs, *RUNAI],
+                  capture_output=True, text=True)
+    return pkgs
+
+
+def timed_py(code, args, env=None):
+    _, r = bench.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    t, n = r.stdout.split()
+    return float(t), int(n)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/var/tmp/reshardfs-bench-s3")
@@ -136,6 +185,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--latency-ms", type=float, default=10.0)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the server's data")
+    ap.add_argument("--no-runai", action="store_true", help="skip row S9 (Run:ai's streamer)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_s3: needs root (drops the page cache, mounts s3fs)")
@@ -189,6 +239,33 @@ def main():
                     r["t"].append(t)
                     r["size"] = src_bytes
                 log(f"rep {rep + 1}/{a.reps} {where:>9} {name}: {r['t'][-1]:.2f} s")
+        if not a.no_runai:
+            pkgs = runai_packages(work)
+            moe = work / "moe-hf"
+            if not moe.exists():
+                log("writing a Qwen3-MoE-shaped Hugging Face folder")
+                bench.run([sys.executable, HERE / "synth_qwen3.py", moe, "--preset", "moe-30b-layer"],
+                          capture_output=True, text=True)
+            srv.upload_tree(moe, BUCKET, "moe")
+            shards = sorted(p.name for p in moe.glob("*.safetensors"))
+            renv = {**os.environ, "PYTHONPATH": str(pkgs), "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+                    "AWS_ENDPOINT_URL": srv.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
+            renv.pop("AWS_CA_BUNDLE", None)
+            os.environ["AWS_ENDPOINT_URL"] = srv.endpoint
+            s9 = {"runai": [], "mount": []}
+            moe_bytes = 0
+            for rep in range(a.reps):
+                for which in (["runai", "mount"] if rep % 2 == 0 else ["mount", "runai"]):
+                    bench.drop_caches()
+                    if which == "runai":
+                        t, moe_bytes = timed_py(RUNAI_READ, [f"s3://{BUCKET}/moe/{f}" for f in shards], renv)
+                    else:
+                        mounts.mount(f"s3://{BUCKET}/moe", mnt, "--model", "none", "--unshard")
+                        t, _ = timed_py(SAFE_OPEN_READ, [str(f) for f in bench.view_files(mnt)
+                                                          if str(f).endswith(".safetensors")])
+                        mounts.umount(mnt, "moe")
+                    s9[which].append(t)
+                    log(f"rep {rep + 1}/{a.reps} S9 {which}: {t:.2f} s")
         big = work / "ck-70b"
         if not big.exists():
             log("writing a 70B-shaped sparse checkpoint")
@@ -221,6 +298,12 @@ def main():
                 rss = f"{max(r['rss']) / MiB:.0f} MiB (bound {bound / MiB:.0f})" if r["rss"] else ""
                 print(f"| {where} | {name} | {med:.2f} s ({bench.spread_text(r['t'])}) | "
                       f"{tput / MiB:.0f} MiB/s | {ratio} | {amp} | {rss} |")
+        if not a.no_runai:
+            ru, mo = bench.median(s9["runai"]), bench.median(s9["mount"])
+            print(f"\nQwen3-MoE-shaped folder ({moe_bytes / MiB:.0f} MiB of tensors): Run:ai streamer "
+                  f"{ru:.2f} s ({bench.spread_text(s9['runai'])}), {moe_bytes / ru / MiB:.0f} MiB/s; safe_open "
+                  f"through a reshardfs s3:// mount {mo:.2f} s ({bench.spread_text(s9['mount'])}), "
+                  f"{moe_bytes / mo / MiB:.0f} MiB/s: {ru / mo:.2f}x Run:ai's throughput")
         print(f"\n70B-shaped checkpoint on the server ({placed} objects): `mount` + `ls -lR` "
               f"{bench.median(walls) * 1000:.0f} ms ({bench.spread_text([w * 1000 for w in walls], '{:.0f}')}), "
               f"of which `mount` {bench.median(mount_t) * 1000:.0f} ms; ls printed {lines} lines")

@@ -8,6 +8,8 @@ RESHARDFS_TEST_PANIC_ON_READ and RESHARDFS_TEST_PANIC_IN_PREFETCH name a file wh
 prefetched blocks, panic. scripts/test.sh runs these tests on the debug build and again on a
 release-profile build, whose panic handling is the shipped one."""
 
+import sys
+
 import pytest
 
 import ckpt
@@ -57,6 +59,15 @@ def test_panicking_read_answers_eio_and_the_mount_keeps_serving(tmp_path, mounts
     assert any("ERROR" in ln and BAD in ln and "offset" in ln and "panicked" in ln for ln in lines), "\n".join(lines)
 
 
+SLOW_CAT = """
+import sys, time
+with open(sys.argv[1], "rb") as f:
+    while b := f.read(256 << 10):
+        sys.stdout.buffer.write(b)
+        time.sleep(0.02)
+"""
+
+
 def test_a_panicking_prefetch_job_is_counted_and_its_worker_goes_on(synth_ckpt, mounts, exports, tmp_path):
     """Every block a prefetch worker computes for one file panics: that file still reads exactly
     (its reader computes what the workers could not), each panic is counted and logged, and the
@@ -71,7 +82,9 @@ def test_a_panicking_prefetch_job_is_counted_and_its_worker_goes_on(synth_ckpt, 
     m.env["RESHARDFS_PREFETCH"] = "always"
     m.env["RESHARDFS_TEST_PANIC_IN_PREFETCH"] = bad.name
     m.start_ok(synth_ckpt, args + ["--cache-size", "8M", "--log-file", log, "--log-level", "warn"])
-    r = run(["cat", m.path(*bad.parts)], timeout=60)
+    # Read at a pace that leaves the workers time to work ahead (and panic) however loaded the
+    # machine: a `cat` could pass every block before a worker got to it (2 panics, seen under load).
+    r = run([sys.executable, "-c", SLOW_CAT, m.path(*bad.parts)], timeout=60)
     assert r.code == 0 and r.out == (ref / bad).read_bytes(), f"{bad} not served exactly: {r}"
     after_bad = m.stats()
     assert after_bad["internal_errors"] >= 3, f"fewer panics than the two workers could survive unguarded: {after_bad}"
