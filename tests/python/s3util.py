@@ -222,21 +222,10 @@ class FaultProxy:
         """Forwards one response from `up` to `c` as it arrives (a body of known length is
         streamed, not held: the proxy must not be what limits throughput); `truncate` sends the
         head and half the body, then gives up. False when the connection is done."""
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            d = up.recv(65536)
-            if not d:
-                return False
-            buf += d
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        n, chunked = None, False
-        for line in head.split(b"\r\n")[1:]:
-            k, _, v = line.partition(b":")
-            k = k.strip().lower()
-            if k == b"content-length":
-                n = int(v.strip())
-            if k == b"transfer-encoding" and b"chunked" in v.lower():
-                chunked = True
+        got = self._read_head(up)
+        if got is None:
+            return False
+        buf, head, rest, n, chunked = got
         if chunked or n is None or head_only or head.split(b" ")[1] in (b"204", b"304"):
             # Small answers (listings, errors): held whole, as before.
             resp = self._read_response(up, head_only, first=buf)
@@ -269,7 +258,9 @@ class FaultProxy:
         return not truncate
 
     @staticmethod
-    def _read_response(up, head_only=False, first=b"") -> bytes | None:
+    def _read_head(up, first=b""):
+        """Reads until the end of a response's head: (all read, head, body bytes read so far,
+        Content-Length or None, chunked?); None if the connection closed first."""
         buf = first
         while b"\r\n\r\n" not in buf:
             d = up.recv(65536)
@@ -285,6 +276,14 @@ class FaultProxy:
                 n = int(v.strip())
             if k == b"transfer-encoding" and b"chunked" in v.lower():
                 chunked = True
+        return buf, head, rest, n, chunked
+
+    @classmethod
+    def _read_response(cls, up, head_only=False, first=b"") -> bytes | None:
+        got = cls._read_head(up, first)
+        if got is None:
+            return None
+        _, head, rest, n, chunked = got
         if head_only or head.split(b" ")[1] in (b"204", b"304"):
             return head + b"\r\n\r\n"
         rest = bytearray(rest)
