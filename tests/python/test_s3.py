@@ -320,3 +320,30 @@ def test_a_cache_dir_serves_the_next_start(s3, mounts, exports, tmp_path):
     assert mountutil.cat(m.path(files_under(ref)[0])).code == 0
     m.cleanup()
     assert sum(p.stat().st_size for p in cache.iterdir()) <= 200 << 10
+
+
+def test_allow_other_lends_the_mounting_users_access(s3, exports):
+    """A store has no modes: the view files from objects are 0444, and with --allow-other
+    another user reads them, byte for byte (the kernel lets nobody else in without it)."""
+    import tempfile
+
+    args = ["--mesh", "tp=2"]
+    ref = exports(local("tp4"), args)
+    base = Path(tempfile.mkdtemp(prefix="reshardfs-s3-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "mnt").mkdir(mode=0o755)
+    m = mountutil.Mount(base / "mnt")
+    m.env.update(s3.env())
+    try:
+        m.start_ok(remote("tp4"), [*args, "--allow-other"])
+        rel = next(f for f in files_under(ref) if f.endswith(".safetensors"))
+        r = mountutil.run(["stat", "-c", "%a", m.path(rel)])
+        assert r.stdout.strip() == "444", str(r)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        r = mountutil.run(nobody + ["cat", m.path(rel)])
+        assert r.code == 0 and r.out == (ref / rel).read_bytes(), str(r)
+    finally:
+        m.cleanup()
+        if not m.is_mounted():
+            (base / "mnt").rmdir()
+            base.rmdir()
