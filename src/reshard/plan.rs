@@ -956,4 +956,113 @@ mod tests {
         assert_eq!(intervals(4, 2, 4), vec![(1, 4, 2)]);
         assert_eq!(intervals(0, 0, 4), vec![]);
     }
+
+    fn view_metadata_json(plan: &Plan) -> serde_json::Value {
+        let (_, b) = plan.iterations[0]
+            .small
+            .iter()
+            .find(|(n, _)| n == "metadata.json")
+            .expect("the view has a metadata.json");
+        serde_json::from_slice(b).unwrap()
+    }
+
+    /// A `--strategy` tensor with a null layout: the view's metadata.json
+    /// names its holders (and only them) in storage_data, one whole slice
+    /// with a replica per holder; the rank files of exactly those ranks
+    /// hold it.
+    #[test]
+    fn a_null_layout_in_the_view_metadata_names_its_holders() {
+        let meta_path = Path::new("tests/fixtures/tp4-f32/iteration_00000005/metadata.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let name = "decoder.layers.1.pre_mlp_layernorm.weight";
+        meta["state_dict_metadata"][name]["layout"] = serde_json::Value::Null;
+        meta["storage_data"][format!("('{name}', (0,))")] = serde_json::json!([
+            {"file_name": "model-0000001-0000004.safetensors", "storage_rank": 1, "rank_group": [1, 3]},
+            {"file_name": "model-0000003-0000004.safetensors", "storage_rank": 3, "rank_group": [1, 3]},
+        ]);
+        let sp =
+            std::env::temp_dir().join(format!("reshardfs-plan-null-{}.json", std::process::id()));
+        std::fs::write(&sp, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let plan = Plan::build_with(
+            Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap(),
+            TargetSpec::Strategy(sp.clone()),
+            ViewOptions {
+                prefix: Some("px".into()),
+                ..ViewOptions::default()
+            },
+        );
+        std::fs::remove_file(&sp).unwrap();
+        let plan = plan.unwrap();
+        let got = view_metadata_json(&plan);
+        assert_eq!(
+            got["storage_data"][format!("('{name}', (0,))")],
+            serde_json::json!([
+                {"file_name": "px-model-0000001-0000004.safetensors", "storage_rank": 1, "rank_group": [1, 3]},
+                {"file_name": "px-model-0000003-0000004.safetensors", "storage_rank": 3, "rank_group": [1, 3]},
+            ]),
+            "{name}: storage_data must name ranks 1 and 3, each with rank_group [1, 3]"
+        );
+        let t = &got["state_dict_metadata"][name];
+        assert_eq!(t["layout"], serde_json::Value::Null, "{name}: layout");
+        assert_eq!(t["axis_fragmentations"], serde_json::json!([1]), "{name}");
+        assert_eq!(
+            t["properties"]["replica_id"],
+            serde_json::json!([0, 1]),
+            "{name}"
+        );
+        assert_eq!(
+            t["chunk"],
+            serde_json::json!([{"global_offset": [0], "local_shape": [64]}]),
+            "{name}: one whole slice"
+        );
+        let it = &plan.source.iterations[0];
+        let holders: Vec<u64> = plan.iterations[0]
+            .files
+            .iter()
+            .filter(|f| {
+                f.tensors
+                    .iter()
+                    .any(|pt| it.tensors[pt.source].name == name)
+            })
+            .map(|f| f.rank)
+            .collect();
+        assert_eq!(holders, vec![1, 3], "{name}: the rank files holding it");
+    }
+
+    /// A cast view's metadata.json names the cast dtype in MindSpore's
+    /// spelling for every cast tensor, and its rank files by the view's prefix.
+    #[test]
+    fn a_cast_view_metadata_names_the_served_dtype_and_prefix() {
+        let opts = ViewOptions {
+            dtype: Some(Dtype::BF16),
+            prefix: Some("cast".into()),
+            ..ViewOptions::default()
+        };
+        let plan = mesh("tests/fixtures/tp4-f32", &[("tp", 2)], opts);
+        let got = view_metadata_json(&plan);
+        let sdm = got["state_dict_metadata"].as_object().unwrap();
+        assert_eq!(sdm.len(), 17);
+        for (n, m) in sdm {
+            assert_eq!(m["properties"]["dtype"], "BFloat16", "{n}: dtype");
+        }
+        for (k, v) in got["storage_data"].as_object().unwrap() {
+            for e in v.as_array().unwrap() {
+                let f = e["file_name"].as_str().unwrap();
+                let r = e["storage_rank"].as_u64().unwrap();
+                assert_eq!(f, format!("cast-model-{r:07}-0000002.safetensors"), "{k}");
+            }
+        }
+        let same = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        for (n, m) in view_metadata_json(&same)["state_dict_metadata"]
+            .as_object()
+            .unwrap()
+        {
+            assert_eq!(m["properties"]["dtype"], "Float32", "{n}: an uncast dtype");
+        }
+    }
 }

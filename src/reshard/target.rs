@@ -694,4 +694,199 @@ mod tests {
         assert!(TargetSpec::parse_mesh(&["tp=0".into()]).is_err());
         assert!(TargetSpec::parse_mesh(&["tp=2,tp=4".into()]).is_err());
     }
+
+    fn fixture_iteration(name: &str) -> Iteration {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let src = crate::checkpoint::source::Source::open(&dir).unwrap();
+        src.iterations.into_iter().next().unwrap()
+    }
+
+    /// The stage `rule` gives a tensor named `name` on source stage
+    /// `stage` (the iteration's first tensor, renamed and moved).
+    fn stage_of(rule: &StageRule, it: &mut Iteration, name: &str, stage: u64) -> u64 {
+        it.tensors[0].name = name.into();
+        it.tensors[0].stage = stage;
+        rule.stage(&it.tensors[0])
+    }
+
+    /// From a multi-stage source (tests/fixtures: gpt, 2 stages), a tensor
+    /// outside the layers keeps its end of the pipeline whatever its name;
+    /// the name rule is only for a single-stage source (tp4, one stage),
+    /// which says nothing about stages.
+    #[test]
+    fn stages_of_tensors_outside_the_layers() {
+        let mut multi = fixture_iteration("gpt-dp2-tp2-pp2-bf16");
+        assert_eq!(multi.stages, 2, "the gpt fixture has 2 stages");
+        let mut single = fixture_iteration("tp4-f32");
+        assert_eq!(single.stages, 1, "the tp4 fixture has 1 stage");
+        let cases: &[(bool, &str, u64, u64, &str)] = &[
+            // (multi-stage source, name, source stage, want with --pp 2, why)
+            (true, "mtp.head.weight", 1, 1, "was last, stays last"),
+            (true, "mtp.head.weight", 0, 0, "was first, stays first"),
+            (true, "output_layer.weight", 0, 0, "was first, stays first"),
+            (
+                true,
+                "decoder.final_layernorm.weight",
+                1,
+                1,
+                "was last, stays last",
+            ),
+            (
+                true,
+                "embedding.word_embeddings.weight",
+                0,
+                0,
+                "was first, stays first",
+            ),
+            (
+                false,
+                "output_layer.weight",
+                0,
+                1,
+                "named for the last stage",
+            ),
+            (
+                false,
+                "adam_m.decoder.final_layernorm.weight",
+                0,
+                1,
+                "named for the last stage",
+            ),
+            (false, "mtp.head.weight", 0, 0, "everything else goes first"),
+            (
+                false,
+                "embedding.word_embeddings.weight",
+                0,
+                0,
+                "everything else goes first",
+            ),
+        ];
+        for &(is_multi, name, from, want, why) in cases {
+            let it = if is_multi { &mut multi } else { &mut single };
+            let rule = StageRule::new(it, Some(2), None).unwrap();
+            let got = stage_of(&rule, it, name, from);
+            assert_eq!(
+                got, want,
+                "--pp 2 from a {}-stage source: {name} on source stage {from} went to stage {got}, want {want} ({why})",
+                it.stages
+            );
+        }
+        // Without --pp every tensor keeps its source stage.
+        let keep = StageRule::new(&multi, None, None).unwrap();
+        for s in [0, 1, 5] {
+            assert_eq!(stage_of(&keep, &mut multi, "output_layer.weight", s), s);
+            assert_eq!(stage_of(&keep, &mut multi, "decoder.layers.0.x", s), s);
+        }
+    }
+
+    /// Layers go to the stages in order, `L / N` each, or as `--pp-offset`
+    /// says; a layer index beyond the last (a hostile name) goes last.
+    #[test]
+    fn stages_of_layers() {
+        let mut it = fixture_iteration("tp4-f32");
+        let mut at = |rule: &StageRule, i: u64| {
+            let name = format!("decoder.layers.{i}.mlp.linear_fc1.weight");
+            stage_of(rule, &mut it, &name, 0)
+        };
+        let it2 = fixture_iteration("tp4-f32");
+        let even = StageRule::new(&it2, Some(2), None).unwrap();
+        assert_eq!((at(&even, 0), at(&even, 1), at(&even, 7)), (0, 1, 1));
+        let one = StageRule::new(&it2, Some(1), None).unwrap();
+        assert_eq!((at(&one, 0), at(&one, 1)), (0, 0));
+        let ends = StageRule::new(&it2, Some(2), Some(&[1, -1])).unwrap();
+        assert_eq!((at(&ends, 0), at(&ends, 1), at(&ends, 9)), (0, 0, 1));
+        let ends = StageRule::new(&it2, Some(2), Some(&[-1, 1])).unwrap();
+        assert_eq!((at(&ends, 0), at(&ends, 1)), (1, 1));
+        for (pp, offset, words) in [
+            (Some(0), None, "at least 1"),
+            (Some(3), None, "at most 2 stages"),
+            (None, Some(&[0i64][..]), "needs --pp"),
+        ] {
+            let Err(e) = StageRule::new(&it2, pp, offset) else {
+                panic!("--pp {pp:?} --pp-offset {offset:?} must be refused");
+            };
+            let msg = e.to_string();
+            assert!(msg.contains(words), "{msg:?} lacks {words:?}");
+        }
+    }
+
+    fn strategy_file(tag: &str, json: &Value) -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "reshardfs-strategy-{}-{tag}.json",
+            std::process::id()
+        ));
+        std::fs::write(&p, serde_json::to_vec(json).unwrap()).unwrap();
+        p
+    }
+
+    /// A `--strategy` tensor with a null layout is held whole by exactly
+    /// the ranks the strategy's storage_data names; a bare {name: null}
+    /// strategy, which names none, by rank 0.
+    #[test]
+    fn a_null_layout_is_held_by_the_ranks_storage_data_names() {
+        let it = fixture_iteration("tp4-f32");
+        let meta_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tp4-f32/iteration_00000005/metadata.json");
+        let mut meta: Value = serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let name = "decoder.layers.1.pre_mlp_layernorm.weight";
+        meta["state_dict_metadata"][name]["layout"] = Value::Null;
+        let key = format!("('{name}', (0,))");
+        meta["storage_data"][&key] = serde_json::json!([
+            {"file_name": "model-0000001-0000004.safetensors", "storage_rank": 1, "rank_group": [1, 3]},
+            {"file_name": "model-0000003-0000004.safetensors", "storage_rank": 3, "rank_group": [1, 3]},
+        ]);
+        // A second null layout held by one rank, named only as storage_rank.
+        let name2 = "decoder.final_layernorm.weight";
+        meta["state_dict_metadata"][name2]["layout"] = Value::Null;
+        meta["storage_data"][format!("('{name2}', (0,))")] = serde_json::json!([
+            {"file_name": "model-0000002-0000004.safetensors", "storage_rank": 2},
+        ]);
+        let p = strategy_file("null", &meta);
+        let target = TargetSpec::Strategy(p.clone()).resolve(&it);
+        std::fs::remove_file(&p).unwrap();
+        let target = target.unwrap();
+        let placement = |n: &str| {
+            let i = it.tensors.iter().position(|t| t.name == n).unwrap();
+            target.placements[i].clone()
+        };
+        assert_eq!(
+            placement(name),
+            Placement {
+                layout: None,
+                ranks: vec![1, 3]
+            },
+            "{name}: a null layout must be held by the ranks its storage_data names (1 and 3)"
+        );
+        assert_eq!(
+            placement(name2),
+            Placement {
+                layout: None,
+                ranks: vec![2]
+            },
+            "{name2}: a null layout must be held by its storage_rank (2)"
+        );
+        assert_eq!(target.world, 4);
+
+        // A bare object: no storage_data, so rank 0 holds it.
+        let mut bare = serde_json::Map::new();
+        for t in &it.tensors {
+            let l = meta["state_dict_metadata"][&t.name]["layout"].clone();
+            bare.insert(t.name.clone(), l);
+        }
+        let p = strategy_file("bare", &Value::Object(bare));
+        let target = TargetSpec::Strategy(p.clone()).resolve(&it);
+        std::fs::remove_file(&p).unwrap();
+        let target = target.unwrap();
+        let i = it.tensors.iter().position(|t| t.name == name).unwrap();
+        assert_eq!(
+            target.placements[i],
+            Placement {
+                layout: None,
+                ranks: vec![0]
+            },
+            "{name}: a null layout in a bare strategy names no holder, so rank 0 holds it"
+        );
+    }
 }
