@@ -1065,4 +1065,145 @@ mod tests {
             assert_eq!(m["properties"]["dtype"], "Float32", "{n}: an uncast dtype");
         }
     }
+
+    /// `plan` and `.reshardfs/summary` say which model map made the view
+    /// and what it assumed; a source without a model map gets no note.
+    #[test]
+    fn notes_name_the_model_map() {
+        let p = mesh(
+            "tests/fixtures/qwen3-tiny-hf",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        let model = p.source.iterations[0].model.as_ref().unwrap();
+        let mut want = vec!["model map qwen3".to_string()];
+        want.extend(model.notes.iter().cloned());
+        assert_eq!(p.iterations[0].notes, want);
+        let p = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        assert_eq!(p.iterations[0].notes, Vec::<String>::new());
+    }
+
+    /// `--dtype` casts floating-point tensors only: an integer tensor keeps
+    /// its dtype (and its MindSpore dtype name in metadata.json).
+    #[test]
+    fn a_cast_leaves_integer_tensors_alone() {
+        let mut src = Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap();
+        let t = &mut src.iterations[0].tensors[0];
+        let cast = ViewOptions {
+            dtype: Some(Dtype::BF16),
+            ..ViewOptions::default()
+        };
+        assert_eq!(view_dtype(t, &cast), Dtype::BF16);
+        assert_eq!(view_dtype(t, &ViewOptions::default()), Dtype::F32);
+        t.dtype = Dtype::I64;
+        assert_eq!(view_dtype(t, &cast), Dtype::I64, "an I64 tensor was cast");
+    }
+
+    /// A view of more tensor slices than MAX_SLICES is refused before any
+    /// file is planned: 17 tensors each on 2^20 ranks (dp 2^18 x tp 4).
+    #[test]
+    fn too_many_slices_are_refused() {
+        let spec = TargetSpec::Mesh {
+            sizes: vec![("dp".into(), 1 << 18), ("tp".into(), 4)],
+            pp: None,
+            offset: None,
+        };
+        let src = Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap();
+        let e = Plan::build_with(src, spec, ViewOptions::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("17825792 tensor slices") && msg.contains(&MAX_SLICES.to_string()),
+            "{msg}"
+        );
+    }
+
+    /// A Hugging Face view's shards as transformers cuts them: tensors in
+    /// order, a new shard when the next tensor would take this one past
+    /// `max_shard_size` (a shard exactly full is full, not over), a tensor
+    /// larger than the limit alone; the index's totals are the tensors'
+    /// bytes and elements.
+    #[test]
+    fn hugging_face_shards_fill_up_to_the_limit() {
+        let src = Arc::new(Source::open(Path::new("tests/fixtures/qwen3-tiny-hf")).unwrap());
+        let it = &src.iterations[0];
+        // (name, elements, bytes) of each model tensor, in order, as bf16.
+        let tensors: Vec<(String, u64, u64)> = it
+            .tensors
+            .iter()
+            .filter(|t| t.kind == Kind::Model)
+            .map(|t| {
+                let n: u64 = t.global_shape.iter().product();
+                (t.name.clone(), n, n * 2)
+            })
+            .collect();
+        let total: u64 = tensors.iter().map(|t| t.2).sum();
+        let params: u64 = tensors.iter().map(|t| t.1).sum();
+        let first_two = tensors[0].2 + tensors[1].2;
+        for max in [
+            1,
+            first_two - 1,
+            first_two,
+            first_two + 1,
+            60_000,
+            total,
+            u64::MAX,
+        ] {
+            let options = ViewOptions {
+                dtype: Some(Dtype::BF16),
+                hf: Some(HfOptions {
+                    max_shard_size: max,
+                    ..HfOptions::default()
+                }),
+                ..ViewOptions::default()
+            };
+            let plan = Plan::build_with(src.clone(), TargetSpec::Unshard, options).unwrap();
+            // The expected shards, by the rule above.
+            let mut want: Vec<Vec<&str>> = vec![];
+            let mut bytes = 0;
+            for (name, _, b) in &tensors {
+                if want.last().is_none_or(|s| !s.is_empty() && bytes + b > max) {
+                    want.push(vec![]);
+                    bytes = 0;
+                }
+                want.last_mut().unwrap().push(name);
+                bytes += b;
+            }
+            let ip = &plan.iterations[0];
+            let got: Vec<Vec<&str>> = ip
+                .files
+                .iter()
+                .map(|f| {
+                    let mut v: Vec<&str> = f
+                        .tensors
+                        .iter()
+                        .map(|t| it.tensors[t.source].name.as_str())
+                        .collect();
+                    v.sort_unstable();
+                    v
+                })
+                .collect();
+            for w in &mut want {
+                w.sort_unstable();
+            }
+            assert_eq!(got, want, "max_shard_size {max}: the shards");
+            let (_, index) = ip.small.iter().find(|(n, _)| n == HF_INDEX).unwrap();
+            let index: serde_json::Value = serde_json::from_slice(index).unwrap();
+            assert_eq!(index["metadata"]["total_size"], total, "max {max}");
+            assert_eq!(index["metadata"]["total_parameters"], params, "max {max}");
+            let count = want.len();
+            for (i, shard) in want.iter().enumerate() {
+                for n in shard {
+                    assert_eq!(
+                        index["weight_map"][*n],
+                        format!("model-{:05}-of-{count:05}.safetensors", i + 1),
+                        "max {max}: {n}"
+                    );
+                }
+            }
+        }
+    }
 }
