@@ -1206,4 +1206,121 @@ mod tests {
             }
         }
     }
+
+    fn hf_view(src: &str, dtype: Option<Dtype>, files: Vec<(String, Vec<u8>)>) -> Plan {
+        hf_view_with(
+            src,
+            crate::checkpoint::models::ModelChoice::Auto,
+            dtype,
+            files,
+        )
+    }
+
+    fn hf_view_with(
+        src: &str,
+        model: crate::checkpoint::models::ModelChoice,
+        dtype: Option<Dtype>,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Plan {
+        let options = ViewOptions {
+            dtype,
+            hf: Some(HfOptions {
+                max_shard_size: u64::MAX,
+                files,
+                ..HfOptions::default()
+            }),
+            ..ViewOptions::default()
+        };
+        let source = Source::open_with(Path::new(src), model).unwrap();
+        // As `--hf` prepares its source (a MindSpore Transformers checkpoint
+        // read back through the model's map).
+        let source = match model {
+            crate::checkpoint::models::ModelChoice::Map(_) => {
+                models::hf_view(source, model, None).unwrap().source
+            }
+            _ => source,
+        };
+        Plan::build_with(source, TargetSpec::Unshard, options).unwrap()
+    }
+
+    fn small_file<'a>(plan: &'a Plan, name: &str) -> &'a [u8] {
+        let small = &plan.iterations[0].small;
+        let (_, b) = small
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("the view has no {name}"));
+        b
+    }
+
+    /// A Hugging Face view shows the folder's own config.json (and the files
+    /// beside it) byte for byte, restated only for a dtype the view changes,
+    /// which the notes say; without one, it generates config.json stating
+    /// the dtype of the view's model tensors (an f32 source: float32).
+    #[test]
+    fn a_hugging_face_view_states_its_dtype_in_config_json() {
+        let dir = Path::new("tests/fixtures/qwen3-tiny-hf");
+        let files: Vec<(String, Vec<u8>)> = ["config.json", "generation_config.json"]
+            .iter()
+            .map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap()))
+            .collect();
+        // The dtype a config.json states (transformers writes `dtype`, older
+        // versions `torch_dtype`).
+        let cfg = |b: &[u8]| -> serde_json::Value {
+            let c: serde_json::Value = serde_json::from_slice(b).unwrap();
+            let key = if c.get("dtype").is_some() {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
+            serde_json::json!({"torch_dtype": c[key].clone(), "all": c})
+        };
+        let p = hf_view("tests/fixtures/qwen3-tiny-hf", None, files.clone());
+        for (n, b) in &files {
+            assert_eq!(small_file(&p, n), &b[..], "{n}: not the folder's own");
+        }
+        let p = hf_view(
+            "tests/fixtures/qwen3-tiny-hf",
+            Some(Dtype::F32),
+            files.clone(),
+        );
+        assert_eq!(cfg(small_file(&p, "config.json"))["torch_dtype"], "float32");
+        assert_eq!(
+            small_file(&p, "generation_config.json"),
+            &files[1].1[..],
+            "generation_config.json changed"
+        );
+        assert!(
+            p.iterations[0].notes.iter().any(|n| n
+                .contains("config.json as in the model's folder")
+                && n.contains("float32")),
+            "{:?}",
+            p.iterations[0].notes
+        );
+        // A generated config.json: the MindSpore Transformers source is f32.
+        let qwen3 = crate::checkpoint::models::ModelChoice::parse("qwen3").unwrap();
+        let p = hf_view_with(
+            "tests/fixtures/qwen3-tiny-mf-tp2-pp2-f32",
+            qwen3,
+            None,
+            vec![],
+        );
+        let c = cfg(small_file(&p, "config.json"));
+        assert_eq!(c["torch_dtype"], "float32", "{}", c["all"]);
+        assert!(
+            !p.iterations[0].warnings.is_empty(),
+            "a generated config.json is warned of"
+        );
+        // gpt: bf16 model tensors, f32 optimizer states; the view's dtype
+        // is its model tensors'.
+        let own = br#"{"torch_dtype": "float16"}"#.to_vec();
+        let p = hf_view(
+            "tests/fixtures/gpt-dp2-tp2-pp2-bf16",
+            None,
+            vec![("config.json".into(), own)],
+        );
+        assert_eq!(
+            cfg(small_file(&p, "config.json"))["torch_dtype"],
+            "bfloat16"
+        );
+    }
 }
