@@ -889,4 +889,81 @@ mod tests {
             "{name}: a null layout in a bare strategy names no holder, so rank 0 holds it"
         );
     }
+
+    fn mesh_of(sizes: &[(&str, u64)]) -> TargetSpec {
+        TargetSpec::Mesh {
+            sizes: sizes.iter().map(|&(a, n)| (a.to_string(), n)).collect(),
+            pp: None,
+            offset: None,
+        }
+    }
+
+    /// What `plan`, the summary and every target error call the target.
+    #[test]
+    fn targets_describe_themselves() {
+        let m = TargetSpec::Mesh {
+            sizes: vec![("tp".into(), 2), ("dp".into(), 1)],
+            pp: Some(2),
+            offset: Some(vec![1, -1]),
+        };
+        assert_eq!(m.describe(), "tp=2,dp=1,pp=2,offset=1,-1");
+        assert_eq!(mesh_of(&[]).describe(), "same strategy as the source");
+        assert_eq!(
+            TargetSpec::Strategy(PathBuf::from("/x/metadata.json")).describe(),
+            "strategy /x/metadata.json"
+        );
+        assert_eq!(TargetSpec::Unshard.describe(), "unshard");
+    }
+
+    /// A fused QKV is cut only between whole key/value groups: the tiny
+    /// Qwen3 has 2 groups, so tp=2 is allowed and tp=4 refused, naming
+    /// the tensor, the axis and the groups (tests/fixtures/README.md).
+    #[test]
+    fn a_fused_qkv_is_cut_between_whole_groups() {
+        let it = fixture_iteration("qwen3-tiny-hf");
+        for tp in [1, 2] {
+            assert!(mesh_of(&[("tp", tp)]).resolve(&it).is_ok(), "tp={tp}");
+        }
+        let Err(e) = mesh_of(&[("tp", 4)]).resolve(&it) else {
+            panic!("tp=4 cuts inside a key/value group of 2 and must be refused");
+        };
+        let msg = e.to_string();
+        for w in ["linear_qkv", "tp=4 does not divide its 2"] {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+    }
+
+    /// The expert matrix (dp_ex_ep, ep) takes the stage's ranks: its
+    /// derived axis is dp*tp*cp / ep, and ep must divide dp*tp (cp not
+    /// counted), as MindSpore Transformers requires.
+    #[test]
+    fn the_expert_matrix_follows_the_dense_mesh() {
+        let it = fixture_iteration("qwen3-moe-tiny-hf");
+        let expert = it
+            .tensors
+            .iter()
+            .position(|t| {
+                t.layout
+                    .as_ref()
+                    .is_some_and(|l| l.alias_name.iter().any(|a| a == DERIVED_AXIS))
+            })
+            .expect("the MoE fixture has expert tensors");
+        let matrix = |sizes: &[(&str, u64)]| {
+            let t = mesh_of(sizes).resolve(&it).unwrap();
+            let l = t.placements[expert].layout.clone().unwrap();
+            (l.device_matrix, t.world)
+        };
+        assert_eq!(matrix(&[("dp", 2), ("tp", 2), ("ep", 4)]), (vec![1, 4], 4));
+        assert_eq!(matrix(&[("dp", 2), ("tp", 2), ("ep", 2)]), (vec![2, 2], 4));
+        assert_eq!(
+            matrix(&[("dp", 1), ("cp", 2), ("tp", 2), ("ep", 2)]),
+            (vec![2, 2], 4)
+        );
+        // dp*tp = 2 (cp=2 does not count): ep=4 does not divide it.
+        let Err(e) = mesh_of(&[("dp", 1), ("cp", 2), ("tp", 2), ("ep", 4)]).resolve(&it) else {
+            panic!("ep=4 with dp*tp = 2 must be refused");
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("ep=4 does not divide dp*tp = 2"), "{msg}");
+    }
 }
