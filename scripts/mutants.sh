@@ -4,7 +4,7 @@
 # the tests pass is a behaviour no test pins. Too slow for CI (see docs/MUTANTS.md for how long
 # a pass takes); run it after changing the core, and kill or explain every new missed mutant.
 #
-#   scripts/mutants.sh [--budget MINUTES] [--jobs N] [--out DIR] [--iterate] [FILE...]
+#   scripts/mutants.sh [--budget MINUTES] [--jobs N] [--out DIR] [--iterate] [FILE...] [-- ARGS]
 #
 # FILE defaults to the core: src/reshard/, the checkpoint layout and names, the model maps.
 # --budget (default 120 minutes): stop after that long; the mutants tested so far are reported
@@ -14,6 +14,8 @@
 # --out (default target/mutants): where mutants.out/ goes.
 # --iterate: test again only what an earlier run in --out left missed, timed out or untested
 #   (after adding tests for the missed ones; also how to finish a pass a budget cut short).
+# ARGS after `--` go to cargo-mutants as they are (e.g. -E 'in row_part_slices' to leave out a
+#   function's mutants, -F REGEX to test only those matching).
 #
 # Results: DIR/mutants.out/ (caught.txt, missed.txt, unviable.txt, timeout.txt,
 # outcomes.json, a log per mutant). The test command is the Rust tests as scripts/test.sh runs
@@ -32,13 +34,15 @@ JOBS=1
 OUTDIR=target/mutants
 ITERATE=()
 FILES=()
+EXTRA=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --budget) BUDGET="$2"; shift 2 ;;
         --jobs) JOBS="$2"; shift 2 ;;
         --out) OUTDIR="$2"; shift 2 ;;
         --iterate) ITERATE=(--iterate); shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "mutants.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) FILES+=("$1"); shift ;;
     esac
@@ -66,7 +70,7 @@ mkdir -p "$OUTDIR"
 set +e
 timeout --signal=INT --kill-after=120 "$((BUDGET * 60))" \
     cargo mutants --all-features --jobs "$JOBS" --timeout 60 --build-timeout 600 \
-    --output "$OUTDIR" "${ITERATE[@]}" "${ARGS[@]}"
+    --output "$OUTDIR" "${ITERATE[@]}" "${ARGS[@]}" "${EXTRA[@]}"
 rc=$?
 set -e
 OUT="$OUTDIR/mutants.out"

@@ -966,4 +966,80 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("ep=4 does not divide dp*tp = 2"), "{msg}");
     }
+
+    /// Every tensor of a stage must have the same ranks: a tensor whose
+    /// mesh has another axis (here an extra `ep` of 2 on one tp4 tensor) is
+    /// refused under a new mesh, naming both tensors and their meshes.
+    #[test]
+    fn tensors_that_disagree_on_ranks_per_stage_are_refused() {
+        let mut it = fixture_iteration("tp4-f32");
+        let name = it.tensors[1].name.clone();
+        let l = it.tensors[1].layout.as_mut().unwrap();
+        l.device_matrix.push(2);
+        l.alias_name.push("ep".into());
+        l.rank_list = (0..8).collect();
+        let Err(e) = mesh_of(&[("tp", 2)]).resolve(&it) else {
+            panic!("{name} has 4 ranks per stage under tp=2, the others 2: must be refused");
+        };
+        let msg = e.to_string();
+        for w in ["disagree on ranks per stage", &name, "has 4", "has 2"] {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+    }
+
+    /// A split that does not divide a tensor is refused (tp=3 of 256
+    /// rows), unless the model keeps such a tensor whole (an embedding
+    /// whose vocabulary tp does not divide): then it is held whole.
+    #[test]
+    fn an_uneven_split_is_refused_or_kept_whole_as_the_model_says() {
+        let it = fixture_iteration("tp4-f32");
+        let Err(e) = mesh_of(&[("tp", 3)]).resolve(&it) else {
+            panic!("tp=3 does not divide 256 rows: must be refused");
+        };
+        assert!(e.to_string().contains("target tp=3: tensor "), "{e}");
+        let mut it = fixture_iteration("qwen3-tiny-hf");
+        let emb = it
+            .tensors
+            .iter()
+            .position(|t| t.name == "embedding.word_embeddings.weight")
+            .unwrap();
+        assert!(it.tensors[emb].rules.whole_if_uneven);
+        // Split when tp divides the vocabulary (256)...
+        let t = mesh_of(&[("tp", 2)]).resolve(&it).unwrap();
+        let l = t.placements[emb].layout.as_ref().unwrap();
+        assert_eq!(l.split(0), 2, "the embedding is split on tp=2");
+        // ...whole when it does not (a vocabulary of 255 rows).
+        it.tensors[emb].global_shape[0] = 255;
+        it.tensors[emb].rules.dim0_group = None;
+        let t = mesh_of(&[("tp", 2)]).resolve(&it).unwrap();
+        let l = t.placements[emb].layout.as_ref().unwrap();
+        assert_eq!(
+            l.split(0),
+            1,
+            "an embedding tp=2 does not divide is kept whole"
+        );
+    }
+
+    /// The expert tensors take their mesh from the dense ones whatever
+    /// order the tensors come in: an expert tensor first changes nothing.
+    #[test]
+    fn the_expert_matrix_does_not_depend_on_tensor_order() {
+        let mut it = fixture_iteration("qwen3-moe-tiny-hf");
+        let expert = it
+            .tensors
+            .iter()
+            .position(|t| {
+                t.layout
+                    .as_ref()
+                    .is_some_and(|l| l.alias_name.iter().any(|a| a == DERIVED_AXIS))
+            })
+            .unwrap();
+        let sizes = [("dp", 2), ("tp", 2), ("ep", 2)];
+        let before = mesh_of(&sizes).resolve(&it).unwrap();
+        it.tensors.swap(0, expert);
+        let after = mesh_of(&sizes).resolve(&it).unwrap();
+        assert_eq!(after.world, before.world);
+        assert_eq!(after.placements[0], before.placements[expert]);
+        assert_eq!(after.placements[expert], before.placements[0]);
+    }
 }
