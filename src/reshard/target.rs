@@ -799,6 +799,15 @@ mod tests {
         assert_eq!((at(&ends, 0), at(&ends, 1), at(&ends, 9)), (0, 0, 1));
         let ends = StageRule::new(&it2, Some(2), Some(&[-1, 1])).unwrap();
         assert_eq!((at(&ends, 0), at(&ends, 1)), (1, 1));
+        // Four layers (a fourth named into the source) over 2 stages: 2 each.
+        let mut it4 = fixture_iteration("tp4-f32");
+        it4.tensors[0].name = "decoder.layers.3.extra.weight".into();
+        let four = StageRule::new(&it4, Some(2), None).unwrap();
+        assert_eq!(
+            (0..4).map(|i| at(&four, i)).collect::<Vec<_>>(),
+            vec![0, 0, 1, 1],
+            "4 layers over 2 stages"
+        );
         for (pp, offset, words) in [
             (Some(0), None, "at least 1"),
             (Some(3), None, "at most 2 stages"),
@@ -1041,5 +1050,69 @@ mod tests {
         assert_eq!(after.world, before.world);
         assert_eq!(after.placements[0], before.placements[expert]);
         assert_eq!(after.placements[expert], before.placements[0]);
+    }
+
+    /// A strategy from a job saved without optimizer states applies to one
+    /// with them: each state takes its parameter's layout. A tensor with
+    /// no layout of its own nor a parameter's is listed, not guessed (and
+    /// never a panic), states included.
+    #[test]
+    fn optimizer_states_take_their_parameters_layout() {
+        let it = fixture_iteration("gpt-dp2-tp2-pp2-bf16");
+        let meta_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gpt-dp2-tp2-pp2-bf16/iteration_00000001/metadata.json");
+        let meta: Value = serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let sdm = meta["state_dict_metadata"].as_object().unwrap();
+        let model_only: serde_json::Map<String, Value> = sdm
+            .iter()
+            .filter(|(k, _)| !k.starts_with("adam_"))
+            .map(|(k, v)| (k.clone(), v["layout"].clone()))
+            .collect();
+        let full: serde_json::Map<String, Value> = sdm
+            .iter()
+            .map(|(k, v)| (k.clone(), v["layout"].clone()))
+            .collect();
+        let resolve = |tag: &str, m: &serde_json::Map<String, Value>| {
+            let p = strategy_file(tag, &Value::Object(m.clone()));
+            let r = TargetSpec::Strategy(p.clone()).resolve(&it);
+            std::fs::remove_file(&p).unwrap();
+            r
+        };
+        let got = resolve("model-only", &model_only).unwrap();
+        let want = resolve("full", &full).unwrap();
+        for (i, t) in it.tensors.iter().enumerate() {
+            assert_eq!(
+                got.placements[i], want.placements[i],
+                "{}: the model-only strategy placed it otherwise than its own layout",
+                t.name
+            );
+        }
+        // Without the output layer's layout: it and both its states are missing.
+        let mut less = model_only.clone();
+        less.remove("output_layer.weight");
+        let Err(e) = resolve("less", &less) else {
+            panic!("a strategy without output_layer.weight must be refused");
+        };
+        let msg = e.to_string();
+        for w in [
+            "has no layout for 3 source tensor(s)",
+            "adam_m.output_layer.weight",
+            "adam_v.output_layer.weight",
+        ] {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+        // A bad layout is reported for the tensor it was read for, and
+        // for a state as its parameter's ("whose layout ... takes").
+        let mut bad = model_only.clone();
+        bad.insert("output_layer.weight".into(), Value::from("not a layout"));
+        let Err(e) = resolve("bad", &bad) else {
+            panic!("a layout that is a string must be refused");
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains(": tensor output_layer.weight: layout")
+                || msg.contains(": tensor output_layer.weight (whose layout adam_"),
+            "{msg}"
+        );
     }
 }
