@@ -1322,5 +1322,29 @@ mod tests {
             cfg(small_file(&p, "config.json"))["torch_dtype"],
             "bfloat16"
         );
+        // Whatever comes first: an f32 optimizer state first in the
+        // source's order changes nothing.
+        let mut src = Source::open(Path::new("tests/fixtures/gpt-dp2-tp2-pp2-bf16")).unwrap();
+        let it = &mut src.iterations[0];
+        let opt = it.tensors.iter().position(|t| t.kind == Kind::Opt).unwrap();
+        assert_eq!(it.tensors[opt].dtype, Dtype::F32);
+        it.tensors.swap(0, opt);
+        let options = ViewOptions {
+            hf: Some(HfOptions {
+                max_shard_size: u64::MAX,
+                files: vec![(
+                    "config.json".into(),
+                    br#"{"torch_dtype": "float16"}"#.to_vec(),
+                )],
+                ..HfOptions::default()
+            }),
+            ..ViewOptions::default()
+        };
+        let p = Plan::build_with(src, TargetSpec::Unshard, options).unwrap();
+        assert_eq!(
+            cfg(small_file(&p, "config.json"))["torch_dtype"],
+            "bfloat16",
+            "an optimizer state first decided the view's dtype"
+        );
     }
 }
