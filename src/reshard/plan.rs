@@ -1347,4 +1347,37 @@ mod tests {
             "an optimizer state first decided the view's dtype"
         );
     }
+
+    /// A view file whose header, size and first slice are a source file's,
+    /// but one of whose tensors comes from another file (a strategy that
+    /// permutes one tensor's ranks), is not that source file whole.
+    #[test]
+    fn a_file_mixing_two_source_files_is_not_marked_whole() {
+        let meta_path = Path::new("tests/fixtures/tp4-f32/iteration_00000005/metadata.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let name = "decoder.layers.1.mlp.linear_fc2.weight";
+        meta["state_dict_metadata"][name]["layout"]["rank_list"] = serde_json::json!([1, 0, 2, 3]);
+        let sp =
+            std::env::temp_dir().join(format!("reshardfs-plan-mixed-{}.json", std::process::id()));
+        std::fs::write(&sp, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let plan = Plan::build_with(
+            Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap(),
+            TargetSpec::Strategy(sp.clone()),
+            ViewOptions::default(),
+        );
+        std::fs::remove_file(&sp).unwrap();
+        let plan = plan.unwrap();
+        let m = marked(&plan);
+        assert_eq!(
+            m[0].1, None,
+            "rank 0 holds {name} from rank 1's file: not rank 0's file whole"
+        );
+        assert_eq!(
+            m[1].1, None,
+            "rank 1 holds {name} from rank 0's file: not rank 1's file whole"
+        );
+        assert_eq!(m[2].1.as_deref(), Some("model-0000002-0000004.safetensors"));
+        marks_match_the_bytes(&plan);
+    }
 }
