@@ -166,3 +166,36 @@ fn a_view_of_a_hugging_face_source_has_mindspore_transformers_metadata_json() {
         assert_same_document(&format!("{name}, --strategy {expected}"), &got, &want);
     }
 }
+
+/// MindSpore writes a dtype as `Float32` or `float32` by run mode: a view
+/// that does not change a tensor's dtype keeps the source's spelling (so
+/// the source's own strategy still gives its metadata.json byte for byte).
+#[test]
+fn an_unchanged_dtype_keeps_the_sources_spelling() {
+    let src = fixture("tp4-f32");
+    let tmp = std::env::temp_dir().join(format!("reshardfs-dtype-case-{}", std::process::id()));
+    let it = tmp.join("iteration_00000005");
+    std::fs::create_dir_all(&it).unwrap();
+    for e in std::fs::read_dir(src.join("iteration_00000005")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), it.join(e.file_name())).unwrap();
+    }
+    let meta_path = it.join("metadata.json");
+    let meta = std::fs::read_to_string(&meta_path).unwrap();
+    assert!(meta.contains("\"Float32\""), "the fixture spells Float32");
+    std::fs::write(&meta_path, meta.replace("\"Float32\"", "\"float32\"")).unwrap();
+    let got = view_metadata_bytes(&it, mesh(&[("tp", 4)], None));
+    let want = std::fs::read(&meta_path).unwrap();
+    let resharded = view_metadata(&it, mesh(&[("tp", 2)], None));
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert!(
+        got == want,
+        "the view's metadata.json respelled the source's float32"
+    );
+    for (n, m) in resharded["state_dict_metadata"].as_object().unwrap() {
+        assert_eq!(
+            m["properties"]["dtype"], "float32",
+            "{n}: tp=2 respelled float32"
+        );
+    }
+}

@@ -1380,4 +1380,27 @@ mod tests {
         assert_eq!(m[2].1.as_deref(), Some("model-0000002-0000004.safetensors"));
         marks_match_the_bytes(&plan);
     }
+
+    /// The box kept per part grows to hold every box added for it: the
+    /// smallest box holding both, in every dimension.
+    #[test]
+    fn merged_boxes_bound_what_they_hold() {
+        let b = |start: [u64; 2], shape: [u64; 2]| Slice {
+            start: start.to_vec(),
+            shape: shape.to_vec(),
+        };
+        let mut out = vec![(0, b([2, 1], [2, 3]))];
+        merge_box(&mut out, 0, b([6, 2], [2, 4]));
+        assert_eq!(out, vec![(0, b([2, 1], [6, 5]))]);
+        merge_box(&mut out, 0, b([0, 0], [1, 1]));
+        assert_eq!(out, vec![(0, b([0, 0], [8, 6]))]);
+        merge_box(&mut out, 0, b([3, 3], [1, 1]));
+        assert_eq!(
+            out,
+            vec![(0, b([0, 0], [8, 6]))],
+            "a box inside changes nothing"
+        );
+        merge_box(&mut out, 1, b([5, 5], [1, 2]));
+        assert_eq!(out, vec![(0, b([0, 0], [8, 6])), (1, b([5, 5], [1, 2]))]);
+    }
 }
