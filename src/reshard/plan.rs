@@ -1403,4 +1403,31 @@ mod tests {
         merge_box(&mut out, 1, b([5, 5], [1, 2]));
         assert_eq!(out, vec![(0, b([0, 0], [8, 6])), (1, b([5, 5], [1, 2]))]);
     }
+
+    /// A target slice counts one piece per source slice it meets: tp4 to
+    /// tp2, a row-split tensor's half meets two quarters, a replicated
+    /// norm one copy.
+    #[test]
+    fn pieces_count_the_source_slices_met() {
+        let plan = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        let it = &plan.source.iterations[0];
+        let vf = &plan.iterations[0].files[0];
+        let count = |name: &str| {
+            let pt = vf
+                .tensors
+                .iter()
+                .find(|pt| it.tensors[pt.source].name == name)
+                .unwrap();
+            let t = &it.tensors[pt.source];
+            let n = piece_count(it, t, &pt.slice);
+            assert_eq!(n, pieces(it, t, &pt.slice).len() as u64, "{name}");
+            n
+        };
+        assert_eq!(count("embedding.word_embeddings.weight"), 2);
+        assert_eq!(count("decoder.final_layernorm.weight"), 1);
+    }
 }
