@@ -214,8 +214,12 @@ mod tests {
         assert_eq!(network_kind(nix::sys::statfs::EXT4_SUPER_MAGIC), None);
         assert_eq!(network_kind(nix::sys::statfs::TMPFS_MAGIC), None);
         assert!(network_kind(FUSE_SUPER_MAGIC).is_some());
-        // The directory these tests run in is not on a network filesystem
-        // on CI; wherever it is, asking never fails.
-        let _ = readahead_hint(Path::new("."));
+        // A directory on a local filesystem gets no hint; one that cannot be
+        // read gets none either (no error, no panic).
+        let tmp = tempfile::tempdir().unwrap();
+        let kind = statfs(tmp.path()).unwrap().filesystem_type();
+        assert_eq!(network_kind(kind), None, "the temporary directory is local");
+        assert_eq!(readahead_hint(tmp.path()), None);
+        assert_eq!(readahead_hint(&tmp.path().join("absent")), None);
     }
 }

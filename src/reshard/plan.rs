@@ -956,4 +956,478 @@ mod tests {
         assert_eq!(intervals(4, 2, 4), vec![(1, 4, 2)]);
         assert_eq!(intervals(0, 0, 4), vec![]);
     }
+
+    fn view_metadata_json(plan: &Plan) -> serde_json::Value {
+        let (_, b) = plan.iterations[0]
+            .small
+            .iter()
+            .find(|(n, _)| n == "metadata.json")
+            .expect("the view has a metadata.json");
+        serde_json::from_slice(b).unwrap()
+    }
+
+    /// A `--strategy` tensor with a null layout: the view's metadata.json
+    /// names its holders (and only them) in storage_data, one whole slice
+    /// with a replica per holder; the rank files of exactly those ranks
+    /// hold it.
+    #[test]
+    fn a_null_layout_in_the_view_metadata_names_its_holders() {
+        let meta_path = Path::new("tests/fixtures/tp4-f32/iteration_00000005/metadata.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let name = "decoder.layers.1.pre_mlp_layernorm.weight";
+        meta["state_dict_metadata"][name]["layout"] = serde_json::Value::Null;
+        meta["storage_data"][format!("('{name}', (0,))")] = serde_json::json!([
+            {"file_name": "model-0000001-0000004.safetensors", "storage_rank": 1, "rank_group": [1, 3]},
+            {"file_name": "model-0000003-0000004.safetensors", "storage_rank": 3, "rank_group": [1, 3]},
+        ]);
+        let sp =
+            std::env::temp_dir().join(format!("reshardfs-plan-null-{}.json", std::process::id()));
+        std::fs::write(&sp, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let plan = Plan::build_with(
+            Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap(),
+            TargetSpec::Strategy(sp.clone()),
+            ViewOptions {
+                prefix: Some("px".into()),
+                ..ViewOptions::default()
+            },
+        );
+        std::fs::remove_file(&sp).unwrap();
+        let plan = plan.unwrap();
+        let got = view_metadata_json(&plan);
+        assert_eq!(
+            got["storage_data"][format!("('{name}', (0,))")],
+            serde_json::json!([
+                {"file_name": "px-model-0000001-0000004.safetensors", "storage_rank": 1, "rank_group": [1, 3]},
+                {"file_name": "px-model-0000003-0000004.safetensors", "storage_rank": 3, "rank_group": [1, 3]},
+            ]),
+            "{name}: storage_data must name ranks 1 and 3, each with rank_group [1, 3]"
+        );
+        let t = &got["state_dict_metadata"][name];
+        assert_eq!(t["layout"], serde_json::Value::Null, "{name}: layout");
+        assert_eq!(t["axis_fragmentations"], serde_json::json!([1]), "{name}");
+        assert_eq!(
+            t["properties"]["replica_id"],
+            serde_json::json!([0, 1]),
+            "{name}"
+        );
+        assert_eq!(
+            t["chunk"],
+            serde_json::json!([{"global_offset": [0], "local_shape": [64]}]),
+            "{name}: one whole slice"
+        );
+        let it = &plan.source.iterations[0];
+        let holders: Vec<u64> = plan.iterations[0]
+            .files
+            .iter()
+            .filter(|f| {
+                f.tensors
+                    .iter()
+                    .any(|pt| it.tensors[pt.source].name == name)
+            })
+            .map(|f| f.rank)
+            .collect();
+        assert_eq!(holders, vec![1, 3], "{name}: the rank files holding it");
+    }
+
+    /// A cast view's metadata.json names the cast dtype in MindSpore's
+    /// spelling for every cast tensor, and its rank files by the view's prefix.
+    #[test]
+    fn a_cast_view_metadata_names_the_served_dtype_and_prefix() {
+        let opts = ViewOptions {
+            dtype: Some(Dtype::BF16),
+            prefix: Some("cast".into()),
+            ..ViewOptions::default()
+        };
+        let plan = mesh("tests/fixtures/tp4-f32", &[("tp", 2)], opts);
+        let got = view_metadata_json(&plan);
+        let sdm = got["state_dict_metadata"].as_object().unwrap();
+        assert_eq!(sdm.len(), 17);
+        for (n, m) in sdm {
+            assert_eq!(m["properties"]["dtype"], "BFloat16", "{n}: dtype");
+        }
+        for (k, v) in got["storage_data"].as_object().unwrap() {
+            for e in v.as_array().unwrap() {
+                let f = e["file_name"].as_str().unwrap();
+                let r = e["storage_rank"].as_u64().unwrap();
+                assert_eq!(f, format!("cast-model-{r:07}-0000002.safetensors"), "{k}");
+            }
+        }
+        let same = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        for (n, m) in view_metadata_json(&same)["state_dict_metadata"]
+            .as_object()
+            .unwrap()
+        {
+            assert_eq!(m["properties"]["dtype"], "Float32", "{n}: an uncast dtype");
+        }
+    }
+
+    /// `plan` and `.reshardfs/summary` say which model map made the view
+    /// and what it assumed; a source without a model map gets no note.
+    #[test]
+    fn notes_name_the_model_map() {
+        let p = mesh(
+            "tests/fixtures/qwen3-tiny-hf",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        let model = p.source.iterations[0].model.as_ref().unwrap();
+        let mut want = vec!["model map qwen3".to_string()];
+        want.extend(model.notes.iter().cloned());
+        assert_eq!(p.iterations[0].notes, want);
+        let p = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        assert_eq!(p.iterations[0].notes, Vec::<String>::new());
+    }
+
+    /// `--dtype` casts floating-point tensors only: an integer tensor keeps
+    /// its dtype (and its MindSpore dtype name in metadata.json).
+    #[test]
+    fn a_cast_leaves_integer_tensors_alone() {
+        let mut src = Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap();
+        let t = &mut src.iterations[0].tensors[0];
+        let cast = ViewOptions {
+            dtype: Some(Dtype::BF16),
+            ..ViewOptions::default()
+        };
+        assert_eq!(view_dtype(t, &cast), Dtype::BF16);
+        assert_eq!(view_dtype(t, &ViewOptions::default()), Dtype::F32);
+        t.dtype = Dtype::I64;
+        assert_eq!(view_dtype(t, &cast), Dtype::I64, "an I64 tensor was cast");
+    }
+
+    /// A view of more tensor slices than MAX_SLICES is refused before any
+    /// file is planned: 17 tensors each on 2^20 ranks (dp 2^18 x tp 4).
+    #[test]
+    fn too_many_slices_are_refused() {
+        let spec = TargetSpec::Mesh {
+            sizes: vec![("dp".into(), 1 << 18), ("tp".into(), 4)],
+            pp: None,
+            offset: None,
+        };
+        let src = Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap();
+        let e = Plan::build_with(src, spec, ViewOptions::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("17825792 tensor slices") && msg.contains(&MAX_SLICES.to_string()),
+            "{msg}"
+        );
+    }
+
+    /// A Hugging Face view's shards as transformers cuts them: tensors in
+    /// order, a new shard when the next tensor would take this one past
+    /// `max_shard_size` (a shard exactly full is full, not over), a tensor
+    /// larger than the limit alone; the index's totals are the tensors'
+    /// bytes and elements.
+    #[test]
+    fn hugging_face_shards_fill_up_to_the_limit() {
+        let src = Arc::new(Source::open(Path::new("tests/fixtures/qwen3-tiny-hf")).unwrap());
+        let it = &src.iterations[0];
+        // (name, elements, bytes) of each model tensor, in order, as bf16.
+        let tensors: Vec<(String, u64, u64)> = it
+            .tensors
+            .iter()
+            .filter(|t| t.kind == Kind::Model)
+            .map(|t| {
+                let n: u64 = t.global_shape.iter().product();
+                (t.name.clone(), n, n * 2)
+            })
+            .collect();
+        let total: u64 = tensors.iter().map(|t| t.2).sum();
+        let params: u64 = tensors.iter().map(|t| t.1).sum();
+        let first_two = tensors[0].2 + tensors[1].2;
+        for max in [
+            1,
+            first_two - 1,
+            first_two,
+            first_two + 1,
+            60_000,
+            total,
+            u64::MAX,
+        ] {
+            let options = ViewOptions {
+                dtype: Some(Dtype::BF16),
+                hf: Some(HfOptions {
+                    max_shard_size: max,
+                    ..HfOptions::default()
+                }),
+                ..ViewOptions::default()
+            };
+            let plan = Plan::build_with(src.clone(), TargetSpec::Unshard, options).unwrap();
+            // The expected shards, by the rule above.
+            let mut want: Vec<Vec<&str>> = vec![];
+            let mut bytes = 0;
+            for (name, _, b) in &tensors {
+                if want.last().is_none_or(|s| !s.is_empty() && bytes + b > max) {
+                    want.push(vec![]);
+                    bytes = 0;
+                }
+                want.last_mut().unwrap().push(name);
+                bytes += b;
+            }
+            let ip = &plan.iterations[0];
+            let got: Vec<Vec<&str>> = ip
+                .files
+                .iter()
+                .map(|f| {
+                    let mut v: Vec<&str> = f
+                        .tensors
+                        .iter()
+                        .map(|t| it.tensors[t.source].name.as_str())
+                        .collect();
+                    v.sort_unstable();
+                    v
+                })
+                .collect();
+            for w in &mut want {
+                w.sort_unstable();
+            }
+            assert_eq!(got, want, "max_shard_size {max}: the shards");
+            let (_, index) = ip.small.iter().find(|(n, _)| n == HF_INDEX).unwrap();
+            let index: serde_json::Value = serde_json::from_slice(index).unwrap();
+            assert_eq!(index["metadata"]["total_size"], total, "max {max}");
+            assert_eq!(index["metadata"]["total_parameters"], params, "max {max}");
+            let count = want.len();
+            for (i, shard) in want.iter().enumerate() {
+                for n in shard {
+                    assert_eq!(
+                        index["weight_map"][*n],
+                        format!("model-{:05}-of-{count:05}.safetensors", i + 1),
+                        "max {max}: {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn hf_view(src: &str, dtype: Option<Dtype>, files: Vec<(String, Vec<u8>)>) -> Plan {
+        hf_view_with(
+            src,
+            crate::checkpoint::models::ModelChoice::Auto,
+            dtype,
+            files,
+        )
+    }
+
+    fn hf_view_with(
+        src: &str,
+        model: crate::checkpoint::models::ModelChoice,
+        dtype: Option<Dtype>,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Plan {
+        let options = ViewOptions {
+            dtype,
+            hf: Some(HfOptions {
+                max_shard_size: u64::MAX,
+                files,
+                ..HfOptions::default()
+            }),
+            ..ViewOptions::default()
+        };
+        let source = Source::open_with(Path::new(src), model).unwrap();
+        // As `--hf` prepares its source (a MindSpore Transformers checkpoint
+        // read back through the model's map).
+        let source = match model {
+            crate::checkpoint::models::ModelChoice::Map(_) => {
+                models::hf_view(source, model, None).unwrap().source
+            }
+            _ => source,
+        };
+        Plan::build_with(source, TargetSpec::Unshard, options).unwrap()
+    }
+
+    fn small_file<'a>(plan: &'a Plan, name: &str) -> &'a [u8] {
+        let small = &plan.iterations[0].small;
+        let (_, b) = small
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("the view has no {name}"));
+        b
+    }
+
+    /// A Hugging Face view shows the folder's own config.json (and the files
+    /// beside it) byte for byte, restated only for a dtype the view changes,
+    /// which the notes say; without one, it generates config.json stating
+    /// the dtype of the view's model tensors (an f32 source: float32).
+    #[test]
+    fn a_hugging_face_view_states_its_dtype_in_config_json() {
+        let dir = Path::new("tests/fixtures/qwen3-tiny-hf");
+        let files: Vec<(String, Vec<u8>)> = ["config.json", "generation_config.json"]
+            .iter()
+            .map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap()))
+            .collect();
+        // The dtype a config.json states (transformers writes `dtype`, older
+        // versions `torch_dtype`).
+        let cfg = |b: &[u8]| -> serde_json::Value {
+            let c: serde_json::Value = serde_json::from_slice(b).unwrap();
+            let key = if c.get("dtype").is_some() {
+                "dtype"
+            } else {
+                "torch_dtype"
+            };
+            serde_json::json!({"torch_dtype": c[key].clone(), "all": c})
+        };
+        let p = hf_view("tests/fixtures/qwen3-tiny-hf", None, files.clone());
+        for (n, b) in &files {
+            assert_eq!(small_file(&p, n), &b[..], "{n}: not the folder's own");
+        }
+        let p = hf_view(
+            "tests/fixtures/qwen3-tiny-hf",
+            Some(Dtype::F32),
+            files.clone(),
+        );
+        assert_eq!(cfg(small_file(&p, "config.json"))["torch_dtype"], "float32");
+        assert_eq!(
+            small_file(&p, "generation_config.json"),
+            &files[1].1[..],
+            "generation_config.json changed"
+        );
+        assert!(
+            p.iterations[0].notes.iter().any(|n| n
+                .contains("config.json as in the model's folder")
+                && n.contains("float32")),
+            "{:?}",
+            p.iterations[0].notes
+        );
+        // A generated config.json: the MindSpore Transformers source is f32.
+        let qwen3 = crate::checkpoint::models::ModelChoice::parse("qwen3").unwrap();
+        let p = hf_view_with(
+            "tests/fixtures/qwen3-tiny-mf-tp2-pp2-f32",
+            qwen3,
+            None,
+            vec![],
+        );
+        let c = cfg(small_file(&p, "config.json"));
+        assert_eq!(c["torch_dtype"], "float32", "{}", c["all"]);
+        assert!(
+            !p.iterations[0].warnings.is_empty(),
+            "a generated config.json is warned of"
+        );
+        // gpt: bf16 model tensors, f32 optimizer states; the view's dtype
+        // is its model tensors'.
+        let own = br#"{"torch_dtype": "float16"}"#.to_vec();
+        let p = hf_view(
+            "tests/fixtures/gpt-dp2-tp2-pp2-bf16",
+            None,
+            vec![("config.json".into(), own)],
+        );
+        assert_eq!(
+            cfg(small_file(&p, "config.json"))["torch_dtype"],
+            "bfloat16"
+        );
+        // Whatever comes first: an f32 optimizer state first in the
+        // source's order changes nothing.
+        let mut src = Source::open(Path::new("tests/fixtures/gpt-dp2-tp2-pp2-bf16")).unwrap();
+        let it = &mut src.iterations[0];
+        let opt = it.tensors.iter().position(|t| t.kind == Kind::Opt).unwrap();
+        assert_eq!(it.tensors[opt].dtype, Dtype::F32);
+        it.tensors.swap(0, opt);
+        let options = ViewOptions {
+            hf: Some(HfOptions {
+                max_shard_size: u64::MAX,
+                files: vec![(
+                    "config.json".into(),
+                    br#"{"torch_dtype": "float16"}"#.to_vec(),
+                )],
+                ..HfOptions::default()
+            }),
+            ..ViewOptions::default()
+        };
+        let p = Plan::build_with(src, TargetSpec::Unshard, options).unwrap();
+        assert_eq!(
+            cfg(small_file(&p, "config.json"))["torch_dtype"],
+            "bfloat16",
+            "an optimizer state first decided the view's dtype"
+        );
+    }
+
+    /// A view file whose header, size and first slice are a source file's,
+    /// but one of whose tensors comes from another file (a strategy that
+    /// permutes one tensor's ranks), is not that source file whole.
+    #[test]
+    fn a_file_mixing_two_source_files_is_not_marked_whole() {
+        let meta_path = Path::new("tests/fixtures/tp4-f32/iteration_00000005/metadata.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let name = "decoder.layers.1.mlp.linear_fc2.weight";
+        meta["state_dict_metadata"][name]["layout"]["rank_list"] = serde_json::json!([1, 0, 2, 3]);
+        let sp =
+            std::env::temp_dir().join(format!("reshardfs-plan-mixed-{}.json", std::process::id()));
+        std::fs::write(&sp, serde_json::to_vec(&meta).unwrap()).unwrap();
+        let plan = Plan::build_with(
+            Source::open(Path::new("tests/fixtures/tp4-f32")).unwrap(),
+            TargetSpec::Strategy(sp.clone()),
+            ViewOptions::default(),
+        );
+        std::fs::remove_file(&sp).unwrap();
+        let plan = plan.unwrap();
+        let m = marked(&plan);
+        assert_eq!(
+            m[0].1, None,
+            "rank 0 holds {name} from rank 1's file: not rank 0's file whole"
+        );
+        assert_eq!(
+            m[1].1, None,
+            "rank 1 holds {name} from rank 0's file: not rank 1's file whole"
+        );
+        assert_eq!(m[2].1.as_deref(), Some("model-0000002-0000004.safetensors"));
+        marks_match_the_bytes(&plan);
+    }
+
+    /// The box kept per part grows to hold every box added for it: the
+    /// smallest box holding both, in every dimension.
+    #[test]
+    fn merged_boxes_bound_what_they_hold() {
+        let b = |start: [u64; 2], shape: [u64; 2]| Slice {
+            start: start.to_vec(),
+            shape: shape.to_vec(),
+        };
+        let mut out = vec![(0, b([2, 1], [2, 3]))];
+        merge_box(&mut out, 0, b([6, 2], [2, 4]));
+        assert_eq!(out, vec![(0, b([2, 1], [6, 5]))]);
+        merge_box(&mut out, 0, b([0, 0], [1, 1]));
+        assert_eq!(out, vec![(0, b([0, 0], [8, 6]))]);
+        merge_box(&mut out, 0, b([3, 3], [1, 1]));
+        assert_eq!(
+            out,
+            vec![(0, b([0, 0], [8, 6]))],
+            "a box inside changes nothing"
+        );
+        merge_box(&mut out, 1, b([5, 5], [1, 2]));
+        assert_eq!(out, vec![(0, b([0, 0], [8, 6])), (1, b([5, 5], [1, 2]))]);
+    }
+
+    /// A target slice counts one piece per source slice it meets: tp4 to
+    /// tp2, a row-split tensor's half meets two quarters, a replicated
+    /// norm one copy.
+    #[test]
+    fn pieces_count_the_source_slices_met() {
+        let plan = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        let it = &plan.source.iterations[0];
+        let vf = &plan.iterations[0].files[0];
+        let count = |name: &str| {
+            let pt = vf
+                .tensors
+                .iter()
+                .find(|pt| it.tensors[pt.source].name == name)
+                .unwrap();
+            let t = &it.tensors[pt.source];
+            let n = piece_count(it, t, &pt.slice);
+            assert_eq!(n, pieces(it, t, &pt.slice).len() as u64, "{name}");
+            n
+        };
+        assert_eq!(count("embedding.word_embeddings.weight"), 2);
+        assert_eq!(count("decoder.final_layernorm.weight"), 1);
+    }
 }

@@ -694,4 +694,425 @@ mod tests {
         assert!(TargetSpec::parse_mesh(&["tp=0".into()]).is_err());
         assert!(TargetSpec::parse_mesh(&["tp=2,tp=4".into()]).is_err());
     }
+
+    fn fixture_iteration(name: &str) -> Iteration {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let src = crate::checkpoint::source::Source::open(&dir).unwrap();
+        src.iterations.into_iter().next().unwrap()
+    }
+
+    /// The stage `rule` gives a tensor named `name` on source stage
+    /// `stage` (the iteration's first tensor, renamed and moved).
+    fn stage_of(rule: &StageRule, it: &mut Iteration, name: &str, stage: u64) -> u64 {
+        it.tensors[0].name = name.into();
+        it.tensors[0].stage = stage;
+        rule.stage(&it.tensors[0])
+    }
+
+    /// From a multi-stage source (tests/fixtures: gpt, 2 stages), a tensor
+    /// outside the layers keeps its end of the pipeline whatever its name;
+    /// the name rule is only for a single-stage source (tp4, one stage),
+    /// which says nothing about stages.
+    #[test]
+    fn stages_of_tensors_outside_the_layers() {
+        let mut multi = fixture_iteration("gpt-dp2-tp2-pp2-bf16");
+        assert_eq!(multi.stages, 2, "the gpt fixture has 2 stages");
+        let mut single = fixture_iteration("tp4-f32");
+        assert_eq!(single.stages, 1, "the tp4 fixture has 1 stage");
+        let cases: &[(bool, &str, u64, u64, &str)] = &[
+            // (multi-stage source, name, source stage, want with --pp 2, why)
+            (true, "mtp.head.weight", 1, 1, "was last, stays last"),
+            (true, "mtp.head.weight", 0, 0, "was first, stays first"),
+            (true, "output_layer.weight", 0, 0, "was first, stays first"),
+            (
+                true,
+                "decoder.final_layernorm.weight",
+                1,
+                1,
+                "was last, stays last",
+            ),
+            (
+                true,
+                "embedding.word_embeddings.weight",
+                0,
+                0,
+                "was first, stays first",
+            ),
+            (
+                false,
+                "output_layer.weight",
+                0,
+                1,
+                "named for the last stage",
+            ),
+            (
+                false,
+                "adam_m.decoder.final_layernorm.weight",
+                0,
+                1,
+                "named for the last stage",
+            ),
+            (false, "mtp.head.weight", 0, 0, "everything else goes first"),
+            (
+                false,
+                "embedding.word_embeddings.weight",
+                0,
+                0,
+                "everything else goes first",
+            ),
+        ];
+        for &(is_multi, name, from, want, why) in cases {
+            let it = if is_multi { &mut multi } else { &mut single };
+            let rule = StageRule::new(it, Some(2), None).unwrap();
+            let got = stage_of(&rule, it, name, from);
+            assert_eq!(
+                got, want,
+                "--pp 2 from a {}-stage source: {name} on source stage {from} went to stage {got}, want {want} ({why})",
+                it.stages
+            );
+        }
+        // Without --pp every tensor keeps its source stage.
+        let keep = StageRule::new(&multi, None, None).unwrap();
+        for s in [0, 1, 5] {
+            assert_eq!(stage_of(&keep, &mut multi, "output_layer.weight", s), s);
+            assert_eq!(stage_of(&keep, &mut multi, "decoder.layers.0.x", s), s);
+        }
+    }
+
+    /// Layers go to the stages in order, `L / N` each, or as `--pp-offset`
+    /// says; a layer index beyond the last (a hostile name) goes last.
+    #[test]
+    fn stages_of_layers() {
+        let mut it = fixture_iteration("tp4-f32");
+        let mut at = |rule: &StageRule, i: u64| {
+            let name = format!("decoder.layers.{i}.mlp.linear_fc1.weight");
+            stage_of(rule, &mut it, &name, 0)
+        };
+        let it2 = fixture_iteration("tp4-f32");
+        let even = StageRule::new(&it2, Some(2), None).unwrap();
+        assert_eq!((at(&even, 0), at(&even, 1), at(&even, 7)), (0, 1, 1));
+        let one = StageRule::new(&it2, Some(1), None).unwrap();
+        assert_eq!((at(&one, 0), at(&one, 1)), (0, 0));
+        let ends = StageRule::new(&it2, Some(2), Some(&[1, -1])).unwrap();
+        assert_eq!((at(&ends, 0), at(&ends, 1), at(&ends, 9)), (0, 0, 1));
+        let ends = StageRule::new(&it2, Some(2), Some(&[-1, 1])).unwrap();
+        assert_eq!((at(&ends, 0), at(&ends, 1)), (1, 1));
+        // Four layers (a fourth named into the source) over 2 stages: 2 each.
+        let mut it4 = fixture_iteration("tp4-f32");
+        it4.tensors[0].name = "decoder.layers.3.extra.weight".into();
+        let four = StageRule::new(&it4, Some(2), None).unwrap();
+        assert_eq!(
+            (0..4).map(|i| at(&four, i)).collect::<Vec<_>>(),
+            vec![0, 0, 1, 1],
+            "4 layers over 2 stages"
+        );
+        for (pp, offset, words) in [
+            (Some(0), None, "at least 1"),
+            (Some(3), None, "at most 2 stages"),
+            (None, Some(&[0i64][..]), "needs --pp"),
+        ] {
+            let Err(e) = StageRule::new(&it2, pp, offset) else {
+                panic!("--pp {pp:?} --pp-offset {offset:?} must be refused");
+            };
+            let msg = e.to_string();
+            assert!(msg.contains(words), "{msg:?} lacks {words:?}");
+        }
+    }
+
+    fn strategy_file(tag: &str, json: &Value) -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "reshardfs-strategy-{}-{tag}.json",
+            std::process::id()
+        ));
+        std::fs::write(&p, serde_json::to_vec(json).unwrap()).unwrap();
+        p
+    }
+
+    /// A `--strategy` tensor with a null layout is held whole by exactly
+    /// the ranks the strategy's storage_data names; a bare {name: null}
+    /// strategy, which names none, by rank 0.
+    #[test]
+    fn a_null_layout_is_held_by_the_ranks_storage_data_names() {
+        let it = fixture_iteration("tp4-f32");
+        let meta_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tp4-f32/iteration_00000005/metadata.json");
+        let mut meta: Value = serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let name = "decoder.layers.1.pre_mlp_layernorm.weight";
+        meta["state_dict_metadata"][name]["layout"] = Value::Null;
+        let key = format!("('{name}', (0,))");
+        meta["storage_data"][&key] = serde_json::json!([
+            {"file_name": "model-0000001-0000004.safetensors", "storage_rank": 1, "rank_group": [1, 3]},
+            {"file_name": "model-0000003-0000004.safetensors", "storage_rank": 3, "rank_group": [1, 3]},
+        ]);
+        // A second null layout held by one rank, named only as storage_rank.
+        let name2 = "decoder.final_layernorm.weight";
+        meta["state_dict_metadata"][name2]["layout"] = Value::Null;
+        meta["storage_data"][format!("('{name2}', (0,))")] = serde_json::json!([
+            {"file_name": "model-0000002-0000004.safetensors", "storage_rank": 2},
+        ]);
+        let p = strategy_file("null", &meta);
+        let target = TargetSpec::Strategy(p.clone()).resolve(&it);
+        std::fs::remove_file(&p).unwrap();
+        let target = target.unwrap();
+        let placement = |n: &str| {
+            let i = it.tensors.iter().position(|t| t.name == n).unwrap();
+            target.placements[i].clone()
+        };
+        assert_eq!(
+            placement(name),
+            Placement {
+                layout: None,
+                ranks: vec![1, 3]
+            },
+            "{name}: a null layout must be held by the ranks its storage_data names (1 and 3)"
+        );
+        assert_eq!(
+            placement(name2),
+            Placement {
+                layout: None,
+                ranks: vec![2]
+            },
+            "{name2}: a null layout must be held by its storage_rank (2)"
+        );
+        assert_eq!(target.world, 4);
+
+        // A bare object: no storage_data, so rank 0 holds it.
+        let mut bare = serde_json::Map::new();
+        for t in &it.tensors {
+            let l = meta["state_dict_metadata"][&t.name]["layout"].clone();
+            bare.insert(t.name.clone(), l);
+        }
+        let p = strategy_file("bare", &Value::Object(bare));
+        let target = TargetSpec::Strategy(p.clone()).resolve(&it);
+        std::fs::remove_file(&p).unwrap();
+        let target = target.unwrap();
+        let i = it.tensors.iter().position(|t| t.name == name).unwrap();
+        assert_eq!(
+            target.placements[i],
+            Placement {
+                layout: None,
+                ranks: vec![0]
+            },
+            "{name}: a null layout in a bare strategy names no holder, so rank 0 holds it"
+        );
+    }
+
+    fn mesh_of(sizes: &[(&str, u64)]) -> TargetSpec {
+        TargetSpec::Mesh {
+            sizes: sizes.iter().map(|&(a, n)| (a.to_string(), n)).collect(),
+            pp: None,
+            offset: None,
+        }
+    }
+
+    /// What `plan`, the summary and every target error call the target.
+    #[test]
+    fn targets_describe_themselves() {
+        let m = TargetSpec::Mesh {
+            sizes: vec![("tp".into(), 2), ("dp".into(), 1)],
+            pp: Some(2),
+            offset: Some(vec![1, -1]),
+        };
+        assert_eq!(m.describe(), "tp=2,dp=1,pp=2,offset=1,-1");
+        assert_eq!(mesh_of(&[]).describe(), "same strategy as the source");
+        assert_eq!(
+            TargetSpec::Strategy(PathBuf::from("/x/metadata.json")).describe(),
+            "strategy /x/metadata.json"
+        );
+        assert_eq!(TargetSpec::Unshard.describe(), "unshard");
+    }
+
+    /// A fused QKV is cut only between whole key/value groups: the tiny
+    /// Qwen3 has 2 groups, so tp=2 is allowed and tp=4 refused, naming
+    /// the tensor, the axis and the groups (tests/fixtures/README.md).
+    #[test]
+    fn a_fused_qkv_is_cut_between_whole_groups() {
+        let it = fixture_iteration("qwen3-tiny-hf");
+        for tp in [1, 2] {
+            assert!(mesh_of(&[("tp", tp)]).resolve(&it).is_ok(), "tp={tp}");
+        }
+        let Err(e) = mesh_of(&[("tp", 4)]).resolve(&it) else {
+            panic!("tp=4 cuts inside a key/value group of 2 and must be refused");
+        };
+        let msg = e.to_string();
+        for w in ["linear_qkv", "tp=4 does not divide its 2"] {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+    }
+
+    /// The expert matrix (dp_ex_ep, ep) takes the stage's ranks: its
+    /// derived axis is dp*tp*cp / ep, and ep must divide dp*tp (cp not
+    /// counted), as MindSpore Transformers requires.
+    #[test]
+    fn the_expert_matrix_follows_the_dense_mesh() {
+        let it = fixture_iteration("qwen3-moe-tiny-hf");
+        let expert = it
+            .tensors
+            .iter()
+            .position(|t| {
+                t.layout
+                    .as_ref()
+                    .is_some_and(|l| l.alias_name.iter().any(|a| a == DERIVED_AXIS))
+            })
+            .expect("the MoE fixture has expert tensors");
+        let matrix = |sizes: &[(&str, u64)]| {
+            let t = mesh_of(sizes).resolve(&it).unwrap();
+            let l = t.placements[expert].layout.clone().unwrap();
+            (l.device_matrix, t.world)
+        };
+        assert_eq!(matrix(&[("dp", 2), ("tp", 2), ("ep", 4)]), (vec![1, 4], 4));
+        assert_eq!(matrix(&[("dp", 2), ("tp", 2), ("ep", 2)]), (vec![2, 2], 4));
+        assert_eq!(
+            matrix(&[("dp", 1), ("cp", 2), ("tp", 2), ("ep", 2)]),
+            (vec![2, 2], 4)
+        );
+        // dp*tp = 2 (cp=2 does not count): ep=4 does not divide it.
+        let Err(e) = mesh_of(&[("dp", 1), ("cp", 2), ("tp", 2), ("ep", 4)]).resolve(&it) else {
+            panic!("ep=4 with dp*tp = 2 must be refused");
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("ep=4 does not divide dp*tp = 2"), "{msg}");
+    }
+
+    /// Every tensor of a stage must have the same ranks: a tensor whose
+    /// mesh has another axis (here an extra `ep` of 2 on one tp4 tensor) is
+    /// refused under a new mesh, naming both tensors and their meshes.
+    #[test]
+    fn tensors_that_disagree_on_ranks_per_stage_are_refused() {
+        let mut it = fixture_iteration("tp4-f32");
+        let name = it.tensors[1].name.clone();
+        let l = it.tensors[1].layout.as_mut().unwrap();
+        l.device_matrix.push(2);
+        l.alias_name.push("ep".into());
+        l.rank_list = (0..8).collect();
+        let Err(e) = mesh_of(&[("tp", 2)]).resolve(&it) else {
+            panic!("{name} has 4 ranks per stage under tp=2, the others 2: must be refused");
+        };
+        let msg = e.to_string();
+        for w in ["disagree on ranks per stage", &name, "has 4", "has 2"] {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+    }
+
+    /// A split that does not divide a tensor is refused (tp=3 of 256
+    /// rows), unless the model keeps such a tensor whole (an embedding
+    /// whose vocabulary tp does not divide): then it is held whole.
+    #[test]
+    fn an_uneven_split_is_refused_or_kept_whole_as_the_model_says() {
+        let it = fixture_iteration("tp4-f32");
+        let Err(e) = mesh_of(&[("tp", 3)]).resolve(&it) else {
+            panic!("tp=3 does not divide 256 rows: must be refused");
+        };
+        assert!(e.to_string().contains("target tp=3: tensor "), "{e}");
+        let mut it = fixture_iteration("qwen3-tiny-hf");
+        let emb = it
+            .tensors
+            .iter()
+            .position(|t| t.name == "embedding.word_embeddings.weight")
+            .unwrap();
+        assert!(it.tensors[emb].rules.whole_if_uneven);
+        // Split when tp divides the vocabulary (256)...
+        let t = mesh_of(&[("tp", 2)]).resolve(&it).unwrap();
+        let l = t.placements[emb].layout.as_ref().unwrap();
+        assert_eq!(l.split(0), 2, "the embedding is split on tp=2");
+        // ...whole when it does not (a vocabulary of 255 rows).
+        it.tensors[emb].global_shape[0] = 255;
+        it.tensors[emb].rules.dim0_group = None;
+        let t = mesh_of(&[("tp", 2)]).resolve(&it).unwrap();
+        let l = t.placements[emb].layout.as_ref().unwrap();
+        assert_eq!(
+            l.split(0),
+            1,
+            "an embedding tp=2 does not divide is kept whole"
+        );
+    }
+
+    /// The expert tensors take their mesh from the dense ones whatever
+    /// order the tensors come in: an expert tensor first changes nothing.
+    #[test]
+    fn the_expert_matrix_does_not_depend_on_tensor_order() {
+        let mut it = fixture_iteration("qwen3-moe-tiny-hf");
+        let expert = it
+            .tensors
+            .iter()
+            .position(|t| {
+                t.layout
+                    .as_ref()
+                    .is_some_and(|l| l.alias_name.iter().any(|a| a == DERIVED_AXIS))
+            })
+            .unwrap();
+        let sizes = [("dp", 2), ("tp", 2), ("ep", 2)];
+        let before = mesh_of(&sizes).resolve(&it).unwrap();
+        it.tensors.swap(0, expert);
+        let after = mesh_of(&sizes).resolve(&it).unwrap();
+        assert_eq!(after.world, before.world);
+        assert_eq!(after.placements[0], before.placements[expert]);
+        assert_eq!(after.placements[expert], before.placements[0]);
+    }
+
+    /// A strategy from a job saved without optimizer states applies to one
+    /// with them: each state takes its parameter's layout. A tensor with
+    /// no layout of its own nor a parameter's is listed, not guessed (and
+    /// never a panic), states included.
+    #[test]
+    fn optimizer_states_take_their_parameters_layout() {
+        let it = fixture_iteration("gpt-dp2-tp2-pp2-bf16");
+        let meta_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/gpt-dp2-tp2-pp2-bf16/iteration_00000001/metadata.json");
+        let meta: Value = serde_json::from_slice(&std::fs::read(meta_path).unwrap()).unwrap();
+        let sdm = meta["state_dict_metadata"].as_object().unwrap();
+        let model_only: serde_json::Map<String, Value> = sdm
+            .iter()
+            .filter(|(k, _)| !k.starts_with("adam_"))
+            .map(|(k, v)| (k.clone(), v["layout"].clone()))
+            .collect();
+        let full: serde_json::Map<String, Value> = sdm
+            .iter()
+            .map(|(k, v)| (k.clone(), v["layout"].clone()))
+            .collect();
+        let resolve = |tag: &str, m: &serde_json::Map<String, Value>| {
+            let p = strategy_file(tag, &Value::Object(m.clone()));
+            let r = TargetSpec::Strategy(p.clone()).resolve(&it);
+            std::fs::remove_file(&p).unwrap();
+            r
+        };
+        let got = resolve("model-only", &model_only).unwrap();
+        let want = resolve("full", &full).unwrap();
+        for (i, t) in it.tensors.iter().enumerate() {
+            assert_eq!(
+                got.placements[i], want.placements[i],
+                "{}: the model-only strategy placed it otherwise than its own layout",
+                t.name
+            );
+        }
+        // Without the output layer's layout: it and both its states are missing.
+        let mut less = model_only.clone();
+        less.remove("output_layer.weight");
+        let Err(e) = resolve("less", &less) else {
+            panic!("a strategy without output_layer.weight must be refused");
+        };
+        let msg = e.to_string();
+        for w in [
+            "has no layout for 3 source tensor(s)",
+            "adam_m.output_layer.weight",
+            "adam_v.output_layer.weight",
+        ] {
+            assert!(msg.contains(w), "{msg:?} lacks {w:?}");
+        }
+        // A bad layout is reported for the tensor it was read for, and
+        // for a state as its parameter's ("whose layout ... takes").
+        let mut bad = model_only.clone();
+        bad.insert("output_layer.weight".into(), Value::from("not a layout"));
+        let Err(e) = resolve("bad", &bad) else {
+            panic!("a layout that is a string must be refused");
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains(": tensor output_layer.weight: layout")
+                || msg.contains(": tensor output_layer.weight (whose layout adam_"),
+            "{msg}"
+        );
+    }
 }

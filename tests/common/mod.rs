@@ -133,6 +133,24 @@ pub fn expected_file(
     }
     assert_eq!(entries.len(), expect.len(), "tensor count");
     entries.sort();
+    // The header is the file's own, so check what else it claims: tensors
+    // back to back from offset 0, each as long as its expected bytes, after
+    // a header padded to 8 bytes as safetensors writes it.
+    assert_eq!(n % 8, 0, "header length {n} is not padded to 8 bytes");
+    let mut end = 0u64;
+    for (start, name) in &entries {
+        let v = &header[name.as_str()]["data_offsets"];
+        let stop = v[1].as_u64().unwrap();
+        assert_eq!(*start, end, "{name}: data starts at {start}, want {end}");
+        let want_len = expect[name].1.len() as u64;
+        assert_eq!(
+            stop - start,
+            want_len,
+            "{name}: {} data bytes, want {want_len}",
+            stop - start
+        );
+        end = stop;
+    }
     for (_, name) in entries {
         out.extend_from_slice(&expect[&name].1);
     }

@@ -154,6 +154,32 @@ def exports(tmp_path_factory, reshardfs_bin):
 
 
 @pytest.fixture(scope="session")
+def synth_export(synth_ckpt, exports):
+    """synth_export(target_args) -> exports(synth_ckpt, target_args), checked once per target
+    against the numpy oracle (ckpt.expected_for), so that the load and fault tests, which compare
+    the mount with it, compare with something checked independently of reshardfs."""
+    checked = set()
+
+    def get(args):
+        ref = exports(synth_ckpt, args)
+        key = tuple(args)
+        if key not in checked:
+            assert args[0] == "--mesh" and (len(args) == 2 or args[2] == "--pp"), f"a mesh target: {args}"
+            name = args[1] + (f",pp={args[3]}" if len(args) > 2 else "")
+            it = ckpt.resolve_iteration(synth_ckpt)
+            params, S, P = ckpt.load_checkpoint(it)
+            exp = ckpt.expected_for(params, S, P, ckpt.parse_target_name(name))
+            firsts = [f.name for f in it.iterdir() if "model-" in f.name]
+            prefix = firsts[0].split("-model-")[0] if "-model-" in firsts[0] else None
+            problems = ckpt.check_export_iteration(ref / it.name, it, exp, prefix)
+            assert not problems, f"export of the synthetic checkpoint {args} != the oracle:\n" + "\n".join(problems[:20])
+            checked.add(key)
+        return ref
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def synth_ckpt(tmp_path_factory):
     """A synthetic checkpoint of real random data, larger than the fixtures
     (~120 MiB: 2 layers, hidden 512, tp=4 x pp=2, Adam states), written by

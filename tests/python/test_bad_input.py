@@ -469,8 +469,11 @@ def test_source_left_untouched(tmp_path, reshardfs_bin):
     """A failed and a successful export leave the source byte-identical."""
     root = ckpt.FIXTURES / TP4
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    ckpt.export(root, tmp_path / "a", ["--mesh", "tp=3"])
-    ckpt.export(root, tmp_path / "b", ["--mesh", "tp=2"])
+    failed = ckpt.export(root, tmp_path / "a", ["--mesh", "tp=3"])
+    assert failed.code == 2, f"tp=3 does not divide the tp4 fixture: expected exit 2\n{failed}"
+    ok = ckpt.export(root, tmp_path / "b", ["--mesh", "tp=2"])
+    assert ok.code == 0, f"tp=2: expected exit 0\n{ok}"
+    assert sorted(os.listdir(tmp_path / "b" / "iteration_00000005")), "the successful export wrote nothing"
     after = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert before == after
 

@@ -57,9 +57,9 @@ def test_changed_source_fails_only_the_reads_that_need_it(change, mounts, fixtur
     assert stats["read_errors"] > 0 and stats["pid"] == pid and mountutil.pid_alive(pid)
 
 
-def test_reader_killed_mid_read(synth_ckpt, mounts, exports):
+def test_reader_killed_mid_read(synth_ckpt, mounts, synth_export):
     args = ["--mesh", "tp=2", "--pp", "1"]
-    ref = exports(synth_ckpt, args)
+    ref = synth_export(args)
     big = max((p for p in ref.rglob("*.safetensors")), key=lambda p: p.stat().st_size)
     rel = str(big.relative_to(ref))
     m = mounts()
@@ -81,9 +81,9 @@ def test_reader_killed_mid_read(synth_ckpt, mounts, exports):
     assert m.stats()["read_errors"] == 0
 
 
-def test_lazy_umount_while_reads_are_in_flight(synth_ckpt, mounts, exports):
+def test_lazy_umount_while_reads_are_in_flight(synth_ckpt, mounts, synth_export):
     args = ["--mesh", "tp=2", "--pp", "1"]
-    ref = exports(synth_ckpt, args)
+    ref = synth_export(args)
     files = sorted(str(p.relative_to(ref)) for p in ref.rglob("*.safetensors"))
     m = mounts()
     m.start_ok(synth_ckpt, args)

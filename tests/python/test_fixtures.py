@@ -366,6 +366,80 @@ def test_inspect_and_plan(fx, reshardfs_bin):
             json.loads(run.stdout)
 
 
+def st_header(path) -> tuple[int, dict]:
+    """(header bytes including the length prefix, header JSON) of a safetensors file."""
+    b = Path(path).read_bytes()
+    n = int.from_bytes(b[:8], "little")
+    return 8 + n, json.loads(b[8:8 + n])
+
+
+@pytest.mark.parametrize("fx", SOURCES)
+def test_inspect_json_describes_the_source(fx, reshardfs_bin):
+    """`inspect --json` against the source's own metadata.json (read here): every tensor with its
+    dtype and global shape, the world and stage count, the files."""
+    src = FIXTURES / fx
+    it = ckpt.resolve_iteration(src)
+    meta = json.loads((it / "metadata.json").read_text())["state_dict_metadata"]
+    run = ckpt.run_cli(["inspect", src, "--json"])
+    assert run.code == 0, str(run)
+    got = json.loads(run.stdout)
+    [gi] = [i for i in got["iterations"] if i["name"] == it.name]
+    files = sorted(f for f in os.listdir(it) if f.endswith(".safetensors"))
+    assert gi["files"] == len(files), f"inspect counts {gi['files']} files, the folder has {len(files)}"
+    world = max(int(f.rsplit("-", 1)[1].split(".")[0]) for f in files)
+    assert gi["world"] == world, f"world {gi['world']}, the file names say {world}"
+    tensors = {t["name"]: t for t in gi["tensors"]}
+    assert sorted(tensors) == sorted(meta), "inspect lists other tensors than metadata.json"
+    for name, m in meta.items():
+        t = tensors[name]
+        assert t["global_shape"] == m["global_shape"], f"{name}: shape {t['global_shape']}, want {m['global_shape']}"
+        if m["layout"] is not None:
+            assert t["rank_list"] == m["layout"]["rank_list"], f"{name}: rank_list"
+    # Each tensor's bytes once (global shape x element size), by the kind of file holding it.
+    size_of = {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4}
+    kind = {}
+    for f in files:
+        _, h = st_header(it / f)
+        for k, v in h.items():
+            if k != "__metadata__":
+                kind[k] = ("opt" if "opt-" in f else "model", size_of[v["dtype"]])
+    data = {"model": 0, "opt": 0}
+    for name, m in meta.items():
+        k, es = kind[name]
+        data[k] += int(np.prod(m["global_shape"], dtype=np.int64)) * es
+    assert (gi["model_bytes"], gi["opt_bytes"]) == (data["model"], data["opt"]), \
+        f"inspect: model/opt bytes {gi['model_bytes']}/{gi['opt_bytes']}, the tensors' sizes say {data}"
+
+
+@pytest.mark.parametrize("fx", SOURCES)
+def test_plan_json_matches_the_export(fx, tmp_path, reshardfs_bin):
+    """`plan --json` against the files `export` writes for the same target, read here: the same
+    file names and sizes, each tensor's offset and length where the file's own header puts it."""
+    src = FIXTURES / fx
+    target = ["--unshard"]
+    run = ckpt.run_cli(["plan", src, *target, "--json"])
+    assert run.code == 0, str(run)
+    plan = json.loads(run.stdout)
+    out = tmp_path / "out"
+    ex = ckpt.export(src, out, target)
+    assert ex.code == 0, str(ex)
+    for pi in plan["iterations"]:
+        d = out / pi["name"] if (out / pi["name"]).is_dir() else out
+        written = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+        assert sorted(f["name"] for f in pi["files"]) == written, f"{pi['name']}: plan names other files"
+        for f in pi["files"]:
+            path = d / f["name"]
+            assert f["size"] == path.stat().st_size, f"{f['name']}: plan says {f['size']} bytes, export wrote {path.stat().st_size}"
+            hb, header = st_header(path)
+            assert f["header_bytes"] == hb, f"{f['name']}: header_bytes {f['header_bytes']}, the file's {hb}"
+            assert sorted(t["name"] for t in f["tensors"]) == sorted(k for k in header if k != "__metadata__")
+            for t in f["tensors"]:
+                a, b = header[t["name"]]["data_offsets"]
+                assert (t["offset"], t["bytes"]) == (hb + a, b - a), f"{f['name']}: {t['name']}: offset/bytes"
+                assert t["shape"] == header[t["name"]]["shape"], f"{f['name']}: {t['name']}: shape"
+                assert sum(p["bytes"] for p in t["pieces"]) == t["bytes"], f"{t['name']}: pieces do not tile it"
+
+
 def test_strategy_of_a_model_only_job_places_optimizer_states(tmp_path, reshardfs_bin):
     """--strategy from a job saved without optimizer states (its layouts name no adam_m./adam_v.
     tensor) on a checkpoint with them: each state takes its parameter's layout, as in MindSpore

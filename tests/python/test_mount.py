@@ -402,8 +402,21 @@ def test_reshardfs_folder(mounts, exports):
     assert pid in mountutil.daemon_pids(m.mnt), f"stats pid {pid}, daemon processes {mountutil.daemon_pids(m.mnt)}"
 
     summary = read_bytes(m.path(META, "summary")).decode()
-    assert re.search(r"tp\W{0,3}2\b", summary), f"summary does not mention the target tp=2:\n{summary}"
-    assert TP4 in summary, f"summary does not mention the source:\n{summary}"
+    lines = summary.splitlines()
+    assert lines[0].split() == ["source", str(src.resolve())] or lines[0].split() == ["source", str(src)], \
+        f"the summary's first line must name the source:\n{summary}"
+    assert lines[1].split() == ["target", "tp=2"], f"the summary's second line must name the target tp=2:\n{summary}"
+    # Every view file of the export, with its size and tensor count, on a line of its own.
+    _, rels_all = view_files(src, args, exp_root)
+    for rel in rels_all:
+        n_tensors = len(ckpt.read_safetensors(exp_root / rel).tensors)
+        want = [os.path.basename(rel), str((exp_root / rel).stat().st_size), "bytes", str(n_tensors), "tensor(s)"]
+        assert any(ln.split()[:5] == want for ln in lines), f"the summary lacks {' '.join(want)}:\n{summary}"
+    base = os.path.dirname(rels_all[0])
+    small = sum((exp_root / base / n).stat().st_size for n in ("metadata.json", "common.json"))
+    total = sum((exp_root / rel).stat().st_size for rel in rels_all) + small  # the iteration's files
+    assert any(ln.startswith("total") and f"{len(rels_all)} file(s), {total} bytes" in ln for ln in lines), \
+        f"the summary's total must be {len(rels_all)} file(s), {total} bytes:\n{summary}"
 
     base, rels = view_files(src, args, exp_root)
     f = rels[1]

@@ -91,6 +91,7 @@ def check_view(dest, params: dict, n: int, single_stage: bool, offset=None):
         lay = meta["state_dict_metadata"][name]["layout"]
         if lay is not None:
             assert lay["rank_list"] == want, f"{name}: metadata.json rank_list {lay['rank_list']}, expected {want}"
+    return held
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -99,9 +100,13 @@ def test_single_stage_source_puts_norm_and_output_last(tmp_path, reshardfs_bin, 
     params = write_source(tmp_path / "src", {name: 0 for name in MODEL}, 1)
     run = ckpt.export(tmp_path / "src", tmp_path / "dest", target + [str(n)])
     assert run.code == 0, str(run)
-    check_view(tmp_path / "dest", params, n, single_stage=True)
-    if n > 1:  # the rule is not the old one: the output layer left the first stage
-        assert expected_stage("adam_v.output_layer.weight", n, 0, True) == n - 1
+    held = check_view(tmp_path / "dest", params, n, single_stage=True)
+    # Read from the view itself, not from this file's rule: the output layer and its states left
+    # the first stage for the last, the embedding did not.
+    last = list(range((n - 1) * S, n * S))
+    for name in ("output_layer.weight", "adam_v.output_layer.weight", "decoder.final_layernorm.weight"):
+        assert sorted(held[name]) == last, f"{name}: held by ranks {held[name]}, want the last stage's {last}"
+    assert sorted(held["embedding.word_embeddings.weight"]) == list(range(S)), "the embedding left the first stage"
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -114,6 +119,27 @@ def test_multi_stage_source_keeps_first_and_last(tmp_path, reshardfs_bin, n):
     run = ckpt.export(tmp_path / "src", tmp_path / "dest", ["--pp", str(n)])
     assert run.code == 0, str(run)
     check_view(tmp_path / "dest", params, n, single_stage=False)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_multi_stage_source_keeps_ends_against_the_names(tmp_path, reshardfs_bin, n):
+    """A multi-stage source whose job put the embedding on the last stage and the final norm and
+    output layer on the first (the reverse of the single-stage name rule): each keeps its end of
+    the pipeline, so a view that applied the single-stage rule is caught on every such tensor."""
+    stage_of = {name: 0 for name in MODEL}
+    stage_of["embedding.word_embeddings.weight"] = 1
+    for i in range(L // 2, L):
+        stage_of[f"decoder.layers.{i}.mlp.weight"] = 1
+    params = write_source(tmp_path / "src", stage_of, 2)
+    run = ckpt.export(tmp_path / "src", tmp_path / "dest", ["--pp", str(n)])
+    assert run.code == 0, str(run)
+    held = check_view(tmp_path / "dest", params, n, single_stage=False)
+    first, last = list(range(S)), list(range((n - 1) * S, n * S))
+    for pre in ("", "adam_m.", "adam_v."):
+        for name, want in ((pre + "embedding.word_embeddings.weight", last),
+                           (pre + "output_layer.weight", first), (pre + "decoder.final_layernorm.weight", first)):
+            assert sorted(held[name]) == want, \
+                f"{name}: held by ranks {held[name]}, want {want} (it keeps its source end of the pipeline)"
 
 
 def test_uneven_pp_needs_an_offset(tmp_path, reshardfs_bin):

@@ -73,6 +73,8 @@ def test_write_operations_refused(cmd, open_mount, exports):
         cmd = ["python3", "-c", f"import os; os.setxattr({f!r}, 'user.x', b'1')"]
     r = run([c.format(f=f, d=d) for c in cmd])
     assert r.code != 0, f"{cmd[0]} succeeded on the read-only view\n{r}"
+    # Refused because the view is read-only, not for another reason (a missing file, a crash).
+    assert "Read-only file system" in r.stderr, f"{cmd[0]} failed, but not with EROFS\n{r}"
     assert run(["cmp", ref / FILE, f]).code == 0, "the view changed"
     listing = run(["ls", d]).stdout.split()
     assert sorted(listing) == sorted(p.name for p in (ref / "iteration_00000005").iterdir())
@@ -173,7 +175,9 @@ def test_passthrough_files_keep_the_same_rules(allow_other, open_mount):
     mode = int(run(["stat", "-c", "%a", m.path(WHOLE)]).stdout.strip(), 8)
     assert mode & 0o222 == 0, oct(mode)
     for cmd in (["truncate", "-s", "0", m.path(WHOLE)], ["sh", "-c", f"echo x >> {m.path(WHOLE)}"]):
-        assert run(cmd).code != 0, f"{cmd} succeeded on the read-only view"
+        r = run(cmd)
+        assert r.code != 0, f"{cmd} succeeded on the read-only view"
+        assert "Read-only file system" in r.stderr, f"{cmd} failed, but not with EROFS\n{r}"
     assert run(["cmp", src, m.path(WHOLE)]).code == 0, "the view (or its source) changed"
     s = m.stats()
     assert s["passthrough_opens"] >= 2 + allow_other and s["bytes_served"] == 0, s
