@@ -93,7 +93,10 @@ fn assert_same_document(what: &str, got: &Value, want: &Value) {
 
 /// The MindSpore-written checkpoints, their iteration folder, and the mesh
 /// sizes they were saved with (tests/fixtures/README.md).
-const MF_FIXTURES: &[(&str, &str, &[(&str, u64)])] = &[
+/// Mesh sizes by alias, as `--mesh` takes them.
+type Sizes = &'static [(&'static str, u64)];
+
+const MF_FIXTURES: &[(&str, &str, Sizes)] = &[
     (
         "gpt-dp2-tp2-pp2-bf16",
         "iteration_00000001",
@@ -139,7 +142,7 @@ fn a_view_under_the_sources_own_strategy_has_its_metadata_json() {
 
 /// The Hugging Face fixtures and the strategy their expected folder was
 /// written under by MindSpore Transformers' converter.
-const HF_FIXTURES: &[(&str, &str, &[(&str, u64)], Option<u64>)] = &[
+const HF_FIXTURES: &[(&str, &str, Sizes, Option<u64>)] = &[
     (
         "qwen3-tiny-hf",
         "expected/qwen3-tiny-hf.dp=1,tp=2,pp=2",
