@@ -33,23 +33,31 @@ pub fn parse_header(file: &[u8]) -> Result<HashMap<String, StoredTensor>, String
     let data_start = 8 + n as u64;
     let mut tensors = HashMap::new();
     for (tname, info) in meta.tensors() {
-        if info.dtype.bitsize() % 8 != 0 {
-            return Err(format!(
-                "tensor {tname}: dtype {:?} has sub-byte elements, which cannot be resliced",
-                info.dtype
-            ));
-        }
-        tensors.insert(
-            tname,
-            StoredTensor {
-                dtype: info.dtype,
-                shape: info.shape.iter().map(|&s| s as u64).collect(),
-                offset: data_start + info.data_offsets.0 as u64,
-                len: (info.data_offsets.1 - info.data_offsets.0) as u64,
-            },
-        );
+        let t = stored(&tname, info, data_start)?;
+        tensors.insert(tname, t);
     }
     Ok(tensors)
+}
+
+/// Where a tensor the header lists sits, its data starting at `data_start`
+/// (offsets already checked); refused for sub-byte dtypes.
+fn stored(
+    tname: &str,
+    info: &safetensors::tensor::TensorInfo,
+    data_start: u64,
+) -> Result<StoredTensor, String> {
+    if !info.dtype.bitsize().is_multiple_of(8) {
+        return Err(format!(
+            "tensor {tname}: dtype {:?} has sub-byte elements, which cannot be resliced",
+            info.dtype
+        ));
+    }
+    Ok(StoredTensor {
+        dtype: info.dtype,
+        shape: info.shape.iter().map(|&s| s as u64).collect(),
+        offset: data_start + info.data_offsets.0 as u64,
+        len: (info.data_offsets.1 - info.data_offsets.0) as u64,
+    })
 }
 
 /// [`parse_header`] for a file of `file_len` bytes of which only `head`,
@@ -84,17 +92,11 @@ pub fn parse_header_of(
                 explain(&SafeTensorError::InvalidOffset(tname), file_len)
             ));
         }
-        let bits = info.dtype.bitsize();
-        if bits % 8 != 0 {
-            return Err(format!(
-                "tensor {tname}: dtype {:?} has sub-byte elements, which cannot be resliced",
-                info.dtype
-            ));
-        }
+        let t = stored(&tname, info, data_start)?;
         let nbytes = info
             .shape
             .iter()
-            .try_fold(bits / 8, |a, &d| a.checked_mul(d));
+            .try_fold(info.dtype.bitsize() / 8, |a, &d| a.checked_mul(d));
         if nbytes != Some(e - s) {
             return Err(format!(
                 "invalid safetensors header: {}",
@@ -102,15 +104,7 @@ pub fn parse_header_of(
             ));
         }
         at = e;
-        tensors.insert(
-            tname,
-            StoredTensor {
-                dtype: info.dtype,
-                shape: info.shape.iter().map(|&s| s as u64).collect(),
-                offset: data_start + s as u64,
-                len: (e - s) as u64,
-            },
-        );
+        tensors.insert(tname, t);
     }
     if data_start.checked_add(at as u64) != Some(file_len) {
         return Err(format!(
@@ -281,6 +275,37 @@ pub fn dtype_to_mindspore(dtype: Dtype) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file whose head alone is read gives what the whole file gives, and
+    /// the same refusals: a file shorter or longer than its header says,
+    /// a header running past the end, a length below 8 bytes.
+    #[test]
+    fn a_head_alone_parses_as_the_whole_file() {
+        let entries = [
+            HeaderEntry {
+                name: "w",
+                dtype: Dtype::F32,
+                shape: &[2, 3],
+            },
+            HeaderEntry {
+                name: "b",
+                dtype: Dtype::BF16,
+                shape: &[4],
+            },
+        ];
+        let (header, _) = build_header(&entries, "pt").unwrap();
+        let mut file = header.clone();
+        file.extend(std::iter::repeat_n(7u8, 6 * 4 + 4 * 2));
+        let len = file.len() as u64;
+        assert_eq!(parse_header_of(&header, len), parse_header(&file));
+        for bad in [len - 1, len + 1] {
+            let e = parse_header_of(&header, bad).unwrap_err();
+            assert!(e.contains("end of the file"), "{e}");
+        }
+        assert!(parse_header_of(&header, 20).is_err());
+        let e = parse_header_of(&header[..5], 5).unwrap_err();
+        assert!(e.contains("shorter than the 8-byte header length"), "{e}");
+    }
 
     #[test]
     fn header_is_padded_sorted_and_readable_by_the_crate() {
