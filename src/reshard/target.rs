@@ -942,21 +942,25 @@ mod tests {
         }
     }
 
-    /// The expert matrix (dp_ex_ep, ep) takes the stage's ranks: its
-    /// derived axis is dp*tp*cp / ep, and ep must divide dp*tp (cp not
-    /// counted), as MindSpore Transformers requires.
-    #[test]
-    fn the_expert_matrix_follows_the_dense_mesh() {
-        let it = fixture_iteration("qwen3-moe-tiny-hf");
-        let expert = it
-            .tensors
+    /// The first tensor laid out on the expert matrix (its derived axis).
+    fn expert_tensor(it: &Iteration) -> usize {
+        it.tensors
             .iter()
             .position(|t| {
                 t.layout
                     .as_ref()
                     .is_some_and(|l| l.alias_name.iter().any(|a| a == DERIVED_AXIS))
             })
-            .expect("the MoE fixture has expert tensors");
+            .expect("the MoE fixture has expert tensors")
+    }
+
+    /// The expert matrix (dp_ex_ep, ep) takes the stage's ranks: its
+    /// derived axis is dp*tp*cp / ep, and ep must divide dp*tp (cp not
+    /// counted), as MindSpore Transformers requires.
+    #[test]
+    fn the_expert_matrix_follows_the_dense_mesh() {
+        let it = fixture_iteration("qwen3-moe-tiny-hf");
+        let expert = expert_tensor(&it);
         let matrix = |sizes: &[(&str, u64)]| {
             let t = mesh_of(sizes).resolve(&it).unwrap();
             let l = t.placements[expert].layout.clone().unwrap();
@@ -1034,15 +1038,7 @@ mod tests {
     #[test]
     fn the_expert_matrix_does_not_depend_on_tensor_order() {
         let mut it = fixture_iteration("qwen3-moe-tiny-hf");
-        let expert = it
-            .tensors
-            .iter()
-            .position(|t| {
-                t.layout
-                    .as_ref()
-                    .is_some_and(|l| l.alias_name.iter().any(|a| a == DERIVED_AXIS))
-            })
-            .unwrap();
+        let expert = expert_tensor(&it);
         let sizes = [("dp", 2), ("tp", 2), ("ep", 2)];
         let before = mesh_of(&sizes).resolve(&it).unwrap();
         it.tensors.swap(0, expert);

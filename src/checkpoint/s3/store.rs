@@ -123,7 +123,7 @@ pub fn for_bucket(bucket: &str) -> Result<Arc<ObjectStore>> {
         Some((dir, bytes)) => Some(disk::DiskCache::open(dir, *bytes)?),
         None => None,
     };
-    let store = ObjectStore::with_disk(Box::new(client), options.cache_bytes, disk);
+    let store = ObjectStore::with_disk(Arc::new(client), options.cache_bytes, disk);
     stores.push(store.clone());
     Ok(store)
 }
@@ -201,7 +201,7 @@ impl Backend for Client {
 
 /// One bucket: its client, the listings read so far, the block cache.
 pub struct ObjectStore {
-    client: Box<dyn Backend>,
+    client: Arc<dyn Backend>,
     /// Itself, for the files it opens to hold.
     me: std::sync::Weak<ObjectStore>,
     listings: Mutex<HashMap<String, Arc<Listing>>>,
@@ -235,13 +235,13 @@ fn input(e: S3Error) -> Error {
 impl ObjectStore {
     /// A store over `client` whose block cache holds `cache_bytes` (at
     /// least two blocks).
-    pub fn new(client: Box<dyn Backend>, cache_bytes: u64) -> Arc<ObjectStore> {
+    pub fn new(client: Arc<dyn Backend>, cache_bytes: u64) -> Arc<ObjectStore> {
         Self::with_disk(client, cache_bytes, None)
     }
 
     /// [`ObjectStore::new`], blocks and headers kept in `disk` too.
     pub fn with_disk(
-        client: Box<dyn Backend>,
+        client: Arc<dyn Backend>,
         cache_bytes: u64,
         disk: Option<disk::DiskCache>,
     ) -> Arc<ObjectStore> {
@@ -297,11 +297,7 @@ impl ObjectStore {
 
     /// The listing of folder `key` (cached: a source is listed once).
     fn listing(&self, key: &str) -> Result<Arc<Listing>> {
-        let prefix = if key.is_empty() {
-            String::new()
-        } else {
-            format!("{key}/")
-        };
+        let prefix = dir_prefix(key);
         if let Some(l) = lock(&self.listings).get(&prefix) {
             return Ok(l.clone());
         }
@@ -393,12 +389,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn join(dir_key: &str, name: &str) -> String {
-    if dir_key.is_empty() {
-        name.to_string()
+/// The key prefix of folder `key`'s contents: `key/`, or nothing for the
+/// bucket's top.
+fn dir_prefix(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
     } else {
-        format!("{dir_key}/{name}")
+        format!("{key}/")
     }
+}
+
+fn join(dir_key: &str, name: &str) -> String {
+    format!("{}{name}", dir_prefix(dir_key))
 }
 
 impl ObjectStore {
@@ -428,11 +430,7 @@ impl Store for ObjectStore {
     fn list(&self, dir: &Path) -> Result<Vec<Entry>> {
         let key = self.key(dir)?;
         let l = self.listing(&key)?;
-        let prefix = if key.is_empty() {
-            String::new()
-        } else {
-            format!("{key}/")
-        };
+        let prefix = dir_prefix(&key);
         let mut out: Vec<Entry> = l
             .dirs
             .iter()
@@ -674,8 +672,8 @@ mod tests {
 
     /// A bucket in memory named `bucket`, holding the tp=4 fixture under
     /// `tp4/`, registered for `s3://bucket/...`; and its objects.
-    fn bucket(bucket: &str, cache: u64) -> (Arc<ObjectStore>, &'static Objects) {
-        let objects: &'static Objects = Box::leak(Box::new(Objects::new(bucket)));
+    fn bucket(bucket: &str, cache: u64) -> (Arc<ObjectStore>, Arc<Objects>) {
+        let objects = Arc::new(Objects::new(bucket));
         for e in walk(Path::new(FIXTURE)) {
             let rel = e
                 .strip_prefix(FIXTURE)
@@ -684,31 +682,7 @@ mod tests {
                 .into_owned();
             objects.put(&format!("tp4/{rel}"), std::fs::read(&e).unwrap());
         }
-        struct Shared(&'static Objects);
-        impl Backend for Shared {
-            fn bucket(&self) -> &str {
-                self.0.bucket()
-            }
-            fn list(&self, p: &str) -> std::result::Result<Listing, S3Error> {
-                self.0.list(p)
-            }
-            fn get_range(
-                &self,
-                k: &str,
-                e: &str,
-                o: u64,
-                b: &mut [u8],
-            ) -> std::result::Result<(), S3Error> {
-                self.0.get_range(k, e, o, b)
-            }
-            fn get_whole(&self, k: &str, c: u64) -> std::result::Result<Vec<u8>, S3Error> {
-                self.0.get_whole(k, c)
-            }
-            fn counters(&self) -> &Counters {
-                self.0.counters()
-            }
-        }
-        let store = ObjectStore::new(Box::new(Shared(objects)), cache);
+        let store = ObjectStore::new(objects.clone(), cache);
         register(store.clone());
         (store, objects)
     }
