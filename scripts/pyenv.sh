@@ -65,8 +65,22 @@ if [ "${1:-}" = --base ]; then
     exit 0
 fi
 log "installing tests/python/requirements.txt into $VENV (torch, transformers, vllm: ~2 min, 5.6 GB the first time)"
+# The install needs the venv's 5.6 GB plus pip's unpacked wheel (up to 0.9 GB at a time) on the
+# venv's own file system: pip unpacks under TMPDIR, pointed here so that a small /tmp (a tmpfs,
+# say) is never what runs out. Free space varies between machines (CI once ran out here), so
+# it is printed first, and again if pip fails, to make such a failure say what it was.
+free_gb() { df -Pk "$VENV" | awk 'NR == 2 { printf "%.1f", $4 / 1048576 }'; }
+log "$(free_gb) GiB free on the venv's file system; the full install needs about 6.5 GiB"
+export TMPDIR="$VENV/.pip-tmp"
+rm -rf "$TMPDIR" && mkdir -p "$TMPDIR"
 start=$(date +%s)
-"$PY" -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps -r "$REQ" >&2
+if ! "$PY" -m pip install -q --disable-pip-version-check --no-cache-dir --no-deps -r "$REQ" >&2; then
+    log "pip failed with $(free_gb) GiB free on the venv's file system (about 6.5 GiB are needed)"
+    rm -rf "$TMPDIR"
+    exit 1
+fi
+rm -rf "$TMPDIR"
+unset TMPDIR
 # torch must import and compute on CPU; transformers must find torch (it silently degrades
 # to "no backend" otherwise, and the Qwen3 tests would then fail on an odd error)
 if ! "$PY" - >&2 <<'EOF'
