@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import struct
+import zlib
 
 DTYPES = {"BF16": (2, "BFloat16"), "F16": (2, "Float16"), "F32": (4, "Float32")}
 
@@ -105,7 +106,7 @@ def main():
             for pos, r in enumerate(ranks):
                 k = pos % a.tp if split is not None else 0
                 holders.setdefault(k, []).append(r)
-                tensors[r][kind].append((tname, dtype, local))
+                tensors[r][kind].append((tname, dtype, local, k))
             for k, group in holders.items():
                 storage[kind].append((min(group), len(storage[kind]), tname, k, group))
 
@@ -118,11 +119,13 @@ def main():
         for kind in kinds:
             items = sorted(tensors[r][kind])
             header, off = {"__metadata__": {"format": "ms"}}, 0
-            for tname, dtype, local in items:
+            spans = []
+            for tname, dtype, local, k in items:
                 n = DTYPES[dtype][0]
                 for s in local:
                     n *= s
                 header[tname] = {"dtype": dtype, "shape": local, "data_offsets": [off, off + n]}
+                spans.append((zlib.crc32(f"{tname}:{k}".encode()), n))
                 off += n
             hj = json.dumps(header, separators=(",", ":")).encode()
             hj += b" " * (-len(hj) % 8)
@@ -131,16 +134,18 @@ def main():
                 if a.fill == "sparse":
                     f.truncate(8 + len(hj) + off)
                 else:
-                    # Data-parallel replicas (ranks a multiple of tp apart
-                    # in a stage) hold the same bytes, as in a real save.
-                    left, i = off, r - (r % S) // a.tp * a.tp
-                    while left:
-                        # Rotate the random block per write so slices differ.
-                        n = min(left, len(chunk))
-                        s = (i * 4099) % len(chunk)
-                        f.write((chunk[s:] + chunk[:s])[:n])
-                        left -= n
-                        i += 1
+                    # Every copy of a slice (data-parallel replicas, a norm
+                    # on every tp rank) holds the same bytes, as in a real
+                    # save: its bytes depend on its name and index only.
+                    for seed, left in spans:
+                        i = seed
+                        while left:
+                            # Rotate the random block per write so slices differ.
+                            n = min(left, len(chunk))
+                            s = (i * 4099) % len(chunk)
+                            f.write((chunk[s:] + chunk[:s])[:n])
+                            left -= n
+                            i += 1
 
     sd = {}
     for kind in kinds:
