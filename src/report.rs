@@ -484,7 +484,7 @@ pub fn plan(plan: &Plan) -> PlanReport {
                 let t = &it.tensors[pt.source];
                 totals.tensor_bytes += pt.len;
                 totals.pieces += piece_count(it, t, &pt.slice);
-                let ps = pieces(it, t, &pt.slice)
+                let ps = pieces(it, t, &pt.slice, &vf.home)
                     .into_iter()
                     .map(|p| PlanPiece {
                         file: it.files[p.file].name.clone(),

@@ -234,14 +234,24 @@ fn check_tensor(
             let (offset, origin, stored_shape) =
                 check_holder(&files.files[fi], &want, &mut seen, &at)?;
             holders.push((fi, e.storage_rank));
-            // Reads come from the lowest storage rank holding the slice.
-            chosen.get_or_insert(Chunk {
-                file: fi,
-                offset,
-                origin,
-                stored_shape,
-                holders: Vec::new(),
-            });
+            // Reads come from the lowest storage rank holding the slice by
+            // default; the others stored the same way are alternatives.
+            match &mut chosen {
+                None => {
+                    chosen = Some(Chunk {
+                        file: fi,
+                        offset,
+                        origin,
+                        stored_shape,
+                        holders: Vec::new(),
+                        others: Vec::new(),
+                    })
+                }
+                Some(c) if c.origin == origin && c.stored_shape == stored_shape => {
+                    c.others.push((fi, offset))
+                }
+                Some(_) => {}
+            }
         }
         let mut chunk = chosen.ok_or_else(|| at(format!("slice [{k}] has no file")))?;
         chunk.holders = holders;
@@ -603,6 +613,19 @@ mod tests {
         assert_eq!(it.files[c.file].name, F0);
         // n follows w's 16 bytes in rank 0's file.
         assert_eq!(c.offset, data_start(&dir.join(F0)) + 16);
+        // Rank 1's copy, stored the same way, is the other place to read it,
+        // where the reader's own files are rank 1's.
+        let f = |name: &str| it.files.iter().position(|x| x.name == name).unwrap();
+        let in_f1 = (f(F1), data_start(&dir.join(F1)) + 16);
+        assert_eq!(c.others, vec![in_f1]);
+        assert_eq!(c.read_from(&[f(F1)]), in_f1);
+        assert_eq!(c.read_from(&[f(F0), f(F1)]), (c.file, c.offset));
+        assert_eq!(c.read_from(&[]), (c.file, c.offset));
+        let w = it.tensors.iter().find(|t| t.name == "w").unwrap();
+        assert!(
+            w.chunks.iter().all(|c| c.others.is_empty()),
+            "w's slices have one copy each"
+        );
     }
 
     #[test]

@@ -240,6 +240,7 @@ pub(crate) fn load_plain(dir: &Path) -> Result<Iteration> {
                     origin: vec![0; ndim],
                     stored_shape: st.shape.clone(),
                     holders: vec![(fi, 0)],
+                    others: Vec::new(),
                 }],
                 stage: 0,
                 allow_shape_mismatch: false,

@@ -268,7 +268,8 @@ impl RowMap {
 /// One slice of a tensor as stored on disk.
 #[derive(Debug, Clone)]
 pub struct Chunk {
-    /// The replica reads come from: an index into `Iteration::files`.
+    /// The replica reads come from by default (the lowest storage rank
+    /// holding the slice): an index into `Iteration::files`.
     pub file: usize,
     /// Byte offset of the stored tensor's first element in that file.
     pub offset: u64,
@@ -278,6 +279,31 @@ pub struct Chunk {
     pub stored_shape: Vec<u64>,
     /// Every (file, storage rank) holding this slice.
     pub holders: Vec<(usize, u64)>,
+    /// The other holders that store it as `file` does (same origin and
+    /// stored shape), so a read may come from any of them: `(file,
+    /// offset)`, by rank. Empty when the slice has one copy.
+    pub others: Vec<(usize, u64)>,
+}
+
+impl Chunk {
+    /// Where a view file whose own source files are `home` (sorted) reads
+    /// this slice: `(file, offset)`. A replica in one of them when the
+    /// slice has one there, else the default. A view rank then reads its
+    /// replicated tensors (norms, data-parallel copies) from the files it
+    /// reads anyway rather than from rank 0's: on an object store, whose
+    /// blocks are 8 MiB, a norm read from rank 0's object fetches a block of
+    /// it again after the reader of rank 0 has moved on (measured: 10% more
+    /// bytes fetched than served for tp=8 viewed as tp=2, docs/PERFORMANCE.md).
+    pub fn read_from(&self, home: &[usize]) -> (usize, u64) {
+        if self.others.is_empty() || home.is_empty() || home.binary_search(&self.file).is_ok() {
+            return (self.file, self.offset);
+        }
+        self.others
+            .iter()
+            .copied()
+            .find(|(f, _)| home.binary_search(f).is_ok())
+            .unwrap_or((self.file, self.offset))
+    }
 }
 
 impl Tensor {

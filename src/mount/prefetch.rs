@@ -598,17 +598,19 @@ pub fn source_spans(
                 }
                 _ => (0, 1, es),
             };
-            let s = c.offset + lo * row_bytes;
-            let e = c.offset + hi * row_bytes;
+            // The replica the copy reads (the view file's own where it has one).
+            let (file, offset) = c.read_from(&vf.home);
+            let s = offset + lo * row_bytes;
+            let e = offset + hi * row_bytes;
             match spans
                 .iter_mut()
-                .find(|x| x.0 == c.file && x.2 >= s && x.1 <= e)
+                .find(|x| x.0 == file && x.2 >= s && x.1 <= e)
             {
                 Some(x) => {
                     x.1 = x.1.min(s);
                     x.2 = x.2.max(e);
                 }
-                None => spans.push((c.file, s, e)),
+                None => spans.push((file, s, e)),
             }
         }
     }

@@ -122,7 +122,7 @@ impl Grants {
                 .map(|vf| {
                     vf.tensors
                         .iter()
-                        .flat_map(|pt| pieces(it, &it.tensors[pt.source], &pt.slice))
+                        .flat_map(|pt| pieces(it, &it.tensors[pt.source], &pt.slice, &vf.home))
                         .fold(small, |g, p| g.and(src[p.file]))
                 })
                 .collect();

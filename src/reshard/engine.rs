@@ -24,19 +24,22 @@ pub struct SourceFault {
     pub path: PathBuf,
 }
 
-/// The source iteration as one read sees it: the iteration itself (through
-/// `Deref`), and its bytes, from the map of a local file or, for an
-/// object, from the store's blocks, which the read keeps alive while it
-/// copies from them ([`Pins`]).
+/// The source iteration as one read of one view file sees it: the
+/// iteration itself (through `Deref`), the replica each slice is read from
+/// (the view file's [`VirtualFile::home`]), and its bytes, from the map of
+/// a local file or, for an object, from the store's blocks, which the read
+/// keeps alive while it copies from them ([`Pins`]).
 pub(crate) struct Src<'a> {
     it: &'a Iteration,
+    home: &'a [usize],
     pins: Pins,
 }
 
 impl<'a> Src<'a> {
-    pub(crate) fn new(it: &'a Iteration) -> Src<'a> {
+    pub(crate) fn new(it: &'a Iteration, vf: &'a VirtualFile) -> Src<'a> {
         Src {
             it,
+            home: &vf.home,
             pins: Pins::default(),
         }
     }
@@ -177,7 +180,7 @@ pub fn read_file(
     let total = (end - offset) as usize;
     let mut out = &mut buf[..total];
     let mut mine = Touched::default();
-    let source = &Src::new(source);
+    let source = &Src::new(source, vf);
     for seg in segments(vf, offset, end) {
         match seg {
             Segment::Header(r) => {
@@ -250,6 +253,15 @@ impl Touched {
             .iter()
             .map(|t| t.2.div_ceil(UNIT) * UNIT - t.1 / UNIT * UNIT)
             .sum()
+    }
+
+    /// The files the spans lie in, sorted, each once.
+    #[cfg(test)]
+    pub(crate) fn files(&self) -> Vec<usize> {
+        let mut f: Vec<usize> = self.0.iter().map(|t| t.0).collect();
+        f.sort_unstable();
+        f.dedup();
+        f
     }
 
     fn merge(&mut self, other: &Touched) {
@@ -371,6 +383,7 @@ pub fn gather(
     if len == 0 || end > vf.size {
         return None;
     }
+    let source = &Src::new(source, vf);
     for seg in segments(vf, offset, end) {
         let (pt, at, n) = match seg {
             Segment::Header(r) => {
@@ -422,12 +435,18 @@ pub fn gather(
 /// one stored slice whose other dimensions the region covers exactly (so
 /// its rows follow each other in the file): `(file, offset)`. Allocates
 /// nothing: the copy path asks it for every run of rows.
-fn stored_span(t: &Tensor, region: Region<'_>, at: u64, len: u64) -> Option<(usize, u64)> {
+fn stored_span(
+    home: &[usize],
+    t: &Tensor,
+    region: Region<'_>,
+    at: u64,
+    len: u64,
+) -> Option<(usize, u64)> {
     let es = t.elem_size();
     let Some((&rows, inner)) = region.shape.split_first() else {
         // A 0-d tensor: its one element.
-        let chunk = t.chunks.first()?;
-        return Some((chunk.file, chunk.offset + at));
+        let (file, offset) = t.chunks.first()?.read_from(home);
+        return Some((file, offset + at));
     };
     let row_bytes = inner.iter().product::<u64>() * es;
     if row_bytes == 0 || rows == 0 || len == 0 {
@@ -449,9 +468,10 @@ fn stored_span(t: &Tensor, region: Region<'_>, at: u64, len: u64) -> Option<(usi
     let whole_inner = (1..region.shape.len())
         .all(|d| region.shape[d] == chunk.stored_shape[d] && region.start[d] == chunk.origin[d]);
     whole_inner.then(|| {
+        let (file, offset) = chunk.read_from(home);
         (
-            chunk.file,
-            chunk.offset + (first_row - chunk.origin[0]) * row_bytes + at % row_bytes,
+            file,
+            offset + (first_row - chunk.origin[0]) * row_bytes + at % row_bytes,
         )
     })
 }
@@ -631,7 +651,7 @@ fn fill_stored(
 ) -> Result<(), SourceFault> {
     let (es_in, es_out) = (t.elem_size(), elem_size(to));
     let mut done = 0usize;
-    walk_stored(t, region, at, len, &mut |f, src, n| {
+    walk_stored(source.home, t, region, at, len, &mut |f, src, n| {
         // Same dtype: n bytes, possibly cutting elements; a cast: whole
         // elements, each es_out bytes.
         let end = done + (n * es_out / es_in) as usize;
@@ -661,7 +681,7 @@ fn check_damage(source: &Iteration, f: usize) -> Result<(), SourceFault> {
 /// An error from `emit` stops the walk, and so does a transposed tile,
 /// whose bytes are no spans.
 fn walk_region(
-    source: &Iteration,
+    source: &Src<'_>,
     t: &Tensor,
     region: Region<'_>,
     at: u64,
@@ -673,7 +693,7 @@ fn walk_region(
             walk_region(source, &source.parts[part], sub, w, n, emit)
         }),
         Some(Assembly::Tiles(_)) => Err(()),
-        None => walk_stored(t, region, at, len, emit),
+        None => walk_stored(source.home, t, region, at, len, emit),
     }
 }
 
@@ -898,13 +918,14 @@ fn transpose_from(
             let c_end = pcols.end.min((c / ch1 + 1) * ch1);
             let k = (r / ch0) * part.frag[1] + c / ch1;
             let chunk = &part.chunks[k as usize];
+            let (file, offset) = chunk.read_from(source.home);
             let row_bytes = chunk.stored_shape[1] as usize * es_in;
-            let first = chunk.offset
+            let first = offset
                 + ((r - chunk.origin[0]) * chunk.stored_shape[1] + (c - chunk.origin[1]))
                     * es_in as u64;
             let (nr, nc) = ((r_end - r) as usize, (c_end - c) as usize);
             let span = ((nr - 1) * row_bytes + nc * es_in) as u64;
-            let src = source.bytes(chunk.file, first, span)?;
+            let src = source.bytes(file, first, span)?;
             // Output rows (c..c_end of the part) start at output row c - pcols.start,
             // output columns (r..r_end) at r - prows.start.
             let at = (c - pcols.start) as usize * stride + (r - prows.start) as usize * es_out;
@@ -925,8 +946,8 @@ fn transpose_from(
                     );
                 }
             }
-            touched.add(chunk.file, first, first + span);
-            check_damage(source, chunk.file)?;
+            touched.add(file, first, first + span);
+            check_damage(source, file)?;
             c = c_end;
         }
         r = r_end;
@@ -1010,6 +1031,7 @@ fn transpose_n<const N: usize>(
 
 /// A region of a stored tensor, walked run by run through its slices.
 fn walk_stored<E>(
+    home: &[usize],
     t: &Tensor,
     region: Region<'_>,
     mut at: u64,
@@ -1024,7 +1046,7 @@ fn walk_stored<E>(
     // behind a fused tensor, a row split): one span, without the per-run
     // walk below. Fused gate/up rows are 8 KiB each at hidden 4096, so the
     // walk's set-up per row was a measurable share of a fused view's copy.
-    if let Some((f, src)) = stored_span(t, region, at, len) {
+    if let Some((f, src)) = stored_span(home, t, region, at, len) {
         return emit(f, src, len);
     }
     // Coordinates of the run's first element: local, global, and its source
@@ -1061,9 +1083,10 @@ fn walk_stored<E>(
         let src_elem = (0..n).fold(0u64, |acc, d| {
             acc * chunk.stored_shape[d] + (global[d] - chunk.origin[d])
         });
-        let src = chunk.offset + src_elem * es + intra;
+        let (file, offset) = chunk.read_from(home);
+        let src = offset + src_elem * es + intra;
         let take = (run_elems * es - intra).min(len - done);
-        emit(chunk.file, src, take)?;
+        emit(file, src, take)?;
         done += take;
         at += take;
     }

@@ -105,6 +105,9 @@ pub struct VirtualFile {
     /// then let the kernel read that file itself (FUSE passthrough) and
     /// `export` can copy it whole.
     pub whole_source: Option<usize>,
+    /// Source files (sorted) its replicated slices are read from where they
+    /// have a copy ([`home_files`], [`Chunk::read_from`]).
+    pub home: Vec<usize>,
 }
 
 /// One tensor of a view file: which slice of which source tensor.
@@ -461,6 +464,12 @@ fn plan_file(
         .collect::<Result<_>>()?;
     let size = tensors.last().map_or(base, |t| t.offset + t.len);
     let whole_source = whole_source_file(it, &header, &tensors, size);
+    // A file that is a source file whole reads every slice from that file,
+    // as passthrough would.
+    let home = match whole_source {
+        Some(f) => vec![f],
+        None => home_files(it, &tensors),
+    };
     Ok(VirtualFile {
         name,
         rank: 0,
@@ -469,7 +478,38 @@ fn plan_file(
         tensors,
         size,
         whole_source,
+        home,
     })
+}
+
+/// The source files holding the one copy of some slice a view file reads,
+/// sorted: where it reads its replicated slices from too
+/// ([`Chunk::read_from`]). Empty (every slice read from its default
+/// replica) when the file reads no replicated slice, which costs one look
+/// at each of its tensors' slices; the pieces are listed only otherwise.
+fn home_files(it: &Iteration, tensors: &[PlannedTensor]) -> Vec<usize> {
+    let replicated = tensors.iter().any(|pt| {
+        let t = &it.tensors[pt.source];
+        t.assembly.is_some() || t.chunks.iter().any(|c| !c.others.is_empty())
+    });
+    if !replicated {
+        return Vec::new();
+    }
+    let mut home = Vec::new();
+    for pt in tensors {
+        let t = &it.tensors[pt.source];
+        for r in pieces(it, t, &pt.slice, &[]) {
+            let stored = r.part.map_or(t, |p| &it.parts[p]);
+            if let Some(c) = stored.chunks.get(r.chunk as usize)
+                && c.others.is_empty()
+            {
+                home.push(c.file);
+            }
+        }
+    }
+    home.sort_unstable();
+    home.dedup();
+    home
 }
 
 /// The source file that a view file with this header, these tensors and
@@ -481,11 +521,11 @@ fn plan_file(
 /// view with the source's own strategy, a Hugging Face view that keeps the
 /// source's shards, a plain folder viewed whole).
 ///
-/// A slice may be held by several files (data-parallel replicas); the
-/// engine reads each from the lowest rank holding it, so a view rank's
-/// replicated tensors come from rank 0 while its split ones come from its
-/// own rank: the candidates are the holders of the slice held by fewest
-/// files, and the first that holds every other slice in place wins. Its
+/// A slice may be held by several files (data-parallel replicas), and
+/// which of them a view rank's replicated tensors would be read from
+/// depends on the file: the candidates are the holders of the slice held
+/// by fewest files, and the first that holds every other slice in place
+/// wins (the file is then read from it alone, [`VirtualFile::home`]). Its
 /// header is compared with the view's (its first bytes, read when the
 /// source was opened): no tensor data is read. A file with no tensors
 /// (nothing to gain) is never one.
@@ -505,7 +545,7 @@ fn whole_source_file(
         {
             return None;
         }
-        let k = pieces(it, t, &pt.slice).pop()?.chunk;
+        let k = pieces(it, t, &pt.slice, &[]).pop()?.chunk;
         chunks.push((pt, t, t.chunks.get(usize::try_from(k).ok()?)?));
     }
     let (_, _, fewest) = chunks.iter().min_by_key(|(_, _, c)| c.holders.len())?;
@@ -639,24 +679,27 @@ fn view_metadata(
 /// The pieces of a target slice: its intersections with the source slices,
 /// each read from one replica. They tile the slice. For a tensor assembled
 /// from parts, the pieces of the parts' regions it draws on (per part, the
-/// bounding box of what it reads).
-pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
+/// bounding box of what it reads). `home`: the reading view file's
+/// [`VirtualFile::home`], which picks the replica each piece is read from.
+pub fn pieces(it: &Iteration, t: &Tensor, slice: &Slice, home: &[usize]) -> Vec<SourceRegion> {
     if t.assembly.is_some() {
         return part_slices(it, t, slice)
             .into_iter()
             .flat_map(|(p, s)| {
                 // The innermost part is the one stored: keep its name.
-                pieces(it, &it.parts[p], &s).into_iter().map(move |mut r| {
-                    r.part.get_or_insert(p);
-                    r
-                })
+                pieces(it, &it.parts[p], &s, home)
+                    .into_iter()
+                    .map(move |mut r| {
+                        r.part.get_or_insert(p);
+                        r
+                    })
             })
             .collect();
     }
-    stored_pieces(t, slice)
+    stored_pieces(t, slice, home)
 }
 
-fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
+fn stored_pieces(t: &Tensor, slice: &Slice, home: &[usize]) -> Vec<SourceRegion> {
     let per_dim: Vec<Vec<(u64, u64, u64)>> = (0..slice.shape.len())
         .map(|d| intervals(slice.start[d], slice.shape[d], t.chunk_shape[d]))
         .collect();
@@ -670,7 +713,7 @@ fn stored_pieces(t: &Tensor, slice: &Slice) -> Vec<SourceRegion> {
         let k = ravel(&grid, &t.frag);
         out.push(SourceRegion {
             chunk: k,
-            file: t.chunks[k as usize].file,
+            file: t.chunks[k as usize].read_from(home).0,
             start: pick.iter().zip(&per_dim).map(|(&i, v)| v[i].1).collect(),
             shape: pick.iter().zip(&per_dim).map(|(&i, v)| v[i].2).collect(),
             part: None,
@@ -919,6 +962,59 @@ mod tests {
                 .all(|(v, s)| s.as_deref() == Some(v.as_str()))
         );
         marks_match_the_bytes(&p);
+    }
+
+    #[test]
+    fn replicated_slices_are_read_from_the_view_files_own_source_files() {
+        // tp=4 viewed as tp=2: view rank r holds tp slices 2r and 2r+1, so
+        // its split tensors come from source ranks 2r and 2r+1; its
+        // replicated ones (held by all four) must come from those too, not
+        // from rank 0 (one more object, or one more file's pages, per rank).
+        let p = mesh(
+            "tests/fixtures/tp4-f32",
+            &[("tp", 2)],
+            ViewOptions::default(),
+        );
+        let it = &p.source.iterations[0];
+        let rank_file = |r: u64| {
+            let name = format!("model-{r:07}-0000004.safetensors");
+            it.files.iter().position(|f| f.name == name).unwrap()
+        };
+        let replicated = it
+            .tensors
+            .iter()
+            .filter(|t| t.chunks.iter().any(|c| c.holders.len() == 4))
+            .count();
+        assert!(
+            replicated > 0,
+            "the fixture has tensors held by all four ranks"
+        );
+        for vf in &p.iterations[0].files {
+            if vf.kind != Kind::Model {
+                continue;
+            }
+            let mut own = vec![rank_file(2 * vf.rank), rank_file(2 * vf.rank + 1)];
+            own.sort_unstable();
+            // What the plan says (`plan`, `.reshardfs/plan/`, access rules)...
+            let mut planned: Vec<usize> = vf
+                .tensors
+                .iter()
+                .flat_map(|pt| pieces(it, &it.tensors[pt.source], &pt.slice, &vf.home))
+                .map(|r| r.file)
+                .collect();
+            planned.sort_unstable();
+            planned.dedup();
+            assert_eq!(
+                planned, own,
+                "{}: the source files its pieces name",
+                vf.name
+            );
+            // ...and what the engine reads.
+            let mut buf = vec![0u8; vf.size as usize];
+            let mut touched = crate::reshard::engine::Touched::default();
+            crate::reshard::engine::read_file(it, vf, 0, &mut buf, &mut touched).unwrap();
+            assert_eq!(touched.files(), own, "{}: the source files read", vf.name);
+        }
     }
 
     #[test]
@@ -1424,7 +1520,7 @@ mod tests {
                 .unwrap();
             let t = &it.tensors[pt.source];
             let n = piece_count(it, t, &pt.slice);
-            assert_eq!(n, pieces(it, t, &pt.slice).len() as u64, "{name}");
+            assert_eq!(n, pieces(it, t, &pt.slice, &[]).len() as u64, "{name}");
             n
         };
         assert_eq!(count("embedding.word_embeddings.weight"), 2);

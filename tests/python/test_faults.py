@@ -36,8 +36,8 @@ def replace(p: Path):
 @pytest.mark.parametrize("change", [delete, replace], ids=["deleted", "replaced"])
 def test_changed_source_fails_only_the_reads_that_need_it(change, mounts, fixture_copy, exports):
     # Identity view of tp4: view rank r reads its slices from source rank r
-    # (replicated tensors come from rank 0), so changing rank 3's file
-    # affects view rank 3 only.
+    # (its replicated tensors too), so changing rank 3's file affects view
+    # rank 3 only.
     args = ["--mesh", "tp=4"]
     ref = exports(FIXTURES / TP4, args)
     src = fixture_copy(TP4)

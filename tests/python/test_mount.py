@@ -119,25 +119,30 @@ def view_files(src, args, exp_root):
 
 def needed_sources(it, exp: ckpt.Expected, prefix) -> dict:
     """{view rank file name: set of source file names its bytes come from}: each target slice
-    intersected with each source chunk, the chunk read from its lowest storage rank."""
+    intersected with each source chunk. A chunk with one copy is read from it; a replicated one
+    from the lowest-ranked copy in a file that the view file reads a one-copy chunk from, else
+    from its lowest storage rank (docs/FORMAT.md, "Which copy is read")."""
     meta = json.loads((Path(it) / "metadata.json").read_text())
     sdm, storage = meta["state_dict_metadata"], meta["storage_data"]
-    chunks = {}  # name -> [(box, file)]
+    chunks = {}  # name -> [(box, [file, ...] by storage rank)]
     for key, entries in storage.items():
         name, k = ckpt.parse_shard_key(key)
         m = sdm[name]
         ch = next(c for c in m["chunk"] if c["global_offset"] == [k])
         box = ckpt.chunk_box(m["global_shape"], m["axis_fragmentations"], k, ch["local_shape"])
-        src = min(entries, key=lambda e: e["storage_rank"])["file_name"]
-        chunks.setdefault(name, []).append((box, src))
-    out = {}
+        files = [e["file_name"] for e in sorted(entries, key=lambda e: e["storage_rank"])]
+        chunks.setdefault(name, []).append((box, files))
+    met = {}  # view file name -> [[file, ...] of each chunk it meets]
     for r in range(exp.world):
         for name, box in exp.holdings[r].items():
             fn = ckpt.file_name(prefix, exp.params[name].kind, r, exp.world)
-            need = out.setdefault(fn, set())
-            for cbox, src in chunks[name]:
+            for cbox, files in chunks[name]:
                 if all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(box, cbox)):
-                    need.add(src)
+                    met.setdefault(fn, []).append(files)
+    out = {}
+    for fn, holders in met.items():
+        home = {files[0] for files in holders if len(files) == 1}
+        out[fn] = {next((f for f in files if f in home), files[0]) for files in holders}
     return out
 
 

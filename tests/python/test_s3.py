@@ -258,10 +258,10 @@ def test_an_object_rewritten_under_the_mount_fails_its_reads(s3, mounts, exports
 
 def test_two_nodes_each_fetch_only_their_own_ranks(s3, mounts):
     """Two mounts of one bucket, as two nodes of a tp=2 job from a tp=4 save: each reads its own
-    rank's file. Beyond what a mount fetches at start (headers, small files), each fetches
-    exactly the source objects its file's pieces lie in (these objects are under one block
-    each, so fetched whole), and no other. (Replicated tensors are read from the lowest rank
-    holding them: node b also fetches rank 0's object for its norms.)"""
+    rank's file, which holds tp slices 2r and 2r+1. Beyond what a mount fetches at start
+    (headers, small files), each fetches exactly source ranks 2r and 2r+1's objects (under one
+    block each, so fetched whole), and no other: its replicated tensors (norms) come from those
+    objects too, not from rank 0's. So the two nodes together fetch each object once."""
     args = ["--mesh", "tp=2"]
     plan = json.loads(_run_env([ckpt.binary(), "plan", remote("tp4"), *args, "--json"], s3.env(), 60).stdout)
     it = plan["iterations"][0]
@@ -274,9 +274,12 @@ def test_two_nodes_each_fetch_only_their_own_ranks(s3, mounts):
         rel = f"{it['name']}/{vf['name']}" if it["name"] else vf["name"]
         assert mountutil.cat(m.path(rel)).code == 0
         fetched.append(m.stats()["s3_bytes_fetched"] - start)
-        needed.append(sum(size[f] for f in {p["file"] for t in vf["tensors"] for p in t["pieces"]}))
+        own = {f"model-{q:07d}-0000004.safetensors" for q in (2 * rank, 2 * rank + 1)}
+        named = {p["file"] for t in vf["tensors"] for p in t["pieces"]}
+        assert named == own, f"node {name}: the plan reads {sorted(named)}, tp=2 rank {rank} holds {sorted(own)}"
+        needed.append(sum(size[f] for f in own))
     assert fetched == needed, (fetched, needed)
-    assert all(n < sum(size.values()) for n in needed), "neither node needs the whole save"
+    assert sum(fetched) == sum(size.values()), "together the nodes fetch each object once"
 
 
 def test_a_cache_dir_serves_the_next_start(s3, mounts, exports, tmp_path):
