@@ -483,6 +483,28 @@ impl Client {
             reader
                 .read_exact(buf)
                 .map_err(|e| self.failed(key, format!("the answer was cut short: {e}"), true))?;
+            // Read on to the body's end: only a body read to its end gives
+            // its connection back to the pool. Without this every GET opened
+            // a new connection (159 connects for 160 GETs of one pass), and
+            // the server spent its CPU on them: s3rver took 2.4 s of user
+            // CPU to serve a 1275 MiB pass, against 1.1 s for 874 MiB of
+            // s3fs's requests on kept-alive connections.
+            match reader.read(&mut [0u8; 1]) {
+                Ok(0) => {}
+                Ok(_) => {
+                    return Err(self.failed(
+                        key,
+                        format!(
+                            "the answer holds more than the {} bytes asked for",
+                            buf.len()
+                        ),
+                        false,
+                    ));
+                }
+                Err(e) => {
+                    return Err(self.failed(key, format!("the answer's end: {e}"), true));
+                }
+            }
             self.counters
                 .bytes
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
