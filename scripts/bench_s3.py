@@ -88,6 +88,30 @@ def native(mounts, endpoint, mnt, args):
     return dt, size, st["s3_bytes_fetched"] - start, rss
 
 
+def many_readers(mounts, endpoint, mnt, args, n=16):
+    """(seconds, peak RSS, bytes read) of `n` readers at once on a fresh mount, reader i reading
+    one n/2-th of view file i % 2 with dd: the memory bound must hold whatever the readers."""
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    mounts.mount(f"s3://{BUCKET}/ck", mnt, *args)
+    files = [f for f in bench.view_files(mnt) if str(f).endswith(".safetensors")]
+    size = sum(os.stat(f).st_size for f in files)
+    per = n // len(files)
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(n):
+        f = files[i % len(files)]
+        part = os.stat(f).st_size // (1 << 20) // per + 1
+        procs.append(subprocess.Popen(["dd", f"if={f}", "of=/dev/null", "bs=1M", f"skip={(i // len(files)) * part}",
+                                       f"count={part}", "status=none"]))
+    for p in procs:
+        p.wait()
+    dt = time.perf_counter() - t0
+    st = mounts.stats(mnt)
+    rss = bench.proc_status(st["pid"]).get("VmHWM", 0)
+    mounts.umount(mnt, "many")
+    return dt, rss, size, st["s3_bytes_fetched"], st["s3_requests"]
+
+
 class S3fs:
     def __init__(self, work: Path):
         self.mnt = work / "s3fs"
@@ -248,6 +272,9 @@ def main():
                     r["t"].append(t)
                     r["size"] = src_bytes
                 log(f"rep {rep + 1}/{a.reps} {where:>9} {name}: {r['t'][-1]:.2f} s")
+        bench.drop_caches()
+        many = many_readers(mounts, srv.endpoint, mnt, ["--mesh", "tp=2"])
+        log(f"16 readers: {many[0]:.2f} s, peak RSS {many[1] / MiB:.0f} MiB")
         if not a.no_runai:
             pkgs = runai_packages(work)
             moe = work / "moe-hf"
@@ -314,6 +341,8 @@ def main():
                 rss = f"{max(r['rss']) / MiB:.0f} MiB (bound {bound / MiB:.0f})" if r["rss"] else ""
                 print(f"| {where} | {name} | {med:.2f} s ({bench.spread_text(r['t'])}) | "
                       f"{tput / MiB:.0f} MiB/s | {ratio} | {amp} | {rss} |")
+        print(f"\n16 readers at once on a fresh tp=2 mount (each one eighth of a view file, dd bs=1M): "
+              f"{many[0]:.2f} s for {many[2] / MiB:.0f} MiB, peak RSS {many[1] / MiB:.0f} MiB (bound {bound / MiB:.0f})")
         if not a.no_runai:
             ru, mo = bench.median(s9["runai"]), bench.median(s9["mount"])
             print(f"\nQwen3-MoE-shaped folder ({moe_bytes / MiB:.0f} MiB of tensors): Run:ai streamer "
