@@ -1478,8 +1478,9 @@ mod tests {
                 (v, sl([0, 8], [16, 16]))
             ]
         );
-        // Inside one segment: k rows 1..3 only.
+        // Inside one segment: k rows 1..3 only; one row, k row 1.
         assert_eq!(got([33, 0], [2, 64]), vec![(k, sl([1, 0], [2, 64]))]);
+        assert_eq!(got([33, 0], [1, 64]), vec![(k, sl([1, 0], [1, 64]))]);
         // Across a period boundary: v 12..16, then q 32..38.
         assert_eq!(
             got([60, 0], [10, 64]),
@@ -1544,6 +1545,31 @@ mod tests {
         assert_eq!(
             row_part_slices(it, &map, &sl([30, 0], [4, 64])),
             vec![(p, sl([62, 0], [28, 64]))]
+        );
+        // Two segments of a 4-row period, the first with a stride wider
+        // than its length: rows 0..2 of each period are `gate_proj` rows
+        // `10 * (r / 4) + r % 4`, rows 2..4 `up_proj` rows `2 * (r / 4) +
+        // r % 4 - 2`. Rows 2..10: up 0, 1; gate 10, 11; up 2, 3; gate 20,
+        // 21.
+        let u = it
+            .parts
+            .iter()
+            .position(|p| p.name == "model.layers.0.mlp.up_proj.weight")
+            .unwrap();
+        let seg = |out_start, part, stride| crate::checkpoint::source::RowSegment {
+            out_start,
+            len: 2,
+            part,
+            stride,
+            base: 0,
+        };
+        let map = RowMap {
+            period: 4,
+            segments: vec![seg(0, p, 10), seg(2, u, 2)],
+        };
+        assert_eq!(
+            row_part_slices(it, &map, &sl([2, 0], [8, 64])),
+            vec![(p, sl([10, 0], [12, 64])), (u, sl([0, 0], [4, 64]))]
         );
     }
 
