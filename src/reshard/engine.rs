@@ -1305,6 +1305,44 @@ mod tests {
         assert_eq!(touched.span_bytes(), 0);
     }
 
+    /// The one-span fast path of the copy: a range of a region that is one
+    /// stored slice's whole rows is one span of its file, at the slice's
+    /// offset plus the range's; a region that cuts the slice's inner
+    /// dimension is not. Offsets by hand from the rank files' layout (n,
+    /// then w's column, after the header).
+    #[test]
+    fn a_range_of_one_slices_rows_is_one_span() {
+        let tmp = tempfile::tempdir().unwrap();
+        columns(tmp.path());
+        let plan = unshard(tmp.path(), None);
+        let source = &plan.source.iterations[0];
+        let data_start = |name: &str| {
+            let b = std::fs::read(tmp.path().join(name)).unwrap();
+            8 + u64::from_le_bytes(b[..8].try_into().unwrap())
+        };
+        let file = |name: &str| source.files.iter().position(|f| f.name == name).unwrap();
+        let (n, w) = (&source.tensors[0], &source.tensors[1]);
+        assert_eq!((n.name.as_str(), w.name.as_str()), ("n", "w"));
+        let region = |start: &'static [u64], shape: &'static [u64]| Region { start, shape };
+        // w's column 1 (rank 1's slice, after n's 8 bytes): rows 1..4 are
+        // bytes 4..16 of the region, the last byte the slice's last.
+        assert_eq!(
+            stored_span(w, region(&[0, 1], &[4, 1]), 4, 12),
+            Some((file(F1), data_start(F1) + 8 + 4))
+        );
+        assert_eq!(
+            stored_span(w, region(&[0, 1], &[4, 1]), 0, 1),
+            Some((file(F1), data_start(F1) + 8))
+        );
+        // n's second element, from rank 0's copy.
+        assert_eq!(
+            stored_span(n, region(&[0], &[2]), 4, 4),
+            Some((file(F0), data_start(F0) + 4))
+        );
+        // Both columns: rows are not contiguous in any file.
+        assert_eq!(stored_span(w, region(&[0, 0], &[4, 2]), 0, 8), None);
+    }
+
     /// A one-rank checkpoint in `dir`: `w`, f32 `[rows, cols]`, bytes
     /// `i % 251`; returns its rank file's bytes.
     fn one_rank(dir: &Path, rows: u64, cols: u64) -> Vec<u8> {
