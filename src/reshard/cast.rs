@@ -166,11 +166,76 @@ mod tests {
     }
 
     #[test]
+    fn float64_and_float16_sources_are_read_through_float32() {
+        let f64s = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        // Bits by hand: 1.5 = 0x3fc0_0000, -2.25 = 0xc010_0000, and 1/3
+        // rounds to 0x3eaa_aaab in float32, whose bfloat16 is 0x3eab.
+        let src = f64s(&[1.5, -2.25, 1.0 / 3.0]);
+        let mut o = [0u8; 12];
+        convert(Dtype::F64, Dtype::F32, &src, &mut o);
+        let got: Vec<u32> = o
+            .chunks(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(got, vec![0x3fc0_0000, 0xc010_0000, 0x3eaa_aaab]);
+        let mut o = [0u8; 6];
+        convert(Dtype::F64, Dtype::BF16, &src, &mut o);
+        assert_eq!(o, [0xc0, 0x3f, 0x10, 0xc0, 0xab, 0x3e]);
+        // float16 1.0 (0x3c00) and -2.0 (0xc000) to float32 and bfloat16.
+        let src = [0x00, 0x3c, 0x00, 0xc0];
+        let mut o = [0u8; 8];
+        convert(Dtype::F16, Dtype::F32, &src, &mut o);
+        assert_eq!(o, [0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]);
+        let mut o = [0u8; 4];
+        convert(Dtype::F16, Dtype::BF16, &src, &mut o);
+        assert_eq!(o, [0x80, 0x3f, 0x00, 0xc0]);
+    }
+
+    #[test]
+    fn dtype_takes_every_name_torch_and_mindspore_write() {
+        // Hand-listed: the short names, torch's `torch.<name>` and
+        // MindSpore's `mstype.<name>` spellings, any case.
+        for (names, want) in [
+            (&["bf16", "bfloat16", "BF16", "BFloat16"][..], Dtype::BF16),
+            (&["f16", "fp16", "float16", "half", "Half"][..], Dtype::F16),
+            (
+                &["f32", "fp32", "float32", "float", "Float32"][..],
+                Dtype::F32,
+            ),
+        ] {
+            for n in names {
+                assert_eq!(parse_dtype(n), Ok(want), "{n}");
+            }
+        }
+        for bad in ["f64", "float64", "int8", "", "bf"] {
+            let e = parse_dtype(bad).unwrap_err();
+            assert_eq!(e, format!("{bad:?}: expected bf16, f16 or f32"));
+        }
+    }
+
+    #[test]
+    fn a_view_is_cast_to_half_or_single_precision_only() {
+        for d in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            assert!(is_target(d) && is_float(d), "{d:?}");
+        }
+        // float64 is read (narrowed through float32), never written.
+        assert!(is_float(Dtype::F64) && !is_target(Dtype::F64));
+        for d in [Dtype::I8, Dtype::U8, Dtype::I32, Dtype::I64, Dtype::BOOL] {
+            assert!(!is_float(d) && !is_target(d), "{d:?}");
+        }
+    }
+
+    #[test]
     fn f16_rounds_and_keeps_nan() {
         assert_eq!(f32_to_f16(1.0), 0x3c00);
         assert_eq!(f32_to_f16(65520.0), 0x7c00, "past f16::MAX rounds to inf");
         assert_eq!(f32_to_f16(-f32::NAN) & 0x7e00, 0x7e00);
         assert_eq!(f32_to_f16(f32::NAN), 0x7e00);
+        // The canonical quiet NaN with the input's sign, whatever its
+        // payload (a signalling NaN included).
+        assert_eq!(f32_to_f16(f32::from_bits(0xffc0_0000)), 0xfe00);
+        assert_eq!(f32_to_f16(f32::from_bits(0x7f80_0001)), 0x7e00);
+        assert_eq!(f32_to_f16(f32::from_bits(0xff80_0001)), 0xfe00);
         // 2^-25 is halfway between 0 and the smallest subnormal: ties to 0.
         assert_eq!(f32_to_f16(2f32.powi(-25)), 0);
         assert_eq!(f32_to_f16(3.0 * 2f32.powi(-25)), 2);

@@ -1240,6 +1240,11 @@ mod tests {
         assert!(gather(source, vf, 0, vf.size, 8, &mut pieces).is_none());
         assert!(gather(source, vf, 0, vf.size + 1, 100, &mut pieces).is_none());
         assert!(gather(source, vf, 0, 0, 100, &mut pieces).is_none());
+        // A range starting at the data: no header piece, not even an
+        // empty one; n and w[0][0], 12 bytes of rank 0's file.
+        gather(source, vf, hlen as u64, 12, 100, &mut pieces).unwrap();
+        assert_eq!(pieces.len(), 1, "{pieces:?}");
+        assert!(matches!(pieces[0], Piece::Source { len: 12, .. }));
         // A range inside w's rows: partial elements at both ends.
         let at = hlen as u64 + 8 + 2;
         gather(source, vf, at, 5, 100, &mut pieces).unwrap();
@@ -1289,6 +1294,208 @@ mod tests {
         // Counted in whole 2 MiB units: [0, 1 MiB+10) -> 2 MiB; file 1 -> 2
         // MiB; the byte at 100 MiB -> 2 MiB.
         assert_eq!(t.span_bytes(), 6 * MIB);
+    }
+
+    /// The spans a read copied from, by source file: in each rank file
+    /// the data follows an 8-byte length and the header it gives; n (8
+    /// bytes, read from rank 0's copy) then w's column (16 bytes).
+    /// Released, they are forgotten.
+    #[test]
+    fn a_read_records_the_spans_it_copied_and_release_forgets_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        columns(tmp.path());
+        let plan = unshard(tmp.path(), None);
+        let (source, vf) = (&plan.source.iterations[0], &plan.iterations[0].files[0]);
+        let data_start = |name: &str| {
+            let b = std::fs::read(tmp.path().join(name)).unwrap();
+            8 + u64::from_le_bytes(b[..8].try_into().unwrap())
+        };
+        let file = |name: &str| source.files.iter().position(|f| f.name == name).unwrap();
+        let (f0, f1) = (file(F0), file(F1));
+        assert_eq!(source.tensors[0].name, "n");
+        assert_eq!(source.tensors[0].chunks[0].file, f0, "n read from rank 0");
+        let (d0, d1) = (data_start(F0), data_start(F1));
+        let mut touched = Touched::default();
+        let mut buf = vec![0u8; vf.size as usize];
+        read_file(source, vf, 0, &mut buf, &mut touched).unwrap();
+        let mut got = touched.0.clone();
+        got.sort_unstable();
+        let mut want = vec![(f0, d0, d0 + 24), (f1, d1 + 8, d1 + 24)];
+        want.sort_unstable();
+        assert_eq!(got, want);
+        touched.release(source);
+        assert!(touched.0.is_empty());
+        assert_eq!(touched.span_bytes(), 0);
+    }
+
+    /// The one-span fast path of the copy: a range of a region that is one
+    /// stored slice's whole rows is one span of its file, at the slice's
+    /// offset plus the range's; a region that cuts the slice's inner
+    /// dimension is not. Offsets by hand from the rank files' layout (n,
+    /// then w's column, after the header).
+    #[test]
+    fn a_range_of_one_slices_rows_is_one_span() {
+        let tmp = tempfile::tempdir().unwrap();
+        columns(tmp.path());
+        let plan = unshard(tmp.path(), None);
+        let source = &plan.source.iterations[0];
+        let data_start = |name: &str| {
+            let b = std::fs::read(tmp.path().join(name)).unwrap();
+            8 + u64::from_le_bytes(b[..8].try_into().unwrap())
+        };
+        let file = |name: &str| source.files.iter().position(|f| f.name == name).unwrap();
+        let (n, w) = (&source.tensors[0], &source.tensors[1]);
+        assert_eq!((n.name.as_str(), w.name.as_str()), ("n", "w"));
+        let region = |start: &'static [u64], shape: &'static [u64]| Region { start, shape };
+        // w's column 1 (rank 1's slice, after n's 8 bytes): rows 1..4 are
+        // bytes 4..16 of the region, the last byte the slice's last.
+        assert_eq!(
+            stored_span(&[], w, region(&[0, 1], &[4, 1]), 4, 12),
+            Some((file(F1), data_start(F1) + 8 + 4))
+        );
+        assert_eq!(
+            stored_span(&[], w, region(&[0, 1], &[4, 1]), 0, 1),
+            Some((file(F1), data_start(F1) + 8))
+        );
+        // n's second element, from rank 0's copy.
+        assert_eq!(
+            stored_span(&[], n, region(&[0], &[2]), 4, 4),
+            Some((file(F0), data_start(F0) + 4))
+        );
+        // Both columns: rows are not contiguous in any file.
+        assert_eq!(stored_span(&[], w, region(&[0, 0], &[4, 2]), 0, 8), None);
+    }
+
+    /// A one-rank checkpoint in `dir`: `w`, f32 `[rows, cols]`, bytes
+    /// `i % 251`; returns its rank file's bytes.
+    fn one_rank(dir: &Path, rows: u64, cols: u64) -> Vec<u8> {
+        let data: Vec<u8> = (0..rows * cols * 4).map(|i| (i % 251) as u8).collect();
+        let file =
+            crate::checkpoint::source::tests::safetensors(&[("w", "F32", &[rows, cols], &data)]);
+        std::fs::write(dir.join(ONE), &file).unwrap();
+        let meta = json!({
+            "state_dict_metadata": {
+                "w": {"properties": {"dtype": "Float32"}, "global_shape": [rows, cols],
+                      "axis_fragmentations": [1, 1], "layout": null,
+                      "chunk": [{"global_offset": [0], "local_shape": [rows, cols]}]}},
+            "storage_data": {"('w', (0,))": [{"file_name": ONE, "storage_rank": 0}]}
+        });
+        std::fs::write(dir.join("metadata.json"), meta.to_string()).unwrap();
+        file
+    }
+
+    const ONE: &str = "model-0000000-0000001.safetensors";
+
+    /// View offset of byte `at` of the rank file of [`one_rank`], whose
+    /// data the view's one tensor is.
+    fn view_offset(plan: &Plan, file: &[u8], at: u64) -> u64 {
+        let data_start = 8 + u64::from_le_bytes(file[..8].try_into().unwrap());
+        plan.iterations[0].files[0].tensors[0].offset + at - data_start
+    }
+
+    /// An object's bytes come from the store's blocks (8 MiB): a range
+    /// inside block 1 or 2, one across a boundary, one ending on the first
+    /// byte of block 1, one from two bytes into block 1 to two bytes into
+    /// block 2, and the whole tensor are the rank file's own bytes.
+    #[test]
+    fn an_objects_bytes_are_its_blocks_at_any_offset() {
+        use crate::checkpoint::s3::mem::Objects;
+        use crate::checkpoint::s3::store::{BLOCK_SIZE, ObjectStore, register};
+        let tmp = tempfile::tempdir().unwrap();
+        // 20 MiB of data: blocks 0, 1 and 2.
+        let file = one_rank(tmp.path(), 5, 1 << 20);
+        let objects = std::sync::Arc::new(Objects::new("mem-engine-blocks"));
+        for name in [ONE, "metadata.json"] {
+            objects.put(
+                &format!("ck/{name}"),
+                std::fs::read(tmp.path().join(name)).unwrap(),
+            );
+        }
+        register(ObjectStore::new(objects, 64 << 20));
+        let src = Source::open(Path::new("s3://mem-engine-blocks/ck")).unwrap();
+        let plan = Plan::build(src, TargetSpec::Unshard).unwrap();
+        let engine = Engine::new(&plan);
+        let bs = BLOCK_SIZE;
+        let data_start = 8 + u64::from_le_bytes(file[..8].try_into().unwrap());
+        let end = file.len() as u64;
+        for (from, to) in [
+            (bs + 100, bs + 4196),
+            (2 * bs + 8, 2 * bs + 1000),
+            (bs - 10, bs + 10),
+            (bs - 100, bs + 1),
+            (bs + 2, 2 * bs + 2),
+            (data_start, end),
+        ] {
+            let mut buf = vec![0u8; (to - from) as usize];
+            let got = engine
+                .read(0, 0, view_offset(&plan, &file, from), &mut buf)
+                .unwrap();
+            assert_eq!(got.bytes, buf.len());
+            assert!(
+                buf == file[from as usize..to as usize],
+                "rank file bytes {from}..{to}"
+            );
+        }
+    }
+
+    /// The Rss of the maps of `path` in this process, in KiB.
+    fn mapped_kib(path: &Path) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let path = path.to_str().unwrap();
+        let mut total = 0;
+        let mut ours = false;
+        for line in smaps.lines() {
+            if let Some(kib) = line.strip_prefix("Rss:") {
+                if ours {
+                    total += kib
+                        .trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap();
+                }
+            } else if line.contains('-') && line.split_whitespace().count() >= 5 {
+                // A map's first line: range, perms, offset, dev, inode [path].
+                ours = line.ends_with(path);
+            }
+        }
+        total
+    }
+
+    /// Releasing what a read copied from unmaps those pages: the source
+    /// map's Rss falls back to nothing (what bounds the daemon's RSS).
+    #[test]
+    fn release_unmaps_the_pages_a_read_touched() {
+        let tmp = tempfile::tempdir().unwrap();
+        // 8 MiB of data, four 2 MiB release units.
+        one_rank(tmp.path(), 2, 1 << 20);
+        let plan = unshard(tmp.path(), None);
+        let (source, vf) = (&plan.source.iterations[0], &plan.iterations[0].files[0]);
+        let path = source.files[0].path.clone();
+        let mut touched = Touched::default();
+        let mut buf = vec![0u8; vf.size as usize];
+        read_file(source, vf, 0, &mut buf, &mut touched).unwrap();
+        let before = mapped_kib(&path);
+        assert!(before >= 4 << 10, "{before} KiB mapped after reading 8 MiB");
+        touched.release(source);
+        assert_eq!(mapped_kib(&path), 0, "{before} KiB mapped before");
+    }
+
+    /// Pins keep every block a read copies from, the first 16 in place
+    /// and the rest in the next list, each handed back unchanged; a block
+    /// kept again is the same slice.
+    #[test]
+    fn pins_keep_every_block_they_are_given() {
+        let pins = Pins::default();
+        let blocks: Vec<std::sync::Arc<[u8]>> = (0..40u8)
+            .map(|i| std::sync::Arc::from(vec![i; 3]))
+            .collect();
+        let kept: Vec<&[u8]> = blocks.iter().map(|b| pins.keep(b.clone())).collect();
+        for (i, k) in kept.iter().enumerate() {
+            assert_eq!(*k, &[i as u8; 3][..], "block {i}");
+        }
+        assert!(std::ptr::eq(pins.keep(blocks[3].clone()), kept[3]));
+        assert_eq!(pins.used.get(), 16);
     }
 
     #[test]

@@ -145,6 +145,53 @@ mod tests {
         assert_eq!(got, want);
     }
 
+    /// Each entry shows the modification time of what it comes from:
+    /// common.json passes through, so its own file's; the tracker its own;
+    /// the rest their iteration folder's. Only the tracker is the tracker.
+    #[test]
+    fn entries_show_their_sources_time_and_only_the_tracker_is_one() {
+        let root = Path::new("tests/fixtures/tp4-f32");
+        let spec = TargetSpec::Mesh {
+            sizes: vec![("tp".into(), 2)],
+            pp: None,
+            offset: None,
+        };
+        let plan = Plan::build(Source::open(root).unwrap(), spec).unwrap();
+        // The source keeps its path absolute.
+        let root = &root.canonicalize().unwrap();
+        let got: Vec<(String, PathBuf, bool)> = plan
+            .entries()
+            .iter()
+            .map(|e| {
+                (
+                    e.path.display().to_string(),
+                    e.time_of.clone(),
+                    e.is_tracker(),
+                )
+            })
+            .collect();
+        let it = "iteration_00000005";
+        let dir = root.join(it);
+        let tracker = "latest_checkpointed_iteration.txt";
+        let want = vec![
+            (it.to_string(), dir.clone(), false),
+            (
+                format!("{it}/model-0000000-0000002.safetensors"),
+                dir.clone(),
+                false,
+            ),
+            (
+                format!("{it}/model-0000001-0000002.safetensors"),
+                dir.clone(),
+                false,
+            ),
+            (format!("{it}/metadata.json"), dir.clone(), false),
+            (format!("{it}/common.json"), dir.join("common.json"), false),
+            (tracker.to_string(), root.join(tracker), true),
+        ];
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn an_iteration_folder_has_its_files_at_the_root() {
         let got = entries(

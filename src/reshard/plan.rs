@@ -1526,4 +1526,208 @@ mod tests {
         assert_eq!(count("embedding.word_embeddings.weight"), 2);
         assert_eq!(count("decoder.final_layernorm.weight"), 1);
     }
+
+    fn sl(start: [u64; 2], shape: [u64; 2]) -> Slice {
+        Slice {
+            start: start.to_vec(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    /// A fused QKV's slice draws, per part, on the bounding box of the
+    /// rows it reads. The tiny Qwen3 (tests/fixtures/README.md): 4 heads,
+    /// 2 key/value groups, head_dim 16, hidden 64, so each 64-row group of
+    /// `linear_qkv` is 32 q rows, 16 k rows, 16 v rows; fused row `r` of
+    /// group `g = r / 64`, `w = r % 64`, is q row `32g + w`, k row
+    /// `16g + w - 32` or v row `16g + w - 48`. Expected boxes by hand.
+    #[test]
+    fn a_fused_slice_draws_on_the_rows_of_its_parts() {
+        let src = Source::open(Path::new("tests/fixtures/qwen3-tiny-hf")).unwrap();
+        let it = &src.iterations[0];
+        let t = it
+            .tensors
+            .iter()
+            .find(|t| t.name == "decoder.layers.0.self_attention.linear_qkv.weight")
+            .unwrap();
+        assert_eq!(t.global_shape, vec![128, 64]);
+        let part = |x: &str| {
+            let name = format!("model.layers.0.self_attn.{x}_proj.weight");
+            it.parts.iter().position(|p| p.name == name).unwrap()
+        };
+        let (q, k, v) = (part("q"), part("k"), part("v"));
+        let got = |start, shape| part_slices(it, t, &sl(start, shape));
+        assert_eq!(
+            got([0, 0], [128, 64]),
+            vec![
+                (q, sl([0, 0], [64, 64])),
+                (k, sl([0, 0], [32, 64])),
+                (v, sl([0, 0], [32, 64]))
+            ]
+        );
+        // Rows 40..100, columns 8..24: k 8..16, v 0..16 (group 0), q
+        // 32..64, k 16..20 (group 1).
+        assert_eq!(
+            got([40, 8], [60, 16]),
+            vec![
+                (q, sl([32, 8], [32, 16])),
+                (k, sl([8, 8], [12, 16])),
+                (v, sl([0, 8], [16, 16]))
+            ]
+        );
+        // Inside one segment: k rows 1..3 only; one row, k row 1.
+        assert_eq!(got([33, 0], [2, 64]), vec![(k, sl([1, 0], [2, 64]))]);
+        assert_eq!(got([33, 0], [1, 64]), vec![(k, sl([1, 0], [1, 64]))]);
+        // Across a period boundary: v 12..16, then q 32..38.
+        assert_eq!(
+            got([60, 0], [10, 64]),
+            vec![(q, sl([32, 0], [6, 64])), (v, sl([12, 0], [4, 64]))]
+        );
+        // Starting in period 1 after its q rows: k 20..32, v 16..32.
+        assert_eq!(
+            got([100, 0], [28, 64]),
+            vec![(k, sl([20, 0], [12, 64])), (v, sl([16, 0], [16, 64]))]
+        );
+        // Ending before a segment of period 0: q rows 5..10 only.
+        assert_eq!(got([5, 0], [5, 64]), vec![(q, sl([5, 0], [5, 64]))]);
+        assert_eq!(got([5, 0], [0, 64]), vec![], "no rows, no parts");
+    }
+
+    /// A part read out of a fused tensor with a stride and a base: k rows
+    /// as a row map over the 96-row `gate_proj`, 16 rows out of every 40
+    /// starting at 8 (hand-made). Output row `r` is part row
+    /// `40 * (r / 16) + 8 + r % 16`.
+    #[test]
+    fn a_strided_row_map_draws_on_every_period() {
+        let src = Source::open(Path::new("tests/fixtures/qwen3-tiny-hf")).unwrap();
+        let it = &src.iterations[0];
+        let p = it
+            .parts
+            .iter()
+            .position(|p| p.name == "model.layers.0.mlp.gate_proj.weight")
+            .unwrap();
+        assert_eq!(it.parts[p].global_shape, vec![96, 64]);
+        let map = RowMap {
+            period: 16,
+            segments: vec![crate::checkpoint::source::RowSegment {
+                out_start: 0,
+                len: 16,
+                part: p,
+                stride: 40,
+                base: 8,
+            }],
+        };
+        // Rows 10..20: part rows 18..24 and 48..52.
+        assert_eq!(
+            row_part_slices(it, &map, &sl([10, 3], [10, 5])),
+            vec![(p, sl([18, 3], [34, 5]))]
+        );
+        // Rows 16..18 of period 1 only: part rows 48..50.
+        assert_eq!(
+            row_part_slices(it, &map, &sl([16, 0], [2, 64])),
+            vec![(p, sl([48, 0], [2, 64]))]
+        );
+        // Rows 30..42 are part rows 62..64 and 88..98, past the part's 96
+        // rows: the box stops at its last row.
+        assert_eq!(
+            row_part_slices(it, &map, &sl([30, 0], [12, 64])),
+            vec![(p, sl([62, 0], [34, 64]))]
+        );
+        // Rows 30..40 end at part row 95 exactly: no clamp needed.
+        assert_eq!(
+            row_part_slices(it, &map, &sl([30, 0], [10, 64])),
+            vec![(p, sl([62, 0], [34, 64]))]
+        );
+        // Rows 30..34: part rows 62..64 and 88..90.
+        assert_eq!(
+            row_part_slices(it, &map, &sl([30, 0], [4, 64])),
+            vec![(p, sl([62, 0], [28, 64]))]
+        );
+        // Two segments of a 4-row period, the first with a stride wider
+        // than its length: rows 0..2 of each period are `gate_proj` rows
+        // `10 * (r / 4) + r % 4`, rows 2..4 `up_proj` rows `2 * (r / 4) +
+        // r % 4 - 2`. Rows 2..10: up 0, 1; gate 10, 11; up 2, 3; gate 20,
+        // 21.
+        let u = it
+            .parts
+            .iter()
+            .position(|p| p.name == "model.layers.0.mlp.up_proj.weight")
+            .unwrap();
+        let seg = |out_start, part, stride| crate::checkpoint::source::RowSegment {
+            out_start,
+            len: 2,
+            part,
+            stride,
+            base: 0,
+        };
+        let map = RowMap {
+            period: 4,
+            segments: vec![seg(0, p, 10), seg(2, u, 2)],
+        };
+        assert_eq!(
+            row_part_slices(it, &map, &sl([2, 0], [8, 64])),
+            vec![(p, sl([10, 0], [12, 64])), (u, sl([0, 0], [4, 64]))]
+        );
+    }
+
+    /// A tiled tensor's slice draws, per part, on the bounding box of the
+    /// part's elements it reads, a transposed tile's rows and columns
+    /// swapped. A hand-made 4 x 6 map: band 0 (rows 0..2) is columns 0..3
+    /// of part 0 copied from (0, 0) and columns 3..6 of part 1 transposed
+    /// from (5, 1); band 1 (row 2) is columns 0..2 and 2..6 of part 0,
+    /// copied from (2, 0) and (2, 2); band 2 (row 3) is part 2.
+    #[test]
+    fn a_tiled_slice_draws_on_the_rectangles_of_its_parts() {
+        use crate::checkpoint::source::{Band, Tile};
+        let tile = |col, cols, part, row, col0, transposed| Tile {
+            col,
+            cols,
+            part,
+            row,
+            col0,
+            transposed,
+        };
+        let map = TileMap {
+            bands: vec![
+                Band {
+                    start: 0,
+                    rows: 2,
+                    tiles: vec![tile(0, 3, 0, 0, 0, false), tile(3, 3, 1, 5, 1, true)],
+                },
+                Band {
+                    start: 2,
+                    rows: 1,
+                    tiles: vec![tile(0, 2, 0, 2, 0, false), tile(2, 4, 0, 2, 2, false)],
+                },
+                Band {
+                    start: 3,
+                    rows: 1,
+                    tiles: vec![tile(0, 6, 2, 0, 0, false)],
+                },
+            ],
+        };
+        // Rows 1..3, columns 2..5. Element (1, 2) is part 0's (1, 2);
+        // (1, 3) and (1, 4) are part 1's (5, 2) and (6, 2) (output (i, j)
+        // of a transposed tile is the part's (row + j, col0 + i)); (2, 2..5)
+        // are part 0's (2, 2..5). Band 1's first tile and band 2 are not
+        // met (the slice ends at their edges).
+        assert_eq!(
+            tile_part_slices(&map, &sl([1, 2], [2, 3])),
+            vec![(0, sl([1, 2], [2, 3])), (1, sl([5, 2], [2, 1]))]
+        );
+        // The whole tensor: part 0 rows 0..3 x columns 0..6, part 1's 3 x 2
+        // transposed rectangle, part 2's row.
+        assert_eq!(
+            tile_part_slices(&map, &sl([0, 0], [4, 6])),
+            vec![
+                (0, sl([0, 0], [3, 6])),
+                (1, sl([5, 1], [3, 2])),
+                (2, sl([0, 0], [1, 6]))
+            ]
+        );
+        // Row 3 only: part 2's columns 1..4.
+        assert_eq!(
+            tile_part_slices(&map, &sl([3, 1], [1, 3])),
+            vec![(2, sl([0, 1], [1, 3]))]
+        );
+    }
 }
