@@ -342,7 +342,8 @@ def main():
                 print(f"| {where} | {name} | {med:.2f} s ({bench.spread_text(r['t'])}) | "
                       f"{tput / MiB:.0f} MiB/s | {ratio} | {amp} | {rss} |")
         print(f"\n16 readers at once on a fresh tp=2 mount (each one eighth of a view file, dd bs=1M): "
-              f"{many[0]:.2f} s for {many[2] / MiB:.0f} MiB, peak RSS {many[1] / MiB:.0f} MiB (bound {bound / MiB:.0f})")
+              f"{many[0]:.2f} s for {many[2] / MiB:.0f} MiB, peak RSS {many[1] / MiB:.0f} MiB (bound {bound / MiB:.0f}), "
+              f"{many[3] / many[2]:.2f}x the view's bytes fetched in {many[4]} GETs")
         if not a.no_runai:
             ru, mo = bench.median(s9["runai"]), bench.median(s9["mount"])
             print(f"\nQwen3-MoE-shaped folder ({moe_bytes / MiB:.0f} MiB of tensors): Run:ai streamer "
