@@ -20,6 +20,7 @@ import http.client
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -38,25 +39,30 @@ def free_port() -> int:
 
 
 class S3Server:
-    def __init__(self, workdir, buckets=("ckpts",)):
+    def __init__(self, workdir, buckets=("ckpts",), tls=None):
+        """`tls`: (key file, certificate file, the issuer's certificate), PEM, to serve https."""
         self.dir = Path(workdir) / "s3data"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.buckets = list(buckets)
         self.proc = None
         self.log = Path(workdir) / "s3rver.log"
+        self.tls = tls
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self, timeout=30):
         script = S3DIR / "s3rver-strict.js"
         if not (S3DIR / "node_modules" / "s3rver").is_dir():
             raise RuntimeError(f"s3rver is not installed: run `npm ci --prefix {S3DIR}` (scripts/test.sh does)")
         self.logf = open(self.log, "ab")
+        env = dict(os.environ)
+        if self.tls:
+            env.update(S3RVER_TLS_KEY=str(self.tls[0]), S3RVER_TLS_CERT=str(self.tls[1]))
         self.proc = subprocess.Popen(["node", "--openssl-legacy-provider", str(script), str(self.dir), str(self.port),
-                                      *self.buckets], stdout=subprocess.PIPE, stderr=self.logf)
+                                      *self.buckets], stdout=subprocess.PIPE, stderr=self.logf, env=env)
         line = b""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and b"listening" not in line:
@@ -89,6 +95,9 @@ class S3Server:
     # --- objects (unsigned, straight to the server) ---
 
     def _conn(self):
+        if self.tls:
+            ctx = ssl.create_default_context(cafile=str(self.tls[2]))
+            return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=60, context=ctx)
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
 
     def put(self, bucket, key, data: bytes):

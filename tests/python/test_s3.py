@@ -282,6 +282,58 @@ def test_two_nodes_each_fetch_only_their_own_ranks(s3, mounts):
     assert sum(fetched) == sum(size.values()), "together the nodes fetch each object once"
 
 
+def _tls_ca(d: Path, name: str) -> tuple[Path, Path]:
+    """A certificate authority (key, certificate) of the test's own, by openssl."""
+    key, cert = d / f"{name}.key", d / f"{name}.crt"
+    _openssl(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+              "-keyout", key, "-out", cert])
+    return key, cert
+
+
+def _tls_server(d: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
+    """A server key and certificate for 127.0.0.1 issued by `ca` (an end-entity certificate, as
+    TLS clients require of a server's)."""
+    key, csr, cert, ext = d / "server.key", d / "server.csr", d / "server.crt", d / "server.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    _openssl(["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr])
+    _openssl(["x509", "-req", "-in", csr, "-CA", ca[1], "-CAkey", ca[0], "-CAcreateserial", "-days", "2",
+              "-extfile", ext, "-out", cert])
+    return key, cert
+
+
+def _openssl(args):
+    r = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def test_https_trusts_the_aws_ca_bundle_and_only_it(mounts, exports, tmp_path):
+    """An https endpoint whose certificate AWS_CA_BUNDLE names: mounted and read as over http.
+    With a bundle that does not hold its issuer, every command refuses it at once (exit 2, the
+    certificate named as the reason; nothing mounted), not after the retry budget."""
+    ca = _tls_ca(tmp_path, "test-ca")
+    _, other = _tls_ca(tmp_path, "other-ca")
+    key, cert = _tls_server(tmp_path, ca)
+    srv = S3Server(tmp_path / "tls", buckets=(BUCKET,), tls=(key, cert, ca[1]))
+    srv.start()
+    try:
+        srv.upload_tree(local("tp4"), BUCKET, "tp4")
+        args = ["--mesh", "tp=2"]
+        ref = exports(local("tp4"), args)
+        assert srv.endpoint.startswith("https://")
+        m = s3_mount(mounts, {**srv.env(), "AWS_CA_BUNDLE": str(ca[1])}, f"s3://{BUCKET}/tp4", args)
+        for rel in files_under(ref):
+            assert mountutil.cmp(ref / rel, m.path(rel)).code == 0, rel
+        m.cleanup()
+        start = time.monotonic()
+        r = _run_env([ckpt.binary(), "inspect", f"s3://{BUCKET}/tp4"], {**srv.env(), "AWS_CA_BUNDLE": str(other)}, 120)
+        took = time.monotonic() - start
+        assert r.code == 2, str(r)
+        assert "certificate" in r.stderr.lower() and f"s3://{BUCKET}" in r.stderr, r.stderr
+        assert took < 10, f"an untrusted certificate was retried for {took:.1f} s"
+    finally:
+        srv.cleanup()
+
+
 def test_a_cache_dir_serves_the_next_start(s3, mounts, exports, tmp_path):
     """--cache-dir: a second mount on the same machine fetches no block and no header again
     (only the listings and the small files), and serves the same bytes; a replaced object is

@@ -11,6 +11,8 @@
 //
 //   node --openssl-legacy-provider s3rver-strict.js DIR PORT [BUCKET...]
 //
+// With S3RVER_TLS_KEY and S3RVER_TLS_CERT (PEM files) set, it serves https.
+//
 // (--openssl-legacy-provider: s3rver's ListObjectsV2 continuation tokens use DES, which OpenSSL 3
 // refuses.) Credentials: access key S3RVER, secret S3RVER (s3rver's own). Prints one line
 // "listening on http://127.0.0.1:PORT" once it serves; SIGTERM stops it.
@@ -21,6 +23,11 @@ const S3Error = require('s3rver/lib/models/error');
 
 const SECRETS = { S3RVER: 'S3RVER' };
 const [dir, port = '4568', ...buckets] = process.argv.slice(2);
+// https when S3RVER_TLS_KEY and S3RVER_TLS_CERT name a PEM key and certificate.
+const fs = require('fs');
+const tls = process.env.S3RVER_TLS_KEY && process.env.S3RVER_TLS_CERT
+  ? { key: fs.readFileSync(process.env.S3RVER_TLS_KEY), cert: fs.readFileSync(process.env.S3RVER_TLS_CERT) }
+  : {};
 const server = new S3rver({
   directory: dir,
   address: '127.0.0.1',
@@ -28,6 +35,7 @@ const server = new S3rver({
   silent: true,
   vhostBuckets: false,
   configureBuckets: buckets.map(name => ({ name, configs: [] })),
+  ...tls,
 });
 
 const hmac = (key, data) => crypto.createHmac('sha256', key).update(data).digest();
@@ -112,7 +120,7 @@ server.run((err, { address, port: p } = {}) => {
     console.error(err);
     process.exit(1);
   }
-  console.log(`listening on http://${address}:${p}`);
+  console.log(`listening on ${tls.key ? 'https' : 'http'}://${address}:${p}`);
 });
 for (const sig of ['SIGINT', 'SIGTERM']) {
   process.on(sig, () => server.close(() => process.exit(0)));
