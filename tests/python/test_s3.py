@@ -334,6 +334,26 @@ def test_https_trusts_the_aws_ca_bundle_and_only_it(mounts, exports, tmp_path):
         srv.cleanup()
 
 
+def test_credentials_from_a_profile_in_the_shared_files(s3, tmp_path):
+    """AWS_PROFILE names a profile of ~/.aws/credentials (HOME of the test's own): with the
+    server's keys, inspect reads the bucket; a profile with a wrong secret is refused by the
+    server (exit 2, SignatureDoesNotMatch), and neither secret is printed."""
+    aws = tmp_path / ".aws"
+    aws.mkdir()
+    (aws / "credentials").write_text(
+        "[work]\naws_access_key_id = S3RVER\naws_secret_access_key = S3RVER\n\n"
+        "[stale]\naws_access_key_id = S3RVER\naws_secret_access_key = not-the-secret-4f1c\n")
+    (aws / "config").write_text("[profile work]\nregion = us-east-1\n")
+    base = {"HOME": str(tmp_path), "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
+            "AWS_SESSION_TOKEN": "", "AWS_SHARED_CREDENTIALS_FILE": "", "AWS_CONFIG_FILE": "",
+            "AWS_ENDPOINT_URL": s3.endpoint}
+    r = _run_env([ckpt.binary(), "inspect", remote("tp4")], {**base, "AWS_PROFILE": "work"}, 60)
+    assert r.code == 0 and "iteration_00000005: world 4" in r.stdout, str(r)
+    r = _run_env([ckpt.binary(), "inspect", remote("tp4")], {**base, "AWS_PROFILE": "stale"}, 60)
+    assert r.code == 2 and "SignatureDoesNotMatch" in r.stderr, str(r)
+    assert "not-the-secret-4f1c" not in r.stderr + r.stdout
+
+
 def test_a_cache_dir_serves_the_next_start(s3, mounts, exports, tmp_path):
     """--cache-dir: a second mount on the same machine fetches no block and no header again
     (only the listings and the small files), and serves the same bytes; a replaced object is
