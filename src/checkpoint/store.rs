@@ -25,6 +25,8 @@ use crate::error::{Result, source_io};
 pub enum EntryKind {
     File,
     Dir,
+    /// Neither: a FIFO, a device, a socket (only on a local file system).
+    Other,
 }
 
 /// One name in a folder.
@@ -73,7 +75,7 @@ pub fn of(path: &Path) -> Result<Arc<dyn Store>> {
 
 /// Whether `path` names an object in a store rather than a local file.
 pub fn is_remote(path: &Path) -> bool {
-    path.to_str().is_some_and(|s| s.starts_with("s3://"))
+    path.to_str().and_then(s3::Location::parse).is_some()
 }
 
 /// The local file system.
@@ -85,10 +87,10 @@ impl Store for Local {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
             let e = e.map_err(|e| source_io(dir, e))?;
-            let kind = if e.path().is_dir() {
-                EntryKind::Dir
-            } else {
-                EntryKind::File
+            let kind = match std::fs::metadata(e.path()) {
+                Ok(m) if m.is_dir() => EntryKind::Dir,
+                Ok(m) if !m.is_file() => EntryKind::Other,
+                _ => EntryKind::File,
             };
             out.push(Entry {
                 name: e.file_name().to_string_lossy().into_owned(),

@@ -699,34 +699,16 @@ fn is_weight_file(name: &str) -> bool {
 
 /// Every file of `dir` a Hugging Face view shows beside its weights, by
 /// name, byte for byte: all regular files (symlinks followed, as in a Hub
-/// cache snapshot) except `*.safetensors` and `model.safetensors.index.json`.
+/// cache snapshot; one leading nowhere fails, naming it) except
+/// `*.safetensors`, `model.safetensors.index.json` and dotfiles.
 pub fn read_hf_files(dir: &Path) -> Result<SmallFiles> {
     let mut out = Vec::new();
-    if store::is_remote(dir) {
-        for e in store::of(dir)?.list(dir)? {
-            if e.kind == store::EntryKind::File
-                && !is_weight_file(&e.name)
-                && !e.name.starts_with('.')
-            {
-                let data = read_small(&dir.join(&e.name), MAX_HF_FILE_BYTES)?;
-                out.push((e.name, data));
-            }
+    for e in store::of(dir)?.list(dir)? {
+        if e.kind == store::EntryKind::File && !is_weight_file(&e.name) && !e.name.starts_with('.')
+        {
+            let data = read_small(&dir.join(&e.name), MAX_HF_FILE_BYTES)?;
+            out.push((e.name, data));
         }
-        out.sort();
-        return Ok(out);
-    }
-    for e in std::fs::read_dir(dir).map_err(|e| source_io(dir, e))? {
-        let e = e.map_err(|e| source_io(dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        let path = e.path();
-        if is_weight_file(&name) || name.starts_with('.') {
-            continue;
-        }
-        let meta = std::fs::metadata(&path).map_err(|e| source_io(&path, e))?;
-        if !meta.is_file() {
-            continue;
-        }
-        out.push((name, read_small(&path, MAX_HF_FILE_BYTES)?));
     }
     out.sort();
     Ok(out)
@@ -838,6 +820,25 @@ mod tests {
         assert_eq!(names, vec!["config.json", "generation_config.json"]);
         let want = fs::read(fixture("qwen3-tiny-hf/config.json")).unwrap();
         assert_eq!(files[0].1, want);
+    }
+
+    #[test]
+    fn only_regular_files_are_shown_beside_the_weights() {
+        // A FIFO (opening it to read would block) and a folder are left
+        // out; a link to a regular file is read through.
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        fs::write(d.join("tokenizer.json"), b"{}").unwrap();
+        fs::write(d.join("real"), b"x").unwrap();
+        std::os::unix::fs::symlink(d.join("real"), d.join("vocab.txt")).unwrap();
+        fs::create_dir(d.join("sub")).unwrap();
+        let fifo = std::ffi::CString::new(d.join("pipe").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        let files = read_hf_files(d).unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["real", "tokenizer.json", "vocab.txt"]);
+        assert_eq!(files[2].1, b"x");
     }
 
     #[test]
