@@ -173,20 +173,13 @@ class FaultProxy:
                 return
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
-    @staticmethod
-    def _read_request(c) -> bytes | None:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            d = c.recv(65536)
-            if not d:
-                return None
-            buf += d
-        head, _, rest = buf.partition(b"\r\n\r\n")
-        n = 0
-        for line in head.split(b"\r\n")[1:]:
-            k, _, v = line.partition(b":")
-            if k.strip().lower() == b"content-length":
-                n = int(v.strip())
+    @classmethod
+    def _read_request(cls, c) -> bytes | None:
+        got = cls._read_head(c)
+        if got is None:
+            return None
+        _, head, rest, n, _ = got
+        n = n or 0
         while len(rest) < n:
             d = c.recv(65536)
             if not d:
@@ -268,7 +261,7 @@ class FaultProxy:
 
     @staticmethod
     def _read_head(up, first=b""):
-        """Reads until the end of a response's head: (all read, head, body bytes read so far,
+        """Reads until the end of a request's or response's head: (all read, head, body bytes read so far,
         Content-Length or None, chunked?); None if the connection closed first."""
         buf = first
         while b"\r\n\r\n" not in buf:
