@@ -512,8 +512,8 @@ impl Client {
         })
     }
 
-    /// The whole object, when it holds at most `cap` bytes, and its ETag.
-    pub fn get_whole(&self, key: &str, cap: u64) -> Result<(Vec<u8>, String), S3Error> {
+    /// The whole object, when it holds at most `cap` bytes.
+    pub fn get_whole(&self, key: &str, cap: u64) -> Result<Vec<u8>, S3Error> {
         self.with_retries(|| {
             let url = self
                 .bucket
@@ -528,12 +528,6 @@ impl Client {
             if code != 200 {
                 return Err(self.status(key, code, &Self::error_body(&mut r)));
             }
-            let etag = r
-                .headers()
-                .get("etag")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string();
             let body = r
                 .body_mut()
                 .with_config()
@@ -557,7 +551,7 @@ impl Client {
             self.counters
                 .bytes
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
-            Ok((body, etag))
+            Ok(body)
         })
     }
 }

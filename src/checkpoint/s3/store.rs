@@ -200,7 +200,7 @@ impl Backend for Client {
         Client::get_range(self, key, etag, offset, buf)
     }
     fn get_whole(&self, key: &str, cap: u64) -> std::result::Result<Vec<u8>, S3Error> {
-        Client::get_whole(self, key, cap).map(|(data, _)| data)
+        Client::get_whole(self, key, cap)
     }
     fn counters(&self) -> &Counters {
         &self.counters
