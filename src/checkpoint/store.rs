@@ -44,6 +44,11 @@ pub trait Store: Send + Sync {
     fn list(&self, dir: &Path) -> Result<Vec<Entry>>;
     /// What `path` is, `None` when nothing is there.
     fn kind(&self, path: &Path) -> Result<Option<EntryKind>>;
+    /// Whether anything is at `path`, a link leading nowhere included
+    /// (whose reader then says why it cannot read it).
+    fn exists(&self, path: &Path) -> Result<bool> {
+        Ok(self.kind(path)?.is_some())
+    }
     /// A whole file of at most `cap` bytes.
     fn read_small(&self, path: &Path, cap: u64) -> Result<Vec<u8>>;
     /// Opens rank file `file_name` of folder `dir` (a bare name, checked by
@@ -112,6 +117,14 @@ impl Store for Local {
             {
                 Ok(None)
             }
+            Err(e) => Err(source_io(path, e)),
+        }
+    }
+
+    fn exists(&self, path: &Path) -> Result<bool> {
+        match std::fs::symlink_metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(source_io(path, e)),
         }
     }

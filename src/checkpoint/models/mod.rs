@@ -21,7 +21,7 @@ use super::limits::{MAX_CONFIG_BYTES, MAX_HF_FILE_BYTES};
 use super::paths::read_small;
 use super::source::{Iteration, Source, SourceKind};
 use super::store;
-use crate::error::{Result, source_io};
+use crate::error::Result;
 use crate::{bad, bail};
 
 pub mod qwen3;
@@ -488,16 +488,10 @@ impl Config {
     /// Reads `dir/config.json` if there is one.
     pub fn find(dir: &Path) -> Result<Option<Config>> {
         let path = dir.join(CONFIG);
-        if store::is_remote(&path) {
-            return match store::of(&path)?.kind(&path)? {
-                Some(_) => Config::read(&path).map(Some),
-                None => Ok(None),
-            };
-        }
-        match std::fs::symlink_metadata(&path) {
-            Ok(_) => Config::read(&path).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(source_io(&path, e)),
+        if store::of(&path)?.exists(&path)? {
+            Config::read(&path).map(Some)
+        } else {
+            Ok(None)
         }
     }
 
