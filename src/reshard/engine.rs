@@ -1498,6 +1498,239 @@ mod tests {
         assert_eq!(pins.used.get(), 16);
     }
 
+    /// `p` f32 `[4, 4]`, `p[i][j] = 10i + j`, cut in four quarters over
+    /// four ranks: rank `r` holds rows `2(r / 2)..`, columns `2(r % 2)..`
+    /// (device matrix `[2, 2]`, tensor map `[1, 0]`; slice `k` = rank `k`).
+    fn quarters(dir: &Path) {
+        let mut storage = serde_json::Map::new();
+        for r in 0..4u64 {
+            let (r0, c0) = (2 * (r / 2), 2 * (r % 2));
+            let q: Vec<f32> = (0..4)
+                .map(|e| (10 * (r0 + e / 2) + c0 + e % 2) as f32)
+                .collect();
+            let name = format!("model-{r:07}-0000004.safetensors");
+            write_st(dir, &name, &[("p", "F32", &[2, 2], &f32s(&q))]);
+            storage.insert(
+                format!("('p', ({r},))"),
+                json!([{"file_name": name, "storage_rank": r, "rank_group": [r]}]),
+            );
+        }
+        let meta = json!({
+            "state_dict_metadata": {
+                "p": {"properties": {"dtype": "Float32"}, "global_shape": [4, 4],
+                      "axis_fragmentations": [2, 2],
+                      "layout": {"device_matrix": [2, 2], "tensor_map": [1, 0],
+                                 "alias_name": ["dp", "tp"], "rank_list": [0, 1, 2, 3]},
+                      "chunk": (0..4).map(|k| json!({"global_offset": [k], "local_shape": [2, 2]}))
+                          .collect::<Vec<_>>()}},
+            "storage_data": storage,
+        });
+        std::fs::write(dir.join("metadata.json"), meta.to_string()).unwrap();
+    }
+
+    fn p(i: u64, j: u64) -> f32 {
+        (10 * i + j) as f32
+    }
+
+    /// Where `p[i][j]` lies: (rank, byte offset in that rank's file).
+    fn p_at(dir: &Path, i: u64, j: u64) -> (u64, u64) {
+        let r = 2 * (i / 2) + j / 2;
+        let file = std::fs::read(dir.join(format!("model-{r:07}-0000004.safetensors"))).unwrap();
+        let data = 8 + u64::from_le_bytes(file[..8].try_into().unwrap());
+        (r, data + 4 * (2 * (i % 2) + j % 2))
+    }
+
+    /// The runs a walk over a region of `p` emits, as (rank, offset, len):
+    /// each the longest stretch of one file the range holds, in order.
+    #[test]
+    fn a_walk_emits_the_longest_runs_of_one_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        quarters(tmp.path());
+        let src = Source::open(tmp.path()).unwrap();
+        let it = &src.iterations[0];
+        let t = &it.tensors[0];
+        let home: Vec<usize> = (0..it.files.len()).collect();
+        let rank = |f: usize| {
+            let name = &it.files[f].name;
+            name[6..13].parse::<u64>().unwrap()
+        };
+        let walk = |start: [u64; 2], shape: [u64; 2], at: u64, len: u64| {
+            let mut runs = Vec::new();
+            let region = Region {
+                start: &start,
+                shape: &shape,
+            };
+            walk_stored::<()>(&home, t, region, at, len, &mut |f, o, n| {
+                runs.push((rank(f), o, n));
+                Ok(())
+            })
+            .unwrap();
+            runs
+        };
+        let at = |i, j| p_at(tmp.path(), i, j);
+        // The whole tensor: each row is two runs of two elements.
+        let whole: Vec<(u64, u64, u64)> = (0..4)
+            .flat_map(|i| {
+                let ((r0, o0), (r1, o1)) = (at(i, 0), at(i, 2));
+                [(r0, o0, 8), (r1, o1, 8)]
+            })
+            .collect();
+        assert_eq!(walk([0, 0], [4, 4], 0, 64), whole);
+        // One quarter, the last: one run of its whole slice.
+        let (r, o) = at(2, 2);
+        assert_eq!(walk([2, 2], [2, 2], 0, 16), vec![(r, o, 16)]);
+        // The right half: a run per slice, two rows each; from inside an
+        // element to inside another.
+        let ((r1, o1), (r3, o3)) = (at(0, 2), at(2, 2));
+        assert_eq!(
+            walk([0, 2], [4, 2], 0, 32),
+            vec![(r1, o1, 16), (r3, o3, 16)]
+        );
+        assert_eq!(
+            walk([0, 2], [4, 2], 6, 20),
+            vec![(r1, o1 + 6, 10), (r3, o3, 10)]
+        );
+        // Nothing asked, nothing emitted.
+        assert_eq!(walk([0, 0], [4, 4], 0, 0), vec![]);
+        assert_eq!(walk([2, 2], [2, 2], 0, 0), vec![]);
+    }
+
+    /// A tensor made of tiles of `p`, copied and transposed, each cutting
+    /// across `p`'s quarters, and one made of a transposed tile of that
+    /// assembled tensor: every element where the tiles' definition puts
+    /// it (`source::Tile`), in f32 and cast to bf16, at any offset.
+    #[test]
+    fn tiles_copied_and_transposed_across_slices_read_back_as_defined() {
+        use crate::checkpoint::source::{Band, Tile, TileMap};
+        let tmp = tempfile::tempdir().unwrap();
+        quarters(tmp.path());
+        let tile = |col, cols, part, row, col0, transposed| Tile {
+            col,
+            cols,
+            part,
+            row,
+            col0,
+            transposed,
+        };
+        // m [4, 6]: rows 0..3 are p[1 + i][j] for j < 3, then p[j][1 + i];
+        // row 3 is p[j][3] for j < 4, then p[2][1 + j].
+        let m_map = TileMap {
+            bands: vec![
+                Band {
+                    start: 0,
+                    rows: 3,
+                    tiles: vec![tile(0, 3, 0, 1, 0, false), tile(3, 3, 0, 0, 1, true)],
+                },
+                Band {
+                    start: 3,
+                    rows: 1,
+                    tiles: vec![tile(0, 4, 0, 0, 3, true), tile(4, 2, 0, 2, 1, false)],
+                },
+            ],
+        };
+        let m = |i: u64, j: u64| match (i, j) {
+            (0..3, 0..3) => p(1 + i, j),
+            (0..3, _) => p(j - 3, 1 + i),
+            (_, 0..4) => p(j, 3),
+            _ => p(2, 1 + (j - 4)),
+        };
+        // n [6, 4]: the transpose of m, out of m itself.
+        let n_map = TileMap {
+            bands: vec![Band {
+                start: 0,
+                rows: 6,
+                tiles: vec![tile(0, 4, 1, 0, 0, true)],
+            }],
+        };
+        let mut want = Vec::new();
+        for i in 0..4 {
+            want.extend((0..6).map(|j| m(i, j)));
+        }
+        for i in 0..6 {
+            want.extend((0..4).map(|j| m(j, i)));
+        }
+        for dtype in [None, Some(Dtype::BF16)] {
+            let mut src = Source::open(tmp.path()).unwrap();
+            let it = &mut src.iterations[0];
+            let p_t = it.tensors.remove(0);
+            let made = |name: &str, shape: Vec<u64>, map: &TileMap| Tensor {
+                name: name.into(),
+                kind: crate::checkpoint::names::Kind::Model,
+                dtype: Dtype::F32,
+                ms_dtype: "Float32".into(),
+                chunk_shape: shape.clone(),
+                global_shape: shape,
+                layout: None,
+                frag: vec![1, 1],
+                chunks: Vec::new(),
+                stage: 0,
+                allow_shape_mismatch: false,
+                allow_to_save: true,
+                assembly: Some(Assembly::Tiles(map.clone())),
+                rules: Default::default(),
+            };
+            it.parts = vec![p_t, made("m", vec![4, 6], &m_map)];
+            it.tensors = vec![made("m", vec![4, 6], &m_map), made("n", vec![6, 4], &n_map)];
+            let options = ViewOptions {
+                dtype,
+                ..ViewOptions::default()
+            };
+            let plan = Plan::build_with(src, TargetSpec::Unshard, options).unwrap();
+            let hlen = plan.iterations[0].files[0].header.len();
+            let data: Vec<u8> = match dtype {
+                None => f32s(&want),
+                // Small integers: bf16 holds them exactly, in f32's top half.
+                Some(_) => want
+                    .iter()
+                    .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+                    .collect(),
+            };
+            let (all, _) = read_all(&plan, 0, 1 << 16);
+            assert_eq!(&all[hlen..], data.as_slice(), "{dtype:?}");
+            let es = if dtype.is_some() { 2 } else { 4 };
+            // Ranges that start and end mid-row and mid-tile, in whole
+            // elements (a tile's ends) and not (a cast cuts none).
+            for from in (0..data.len() as u64).step_by(es * 5) {
+                for len in [es, 3 * es, 7 * es, 13 * es, data.len()] {
+                    let (got, _) = read_all(&plan, hlen as u64 + from, len);
+                    let end = (from as usize + len).min(data.len());
+                    assert_eq!(
+                        got,
+                        &data[from as usize..end],
+                        "{dtype:?} from {from} len {len}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The transpose of a rectangle, for every element size (those of no
+    /// dtype through the element-by-element fallback), past one 16 x 16
+    /// block, between padded rows; an empty one writes nothing.
+    #[test]
+    fn transpose_writes_each_element_where_the_definition_puts_it() {
+        for es in [1usize, 2, 3, 4, 8, 16] {
+            for (rows, cols) in [(1, 1), (3, 5), (17, 2), (20, 33)] {
+                let (ss, ds) = (cols * es + 3, rows * es + 5);
+                let src: Vec<u8> = (0..rows * ss).map(|i| (i * 7 % 251) as u8).collect();
+                let mut dst = vec![0xAAu8; cols * ds];
+                transpose(&src, ss, es, rows, cols, &mut dst, ds);
+                let mut want = vec![0xAAu8; cols * ds];
+                for c in 0..rows {
+                    for q in 0..cols {
+                        let (s, d) = (c * ss + q * es, q * ds + c * es);
+                        want[d..d + es].copy_from_slice(&src[s..s + es]);
+                    }
+                }
+                assert!(dst == want, "es {es}, {rows} x {cols}");
+            }
+            let mut dst = vec![0xAAu8; 8];
+            transpose(&[], es, es, 0, 3, &mut dst, es);
+            transpose(&[], es, es, 3, 0, &mut dst, es);
+            assert_eq!(dst, vec![0xAAu8; 8], "es {es}");
+        }
+    }
+
     #[test]
     fn a_replaced_source_file_fails_the_read() {
         let tmp = tempfile::tempdir().unwrap();
