@@ -509,6 +509,37 @@ pub(crate) mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
+    /// A tile of a [`TileMap`] band, for tests that write maps by hand.
+    pub(crate) fn tile(
+        col: u64,
+        cols: u64,
+        part: usize,
+        row: u64,
+        col0: u64,
+        transposed: bool,
+    ) -> Tile {
+        Tile {
+            col,
+            cols,
+            part,
+            row,
+            col0,
+            transposed,
+        }
+    }
+
+    /// A band of a [`TileMap`]: rows `start..start + rows`, made of `tiles`.
+    pub(crate) fn band(start: u64, rows: u64, tiles: Vec<Tile>) -> Band {
+        Band { start, rows, tiles }
+    }
+
+    /// Where the data of the safetensors file at `path` starts: after its
+    /// 8-byte length and the header that length gives.
+    pub(crate) fn data_start(path: &Path) -> u64 {
+        let b = fs::read(path).unwrap();
+        8 + u64::from_le_bytes(b[..8].try_into().unwrap())
+    }
+
     /// Writes `tensors` as `dir/name`.
     pub(crate) fn write_st(dir: &Path, name: &str, tensors: &[(&str, &str, &[u64], &[u8])]) {
         fs::write(dir.join(name), safetensors(tensors)).unwrap();

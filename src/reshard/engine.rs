@@ -1100,7 +1100,7 @@ fn walk_stored<E>(
 mod tests {
     use super::*;
     use crate::checkpoint::source::Source;
-    use crate::checkpoint::source::tests::{f32s, write_st};
+    use crate::checkpoint::source::tests::{band, data_start, f32s, tile, write_st};
     use crate::reshard::plan::ViewOptions;
     use crate::reshard::target::TargetSpec;
     use serde_json::json;
@@ -1306,10 +1306,7 @@ mod tests {
         columns(tmp.path());
         let plan = unshard(tmp.path(), None);
         let (source, vf) = (&plan.source.iterations[0], &plan.iterations[0].files[0]);
-        let data_start = |name: &str| {
-            let b = std::fs::read(tmp.path().join(name)).unwrap();
-            8 + u64::from_le_bytes(b[..8].try_into().unwrap())
-        };
+        let data_start = |name: &str| data_start(&tmp.path().join(name));
         let file = |name: &str| source.files.iter().position(|f| f.name == name).unwrap();
         let (f0, f1) = (file(F0), file(F1));
         assert_eq!(source.tensors[0].name, "n");
@@ -1339,10 +1336,7 @@ mod tests {
         columns(tmp.path());
         let plan = unshard(tmp.path(), None);
         let source = &plan.source.iterations[0];
-        let data_start = |name: &str| {
-            let b = std::fs::read(tmp.path().join(name)).unwrap();
-            8 + u64::from_le_bytes(b[..8].try_into().unwrap())
-        };
+        let data_start = |name: &str| data_start(&tmp.path().join(name));
         let file = |name: &str| source.files.iter().position(|f| f.name == name).unwrap();
         let (n, w) = (&source.tensors[0], &source.tensors[1]);
         assert_eq!((n.name.as_str(), w.name.as_str()), ("n", "w"));
@@ -1535,8 +1529,7 @@ mod tests {
     /// Where `p[i][j]` lies: (rank, byte offset in that rank's file).
     fn p_at(dir: &Path, i: u64, j: u64) -> (u64, u64) {
         let r = 2 * (i / 2) + j / 2;
-        let file = std::fs::read(dir.join(format!("model-{r:07}-0000004.safetensors"))).unwrap();
-        let data = 8 + u64::from_le_bytes(file[..8].try_into().unwrap());
+        let data = data_start(&dir.join(format!("model-{r:07}-0000004.safetensors")));
         (r, data + 4 * (2 * (i % 2) + j % 2))
     }
 
@@ -1601,31 +1594,22 @@ mod tests {
     /// it (`source::Tile`), in f32 and cast to bf16, at any offset.
     #[test]
     fn tiles_copied_and_transposed_across_slices_read_back_as_defined() {
-        use crate::checkpoint::source::{Band, Tile, TileMap};
         let tmp = tempfile::tempdir().unwrap();
         quarters(tmp.path());
-        let tile = |col, cols, part, row, col0, transposed| Tile {
-            col,
-            cols,
-            part,
-            row,
-            col0,
-            transposed,
-        };
         // m [4, 6]: rows 0..3 are p[1 + i][j] for j < 3, then p[j][1 + i];
         // row 3 is p[j][3] for j < 4, then p[2][1 + j].
         let m_map = TileMap {
             bands: vec![
-                Band {
-                    start: 0,
-                    rows: 3,
-                    tiles: vec![tile(0, 3, 0, 1, 0, false), tile(3, 3, 0, 0, 1, true)],
-                },
-                Band {
-                    start: 3,
-                    rows: 1,
-                    tiles: vec![tile(0, 4, 0, 0, 3, true), tile(4, 2, 0, 2, 1, false)],
-                },
+                band(
+                    0,
+                    3,
+                    vec![tile(0, 3, 0, 1, 0, false), tile(3, 3, 0, 0, 1, true)],
+                ),
+                band(
+                    3,
+                    1,
+                    vec![tile(0, 4, 0, 0, 3, true), tile(4, 2, 0, 2, 1, false)],
+                ),
             ],
         };
         let m = |i: u64, j: u64| match (i, j) {
@@ -1636,11 +1620,7 @@ mod tests {
         };
         // n [6, 4]: the transpose of m, out of m itself.
         let n_map = TileMap {
-            bands: vec![Band {
-                start: 0,
-                rows: 6,
-                tiles: vec![tile(0, 4, 1, 0, 0, true)],
-            }],
+            bands: vec![band(0, 6, vec![tile(0, 4, 1, 0, 0, true)])],
         };
         let mut want = Vec::new();
         for i in 0..4 {

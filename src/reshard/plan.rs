@@ -1677,32 +1677,20 @@ mod tests {
     /// copied from (2, 0) and (2, 2); band 2 (row 3) is part 2.
     #[test]
     fn a_tiled_slice_draws_on_the_rectangles_of_its_parts() {
-        use crate::checkpoint::source::{Band, Tile};
-        let tile = |col, cols, part, row, col0, transposed| Tile {
-            col,
-            cols,
-            part,
-            row,
-            col0,
-            transposed,
-        };
+        use crate::checkpoint::source::tests::{band, tile};
         let map = TileMap {
             bands: vec![
-                Band {
-                    start: 0,
-                    rows: 2,
-                    tiles: vec![tile(0, 3, 0, 0, 0, false), tile(3, 3, 1, 5, 1, true)],
-                },
-                Band {
-                    start: 2,
-                    rows: 1,
-                    tiles: vec![tile(0, 2, 0, 2, 0, false), tile(2, 4, 0, 2, 2, false)],
-                },
-                Band {
-                    start: 3,
-                    rows: 1,
-                    tiles: vec![tile(0, 6, 2, 0, 0, false)],
-                },
+                band(
+                    0,
+                    2,
+                    vec![tile(0, 3, 0, 0, 0, false), tile(3, 3, 1, 5, 1, true)],
+                ),
+                band(
+                    2,
+                    1,
+                    vec![tile(0, 2, 0, 2, 0, false), tile(2, 4, 0, 2, 2, false)],
+                ),
+                band(3, 1, vec![tile(0, 6, 2, 0, 0, false)]),
             ],
         };
         // Rows 1..3, columns 2..5. Element (1, 2) is part 0's (1, 2);
