@@ -377,25 +377,23 @@ impl ObjectStore {
 
     /// Makes a slot for block `block` of file `id`, asked for ahead,
     /// unless there is one (cached, or being fetched) or half the cache is
-    /// already blocks asked for ahead and not read: `Some(true)` when it
-    /// is new, and so worth handing to a fetcher; `None` when the budget
-    /// is spent (ask again once readers have caught up). Without the first
+    /// already blocks asked for ahead and not read. Without the first
     /// check every prefetch pass queued the blocks still in flight again,
     /// and fetchers sat waiting on each other's GETs instead of starting
     /// new ones.
-    fn want(&self, id: u64, block: u64) -> Option<bool> {
+    fn want(&self, id: u64, block: u64) -> Wanted {
         let mut blocks = lock(&self.blocks);
         if blocks.get(&(id, block)).is_some() {
-            return Some(false);
+            return Wanted::Already;
         }
         if self.ahead.load(Ordering::Relaxed) >= self.max_ahead {
-            return None;
+            return Wanted::Full;
         }
         let s = Slot::default();
         s.ahead.store(true, Ordering::Relaxed);
         self.ahead.fetch_add(1, Ordering::Relaxed);
         self.insert(&mut blocks, (id, block), s);
-        Some(true)
+        Wanted::New
     }
 
     /// The queue of the fetchers, started on first use.
@@ -599,6 +597,18 @@ impl Store for ObjectStore {
     }
 }
 
+/// What [`ObjectStore::want`] made of a block asked for ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    /// A new slot: hand the block to a fetcher.
+    New,
+    /// Cached or being fetched already.
+    Already,
+    /// Half the cache is blocks asked for ahead and not read: ask again
+    /// once readers have caught up.
+    Full,
+}
+
 /// A rank file that is an object: where it is, the ETag and size it had
 /// when listed, and whether a GET has found it changed since.
 #[derive(Debug, Clone)]
@@ -707,12 +717,12 @@ impl ObjectFile {
         let q = self.0.store.fetchers();
         for i in offset / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE) {
             match self.0.store.want(self.0.id, i) {
-                None => break,
-                Some(false) => {}
+                Wanted::Full => break,
+                Wanted::Already => {}
                 // A block left out when the queue is full keeps its empty
                 // slot: the reader that needs it fetches it into that slot
                 // itself.
-                Some(true) => {
+                Wanted::New => {
                     if q.try_send((self.clone(), i)).is_err() {
                         break;
                     }
