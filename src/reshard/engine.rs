@@ -1588,6 +1588,78 @@ mod tests {
         assert_eq!(walk([2, 2], [2, 2], 0, 0), vec![]);
     }
 
+    /// An f32 tensor of `shape` made of the tiles of `map`.
+    fn tiled(name: &str, shape: [u64; 2], map: &TileMap) -> Tensor {
+        Tensor {
+            name: name.into(),
+            kind: crate::checkpoint::names::Kind::Model,
+            dtype: Dtype::F32,
+            ms_dtype: "Float32".into(),
+            chunk_shape: shape.to_vec(),
+            global_shape: shape.to_vec(),
+            layout: None,
+            frag: vec![1, 1],
+            chunks: Vec::new(),
+            stage: 0,
+            allow_shape_mismatch: false,
+            allow_to_save: true,
+            assembly: Some(Assembly::Tiles(map.clone())),
+            rules: Default::default(),
+        }
+    }
+
+    /// The runs of a 3-D tensor split on its first dimension, `e` f32
+    /// `[4, 2, 3]` over two ranks (rank `r` holds `e[2r..2r + 2]`): from an
+    /// element inside the first slice's second row, one run to that slice's
+    /// end, then the other slice whole.
+    #[test]
+    fn a_walk_from_inside_a_slice_of_whole_inner_dimensions_runs_to_its_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut storage = serde_json::Map::new();
+        for r in 0..2u64 {
+            let e: Vec<f32> = (0..12).map(|k| (12 * r + k) as f32).collect();
+            let name = format!("model-{r:07}-0000002.safetensors");
+            write_st(tmp.path(), &name, &[("e", "F32", &[2, 2, 3], &f32s(&e))]);
+            storage.insert(
+                format!("('e', ({r},))"),
+                json!([{"file_name": name, "storage_rank": r, "rank_group": [r]}]),
+            );
+        }
+        let meta = json!({
+            "state_dict_metadata": {
+                "e": {"properties": {"dtype": "Float32"}, "global_shape": [4, 2, 3],
+                      "axis_fragmentations": [2, 1, 1],
+                      "layout": {"device_matrix": [2], "tensor_map": [0, -1, -1],
+                                 "alias_name": ["tp"], "rank_list": [0, 1]},
+                      "chunk": (0..2).map(|k| json!({"global_offset": [k], "local_shape": [2, 2, 3]}))
+                          .collect::<Vec<_>>()}},
+            "storage_data": storage,
+        });
+        std::fs::write(tmp.path().join("metadata.json"), meta.to_string()).unwrap();
+        let src = Source::open(tmp.path()).unwrap();
+        let it = &src.iterations[0];
+        let home: Vec<usize> = (0..it.files.len()).collect();
+        let file = |r: u64| {
+            let name = format!("model-{r:07}-0000002.safetensors");
+            let f = it.files.iter().position(|f| f.name == name).unwrap();
+            (f, data_start(&tmp.path().join(name)))
+        };
+        let ((f0, d0), (f1, d1)) = (file(0), file(1));
+        let (start, shape) = ([0u64, 0, 0], [4u64, 2, 3]);
+        let region = Region {
+            start: &start,
+            shape: &shape,
+        };
+        // Element (0, 1, 1) is the 5th of the tensor, bytes 16.. of slice 0.
+        let mut runs = Vec::new();
+        walk_stored::<()>(&home, &it.tensors[0], region, 16, 80, &mut |f, o, n| {
+            runs.push((f, o, n));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(runs, vec![(f0, d0 + 16, 32), (f1, d1, 48)]);
+    }
+
     /// A tensor made of tiles of `p`, copied and transposed, each cutting
     /// across `p`'s quarters, and one made of a transposed tile of that
     /// assembled tensor: every element where the tiles' definition puts
@@ -1633,24 +1705,8 @@ mod tests {
             let mut src = Source::open(tmp.path()).unwrap();
             let it = &mut src.iterations[0];
             let p_t = it.tensors.remove(0);
-            let made = |name: &str, shape: Vec<u64>, map: &TileMap| Tensor {
-                name: name.into(),
-                kind: crate::checkpoint::names::Kind::Model,
-                dtype: Dtype::F32,
-                ms_dtype: "Float32".into(),
-                chunk_shape: shape.clone(),
-                global_shape: shape,
-                layout: None,
-                frag: vec![1, 1],
-                chunks: Vec::new(),
-                stage: 0,
-                allow_shape_mismatch: false,
-                allow_to_save: true,
-                assembly: Some(Assembly::Tiles(map.clone())),
-                rules: Default::default(),
-            };
-            it.parts = vec![p_t, made("m", vec![4, 6], &m_map)];
-            it.tensors = vec![made("m", vec![4, 6], &m_map), made("n", vec![6, 4], &n_map)];
+            it.parts = vec![p_t, tiled("m", [4, 6], &m_map)];
+            it.tensors = vec![tiled("m", [4, 6], &m_map), tiled("n", [6, 4], &n_map)];
             let options = ViewOptions {
                 dtype,
                 ..ViewOptions::default()
@@ -1682,6 +1738,83 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A transposed tile of `p` whole: each quarter is read as one span of
+    /// its file (two rows of two elements), and the read records exactly
+    /// those spans.
+    #[test]
+    fn a_transposed_tile_records_the_spans_it_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        quarters(tmp.path());
+        let mut src = Source::open(tmp.path()).unwrap();
+        let it = &mut src.iterations[0];
+        let p_t = it.tensors.remove(0);
+        let map = TileMap {
+            bands: vec![band(0, 4, vec![tile(0, 4, 0, 0, 0, true)])],
+        };
+        it.parts = vec![p_t];
+        it.tensors = vec![tiled("t", [4, 4], &map)];
+        let plan = Plan::build_with(src, TargetSpec::Unshard, ViewOptions::default()).unwrap();
+        let (source, vf) = (&plan.source.iterations[0], &plan.iterations[0].files[0]);
+        let mut touched = Touched::default();
+        let mut buf = vec![0u8; vf.size as usize];
+        read_file(source, vf, 0, &mut buf, &mut touched).unwrap();
+        let want_data: Vec<f32> = (0..16).map(|e| p(e % 4, e / 4)).collect();
+        assert_eq!(&buf[vf.header.len()..], f32s(&want_data).as_slice());
+        let mut got = touched.0.clone();
+        got.sort_unstable();
+        let mut want: Vec<(usize, u64, u64)> = (0..4u64)
+            .map(|r| {
+                let (i, j) = (2 * (r / 2), 2 * (r % 2));
+                let (_, o) = p_at(tmp.path(), i, j);
+                let name = format!("model-{r:07}-0000004.safetensors");
+                let f = source.files.iter().position(|f| f.name == name).unwrap();
+                (f, o, o + 16)
+            })
+            .collect();
+        want.sort_unstable();
+        assert_eq!(got, want);
+    }
+
+    /// A transposed tile of an assembled part taller than the 64 rows the
+    /// part is read in at a time: each piece's columns land after the
+    /// previous piece's, in f32 and cast to bf16.
+    #[test]
+    fn a_transposed_tile_of_a_tall_assembled_part_reads_back_whole() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = one_rank(tmp.path(), 70, 2);
+        let data = &file[file.len() - 70 * 2 * 4..];
+        // m [70, 2] copies w; n [2, 70] is m transposed.
+        let m_map = TileMap {
+            bands: vec![band(0, 70, vec![tile(0, 2, 0, 0, 0, false)])],
+        };
+        let n_map = TileMap {
+            bands: vec![band(0, 2, vec![tile(0, 70, 1, 0, 0, true)])],
+        };
+        let mut src = Source::open(tmp.path()).unwrap();
+        let it = &mut src.iterations[0];
+        let w = it.tensors.remove(0);
+        it.parts = vec![w, tiled("m", [70, 2], &m_map)];
+        it.tensors = vec![tiled("n", [2, 70], &n_map)];
+        let plan = Plan::build_with(src, TargetSpec::Unshard, ViewOptions::default()).unwrap();
+        let hlen = plan.iterations[0].files[0].header.len();
+        let mut want = Vec::new();
+        for q in 0..2 {
+            for c in 0..70 {
+                let at = (c * 2 + q) * 4;
+                want.extend_from_slice(&data[at..at + 4]);
+            }
+        }
+        let (all, _) = read_all(&plan, 0, 1 << 16);
+        assert!(all[hlen..] == want[..], "n read whole");
+        // From the second row's middle, past the 64th column.
+        let from = hlen + (70 + 60) * 4;
+        let (part, _) = read_all(&plan, from as u64, 8 * 4);
+        assert!(
+            part[..] == want[from - hlen..from - hlen + 32],
+            "n from column 60 of row 1"
+        );
     }
 
     /// The transpose of a rectangle, for every element size (those of no
