@@ -725,6 +725,10 @@ mod tests {
         let qwen3 = ModelChoice::Map(&qwen3::MAP);
         assert_eq!(ModelChoice::parse("qwen3"), Ok(qwen3));
         assert_eq!(ModelChoice::parse("Qwen3"), Ok(qwen3));
+        // Maps compare and print by model type: a wrong map in a failed
+        // assertion reads as its name.
+        assert_ne!(qwen3, ModelChoice::Map(&qwen3_moe::MAP));
+        assert_eq!(format!("{:?}", &qwen3::MAP), "Map(qwen3)");
         assert_eq!(ModelChoice::parse("NONE"), Ok(ModelChoice::None));
         assert_eq!(ModelChoice::default(), ModelChoice::Auto);
         for s in ["llama", "", "qwen"] {
