@@ -126,6 +126,21 @@ mod tests {
         );
     }
 
+    /// Both numbers of a rank file name are seven digits: one of them
+    /// short, long or signed (which `u64` parses) is not a rank file.
+    #[test]
+    fn a_rank_file_name_needs_seven_digits_in_both_numbers() {
+        for name in [
+            "gpt-model-0000004-08.safetensors",
+            "gpt-model-04-0000008.safetensors",
+            "gpt-model-0000004-00000008.safetensors",
+            "gpt-model-+000004-0000008.safetensors",
+            "gpt-model-0000004-+000008.safetensors",
+        ] {
+            assert_eq!(parse_rank_file_name(name), None, "{name}");
+        }
+    }
+
     #[test]
     fn layer_indices() {
         assert_eq!(layer_index("decoder.layers.12.mlp.w"), Some(12));
@@ -134,6 +149,8 @@ mod tests {
         assert_eq!(layer_index("model.sublayers.4.w"), None);
         assert_eq!(layer_index("decoder.layers.x.w"), None);
         assert_eq!(layer_index("decoder.layers.7"), None);
+        // `layers.` with no digits after it is not the index: read on.
+        assert_eq!(layer_index("a.layers..b.layers.3.w"), Some(3));
         assert_eq!(layer_index("embedding.word_embeddings.weight"), None);
     }
 
@@ -143,5 +160,7 @@ mod tests {
         assert_eq!(parse_iteration_dir("iteration_00001000"), Some(1000));
         assert_eq!(parse_iteration_dir("iteration_"), None);
         assert_eq!(parse_iteration_dir("iteration_1x"), None);
+        // Digits only: a sign `u64` would parse is no iteration folder.
+        assert_eq!(parse_iteration_dir("iteration_+5"), None);
     }
 }
