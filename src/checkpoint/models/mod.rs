@@ -1022,6 +1022,136 @@ mod tests {
         assert_eq!(f32("{", true), None);
     }
 
+    /// The generated config.json: the map's fields and the view's dtype,
+    /// under transformers 5's name (`dtype`) and 4's (`torch_dtype`), keys
+    /// sorted, pretty-printed as transformers writes it, ending in a newline.
+    #[test]
+    fn a_generated_config_json_is_its_fields_and_the_views_dtype() {
+        let c = GeneratedConfig {
+            model: "Qwen3",
+            fields: serde_json::from_str(
+                r#"{"vocab_size": 256, "architectures": ["Qwen3ForCausalLM"]}"#,
+            )
+            .unwrap(),
+            defaulted: &[],
+        };
+        for (dtype, name) in [
+            (Dtype::BF16, "bfloat16"),
+            (Dtype::F16, "float16"),
+            (Dtype::F32, "float32"),
+            (Dtype::F64, "float64"),
+        ] {
+            let want = format!(
+                "{{\n  \"architectures\": [\n    \"Qwen3ForCausalLM\"\n  ],\n  \"dtype\": \"{name}\",\n  \"torch_dtype\": \"{name}\",\n  \"vocab_size\": 256\n}}\n"
+            );
+            assert_eq!(String::from_utf8(c.render(dtype)).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn a_list_of_unknown_tensors_shows_eight_then_counts_the_rest() {
+        let names: Vec<String> = (0..9).map(|i| format!("t{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let eight = "t0, t1, t2, t3, t4, t5, t6, t7";
+        assert_eq!(list_some(&names[..1]), "t0");
+        assert_eq!(list_some(&names[..8]), eight);
+        assert_eq!(list_some(&names), format!("{eight} and 1 more"));
+    }
+
+    /// The member scanner steps over strings wherever they are, so a
+    /// bracket, a brace or an escaped quote inside one, at any depth, ends
+    /// nothing.
+    #[test]
+    fn top_level_members_step_over_strings_inside_nested_values() {
+        let raw =
+            r#"{"a": {"b": "}"}, "c": ["\"]", "{", {"d": "\\"}], "e": "x}", "dtype": "bfloat16"}"#;
+        let members = top_level_members(raw.as_bytes()).unwrap();
+        let got: Vec<(&str, &str)> = members
+            .iter()
+            .map(|(k, r)| (k.as_str(), &raw[r.clone()]))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", r#"{"b": "}"}"#),
+                ("c", r#"["\"]", "{", {"d": "\\"}]"#),
+                ("e", r#""x}""#),
+                ("dtype", r#""bfloat16""#),
+            ]
+        );
+        let restated = config_with_dtype(raw.as_bytes(), Dtype::F32, false).unwrap();
+        assert_eq!(
+            String::from_utf8(restated).unwrap(),
+            raw.replace(r#""bfloat16""#, r#""float32""#)
+        );
+    }
+
+    /// `--model` names the model a source must be: a Hugging Face folder
+    /// whose config.json says another is refused, and so is a MindSpore
+    /// Transformers checkpoint whose tensors are another's, even when
+    /// another map would take them.
+    #[test]
+    fn a_model_named_on_the_command_line_must_be_the_sources() {
+        let qwen3 = ModelChoice::Map(&qwen3::MAP);
+        let moe = ModelChoice::Map(&qwen3_moe::MAP);
+        let hf = fixture("qwen3-tiny-hf");
+        let src = Source::open_with(&hf, qwen3).unwrap();
+        let it = &src.iterations[0];
+        assert_eq!(it.model.as_ref().unwrap().model_type, "qwen3");
+        assert!(
+            it.tensors
+                .iter()
+                .any(|t| t.name == "embedding.word_embeddings.weight")
+        );
+        input_err(
+            Source::open_with(&hf, moe),
+            &["model_type is \"qwen3\"", "not qwen3_moe as --model says"],
+        );
+        let mf = fixture("qwen3-tiny-mf-tp2-pp2-f32");
+        Source::open_with(&mf, qwen3).unwrap();
+        input_err(
+            Source::open_with(&mf, moe),
+            &[
+                "--model qwen3_moe",
+                "not a MindSpore Transformers Qwen3-MoE's",
+                "mlp.router",
+            ],
+        );
+    }
+
+    /// Which files `--hf` shows beside the weights: a Hugging Face folder's
+    /// own (its config.json naming the model), none for a MindSpore
+    /// Transformers checkpoint, those of `--hf-files` when given (whose
+    /// config.json then names the model).
+    #[test]
+    fn hf_view_shows_the_files_of_the_folder_the_model_came_from() {
+        let hf = fixture("qwen3-tiny-hf");
+        let names =
+            |v: &HfView| -> Vec<String> { v.files.iter().map(|(n, _)| n.clone()).collect() };
+        let both = vec!["config.json".to_string(), "generation_config.json".into()];
+        let src = Source::open(&hf).unwrap();
+        let path = src.path.clone();
+        let v = hf_view(src, ModelChoice::Auto, None).unwrap();
+        assert_eq!(names(&v), both);
+        assert_eq!(v.files[0].1, fs::read(hf.join(CONFIG)).unwrap());
+        assert_eq!(v.dir, Some(path));
+        assert!(
+            v.source.iterations[0]
+                .tensors
+                .iter()
+                .any(|t| t.name == "model.embed_tokens.weight")
+        );
+        let mf = fixture("qwen3-tiny-mf-tp2-pp2-f32");
+        let v = hf_view(Source::open(&mf).unwrap(), ModelChoice::Auto, None).unwrap();
+        assert!(v.files.is_empty(), "{:?}", names(&v));
+        assert_eq!(v.dir, None);
+        let v = hf_view(Source::open(&mf).unwrap(), ModelChoice::Auto, Some(&hf)).unwrap();
+        assert_eq!(names(&v), both);
+        assert_eq!(v.dir.as_deref(), Some(hf.as_path()));
+        let it = &v.source.iterations[0];
+        assert_eq!(it.model.as_ref().unwrap().model_type, "qwen3");
+    }
+
     #[test]
     fn as_hf_leaves_a_plain_folder_alone() {
         let tmp = tempfile::tempdir().unwrap();
