@@ -195,10 +195,13 @@ pub fn build_header(entries: &[HeaderEntry<'_>], format: &str) -> Result<(Vec<u8
             .iter()
             .map(|&s| usize::try_from(s).map_err(|_| too_big()))
             .collect::<Result<_>>()?;
+        // The safetensors crate counts the tensor's bits in a usize: a
+        // tensor whose bits do not fit is refused here, as the input's
+        // fault, rather than by `Metadata::new` below as a bug.
         let len = shape
             .iter()
             .try_fold(e.dtype.bitsize() / 8, |acc, &s| acc.checked_mul(s))
-            .filter(|len| offset.checked_add(*len).is_some())
+            .filter(|len| len.checked_mul(8).is_some() && offset.checked_add(*len).is_some())
             .ok_or_else(too_big)?;
         offsets.push(offset as u64);
         infos.push((
@@ -338,6 +341,30 @@ mod tests {
         file.resize(header.len() + 26, 0);
         let st = SafeTensors::deserialize(&file).unwrap();
         assert_eq!(st.tensor("b").unwrap().shape(), &[] as &[usize]);
+    }
+
+    /// A tensor too large for a safetensors file is the input's fault: the
+    /// crate counts a tensor's bits in a `usize`, so 2^61 bytes is one
+    /// byte past the largest it takes, and a shape of 2^64 elements or more
+    /// does not fit at all.
+    #[test]
+    fn a_tensor_too_large_for_a_file_is_refused_as_bad_input() {
+        let entry = |shape: &'static [u64]| HeaderEntry {
+            name: "w",
+            dtype: Dtype::F32,
+            shape,
+        };
+        let (_, offsets) = build_header(&[entry(&[(1 << 59) - 1])], "ms").unwrap();
+        assert_eq!(offsets, vec![0]);
+        for shape in [&[1u64 << 59][..], &[1 << 62], &[1 << 32, 1 << 32]] {
+            let e = build_header(&[entry(shape)], "ms").unwrap_err();
+            let msg = e.to_string();
+            assert_eq!(e.exit_code(), 2, "{shape:?}: {msg}");
+            assert!(
+                msg.contains("tensor w") && msg.contains("too large"),
+                "{msg}"
+            );
+        }
     }
 
     #[test]
