@@ -1477,6 +1477,123 @@ mod tests {
         marks_match_the_bytes(&plan);
     }
 
+    /// A source file whose tensors lie exactly where a view file's do, of
+    /// the same size, is still not that file whole when their headers
+    /// differ: here only in `__metadata__`, a MindSpore-written file
+    /// (`"format": "ms"`) under a Hugging Face view (`"pt"`), the same
+    /// length. The view serves its own header; passthrough would serve
+    /// the source's.
+    #[test]
+    fn a_source_file_whose_header_differs_is_not_marked_whole() {
+        use crate::checkpoint::source::tests::{f32s, write_st};
+        let tmp = tempfile::tempdir().unwrap();
+        write_st(
+            tmp.path(),
+            "model.safetensors",
+            &[("w", "F32", &[2], &f32s(&[1.0, 2.0]))],
+        );
+        let src = tmp.path().to_str().unwrap();
+        // The control: unsharded as MindSpore rank files (`"ms"`), the
+        // view file is the source file.
+        let p = Plan::build_with(
+            Source::open(tmp.path()).unwrap(),
+            TargetSpec::Unshard,
+            ViewOptions::default(),
+        )
+        .unwrap();
+        let (name, whole) = &marked(&p)[0];
+        assert_eq!(whole.as_deref(), Some("model.safetensors"), "{name}");
+        marks_match_the_bytes(&p);
+        let config = vec![("config.json".to_string(), b"{}".to_vec())];
+        let p = hf_view(src, None, config);
+        let (name, whole) = &marked(&p)[0];
+        assert_eq!(*whole, None, "{name}: its header says \"pt\"");
+        marks_match_the_bytes(&p);
+    }
+
+    /// Every size of a view file is checked: slices whose end passes 2^64
+    /// bytes once the header is counted are refused, naming one (the
+    /// header builder checks the data alone, not the header before it).
+    #[test]
+    fn a_view_file_past_64_bit_sizes_is_refused() {
+        use crate::checkpoint::source::tests::{f32s, write_st};
+        let tmp = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..8).map(|i| format!("w{i}")).collect();
+        let data = f32s(&[1.0]);
+        let tensors: Vec<(&str, &str, &[u64], &[u8])> = names
+            .iter()
+            .map(|n| (n.as_str(), "F32", &[1u64][..], &data[..]))
+            .collect();
+        write_st(tmp.path(), "model.safetensors", &tensors);
+        let src = Source::open(tmp.path()).unwrap();
+        let it = &src.iterations[0];
+        // Eight slices of 4 * (2^59 - 1) = 2^61 - 4 bytes (a safetensors
+        // header counts a tensor's bits in 64: at most 2^61 bytes each):
+        // 2^64 - 32 bytes of data, within a u64, not with the header.
+        let slices: Vec<(usize, Slice)> = (0..8)
+            .map(|ti| {
+                let shape = vec![(1 << 59) - 1];
+                (
+                    ti,
+                    Slice {
+                        start: vec![0],
+                        shape,
+                    },
+                )
+            })
+            .collect();
+        let e = plan_file(
+            it,
+            "v.safetensors".into(),
+            &slices,
+            &ViewOptions::default(),
+            "pt",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert_eq!(e.exit_code(), 2, "{msg}");
+        assert!(
+            msg.contains("v.safetensors") && msg.contains("tensor w") && msg.contains("overflows"),
+            "{msg}"
+        );
+    }
+
+    /// A view file is a source file whole only when each of its slices is
+    /// one stored slice: a slice of a stored slice's shape but off the
+    /// chunk grid (one row earlier, so it straddles two) is not, even where
+    /// a data-parallel replica holds the slice it ends in at the same
+    /// offset. (No target makes such a slice today: `Layout::slice` starts
+    /// every slice on a multiple of its extent.)
+    #[test]
+    fn a_slice_off_the_chunk_grid_is_no_source_files_whole() {
+        let p = mesh(
+            "tests/fixtures/gpt-dp2-tp2-pp2-bf16",
+            &[("dp", 1)],
+            ViewOptions::default(),
+        );
+        let it = &p.source.iterations[0];
+        let vf = &p.iterations[0].files[1];
+        let whole = |tensors: &[PlannedTensor]| {
+            whole_source_file(it, &vf.header, tensors, vf.size).map(|f| it.files[f].name.clone())
+        };
+        assert_eq!(
+            whole(&vf.tensors).as_deref(),
+            Some("gpt-model-0000001-0000008.safetensors")
+        );
+        // A tensor split on rows whose slice here is the second half.
+        let i = vf
+            .tensors
+            .iter()
+            .position(|pt| {
+                let t = &it.tensors[pt.source];
+                t.frag[0] == 2 && pt.slice.start[0] > 0 && t.chunks[1].holders.len() == 2
+            })
+            .expect("a row-split tensor held by two data-parallel replicas");
+        let mut shifted = vf.tensors.clone();
+        shifted[i].slice.start[0] -= 1;
+        assert_eq!(whole(&shifted), None);
+    }
+
     /// The box kept per part grows to hold every box added for it: the
     /// smallest box holding both, in every dimension.
     #[test]
