@@ -960,8 +960,11 @@ fn generated_config(d: &Dims) -> GeneratedConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::checkpoint::models::ModelChoice;
+    use crate::checkpoint::source::Source;
+    use crate::checkpoint::source::tests::{f32s, fixture, input_err, write_st};
 
     fn dims(heads: u64, groups: u64, head_dim: u64) -> Dims {
         Dims {
@@ -1104,5 +1107,311 @@ mod tests {
     fn groups_must_divide_heads() {
         assert!(dims(4, 3, 2).check().is_err());
         assert!(dims(4, 2, 2).check().is_ok());
+    }
+
+    /// A fixture's `config.json` with `edit` applied (its path the fixture's).
+    pub(in crate::checkpoint::models) fn config_of(fx: &str, edit: impl Fn(&mut Value)) -> Config {
+        let mut c = Config::read(&fixture(&format!("{fx}/config.json"))).unwrap();
+        edit(&mut c.json);
+        c
+    }
+
+    /// A fixture's first iteration as stored, no model map applied.
+    pub(in crate::checkpoint::models) fn stored(fx: &str) -> Iteration {
+        Source::open_with(&fixture(fx), ModelChoice::None)
+            .unwrap()
+            .iterations
+            .remove(0)
+    }
+
+    /// A fixture Hugging Face folder's weights and `extra` f32 tensors (of
+    /// zeros, in a third shard), as stored; the folder lives as long as the
+    /// returned guard.
+    pub(in crate::checkpoint::models) fn hf_with(
+        fx: &str,
+        extra: &[(&str, &[u64])],
+    ) -> (tempfile::TempDir, Iteration) {
+        let tmp = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(fixture(fx)).unwrap() {
+            let p = e.unwrap().path();
+            let name = p.file_name().unwrap().to_str().unwrap().to_string();
+            // Without the index: it does not list the third shard.
+            if name.ends_with(".safetensors") {
+                std::fs::copy(&p, tmp.path().join(name)).unwrap();
+            }
+        }
+        let data: Vec<Vec<u8>> = extra
+            .iter()
+            .map(|(_, s)| f32s(&vec![0.0; s.iter().product::<u64>() as usize]))
+            .collect();
+        let tensors: Vec<(&str, &str, &[u64], &[u8])> = extra
+            .iter()
+            .zip(&data)
+            .map(|((n, s), d)| (*n, "F32", *s, d.as_slice()))
+            .collect();
+        write_st(tmp.path(), "model-00003-of-00003.safetensors", &tensors);
+        let it = Source::open_with(tmp.path(), ModelChoice::None)
+            .unwrap()
+            .iterations
+            .remove(0);
+        (tmp, it)
+    }
+
+    fn names(it: &Iteration) -> Vec<&str> {
+        it.tensors.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    #[test]
+    fn head_dim_defaults_to_hidden_size_over_heads() {
+        // qwen3-tiny-hf: hidden_size 64, 4 heads, head_dim 16 stated.
+        let c = config_of("qwen3-tiny-hf", |j| {
+            j.as_object_mut().unwrap().remove("head_dim");
+        });
+        assert_eq!(Dims::from_config(&c).unwrap().head_dim, 64 / 4);
+        // Qwen3-0.6B states 128, not its hidden_size 1024 over 16 heads.
+        let c = config_of("qwen3-tiny-hf", |j| {
+            j["hidden_size"] = json!(1024);
+            j["num_attention_heads"] = json!(16);
+            j["num_key_value_heads"] = json!(8);
+            j["head_dim"] = json!(128);
+        });
+        let d = Dims::from_config(&c).unwrap();
+        assert_eq!((d.head_dim, d.q_rows(), d.kv_rows()), (128, 2048, 1024));
+    }
+
+    #[test]
+    fn key_value_heads_and_head_dim_must_be_positive() {
+        for key in ["num_key_value_heads", "head_dim"] {
+            let c = config_of("qwen3-tiny-hf", |j| j[key] = json!(0));
+            let path = c.path.display().to_string();
+            input_err(
+                Dims::from_config(&c),
+                &[&path, "num_key_value_heads and head_dim must be positive"],
+            );
+        }
+    }
+
+    #[test]
+    fn a_fused_qkv_too_big_for_64_bit_byte_counts_is_refused() {
+        // The fused QKV, (heads + 2 * groups) * head_dim rows of hidden
+        // elements, is the largest attention tensor; at 8 bytes an element,
+        // 2^64 bytes are 2^61 elements.
+        let big = |heads: u64, groups: u64, head_dim: u64, hidden: u64| Dims {
+            vocab: 1,
+            hidden,
+            intermediate: 1,
+            layers: 1,
+            heads,
+            groups,
+            head_dim,
+            tied: false,
+            qkv_bias: false,
+        };
+        let overflow = |d: Dims| {
+            let e = d.check().unwrap_err();
+            assert!(e.contains("overflow 64-bit byte counts"), "{e}");
+        };
+        // 1 head, 1 group: QKV 3 * 2^29 rows of 3 * 2^29, 9 * 2^58 > 2^61
+        // elements, though q_proj (3 * 2^58) and k/v fit.
+        overflow(big(1, 1, 1 << 29, 3 << 29));
+        // 4 heads, 4 groups: 12 * 2^28 rows of 3 * 2^28, 9 * 2^58 > 2^61,
+        // though q_proj (3 * 2^58) fits.
+        overflow(big(4, 4, 1 << 28, 3 << 28));
+        // A third smaller, QKV 3 * 2^58 elements: they fit.
+        big(1, 1, 1 << 29, 1 << 29).check().unwrap();
+    }
+
+    #[test]
+    fn a_shape_error_names_the_file_and_the_sizes_it_was_checked_against() {
+        // qwen3-tiny-hf's down_proj is [64, 96], in its first shard.
+        let c = config_of("qwen3-tiny-hf", |j| j["intermediate_size"] = json!(95));
+        let path = c.path.display().to_string();
+        input_err(
+            hf_to_mf(stored("qwen3-tiny-hf"), &c),
+            &[
+                "model-00001-of-00002.safetensors: tensor model.layers.0.mlp.down_proj.weight: shape [64, 96]",
+                &format!(
+                    "{path} (hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=95, vocab_size=256) gives [64, 95]"
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn attention_biases_fuse_per_key_value_group_like_their_weights() {
+        // 4 heads in 2 groups of head_dim 16: q_proj.bias [64], k/v [32];
+        // the fused bias is, per group, 2 query heads, 1 key, 1 value head.
+        let mut extra: Vec<(String, Vec<u64>)> = Vec::new();
+        for i in 0..2 {
+            for (x, n) in [("q", 64), ("k", 32), ("v", 32)] {
+                extra.push((format!("model.layers.{i}.self_attn.{x}_proj.bias"), vec![n]));
+            }
+        }
+        let extra: Vec<(&str, &[u64])> = extra
+            .iter()
+            .map(|(n, s)| (n.as_str(), s.as_slice()))
+            .collect();
+        let (_dir, it) = hf_with("qwen3-tiny-hf", &extra);
+        let c = config_of("qwen3-tiny-hf", |j| j["attention_bias"] = json!(true));
+        let it = hf_to_mf(it, &c).unwrap();
+        assert!(it.omitted.is_empty(), "{:?}", it.omitted);
+        for i in 0..2 {
+            let name = format!("decoder.layers.{i}.self_attention.linear_qkv.bias");
+            let t = it.tensors.iter().find(|t| t.name == name).unwrap();
+            assert_eq!(t.global_shape, [128]);
+            assert_eq!(t.layout.as_ref().unwrap().tensor_map, [vec![2]]);
+            assert_eq!(
+                t.rules.dim0_group,
+                Some((64, "key/value groups (num_key_value_heads)"))
+            );
+            let m = t.assembly.as_ref().unwrap().rows().unwrap();
+            for r in 0..128 {
+                let (g, w) = (r / 64, r % 64);
+                let want = match w {
+                    0..32 => ("q", g * 32 + w),
+                    32..48 => ("k", g * 16 + w - 32),
+                    _ => ("v", g * 16 + w - 48),
+                };
+                let (part, row, _) = m.locate(r);
+                let want_name = format!("model.layers.{i}.self_attn.{}_proj.bias", want.0);
+                assert_eq!(
+                    (it.parts[part].name.as_str(), row),
+                    (want_name.as_str(), want.1),
+                    "row {r}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn tensors_of_layers_beyond_the_config_are_refused_others_left_out() {
+        // The folder has 2 layers; a config saying 1 leaves layer 1 over.
+        let c = config_of("qwen3-tiny-hf", |j| j["num_hidden_layers"] = json!(1));
+        let path = c.path.display().to_string();
+        input_err(
+            hf_to_mf(stored("qwen3-tiny-hf"), &c),
+            &[
+                &path,
+                ": tensor model.layers.1.",
+                "belongs to a layer beyond num_hidden_layers = 1",
+            ],
+        );
+        // A tensor the map does not know, in a layer there is, is left out
+        // (for check_left_out to judge), not refused here.
+        let bias = "model.layers.0.self_attn.o_proj.bias";
+        let (_dir, it) = hf_with("qwen3-tiny-hf", &[(bias, &[64])]);
+        let it = hf_to_mf(it, &config_of("qwen3-tiny-hf", |_| {})).unwrap();
+        assert_eq!(it.omitted, [bias]);
+    }
+
+    #[test]
+    fn qkv_rows_that_are_not_whole_key_value_groups_are_refused() {
+        // qwen3-tiny-mf's layer 0: 4 heads of 16 (linear_proj [64, 64]),
+        // so its QKV has (4 + 2 * groups) * 16 rows.
+        let qkv = "decoder.layers.0.self_attention.linear_qkv.weight";
+        let infer = |rows: u64| {
+            let fused = [rows, 64];
+            let shapes: HashMap<&str, &[u64]> = HashMap::from([
+                (MF_EMBED, &[256u64, 64][..]),
+                (
+                    "decoder.layers.0.self_attention.q_layernorm.weight",
+                    &[16][..],
+                ),
+                (
+                    "decoder.layers.0.self_attention.linear_proj.weight",
+                    &[64, 64][..],
+                ),
+                (qkv, &fused[..]),
+            ]);
+            infer_attention(Path::new("ck"), &shapes, "Qwen3")
+        };
+        let (d, _) = infer(128).unwrap();
+        assert_eq!(
+            (d.heads, d.groups, d.head_dim, d.vocab, d.hidden),
+            (4, 2, 16, 256, 64)
+        );
+        // Not a whole number of heads, an odd number of key/value heads,
+        // none, fewer rows than query heads.
+        for rows in [129, 112, 64, 48] {
+            input_err(
+                infer(rows),
+                &[&format!(
+                    "ck: tensor {qkv}: {rows} rows are not (heads + 2 * groups) * head_dim for 4 heads of 16"
+                )],
+            );
+        }
+    }
+
+    #[test]
+    fn a_mindformers_qwen3s_fused_tensors_are_cut_only_between_groups() {
+        // qwen3-tiny-mf: 4 heads in 2 groups of head_dim 16, so a group is
+        // (2 + 2) * 16 = 64 rows of linear_qkv; fc1 rows go in gate/up pairs.
+        let mut it = stored("qwen3-tiny-mf-tp2-pp2-f32");
+        assert!(it.tensors.iter().all(|t| t.rules.dim0_group.is_none()));
+        assert!(mark_mf_rules(&mut it));
+        let mut marked = 0;
+        for t in &it.tensors {
+            let want = if t.name.ends_with(".self_attention.linear_qkv.weight") {
+                Some((64, "key/value groups (num_key_value_heads)"))
+            } else if t.name.ends_with(".mlp.linear_fc1.weight") {
+                Some((2, "gate/up row pairs (intermediate_size)"))
+            } else {
+                None
+            };
+            marked += usize::from(want.is_some());
+            assert_eq!(t.rules.dim0_group, want, "{}", t.name);
+        }
+        // 2 layers, each tensor with its adam_m and adam_v copies.
+        assert_eq!(marked, 2 * 2 * 3);
+        // A Qwen3-MoE's has no linear_fc1: not a Qwen3's, left as it is.
+        let mut moe = stored("qwen3-moe-tiny-mf-dp2-tp2-ep2-f32");
+        assert!(!mark_mf_rules(&mut moe));
+        assert!(moe.tensors.iter().all(|t| t.rules.dim0_group.is_none()));
+    }
+
+    #[test]
+    fn a_hugging_face_view_says_how_many_optimizer_states_it_leaves_out() {
+        // qwen3-tiny-mf: 19 parameters, each with adam_m and adam_v.
+        let notes = |it: Iteration| mf_to_hf(it, None).unwrap().model.unwrap().notes;
+        let n = notes(stored("qwen3-tiny-mf-tp2-pp2-f32"));
+        assert!(
+            n.contains(&"38 optimizer-state tensors not shown".to_string()),
+            "{n:?}"
+        );
+        let mut it = stored("qwen3-tiny-mf-tp2-pp2-f32");
+        it.tensors.retain(|t| t.kind == Kind::Model);
+        let n = notes(it);
+        assert!(!n.iter().any(|s| s.contains("optimizer")), "{n:?}");
+    }
+
+    #[test]
+    fn a_stored_output_layer_is_shown_and_an_untied_config_needs_one() {
+        let fx = "qwen3-tiny-mf-tp2-pp2-f32";
+        let config =
+            |tied: bool| config_of("qwen3-tiny-hf", |j| j["tie_word_embeddings"] = json!(tied));
+        let headless = || {
+            let mut it = stored(fx);
+            it.tensors.retain(|t| !t.name.ends_with(MF_HEAD));
+            it
+        };
+        // Stored: shown, whatever the config says.
+        for tied in [false, true] {
+            let it = mf_to_hf(stored(fx), Some(&config(tied))).unwrap();
+            assert!(names(&it).contains(&HF_HEAD), "tied {tied}");
+        }
+        // Not stored: the embedding is the head (inferred tied), unless the
+        // config says the model has its own.
+        let it = mf_to_hf(headless(), None).unwrap();
+        assert!(!names(&it).contains(&HF_HEAD));
+        assert_eq!(
+            it.model.unwrap().config.fields["tie_word_embeddings"],
+            json!(true)
+        );
+        let it = mf_to_hf(headless(), Some(&config(true))).unwrap();
+        assert!(!names(&it).contains(&HF_HEAD));
+        input_err(
+            mf_to_hf(headless(), Some(&config(false))),
+            &["tensor output_layer.weight is missing; Qwen3 needs it for lm_head.weight"],
+        );
     }
 }
