@@ -768,6 +768,8 @@ fn generated_config(d: &MoeDims) -> GeneratedConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkpoint::models::qwen3::tests::{config_of, hf_with, stored};
+    use crate::checkpoint::source::tests::input_err;
 
     /// Qwen3-30B-A3B's sizes.
     fn a3b() -> MoeDims {
@@ -895,5 +897,198 @@ mod tests {
         assert!(n("mlp.experts.2.gate_proj.weight") < n("mlp.experts.10.gate_proj.weight"));
         assert!(n("mlp.experts.127.down_proj.weight") < n("input_layernorm.weight"));
         assert!(n("input_layernorm.weight") < n("post_attention_layernorm.weight"));
+    }
+
+    const HF: &str = "qwen3-moe-tiny-hf";
+    const MF: &str = "qwen3-moe-tiny-mf-dp2-tp2-ep2-f32";
+
+    fn names(it: &Iteration) -> Vec<&str> {
+        it.tensors.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    #[test]
+    fn either_expert_count_is_read_and_both_must_agree() {
+        // qwen3-moe-tiny-hf states num_local_experts = 4, as transformers 5 writes it.
+        let experts = |edit: &dyn Fn(&mut Value)| MoeDims::from_config(&config_of(HF, edit));
+        assert_eq!(experts(&|_| {}).unwrap().experts, 4);
+        // The Hub's name alone, and both when they agree.
+        let hub = |j: &mut Value| {
+            j.as_object_mut().unwrap().remove("num_local_experts");
+            j["num_experts"] = json!(4);
+        };
+        assert_eq!(experts(&hub).unwrap().experts, 4);
+        assert_eq!(
+            experts(&|j| j["num_experts"] = json!(4)).unwrap().experts,
+            4
+        );
+        let c = config_of(HF, |j| j["num_experts"] = json!(8));
+        let path = c.path.display().to_string();
+        input_err(
+            MoeDims::from_config(&c),
+            &[&path, "`num_experts` is 8 but `num_local_experts` is 4"],
+        );
+    }
+
+    #[test]
+    fn experts_too_big_for_64_bit_byte_counts_are_refused() {
+        // weight1 is [E * H, 2 * F]: with H = 64 and F = 32, 2^12 * E
+        // elements, 2^15 * E bytes at 8 an element: past 2^64 from E = 2^49.
+        let with_experts =
+            |e: u64| MoeDims::from_config(&config_of(HF, |j| j["num_local_experts"] = json!(e)));
+        with_experts(1 << 48).unwrap();
+        input_err(
+            with_experts(1 << 49),
+            &["the expert sizes overflow 64-bit byte counts"],
+        );
+    }
+
+    #[test]
+    fn an_expert_shape_error_names_the_file_and_the_expert_sizes() {
+        // qwen3-moe-tiny-hf's experts' gate_proj is [32, 64], in its first shard.
+        let c = config_of(HF, |j| j["moe_intermediate_size"] = json!(31));
+        let path = c.path.display().to_string();
+        input_err(
+            hf_to_mf(stored(HF), &c),
+            &[
+                "model-00001-of-00002.safetensors: tensor model.layers.0.mlp.experts.0.gate_proj.weight: shape [32, 64]",
+                &format!(
+                    "{path} (hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=96, vocab_size=96, num_experts=4, moe_intermediate_size=31) gives [31, 64]"
+                ),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_dense_mlp_in_a_moe_folder_is_refused() {
+        for (x, shape) in [("gate", [96, 64]), ("up", [96, 64]), ("down", [64, 96])] {
+            let name = format!("model.layers.0.mlp.{x}_proj.weight");
+            let (_dir, it) = hf_with(HF, &[(&name, &shape)]);
+            let c = config_of(HF, |_| {});
+            let path = c.path.display().to_string();
+            input_err(
+                hf_to_mf(it, &c),
+                &[&format!(
+                    "{path}: tensor {name} is a dense MLP: MindSpore Transformers' Qwen3-MoE has no dense layers"
+                )],
+            );
+        }
+    }
+
+    /// The cuts a target may make in a layer's fused and stacked tensors:
+    /// whole key/value groups of linear_qkv, whole experts of weight1 (H
+    /// rows each) and weight2 (F rows each).
+    fn want_group(name: &str) -> Option<(u64, &'static str)> {
+        // qwen3-moe-tiny: 4 heads in 2 groups of head_dim 8, so (2 + 2) * 8
+        // rows a group; H = 64, F = 32.
+        if name.ends_with(".self_attention.linear_qkv.weight") {
+            Some((32, "key/value groups (num_key_value_heads)"))
+        } else if name.ends_with(".mlp.experts.weight1") {
+            Some((64, "experts (num_experts)"))
+        } else if name.ends_with(".mlp.experts.weight2") {
+            Some((32, "experts (num_experts)"))
+        } else {
+            None
+        }
+    }
+
+    #[test]
+    fn a_hugging_face_folders_experts_are_cut_only_between_whole_experts() {
+        let it = hf_to_mf(stored(HF), &config_of(HF, |_| {})).unwrap();
+        let mut marked = 0;
+        for t in &it.tensors {
+            let want = want_group(&t.name);
+            marked += usize::from(want.is_some());
+            assert_eq!(t.rules.dim0_group, want, "{}", t.name);
+        }
+        assert_eq!(marked, 2 * 3);
+    }
+
+    #[test]
+    fn a_mindformers_moes_stacked_tensors_are_cut_only_between_groups_and_experts() {
+        let mut it = stored(MF);
+        assert!(it.tensors.iter().all(|t| t.rules.dim0_group.is_none()));
+        assert!(mark_mf_rules(&mut it));
+        let mut marked = 0;
+        for t in &it.tensors {
+            let want = want_group(names::parameter_name(&t.name));
+            marked += usize::from(want.is_some());
+            assert_eq!(t.rules.dim0_group, want, "{}", t.name);
+        }
+        // 2 layers, 3 tensors each, each with its adam_m and adam_v copies.
+        assert_eq!(marked, 2 * 3 * 3);
+        // A dense Qwen3's has no router: not a Qwen3-MoE's, left as it is.
+        let mut dense = stored("qwen3-tiny-mf-tp2-pp2-f32");
+        assert!(!mark_mf_rules(&mut dense));
+        assert!(dense.tensors.iter().all(|t| t.rules.dim0_group.is_none()));
+    }
+
+    #[test]
+    fn q_k_and_v_come_back_out_of_each_key_value_group() {
+        // Per group of linear_qkv (32 rows): 2 query heads of 8, then its
+        // key head, then its value head.
+        let it = mf_to_hf(stored(MF), None).unwrap();
+        for i in 0..2 {
+            let qkv = format!("decoder.layers.{i}.self_attention.linear_qkv.weight");
+            for (x, rows) in [("q", 32), ("k", 16), ("v", 16)] {
+                let name = format!("model.layers.{i}.self_attn.{x}_proj.weight");
+                let t = it.tensors.iter().find(|t| t.name == name).unwrap();
+                assert_eq!(t.global_shape, [rows, 64]);
+                let m = t.assembly.as_ref().unwrap().rows().unwrap();
+                for r in 0..rows {
+                    let want = match x {
+                        "q" => r / 16 * 32 + r % 16,
+                        "k" => r / 8 * 32 + 16 + r % 8,
+                        _ => r / 8 * 32 + 24 + r % 8,
+                    };
+                    let (part, row, _) = m.locate(r);
+                    assert_eq!(
+                        (it.parts[part].name.as_str(), row),
+                        (qkv.as_str(), want),
+                        "{name} row {r}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_hugging_face_view_says_how_many_optimizer_states_it_leaves_out() {
+        // qwen3-moe-tiny-mf: 21 parameters, each with adam_m and adam_v.
+        let notes = |it: Iteration| mf_to_hf(it, None).unwrap().model.unwrap().notes;
+        let n = notes(stored(MF));
+        assert!(
+            n.contains(&"42 optimizer-state tensors not shown".to_string()),
+            "{n:?}"
+        );
+        let mut it = stored(MF);
+        it.tensors.retain(|t| t.kind == Kind::Model);
+        let n = notes(it);
+        assert!(!n.iter().any(|s| s.contains("optimizer")), "{n:?}");
+    }
+
+    #[test]
+    fn a_stored_output_layer_is_shown_and_an_untied_config_needs_one() {
+        let config = |tied: bool| config_of(HF, |j| j["tie_word_embeddings"] = json!(tied));
+        let headless = || {
+            let mut it = stored(MF);
+            it.tensors.retain(|t| !t.name.ends_with(MF_HEAD));
+            it
+        };
+        for tied in [false, true] {
+            let it = mf_to_hf(stored(MF), Some(&config(tied))).unwrap();
+            assert!(names(&it).contains(&HF_HEAD), "tied {tied}");
+        }
+        let it = mf_to_hf(headless(), None).unwrap();
+        assert!(!names(&it).contains(&HF_HEAD));
+        assert_eq!(
+            it.model.unwrap().config.fields["tie_word_embeddings"],
+            json!(true)
+        );
+        let it = mf_to_hf(headless(), Some(&config(true))).unwrap();
+        assert!(!names(&it).contains(&HF_HEAD));
+        input_err(
+            mf_to_hf(headless(), Some(&config(false))),
+            &["tensor output_layer.weight is missing; Qwen3-MoE needs it for lm_head.weight"],
+        );
     }
 }
