@@ -106,8 +106,13 @@ impl Dims {
                 self.heads, self.groups
             ));
         }
-        // Every size below is a product of these; refuse any that overflows.
-        let rows = (self.heads + 2 * self.groups).checked_mul(self.head_dim);
+        // Every size below is a product of these; refuse any that overflows
+        // (the fused QKV's row count too, not only what it multiplies).
+        let rows = self
+            .groups
+            .checked_mul(2)
+            .and_then(|kv| kv.checked_add(self.heads))
+            .and_then(|r| r.checked_mul(self.head_dim));
         let all = [
             rows.and_then(|r| r.checked_mul(self.hidden)),
             self.vocab.checked_mul(self.hidden),
@@ -1219,6 +1224,10 @@ pub(super) mod tests {
         overflow(big(4, 4, 1 << 28, 3 << 28));
         // A third smaller, QKV 3 * 2^58 elements: they fit.
         big(1, 1, 1 << 29, 1 << 29).check().unwrap();
+        // Head counts whose QKV row count alone passes 2^64 are refused
+        // too, not a panic on the way.
+        overflow(big(1 << 63, 1 << 63, 1, 1));
+        overflow(big(1 << 63, 1 << 62, 1, 1));
     }
 
     #[test]

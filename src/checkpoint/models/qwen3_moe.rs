@@ -122,11 +122,12 @@ impl MoeDims {
     fn check(&self) -> std::result::Result<(), String> {
         self.base.check()?;
         let (e, h, f) = (self.experts, self.base.hidden, self.moe_intermediate);
-        let w1 = e
-            .checked_mul(h)
-            .and_then(|r| r.checked_mul(2 * f))
+        // weight1, [E * H, 2 * F], is the largest; 2 * F is checked first.
+        let w1 = f
+            .checked_mul(2)
+            .and_then(|f2| e.checked_mul(h)?.checked_mul(f2))
             .and_then(|n| n.checked_mul(8));
-        if w1.is_none() || f.checked_mul(2).is_none() {
+        if w1.is_none() {
             return Err("the expert sizes overflow 64-bit byte counts".into());
         }
         Ok(())
@@ -938,6 +939,13 @@ mod tests {
         with_experts(1 << 48).unwrap();
         input_err(
             with_experts(1 << 49),
+            &["the expert sizes overflow 64-bit byte counts"],
+        );
+        // An expert size whose 2 * F alone passes 2^64 is refused too, not
+        // a panic on the way.
+        let c = config_of(HF, |j| j["moe_intermediate_size"] = json!(1u64 << 63));
+        input_err(
+            MoeDims::from_config(&c),
             &["the expert sizes overflow 64-bit byte counts"],
         );
     }
