@@ -1162,8 +1162,85 @@ pub(super) mod tests {
         (tmp, it)
     }
 
-    fn names(it: &Iteration) -> Vec<&str> {
+    pub(in crate::checkpoint::models) fn names(it: &Iteration) -> Vec<&str> {
         it.tensors.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    /// A map's reading of a MindSpore Transformers checkpoint as a Hugging
+    /// Face folder (`qwen3::mf_to_hf`, `qwen3_moe::mf_to_hf`).
+    pub(in crate::checkpoint::models) type MfToHf =
+        fn(Iteration, Option<&Config>) -> Result<Iteration>;
+
+    /// Asserts that each tensor of `it` may be cut on dimension 0 only as
+    /// `want` says for its parameter's name; returns how many may be cut
+    /// only between groups.
+    pub(in crate::checkpoint::models) fn groups_marked(
+        it: &Iteration,
+        want: impl Fn(&str) -> Option<(u64, &'static str)>,
+    ) -> usize {
+        let mut marked = 0;
+        for t in &it.tensors {
+            let w = want(names::parameter_name(&t.name));
+            marked += usize::from(w.is_some());
+            assert_eq!(t.rules.dim0_group, w, "{}", t.name);
+        }
+        marked
+    }
+
+    /// The note of `mf`'s Hugging Face view counts the optimizer-state
+    /// tensors it leaves out (`states` of them), and there is none when
+    /// the checkpoint has none.
+    pub(in crate::checkpoint::models) fn check_optimizer_note(
+        mf: &str,
+        mf_to_hf: MfToHf,
+        states: usize,
+    ) {
+        let notes = |it: Iteration| mf_to_hf(it, None).unwrap().model.unwrap().notes;
+        let n = notes(stored(mf));
+        assert!(
+            n.contains(&format!("{states} optimizer-state tensors not shown")),
+            "{n:?}"
+        );
+        let mut it = stored(mf);
+        it.tensors.retain(|t| t.kind == Kind::Model);
+        let n = notes(it);
+        assert!(!n.iter().any(|s| s.contains("optimizer")), "{n:?}");
+    }
+
+    /// `mf`'s output layer in its Hugging Face view (the config from `hf`):
+    /// shown when stored, whatever the config says; when not stored, the
+    /// embedding is the head (inferred tied) unless the config says the
+    /// model has its own, which is refused naming `model`.
+    pub(in crate::checkpoint::models) fn check_output_layer(
+        hf: &str,
+        mf: &str,
+        mf_to_hf: MfToHf,
+        model: &str,
+    ) {
+        let config = |tied: bool| config_of(hf, |j| j["tie_word_embeddings"] = json!(tied));
+        let headless = || {
+            let mut it = stored(mf);
+            it.tensors.retain(|t| !t.name.ends_with(MF_HEAD));
+            it
+        };
+        for tied in [false, true] {
+            let it = mf_to_hf(stored(mf), Some(&config(tied))).unwrap();
+            assert!(names(&it).contains(&HF_HEAD), "tied {tied}");
+        }
+        let it = mf_to_hf(headless(), None).unwrap();
+        assert!(!names(&it).contains(&HF_HEAD));
+        assert_eq!(
+            it.model.unwrap().config.fields["tie_word_embeddings"],
+            json!(true)
+        );
+        let it = mf_to_hf(headless(), Some(&config(true))).unwrap();
+        assert!(!names(&it).contains(&HF_HEAD));
+        input_err(
+            mf_to_hf(headless(), Some(&config(false))),
+            &[&format!(
+                "tensor output_layer.weight is missing; {model} needs it for lm_head.weight"
+            )],
+        );
     }
 
     #[test]
@@ -1358,18 +1435,15 @@ pub(super) mod tests {
         let mut it = stored("qwen3-tiny-mf-tp2-pp2-f32");
         assert!(it.tensors.iter().all(|t| t.rules.dim0_group.is_none()));
         assert!(mark_mf_rules(&mut it));
-        let mut marked = 0;
-        for t in &it.tensors {
-            let want = if t.name.ends_with(".self_attention.linear_qkv.weight") {
+        let marked = groups_marked(&it, |name| {
+            if name.ends_with(".self_attention.linear_qkv.weight") {
                 Some((64, "key/value groups (num_key_value_heads)"))
-            } else if t.name.ends_with(".mlp.linear_fc1.weight") {
+            } else if name.ends_with(".mlp.linear_fc1.weight") {
                 Some((2, "gate/up row pairs (intermediate_size)"))
             } else {
                 None
-            };
-            marked += usize::from(want.is_some());
-            assert_eq!(t.rules.dim0_group, want, "{}", t.name);
-        }
+            }
+        });
         // 2 layers, each tensor with its adam_m and adam_v copies.
         assert_eq!(marked, 2 * 2 * 3);
         // A Qwen3-MoE's has no linear_fc1: not a Qwen3's, left as it is.
@@ -1381,46 +1455,16 @@ pub(super) mod tests {
     #[test]
     fn a_hugging_face_view_says_how_many_optimizer_states_it_leaves_out() {
         // qwen3-tiny-mf: 19 parameters, each with adam_m and adam_v.
-        let notes = |it: Iteration| mf_to_hf(it, None).unwrap().model.unwrap().notes;
-        let n = notes(stored("qwen3-tiny-mf-tp2-pp2-f32"));
-        assert!(
-            n.contains(&"38 optimizer-state tensors not shown".to_string()),
-            "{n:?}"
-        );
-        let mut it = stored("qwen3-tiny-mf-tp2-pp2-f32");
-        it.tensors.retain(|t| t.kind == Kind::Model);
-        let n = notes(it);
-        assert!(!n.iter().any(|s| s.contains("optimizer")), "{n:?}");
+        check_optimizer_note("qwen3-tiny-mf-tp2-pp2-f32", mf_to_hf, 38);
     }
 
     #[test]
     fn a_stored_output_layer_is_shown_and_an_untied_config_needs_one() {
-        let fx = "qwen3-tiny-mf-tp2-pp2-f32";
-        let config =
-            |tied: bool| config_of("qwen3-tiny-hf", |j| j["tie_word_embeddings"] = json!(tied));
-        let headless = || {
-            let mut it = stored(fx);
-            it.tensors.retain(|t| !t.name.ends_with(MF_HEAD));
-            it
-        };
-        // Stored: shown, whatever the config says.
-        for tied in [false, true] {
-            let it = mf_to_hf(stored(fx), Some(&config(tied))).unwrap();
-            assert!(names(&it).contains(&HF_HEAD), "tied {tied}");
-        }
-        // Not stored: the embedding is the head (inferred tied), unless the
-        // config says the model has its own.
-        let it = mf_to_hf(headless(), None).unwrap();
-        assert!(!names(&it).contains(&HF_HEAD));
-        assert_eq!(
-            it.model.unwrap().config.fields["tie_word_embeddings"],
-            json!(true)
-        );
-        let it = mf_to_hf(headless(), Some(&config(true))).unwrap();
-        assert!(!names(&it).contains(&HF_HEAD));
-        input_err(
-            mf_to_hf(headless(), Some(&config(false))),
-            &["tensor output_layer.weight is missing; Qwen3 needs it for lm_head.weight"],
+        check_output_layer(
+            "qwen3-tiny-hf",
+            "qwen3-tiny-mf-tp2-pp2-f32",
+            mf_to_hf,
+            "Qwen3",
         );
     }
 }

@@ -769,7 +769,9 @@ fn generated_config(d: &MoeDims) -> GeneratedConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkpoint::models::qwen3::tests::{config_of, hf_with, stored};
+    use crate::checkpoint::models::qwen3::tests::{
+        check_optimizer_note, check_output_layer, config_of, groups_marked, hf_with, stored,
+    };
     use crate::checkpoint::source::tests::input_err;
 
     /// Qwen3-30B-A3B's sizes.
@@ -903,10 +905,6 @@ mod tests {
     const HF: &str = "qwen3-moe-tiny-hf";
     const MF: &str = "qwen3-moe-tiny-mf-dp2-tp2-ep2-f32";
 
-    fn names(it: &Iteration) -> Vec<&str> {
-        it.tensors.iter().map(|t| t.name.as_str()).collect()
-    }
-
     #[test]
     fn either_expert_count_is_read_and_both_must_agree() {
         // qwen3-moe-tiny-hf states num_local_experts = 4, as transformers 5 writes it.
@@ -1002,13 +1000,7 @@ mod tests {
     #[test]
     fn a_hugging_face_folders_experts_are_cut_only_between_whole_experts() {
         let it = hf_to_mf(stored(HF), &config_of(HF, |_| {})).unwrap();
-        let mut marked = 0;
-        for t in &it.tensors {
-            let want = want_group(&t.name);
-            marked += usize::from(want.is_some());
-            assert_eq!(t.rules.dim0_group, want, "{}", t.name);
-        }
-        assert_eq!(marked, 2 * 3);
+        assert_eq!(groups_marked(&it, want_group), 2 * 3);
     }
 
     #[test]
@@ -1016,14 +1008,8 @@ mod tests {
         let mut it = stored(MF);
         assert!(it.tensors.iter().all(|t| t.rules.dim0_group.is_none()));
         assert!(mark_mf_rules(&mut it));
-        let mut marked = 0;
-        for t in &it.tensors {
-            let want = want_group(names::parameter_name(&t.name));
-            marked += usize::from(want.is_some());
-            assert_eq!(t.rules.dim0_group, want, "{}", t.name);
-        }
         // 2 layers, 3 tensors each, each with its adam_m and adam_v copies.
-        assert_eq!(marked, 2 * 3 * 3);
+        assert_eq!(groups_marked(&it, want_group), 2 * 3 * 3);
         // A dense Qwen3's has no router: not a Qwen3-MoE's, left as it is.
         let mut dense = stored("qwen3-tiny-mf-tp2-pp2-f32");
         assert!(!mark_mf_rules(&mut dense));
@@ -1062,41 +1048,11 @@ mod tests {
     #[test]
     fn a_hugging_face_view_says_how_many_optimizer_states_it_leaves_out() {
         // qwen3-moe-tiny-mf: 21 parameters, each with adam_m and adam_v.
-        let notes = |it: Iteration| mf_to_hf(it, None).unwrap().model.unwrap().notes;
-        let n = notes(stored(MF));
-        assert!(
-            n.contains(&"42 optimizer-state tensors not shown".to_string()),
-            "{n:?}"
-        );
-        let mut it = stored(MF);
-        it.tensors.retain(|t| t.kind == Kind::Model);
-        let n = notes(it);
-        assert!(!n.iter().any(|s| s.contains("optimizer")), "{n:?}");
+        check_optimizer_note(MF, mf_to_hf, 42);
     }
 
     #[test]
     fn a_stored_output_layer_is_shown_and_an_untied_config_needs_one() {
-        let config = |tied: bool| config_of(HF, |j| j["tie_word_embeddings"] = json!(tied));
-        let headless = || {
-            let mut it = stored(MF);
-            it.tensors.retain(|t| !t.name.ends_with(MF_HEAD));
-            it
-        };
-        for tied in [false, true] {
-            let it = mf_to_hf(stored(MF), Some(&config(tied))).unwrap();
-            assert!(names(&it).contains(&HF_HEAD), "tied {tied}");
-        }
-        let it = mf_to_hf(headless(), None).unwrap();
-        assert!(!names(&it).contains(&HF_HEAD));
-        assert_eq!(
-            it.model.unwrap().config.fields["tie_word_embeddings"],
-            json!(true)
-        );
-        let it = mf_to_hf(headless(), Some(&config(true))).unwrap();
-        assert!(!names(&it).contains(&HF_HEAD));
-        input_err(
-            mf_to_hf(headless(), Some(&config(false))),
-            &["tensor output_layer.weight is missing; Qwen3-MoE needs it for lm_head.weight"],
-        );
+        check_output_layer(HF, MF, mf_to_hf, "Qwen3-MoE");
     }
 }
