@@ -660,19 +660,16 @@ impl ObjectFile {
         let slot = o.store.slot(o.id, i);
         let got = slot.data.get_or_init(|| {
             let mut block = zeroed_block(len as usize);
-            match Arc::get_mut(&mut block) {
-                Some(buf) => o
-                    .store
-                    .get_kept(&i.to_string(), &o.key, &o.etag, start, buf)
-                    .map(|()| block),
-                // Never: the block was made just now and is shared with no one.
-                None => Err(S3Error::Failed {
-                    bucket: o.store.client.bucket().to_string(),
-                    key: o.key.clone(),
-                    reason: "a new block buffer was shared".into(),
-                    transient: false,
-                }),
-            }
+            // Unshared, so `make_mut` hands out the block itself, no copy.
+            o.store
+                .get_kept(
+                    &i.to_string(),
+                    &o.key,
+                    &o.etag,
+                    start,
+                    Arc::make_mut(&mut block),
+                )
+                .map(|()| block)
         });
         let got = match got {
             Ok(b) => Ok(b.clone()),
