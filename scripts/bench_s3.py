@@ -354,8 +354,8 @@ def main():
             ru, mo = bench.median(s9["runai"]), bench.median(s9["mount"])
             print(f"\nQwen3-MoE-shaped folder ({moe_bytes / MiB:.0f} MiB of tensors): Run:ai streamer "
                   f"{ru:.2f} s ({bench.spread_text(s9['runai'])}), {moe_bytes / ru / MiB:.0f} MiB/s; safe_open "
-                  f"through a reshardfs s3:// mount {mo:.2f} s ({bench.spread_text(s9['mount'])}), "
-                  f"{moe_bytes / mo / MiB:.0f} MiB/s: {ru / mo:.2f}x Run:ai's throughput (timed from the mount on); "
+                  f"+ clone through a reshardfs s3:// mount {mo:.2f} s ({bench.spread_text(s9['mount'])}), "
+                  f"{moe_bytes / mo / MiB:.0f} MiB/s: {ru / mo:.2f}x Run:ai's throughput (the mount plus the script's own time); "
                   f"cat of the same view {bench.median(s9['cat']):.2f} s ({bench.spread_text(s9['cat'])})")
         print(f"\n70B-shaped checkpoint on the server ({placed} objects): `mount` + `ls -lR` "
               f"{bench.median(walls) * 1000:.0f} ms ({bench.spread_text([w * 1000 for w in walls], '{:.0f}')}), "
