@@ -36,9 +36,16 @@ if [ "${1:-}" = s3 ]; then
     shift
     # The S3 server (s3rver, npm) and the clients compared with (Debian's rclone and s3fs).
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        for t in rclone s3fs npm; do
-            command -v "$t" >/dev/null || { apt-get update -qq >&2; apt-get install -y -qq rclone s3fs nodejs npm >&2; break; }
-        done
+        # Only what is missing: a Node.js from elsewhere (nodesource's has npm inside it)
+        # conflicts with Debian's nodejs and npm packages.
+        missing=()
+        for t in rclone s3fs; do command -v "$t" >/dev/null || missing+=("$t"); done
+        command -v npm >/dev/null || missing+=(nodejs npm)
+        if [ "${#missing[@]}" -gt 0 ]; then
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get install -y -qq "${missing[@]}" >&2 \
+                || { apt-get update -qq >&2 && apt-get install -y -qq "${missing[@]}" >&2; }
+        fi
     fi
     [ -d tests/s3/node_modules/s3rver ] || npm ci --prefix tests/s3 --no-audit --no-fund --loglevel=error
     exec "$PY" scripts/bench_s3.py "$@"
