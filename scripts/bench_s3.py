@@ -15,7 +15,9 @@ file-backed S3 server on loopback (s3rver, tests/s3), read
       runai-model-streamer-s3 0.17.1, installed into WORKDIR) streaming a Qwen3-MoE-shaped Hugging
       Face folder into CPU tensors, against safetensors' safe_open of the same folder through a
       `reshardfs mount s3://... --model none --unshard`, every tensor copied into memory, both
-      timed inside their scripts (--no-runai skips it);
+      timed inside their scripts (--no-runai skips it); also with torch held to one thread, and
+      the same script (both ways) on the folder's own files in /dev/shm (no mount, no store): the
+      reader's floor on this machine;
   S8  a 70B-shaped checkpoint (80 layers, hidden 8192, tp=8 x pp=8 with optimizer states: 128
       rank files, sparse on the server's disk): `mount` + `ls -lR` of a fresh mount, the listing
       and every header fetched;
@@ -184,8 +186,11 @@ print(time.perf_counter() - t, n)
 # on first (the kernel reads 2 MiB around it): 818 of a 1515 MB view were
 # read so. `clone()` copies every byte into memory, as Run:ai's tensors are.
 SAFE_OPEN_READ = """
-import sys, time
+import os, sys, time
+import torch
 from safetensors import safe_open
+if os.environ.get("BENCH_TORCH_THREADS"):
+    torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
 t = time.perf_counter(); n = 0
 for f in sys.argv[1:]:
     with safe_open(f, "pt") as s:
@@ -292,23 +297,34 @@ def main():
                     "AWS_ENDPOINT_URL": srv.endpoint, "AWS_EC2_METADATA_DISABLED": "true"}
             renv.pop("AWS_CA_BUNDLE", None)
             os.environ["AWS_ENDPOINT_URL"] = srv.endpoint
-            s9 = {"runai": [], "mount": [], "cat": []}
+            # The reader's floor: the same script on the folder's files in tmpfs, which no
+            # page-cache drop empties.
+            shm_moe = Path("/dev/shm/reshardfs-bench-s3/moe")
+            shm_moe.mkdir(parents=True, exist_ok=True)
+            for f in shards:
+                shutil.copyfile(moe / f, shm_moe / f)
+            s9 = {"runai": [], "mount": [], "mount1": [], "cat": [], "local": [], "local1": []}
             moe_bytes = 0
+            order = list(s9)
             for rep in range(a.reps):
                 # cat of the same view file: the mount's sequential rate, without safe_open's
                 # page faults, to tell the two costs apart.
-                for which in (["runai", "mount", "cat"] if rep % 2 == 0 else ["cat", "mount", "runai"]):
+                for which in (order if rep % 2 == 0 else order[::-1]):
                     bench.drop_caches()
                     if which == "runai":
                         t, moe_bytes = timed_py(RUNAI_READ, [f"s3://{BUCKET}/moe/{f}" for f in shards], renv)
+                    elif which.startswith("local"):
+                        env = {**os.environ, "BENCH_TORCH_THREADS": "1"} if which == "local1" else None
+                        t = timed_py(SAFE_OPEN_READ, [str(shm_moe / f) for f in shards], env)[0]
                     else:
                         t0 = time.perf_counter()
                         mounts.mount(f"s3://{BUCKET}/moe", mnt, "--model", "none", "--unshard")
                         views = [str(f) for f in bench.view_files(mnt) if str(f).endswith(".safetensors")]
-                        if which == "mount":
+                        if which.startswith("mount"):
                             # Timed as Run:ai is, inside the script (Python and torch start
                             # outside it, 0.6 s here), plus the mount.
-                            t = time.perf_counter() - t0 + timed_py(SAFE_OPEN_READ, views)[0]
+                            env = {**os.environ, "BENCH_TORCH_THREADS": "1"} if which == "mount1" else None
+                            t = time.perf_counter() - t0 + timed_py(SAFE_OPEN_READ, views, env)[0]
                         else:
                             bench.cat(views)
                             t = time.perf_counter() - t0
@@ -356,7 +372,13 @@ def main():
                   f"{ru:.2f} s ({bench.spread_text(s9['runai'])}), {moe_bytes / ru / MiB:.0f} MiB/s; safe_open "
                   f"+ clone through a reshardfs s3:// mount {mo:.2f} s ({bench.spread_text(s9['mount'])}), "
                   f"{moe_bytes / mo / MiB:.0f} MiB/s: {ru / mo:.2f}x Run:ai's throughput (the mount plus the script's own time); "
-                  f"cat of the same view {bench.median(s9['cat']):.2f} s ({bench.spread_text(s9['cat'])})")
+                  f"cat of the same view {bench.median(s9['cat']):.2f} s ({bench.spread_text(s9['cat'])}), "
+                  f"{ru / bench.median(s9['cat']):.2f}x; safe_open + clone with torch on one thread "
+                  f"{bench.median(s9['mount1']):.2f} s ({bench.spread_text(s9['mount1'])}), "
+                  f"{ru / bench.median(s9['mount1']):.2f}x; the reader's floor, the same script on the "
+                  f"folder's files in /dev/shm (torch's default threads) {bench.median(s9['local']):.2f} s "
+                  f"({bench.spread_text(s9['local'])}), on one thread {bench.median(s9['local1']):.2f} s "
+                  f"({bench.spread_text(s9['local1'])})")
         print(f"\n70B-shaped checkpoint on the server ({placed} objects): `mount` + `ls -lR` "
               f"{bench.median(walls) * 1000:.0f} ms ({bench.spread_text([w * 1000 for w in walls], '{:.0f}')}), "
               f"of which `mount` {bench.median(mount_t) * 1000:.0f} ms; ls printed {lines} lines")
