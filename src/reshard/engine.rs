@@ -66,7 +66,7 @@ impl<'a> Src<'a> {
         let bs = o.block_size();
         let (first, last) = (at / bs, (at + len - 1) / bs);
         if first == last {
-            let block = o.block(first).map_err(|_| fault())?;
+            let block = o.block(first, len).map_err(|_| fault())?;
             let block = self.pins.keep(block);
             let from = (at - first * bs) as usize;
             return Ok(&block[from..from + len as usize]);

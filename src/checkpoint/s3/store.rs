@@ -152,11 +152,25 @@ pub fn totals() -> [u64; 4] {
 }
 
 /// A block of the cache: its bytes once fetched (or the fetch's error),
-/// and whether it was asked for ahead of its reader and not read yet.
+/// whether it was asked for ahead of its reader and not read yet, and how
+/// many of its bytes readers have taken.
 #[derive(Default)]
 struct Block {
     data: OnceLock<std::result::Result<Arc<[u8]>, S3Error>>,
     ahead: AtomicBool,
+    used: AtomicU64,
+}
+
+impl Block {
+    /// Whether readers have taken all its bytes but a 64th: read through,
+    /// most likely not needed again. Not all: a view leaves the copies of
+    /// a replicated tensor it takes from another rank's file unread (a
+    /// norm, 4 KiB, in most of a tp=8 save's blocks), and with "all" no
+    /// block of such a save was ever read through.
+    fn is_used_up(&self) -> bool {
+        matches!(self.data.get(), Some(Ok(d))
+            if self.used.load(Ordering::Relaxed) >= d.len() as u64 - d.len() as u64 / 64)
+    }
 }
 
 type Slot = Arc<Block>;
@@ -354,19 +368,32 @@ impl ObjectStore {
 
     /// Puts a slot in the cache, counting out the block it evicts if that
     /// one was asked for ahead and never read.
-    /// The block evicted is the least recently used of those not asked for
-    /// ahead (there are always some: at most half the cache is ahead).
+    ///
+    /// The block evicted is the least recently used of those read through
+    /// ([`Block::is_used_up`]), else of those not asked for ahead (there are
+    /// always some: at most half the cache is ahead).
     /// Plain LRU evicted blocks fetched ahead of one object's reader while
     /// the view read a long run of another object's, and they were fetched
-    /// again: 203-209 GETs for a 188-block pass over a 1.5 GB view.
+    /// again: 203-209 GETs for a 188-block pass over a 1.5 GB view. Keeping
+    /// those left the blocks in use half the cache: an `--unshard` view of
+    /// a tp=8 save, reading its eight objects by turns a tensor's slice at
+    /// a time, lost blocks it had read half of while it read the other
+    /// seven slices, and fetched them again (read amplification 1.03-1.18
+    /// over 3 passes, 1.0004 before blocks were fetched ahead per object).
     fn insert(&self, blocks: &mut lru::LruCache<(u64, u64), Slot>, key: (u64, u64), s: Slot) {
         if !blocks.contains(&key) && blocks.len() == blocks.cap().get() {
-            let victim = blocks
-                .iter()
-                .rev()
-                .find(|(_, b)| !b.ahead.load(Ordering::Relaxed))
-                .map(|(k, _)| *k);
-            if let Some(old) = victim.and_then(|k| blocks.pop(&k)) {
+            let (mut used_up, mut oldest) = (None, None);
+            for (k, b) in blocks.iter().rev() {
+                if b.ahead.load(Ordering::Relaxed) {
+                    continue;
+                }
+                if b.is_used_up() {
+                    used_up = Some(*k);
+                    break;
+                }
+                oldest.get_or_insert(*k);
+            }
+            if let Some(old) = used_up.or(oldest).and_then(|k| blocks.pop(&k)) {
                 self.recycle(old);
             }
         }
@@ -746,9 +773,10 @@ impl ObjectFile {
         self.0.damaged.load(Ordering::Relaxed)
     }
 
-    /// Block `i` for a reader: from the cache, or fetched (once, whoever
-    /// else waits for it). A block asked for ahead is its reader's now.
-    pub fn block(&self, i: u64) -> std::result::Result<Arc<[u8]>, S3Error> {
+    /// Block `i` for a reader who takes `used` bytes of it: from the cache,
+    /// or fetched (once, whoever else waits for it). A block asked for
+    /// ahead is its reader's now.
+    pub fn block(&self, i: u64, used: u64) -> std::result::Result<Arc<[u8]>, S3Error> {
         if let Some(ahead) = lock(&self.0.streams).on_block(i) {
             self.will_need(
                 ahead.start * BLOCK_SIZE,
@@ -757,6 +785,7 @@ impl ObjectFile {
         }
         let (slot, got) = self.fill(i);
         self.0.store.unahead(&slot);
+        slot.used.fetch_add(used, Ordering::Relaxed);
         got
     }
 
@@ -806,7 +835,8 @@ impl ObjectFile {
         while done < buf.len() {
             let at = offset + done as u64;
             let (i, within) = (at / BLOCK_SIZE, (at % BLOCK_SIZE) as usize);
-            let block = self.block(i)?;
+            let want = (buf.len() - done).min(BLOCK_SIZE as usize - within);
+            let block = self.block(i, want as u64)?;
             let n = (block.len().saturating_sub(within)).min(buf.len() - done);
             if n == 0 {
                 return Err(S3Error::Failed {
@@ -1035,15 +1065,15 @@ mod tests {
         let opened = gets();
         std::thread::scope(|s| {
             for _ in 0..8 {
-                s.spawn(|| files[0].block(0).unwrap());
+                s.spawn(|| files[0].block(0, 0).unwrap());
             }
         });
         assert_eq!(gets(), opened + 1, "eight readers, one GET");
-        files[1].block(0).unwrap();
-        files[2].block(0).unwrap();
+        files[1].block(0, 0).unwrap();
+        files[2].block(0, 0).unwrap();
         // Two blocks fit: the first was evicted, and is fetched again.
         assert!(!files[0].is_cached(0, 1) && files[2].is_cached(0, 1));
-        files[0].block(0).unwrap();
+        files[0].block(0, 0).unwrap();
         assert_eq!(gets(), opened + 4);
         assert!(lock(&store.blocks).len() <= 2);
     }
@@ -1082,8 +1112,8 @@ mod tests {
         assert!(file.is_cached(0, 2 * BLOCK_SIZE) && !file.is_cached(2 * BLOCK_SIZE, 1));
         // Read, they are no longer ahead: the next call fetches two more.
         // (Out of order, so that no stream of reads fetches ahead itself.)
-        file.block(1).unwrap();
-        file.block(0).unwrap();
+        file.block(1, 0).unwrap();
+        file.block(0, 0).unwrap();
         assert_eq!(gets(), 2, "read from the cache");
         file.will_need(0, size);
         settle(4);
@@ -1093,7 +1123,7 @@ mod tests {
         // streams forgotten, so that no read follows another in order.)
         *lock(&file.0.streams) = Streams::default();
         for i in [3, 2, 1, 0] {
-            file.block(i).unwrap();
+            file.block(i, 0).unwrap();
         }
         assert_eq!(store.ahead.load(Ordering::Relaxed), 0);
     }
@@ -1176,24 +1206,43 @@ mod tests {
     #[test]
     fn a_reader_in_order_gets_the_next_blocks_fetched_ahead() {
         let (file, objects) = numbered("mem-stream", 12, 16);
-        file.block(0).unwrap();
-        file.block(6).unwrap();
+        file.block(0, 0).unwrap();
+        file.block(6, 0).unwrap();
         assert_eq!(settle(&objects, 2), [0, 6], "no order yet: nothing ahead");
-        file.block(1).unwrap();
+        file.block(1, 0).unwrap();
         assert_eq!(settle(&objects, 5), [0, 1, 2, 3, 6]);
-        file.block(7).unwrap();
+        file.block(7, 0).unwrap();
         assert_eq!(settle(&objects, 8), [0, 1, 2, 3, 6, 7, 8, 9]);
+    }
+
+    #[test]
+    fn a_block_read_through_goes_before_an_older_one_half_read() {
+        let (file, objects) = numbered("mem-used", 10, 4);
+        // Not one after another, so no block is fetched ahead.
+        file.block(0, 10).unwrap();
+        file.block(2, BLOCK_SIZE - BLOCK_SIZE / 64).unwrap();
+        file.block(4, 10).unwrap();
+        file.block(6, 10).unwrap();
+        file.block(8, 10).unwrap();
+        file.block(0, 10).unwrap();
+        assert_eq!(
+            settle(&objects, 5),
+            [0, 2, 4, 6, 8],
+            "block 0, the oldest, stayed; block 2, read through, went"
+        );
+        file.block(2, 10).unwrap();
+        assert_eq!(settle(&objects, 6), [0, 2, 2, 4, 6, 8]);
     }
 
     #[test]
     fn an_evicted_block_lends_its_buffer_to_the_next_fetch() {
         let (file, _) = numbered("mem-pool", 6, 2);
-        let first = file.block(0).unwrap();
+        let first = file.block(0, 0).unwrap();
         let at = Arc::as_ptr(&first) as *const u8;
         drop(first);
-        file.block(2).unwrap();
+        file.block(2, 0).unwrap();
         // A third block evicts block 0, whose buffer the fetch then fills.
-        let third = file.block(4).unwrap();
+        let third = file.block(4, 0).unwrap();
         assert_eq!(
             Arc::as_ptr(&third) as *const u8,
             at,
@@ -1202,11 +1251,11 @@ mod tests {
         let want: Vec<u8> = (0..BLOCK_SIZE).map(|k| ((4 + k) % 251) as u8).collect();
         assert!(*third == want[..], "and holds block 4's bytes only");
         // A block still held when evicted is not lent.
-        let held = file.block(0).unwrap();
+        let held = file.block(0, 0).unwrap();
         let held_at = Arc::as_ptr(&held) as *const u8;
-        file.block(2).unwrap();
-        file.block(4).unwrap();
-        let next = file.block(2).unwrap();
+        file.block(2, 0).unwrap();
+        file.block(4, 0).unwrap();
+        let next = file.block(2, 0).unwrap();
         assert_ne!(Arc::as_ptr(&next) as *const u8, held_at);
         assert_eq!(held[1], 1, "the held block's bytes are untouched");
     }
