@@ -15,9 +15,10 @@ file-backed S3 server on loopback (s3rver, tests/s3), read
       runai-model-streamer-s3 0.17.1, installed into WORKDIR) streaming a Qwen3-MoE-shaped Hugging
       Face folder into CPU tensors, against safetensors' safe_open of the same folder through a
       `reshardfs mount s3://... --model none --unshard`, every tensor copied into memory, both
-      timed inside their scripts (--no-runai skips it); also with torch held to one thread, and
-      the same script (both ways) on the folder's own files in /dev/shm (no mount, no store): the
-      reader's floor on this machine;
+      timed inside their scripts (--no-runai skips it); also with torch held to one thread; the
+      same mount with --serve-zeros (headers as they are, tensors zeros: FUSE, the page cache and
+      the reader, no data path), its ceiling; and the script (both ways) on the folder's own files
+      in /dev/shm (no mount, no store): the reader's floor on this machine;
   S8  a 70B-shaped checkpoint (80 layers, hidden 8192, tp=8 x pp=8 with optimizer states: 128
       rank files, sparse on the server's disk): `mount` + `ls -lR` of a fresh mount, the listing
       and every header fetched;
@@ -303,7 +304,7 @@ def main():
             shm_moe.mkdir(parents=True, exist_ok=True)
             for f in shards:
                 shutil.copyfile(moe / f, shm_moe / f)
-            s9 = {"runai": [], "mount": [], "mount1": [], "cat": [], "local": [], "local1": []}
+            s9 = {"runai": [], "mount": [], "mount1": [], "cat": [], "ceiling": [], "local": [], "local1": []}
             moe_bytes = 0
             order = list(s9)
             for rep in range(a.reps):
@@ -318,9 +319,10 @@ def main():
                         t = timed_py(SAFE_OPEN_READ, [str(shm_moe / f) for f in shards], env)[0]
                     else:
                         t0 = time.perf_counter()
-                        mounts.mount(f"s3://{BUCKET}/moe", mnt, "--model", "none", "--unshard")
+                        zeros = ["--serve-zeros"] if which == "ceiling" else []
+                        mounts.mount(f"s3://{BUCKET}/moe", mnt, "--model", "none", "--unshard", *zeros)
                         views = [str(f) for f in bench.view_files(mnt) if str(f).endswith(".safetensors")]
-                        if which.startswith("mount"):
+                        if which.startswith("mount") or which == "ceiling":
                             # Timed as Run:ai is, inside the script (Python and torch start
                             # outside it, 0.6 s here), plus the mount.
                             env = {**os.environ, "BENCH_TORCH_THREADS": "1"} if which == "mount1" else None
@@ -375,7 +377,9 @@ def main():
                   f"cat of the same view {bench.median(s9['cat']):.2f} s ({bench.spread_text(s9['cat'])}), "
                   f"{ru / bench.median(s9['cat']):.2f}x; safe_open + clone with torch on one thread "
                   f"{bench.median(s9['mount1']):.2f} s ({bench.spread_text(s9['mount1'])}), "
-                  f"{ru / bench.median(s9['mount1']):.2f}x; the reader's floor, the same script on the "
+                  f"{ru / bench.median(s9['mount1']):.2f}x; its FUSE ceiling, the same through a --serve-zeros "
+                  f"mount {bench.median(s9['ceiling']):.2f} s ({bench.spread_text(s9['ceiling'])}), the mount at "
+                  f"{bench.median(s9['ceiling']) / mo:.2f}x of it; the reader's floor, the same script on the "
                   f"folder's files in /dev/shm (torch's default threads) {bench.median(s9['local']):.2f} s "
                   f"({bench.spread_text(s9['local'])}), on one thread {bench.median(s9['local1']):.2f} s "
                   f"({bench.spread_text(s9['local1'])})")

@@ -234,7 +234,8 @@ enum Command {
         /// Append the background daemon's log to FILE.
         #[arg(long, value_name = "FILE")]
         log_file: Option<PathBuf>,
-        /// Benchmarks only: view files read as zeros (FUSE cost alone).
+        /// Benchmarks only: view files read as zeros past their headers (FUSE
+        /// cost alone).
         #[arg(long, hide = true)]
         serve_zeros: bool,
     },

@@ -150,8 +150,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// For benchmarks: view files keep their names and sizes but read as
-    /// zeros, so a run measures FUSE itself with zero-cost data.
+    /// For benchmarks: view files keep their names, sizes and headers but
+    /// their tensors read as zeros, so a run measures FUSE itself with
+    /// zero-cost data (and a loader can still open the files).
     pub fn serve_zeros(mut self) -> Self {
         if let Some(core) = Arc::get_mut(&mut self.core) {
             core.zeros = true;

@@ -117,11 +117,19 @@ impl Core {
         }
         let n = (end - offset) as usize;
         if self.zeros {
-            return Ok(if n <= ZEROS.len() {
-                out(&[IoSlice::new(&ZEROS[..n])])
+            // The header as it is, so that a loader can open the file.
+            let h = &vf.header;
+            let at = |x: u64| usize::try_from(x).map_or(h.len(), |x| x.min(h.len()));
+            let head = &h[at(offset)..at(end)];
+            let rest = n - head.len();
+            let big;
+            let zeros = if rest <= ZEROS.len() {
+                &ZEROS[..rest]
             } else {
-                out(&[IoSlice::new(&vec![0u8; n])])
-            });
+                big = vec![0u8; rest];
+                &big[..]
+            };
+            return Ok(out(&[IoSlice::new(head), IoSlice::new(zeros)]));
         }
         let bs = self.block_size;
         let first = offset / bs;
