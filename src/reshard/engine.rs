@@ -220,9 +220,8 @@ enum Segment<'a> {
 /// back to back after it. Shared by the copy ([`read_file`]) and the list
 /// of pieces ([`gather`]).
 fn segments(vf: &VirtualFile, offset: u64, end: u64) -> impl Iterator<Item = Segment<'_>> {
-    let hlen = vf.header.len() as u64;
-    let header = (offset < hlen).then(|| Segment::Header(offset as usize..hlen.min(end) as usize));
-    let from = offset.max(hlen);
+    let header = vf.header_range(offset, end).map(Segment::Header);
+    let from = offset.max(vf.header.len() as u64);
     let first = vf.tensors.partition_point(|t| t.offset + t.len <= from);
     let tensors = vf.tensors[first..]
         .iter()

@@ -110,6 +110,15 @@ pub struct VirtualFile {
     pub home: Vec<usize>,
 }
 
+impl VirtualFile {
+    /// The part of its header that bytes `[offset, end)` cover, if any.
+    pub fn header_range(&self, offset: u64, end: u64) -> Option<std::ops::Range<usize>> {
+        let hlen = self.header.len() as u64;
+        // Both within the header, so they fit a usize.
+        (offset < hlen).then(|| offset as usize..hlen.min(end) as usize)
+    }
+}
+
 /// One tensor of a view file: which slice of which source tensor.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {

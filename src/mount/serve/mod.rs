@@ -76,7 +76,7 @@ pub(crate) struct Core {
     counters: Counters,
     started: Instant,
     block_size: u64,
-    /// `--serve-zeros`: view files read as zeros.
+    /// `--serve-zeros`: view files read as zeros past their headers.
     zeros: bool,
     /// What `.reshardfs/stats` shows as `prefetch_window`.
     prefetch_window: u64,
@@ -678,6 +678,38 @@ mod tests {
             s.release(h.fh);
             got
         });
+    }
+
+    #[test]
+    fn serve_zeros_keeps_the_headers_and_zeroes_the_tensors() {
+        let s = server(1 << 20).serve_zeros();
+        let it = s.tree().lookup(ROOT, "iteration_00000005").unwrap();
+        let mut by_rank: BTreeMap<u64, Tensors> = BTreeMap::new();
+        for (name, ino) in s.children(it).unwrap() {
+            if !name.ends_with(".safetensors") {
+                continue;
+            }
+            let rank: u64 = name.rsplit('-').nth(1).unwrap().parse().unwrap();
+            let size = s.attr(*ino).unwrap().size;
+            // Requests that straddle the end of the header.
+            let bytes = read_in_chunks(size, 7777, |o, n| s.read(*ino, o, n, joined).unwrap());
+            by_rank.entry(rank).or_default().extend(tensors(&bytes));
+        }
+        let dir = Path::new("tests/fixtures/expected/tp4-f32.tp=2");
+        assert_eq!(by_rank.len(), std::fs::read_dir(dir).unwrap().count());
+        for (rank, got) in by_rank {
+            let want =
+                tensors(&std::fs::read(dir.join(format!("rank-{rank}.safetensors"))).unwrap());
+            assert_eq!(got.len(), want.len(), "rank {rank}");
+            for (name, (dtype, shape, data)) in &want {
+                let (d, sh, bytes) = &got[name];
+                assert_eq!((d, sh), (dtype, shape), "rank {rank}: {name}");
+                assert!(
+                    bytes.len() == data.len() && bytes.iter().all(|&b| b == 0),
+                    "rank {rank}: {name} is not all zeros"
+                );
+            }
+        }
     }
 
     #[test]

@@ -118,9 +118,9 @@ impl Core {
         let n = (end - offset) as usize;
         if self.zeros {
             // The header as it is, so that a loader can open the file.
-            let h = &vf.header;
-            let at = |x: u64| usize::try_from(x).map_or(h.len(), |x| x.min(h.len()));
-            let head = &h[at(offset)..at(end)];
+            let head = vf
+                .header_range(offset, end)
+                .map_or(&[][..], |r| &vf.header[r]);
             let rest = n - head.len();
             let big;
             let zeros = if rest <= ZEROS.len() {
