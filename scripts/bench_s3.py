@@ -307,6 +307,8 @@ def main():
             s9 = {"runai": [], "mount": [], "mount1": [], "cat": [], "ceiling": [], "local": [], "local1": []}
             moe_bytes = 0
             order = list(s9)
+            # "mount1", "local1": the same as "mount", "local", torch held to one thread.
+            one_thread = {**os.environ, "BENCH_TORCH_THREADS": "1"}
             for rep in range(a.reps):
                 # cat of the same view file: the mount's sequential rate, without safe_open's
                 # page faults, to tell the two costs apart.
@@ -315,7 +317,7 @@ def main():
                     if which == "runai":
                         t, moe_bytes = timed_py(RUNAI_READ, [f"s3://{BUCKET}/moe/{f}" for f in shards], renv)
                     elif which.startswith("local"):
-                        env = {**os.environ, "BENCH_TORCH_THREADS": "1"} if which == "local1" else None
+                        env = one_thread if which.endswith("1") else None
                         t = timed_py(SAFE_OPEN_READ, [str(shm_moe / f) for f in shards], env)[0]
                     else:
                         t0 = time.perf_counter()
@@ -325,7 +327,7 @@ def main():
                         if which.startswith("mount") or which == "ceiling":
                             # Timed as Run:ai is, inside the script (Python and torch start
                             # outside it, 0.6 s here), plus the mount.
-                            env = {**os.environ, "BENCH_TORCH_THREADS": "1"} if which == "mount1" else None
+                            env = one_thread if which.endswith("1") else None
                             t = time.perf_counter() - t0 + timed_py(SAFE_OPEN_READ, views, env)[0]
                         else:
                             bench.cat(views)
@@ -369,20 +371,21 @@ def main():
               f"{many[0]:.2f} s for {many[2] / MiB:.0f} MiB, peak RSS {many[1] / MiB:.0f} MiB (bound {bound / MiB:.0f}), "
               f"{many[3] / many[2]:.2f}x the view's bytes fetched in {many[4]} GETs")
         if not a.no_runai:
-            ru, mo = bench.median(s9["runai"]), bench.median(s9["mount"])
+            med = {k: bench.median(v) for k, v in s9.items()}
+            ru, mo = med["runai"], med["mount"]
+
+            def fig(k):
+                return f"{med[k]:.2f} s ({bench.spread_text(s9[k])})"
+
             print(f"\nQwen3-MoE-shaped folder ({moe_bytes / MiB:.0f} MiB of tensors): Run:ai streamer "
-                  f"{ru:.2f} s ({bench.spread_text(s9['runai'])}), {moe_bytes / ru / MiB:.0f} MiB/s; safe_open "
-                  f"+ clone through a reshardfs s3:// mount {mo:.2f} s ({bench.spread_text(s9['mount'])}), "
-                  f"{moe_bytes / mo / MiB:.0f} MiB/s: {ru / mo:.2f}x Run:ai's throughput (the mount plus the script's own time); "
-                  f"cat of the same view {bench.median(s9['cat']):.2f} s ({bench.spread_text(s9['cat'])}), "
-                  f"{ru / bench.median(s9['cat']):.2f}x; safe_open + clone with torch on one thread "
-                  f"{bench.median(s9['mount1']):.2f} s ({bench.spread_text(s9['mount1'])}), "
-                  f"{ru / bench.median(s9['mount1']):.2f}x; its FUSE ceiling, the same through a --serve-zeros "
-                  f"mount {bench.median(s9['ceiling']):.2f} s ({bench.spread_text(s9['ceiling'])}), the mount at "
-                  f"{bench.median(s9['ceiling']) / mo:.2f}x of it; the reader's floor, the same script on the "
-                  f"folder's files in /dev/shm (torch's default threads) {bench.median(s9['local']):.2f} s "
-                  f"({bench.spread_text(s9['local'])}), on one thread {bench.median(s9['local1']):.2f} s "
-                  f"({bench.spread_text(s9['local1'])})")
+                  f"{fig('runai')}, {moe_bytes / ru / MiB:.0f} MiB/s; safe_open + clone through a reshardfs "
+                  f"s3:// mount {fig('mount')}, {moe_bytes / mo / MiB:.0f} MiB/s: {ru / mo:.2f}x Run:ai's "
+                  f"throughput (the mount plus the script's own time); cat of the same view {fig('cat')}, "
+                  f"{ru / med['cat']:.2f}x; safe_open + clone with torch on one thread {fig('mount1')}, "
+                  f"{ru / med['mount1']:.2f}x; its FUSE ceiling, the same through a --serve-zeros mount "
+                  f"{fig('ceiling')}, the mount at {med['ceiling'] / mo:.2f}x of it; the reader's floor, the "
+                  f"same script on the folder's files in /dev/shm (torch's default threads) {fig('local')}, "
+                  f"on one thread {fig('local1')}")
         print(f"\n70B-shaped checkpoint on the server ({placed} objects): `mount` + `ls -lR` "
               f"{bench.median(walls) * 1000:.0f} ms ({bench.spread_text([w * 1000 for w in walls], '{:.0f}')}), "
               f"of which `mount` {bench.median(mount_t) * 1000:.0f} ms; ls printed {lines} lines")

@@ -837,7 +837,7 @@ impl ObjectFile {
             let (i, within) = (at / BLOCK_SIZE, (at % BLOCK_SIZE) as usize);
             let want = (buf.len() - done).min(BLOCK_SIZE as usize - within);
             let block = self.block(i, want as u64)?;
-            let n = (block.len().saturating_sub(within)).min(buf.len() - done);
+            let n = block.len().saturating_sub(within).min(want);
             if n == 0 {
                 return Err(S3Error::Failed {
                     bucket: self.0.store.client.bucket().to_string(),
