@@ -14,11 +14,12 @@ file-backed S3 server on loopback (s3rver, tests/s3), read
   S9  the peer vLLM users load from S3 with: Run:ai Model Streamer (PyPI runai-model-streamer and
       runai-model-streamer-s3 0.17.1, installed into WORKDIR) streaming a Qwen3-MoE-shaped Hugging
       Face folder into CPU tensors, against safetensors' safe_open of the same folder through a
-      `reshardfs mount s3://... --model none --unshard`, every tensor copied into memory, both
-      timed inside their scripts (--no-runai skips it); also with torch held to one thread; the
-      same mount with --serve-zeros (headers as they are, tensors zeros: FUSE, the page cache and
-      the reader, no data path), its ceiling; and the script (both ways) on the folder's own files
-      in /dev/shm (no mount, no store): the reader's floor on this machine;
+      `reshardfs mount s3://... --model none --unshard`, both timed inside their scripts
+      (--no-runai skips it): each tensor made resident once (Run:ai's own buffers; every page of
+      safe_open's faulted in), and each copied once more (clone) on both sides; the same mount
+      with --serve-zeros (headers as they are, tensors zeros: FUSE, the page cache and the
+      reader, no data path), its ceiling; and the scripts on the folder's own files in /dev/shm
+      (no mount, no store): the reader's floor on this machine;
   S8  a 70B-shaped checkpoint (80 layers, hidden 8192, tp=8 x pp=8 with optimizer states: 128
       rank files, sparse on the server's disk): `mount` + `ls -lR` of a fresh mount, the listing
       and every header fetched;
@@ -175,28 +176,38 @@ RUNAI = ["runai-model-streamer==0.17.1", "runai-model-streamer-s3==0.17.1"]
 RUNAI_READ = """
 import sys, time
 from runai_model_streamer import SafetensorsStreamer
+clone = sys.argv[1] == "clone"
 t = time.perf_counter(); n = 0
 with SafetensorsStreamer() as s:
-    s.stream_files(sys.argv[1:])
+    s.stream_files(sys.argv[2:])
     for _, x in s.get_tensors():
+        if clone:
+            x = x.clone()
         n += x.numel() * x.element_size()
 print(time.perf_counter() - t, n)
 """
 
-# `get_tensor` alone maps the file and reads nothing but the page it faults
-# on first (the kernel reads 2 MiB around it): 818 of a 1515 MB view were
-# read so. `clone()` copies every byte into memory, as Run:ai's tensors are.
+# Run:ai yields tensors the caller owns (`owned=True`, its default), written once from the
+# network into its buffers. A tensor from `safe_open` is a window on the file's mapping: the
+# like-for-like reader faults every page of it in ("touch": one byte of each 4 KiB and the
+# last), which leaves it resident in the page cache, written once from the daemon. `get_tensor`
+# alone reads nothing but the page it faults on first (the kernel reads 2 MiB around it: 818 of
+# a 1515 MB view were read so). "clone" copies each tensor once more, on both sides.
 SAFE_OPEN_READ = """
-import os, sys, time
+import sys, time
 import torch
 from safetensors import safe_open
-if os.environ.get("BENCH_TORCH_THREADS"):
-    torch.set_num_threads(int(os.environ["BENCH_TORCH_THREADS"]))
+clone = sys.argv[1] == "clone"
 t = time.perf_counter(); n = 0
-for f in sys.argv[1:]:
+for f in sys.argv[2:]:
     with safe_open(f, "pt") as s:
         for k in s.keys():
-            x = s.get_tensor(k).clone()
+            x = s.get_tensor(k)
+            if clone:
+                x = x.clone()
+            elif x.numel():
+                b = x.reshape(-1).view(torch.uint8)
+                b[::4096].sum() + b[-1]
             n += x.numel() * x.element_size()
 print(time.perf_counter() - t, n)
 """
@@ -304,34 +315,40 @@ def main():
             shm_moe.mkdir(parents=True, exist_ok=True)
             for f in shards:
                 shutil.copyfile(moe / f, shm_moe / f)
-            s9 = {"runai": [], "mount": [], "mount1": [], "cat": [], "ceiling": [], "local": [], "local1": []}
+            # "mount", "local", "ceiling": the touch reader; "clone", "localclone": the clone
+            # one; "runaiclone": Run:ai's tensors copied once more, as "clone" does.
+            s9 = {k: [] for k in ("runai", "mount", "runaiclone", "clone", "cat", "ceiling", "local",
+                                  "localclone")}
             moe_bytes = 0
             order = list(s9)
-            # "mount1", "local1": the same as "mount", "local", torch held to one thread.
-            one_thread = {**os.environ, "BENCH_TORCH_THREADS": "1"}
             for rep in range(a.reps):
                 # cat of the same view file: the mount's sequential rate, without safe_open's
                 # page faults, to tell the two costs apart.
                 for which in (order if rep % 2 == 0 else order[::-1]):
                     bench.drop_caches()
-                    if which == "runai":
-                        t, moe_bytes = timed_py(RUNAI_READ, [f"s3://{BUCKET}/moe/{f}" for f in shards], renv)
+                    how = "clone" if "clone" in which else "touch"
+                    if which.startswith("runai"):
+                        t, moe_bytes = timed_py(RUNAI_READ, [how] + [f"s3://{BUCKET}/moe/{f}" for f in shards],
+                                                renv)
                     elif which.startswith("local"):
-                        env = one_thread if which.endswith("1") else None
-                        t = timed_py(SAFE_OPEN_READ, [str(shm_moe / f) for f in shards], env)[0]
+                        t = timed_py(SAFE_OPEN_READ, [how] + [str(shm_moe / f) for f in shards])[0]
                     else:
                         t0 = time.perf_counter()
                         zeros = ["--serve-zeros"] if which == "ceiling" else []
                         mounts.mount(f"s3://{BUCKET}/moe", mnt, "--model", "none", "--unshard", *zeros)
-                        views = [str(f) for f in bench.view_files(mnt) if str(f).endswith(".safetensors")]
-                        if which.startswith("mount") or which == "ceiling":
-                            # Timed as Run:ai is, inside the script (Python and torch start
-                            # outside it, 0.6 s here), plus the mount.
-                            env = one_thread if which.endswith("1") else None
-                            t = time.perf_counter() - t0 + timed_py(SAFE_OPEN_READ, views, env)[0]
-                        else:
+                        views = [f for f in bench.view_files(mnt) if f.name.endswith(".safetensors")]
+                        if which == "cat":
                             bench.cat(views)
                             t = time.perf_counter() - t0
+                        else:
+                            # Timed as Run:ai is, inside the script (Python and torch start
+                            # outside it, 0.6 s here), plus the mount.
+                            t = time.perf_counter() - t0 + timed_py(SAFE_OPEN_READ, [how] + views)[0]
+                        # Every reader must have had every byte of the view from the daemon.
+                        served = mounts.stats(mnt)["bytes_served"]
+                        size = sum(f.stat().st_size for f in views)
+                        if served < size:
+                            sys.exit(f"S9 {which}: the daemon served {served} of the view's {size} bytes")
                         mounts.umount(mnt, "moe")
                     s9[which].append(t)
                     log(f"rep {rep + 1}/{a.reps} S9 {which}: {t:.2f} s")
@@ -372,20 +389,19 @@ def main():
               f"{many[3] / many[2]:.2f}x the view's bytes fetched in {many[4]} GETs")
         if not a.no_runai:
             med = {k: bench.median(v) for k, v in s9.items()}
-            ru, mo = med["runai"], med["mount"]
 
             def fig(k):
-                return f"{med[k]:.2f} s ({bench.spread_text(s9[k])})"
+                return f"{med[k]:.2f} s ({bench.spread_text(s9[k])}), {moe_bytes / med[k] / MiB:.0f} MiB/s"
 
-            print(f"\nQwen3-MoE-shaped folder ({moe_bytes / MiB:.0f} MiB of tensors): Run:ai streamer "
-                  f"{fig('runai')}, {moe_bytes / ru / MiB:.0f} MiB/s; safe_open + clone through a reshardfs "
-                  f"s3:// mount {fig('mount')}, {moe_bytes / mo / MiB:.0f} MiB/s: {ru / mo:.2f}x Run:ai's "
-                  f"throughput (the mount plus the script's own time); cat of the same view {fig('cat')}, "
-                  f"{ru / med['cat']:.2f}x; safe_open + clone with torch on one thread {fig('mount1')}, "
-                  f"{ru / med['mount1']:.2f}x; its FUSE ceiling, the same through a --serve-zeros mount "
-                  f"{fig('ceiling')}, the mount at {med['ceiling'] / mo:.2f}x of it; the reader's floor, the "
-                  f"same script on the folder's files in /dev/shm (torch's default threads) {fig('local')}, "
-                  f"on one thread {fig('local1')}")
+            print(f"\nQwen3-MoE-shaped folder ({moe_bytes / MiB:.0f} MiB of tensors), each figure the mount (if "
+                  f"any) plus the script's own time. Every tensor resident once: Run:ai streamer {fig('runai')}; "
+                  f"safe_open through a reshardfs s3:// mount, every page of each tensor faulted in "
+                  f"{fig('mount')}: {med['runai'] / med['mount']:.2f}x Run:ai's throughput. Each tensor copied "
+                  f"once more (clone): Run:ai {fig('runaiclone')}; safe_open {fig('clone')}: "
+                  f"{med['runaiclone'] / med['clone']:.2f}x (against Run:ai without the copy "
+                  f"{med['runai'] / med['clone']:.2f}x). cat of the same view {fig('cat')}; the FUSE ceiling, the "
+                  f"touch reader through a --serve-zeros mount, {fig('ceiling')}; the reader's floor, the "
+                  f"scripts on the folder's files in /dev/shm: touch {fig('local')}, clone {fig('localclone')}")
         print(f"\n70B-shaped checkpoint on the server ({placed} objects): `mount` + `ls -lR` "
               f"{bench.median(walls) * 1000:.0f} ms ({bench.spread_text([w * 1000 for w in walls], '{:.0f}')}), "
               f"of which `mount` {bench.median(mount_t) * 1000:.0f} ms; ls printed {lines} lines")
