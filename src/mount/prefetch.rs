@@ -308,6 +308,11 @@ pub trait Backend: Send + Sync + 'static {
         start: u64,
         buf: &mut [u8],
     ) -> Result<(), SourceFault>;
+    /// Whether a reader's request for bytes `[start, start + len)` of `vf`
+    /// is answered from the object store's blocks as they are (no copy):
+    /// then computing it ahead would only copy it; asking the store for
+    /// those blocks (the advice) is what prepares it.
+    fn in_place(&self, it: usize, vf: &VirtualFile, start: u64, len: u64) -> bool;
     /// Counts source bytes asked of the kernel ahead of a reader.
     fn count_advised(&self, bytes: u64);
     /// A job panicked (a bug): count and log it, naming `what`.
@@ -521,6 +526,9 @@ fn run(backend: &dyn Backend, bs: u64, job: Job) {
             return;
         }
         let len = bs.min(vf.size - start);
+        if backend.in_place(job.it, vf, start, len) {
+            continue;
+        }
         // Never more than half the budget in blocks nobody read yet.
         if cache.pending_prefetch() + len > cache.capacity() / 2 {
             return;

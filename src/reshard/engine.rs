@@ -342,33 +342,83 @@ pub fn check_files(
 pub enum Piece {
     /// Bytes `[start, end)` of the file's generated header.
     Header { start: usize, end: usize },
-    /// `len` bytes of source file `file` from offset `at`.
+    /// `len` bytes of source file `file` from offset `at`; of an object,
+    /// within one block of its store.
     Source { file: usize, at: u64, len: u64 },
 }
 
 impl Piece {
-    /// The piece's bytes, from the header or the source map. The caller
-    /// checks the source files first ([`check_files`]): a truncated file's
-    /// pages fault rather than read as data.
-    pub fn bytes<'a>(&self, source: &'a Iteration, vf: &'a VirtualFile) -> &'a [u8] {
+    /// The piece's bytes: from the header, the source map, or `block`, the
+    /// object block it lies in ([`object_blocks`]). The caller checks the
+    /// source files first ([`check_files`]): a truncated file's pages fault
+    /// rather than read as data.
+    pub fn bytes<'a>(
+        &self,
+        source: &'a Iteration,
+        vf: &'a VirtualFile,
+        block: Option<&'a [u8]>,
+    ) -> &'a [u8] {
         match *self {
             Piece::Header { start, end } => &vf.header[start..end],
-            // `gather` lists no piece of an object.
-            Piece::Source { file, at, len } => {
-                source.files[file].map_bytes(at, len).unwrap_or_default()
-            }
+            Piece::Source { file, at, len } => match (source.files[file].object(), block) {
+                (Some(o), Some(b)) => {
+                    let from = (at % o.block_size()) as usize;
+                    b.get(from..from + len as usize).unwrap_or_default()
+                }
+                _ => source.files[file].map_bytes(at, len).unwrap_or_default(),
+            },
         }
     }
+}
+
+/// The store blocks the objects' pieces among `pieces` lie in, one entry a
+/// piece (`None` for the others), to hold while the kernel copies from them.
+/// Several missing blocks are all asked for before the first is waited on,
+/// so the store's fetchers get them in parallel. A fetch that fails fails
+/// the read, as [`read_file`]'s does.
+pub fn object_blocks(
+    source: &Iteration,
+    pieces: &[Piece],
+) -> Result<Vec<Option<std::sync::Arc<[u8]>>>, SourceFault> {
+    let objects = || {
+        pieces.iter().filter_map(|p| match *p {
+            Piece::Source { file, at, len } => {
+                source.files[file].object().map(|o| (file, o, at, len))
+            }
+            Piece::Header { .. } => None,
+        })
+    };
+    if objects().nth(1).is_some() {
+        for (_, o, at, len) in objects() {
+            o.will_need(at, len);
+        }
+    }
+    pieces
+        .iter()
+        .map(|p| match *p {
+            Piece::Source { file, at, len } => match source.files[file].object() {
+                Some(o) => o
+                    .block(at / o.block_size(), len)
+                    .map(Some)
+                    .map_err(|_| SourceFault {
+                        path: source.files[file].path.clone(),
+                    }),
+                None => Ok(None),
+            },
+            Piece::Header { .. } => Ok(None),
+        })
+        .collect()
 }
 
 /// The pieces bytes `[offset, offset + len)` of view file `vf` are made of,
 /// in order, when there are at most `max` of them and no byte needs
 /// converting (a cast): then the bytes can go to the reader straight from
-/// the header and the source maps, gathered by the kernel's copy
-/// (`writev`), with no copy in the daemon. Consecutive stored spans are one
-/// piece. `None` past the end, on a cast, or with more pieces (a column
-/// split into many narrow rows is cheaper to gather by copying than to
-/// hand to the kernel as hundreds of slices); `pieces` is cleared first.
+/// the header, the source maps and the store's blocks, gathered by the
+/// kernel's copy (`writev`), with no copy in the daemon. Consecutive stored
+/// spans are one piece, but an object's piece never crosses one of its
+/// blocks. `None` past the end, on a cast, or with more pieces (a column
+/// split into many narrow rows is cheaper to gather by copying than to hand
+/// to the kernel as hundreds of slices); `pieces` is cleared first.
 pub fn gather(
     source: &Iteration,
     vf: &VirtualFile,
@@ -403,26 +453,35 @@ pub fn gather(
             shape: &pt.slice.shape,
         };
         walk_region(source, t, region, at, n, &mut |file, at, len| {
-            // An object's bytes are fetched, not mapped: nothing to hand
-            // to the kernel.
-            if source.files[file].object().is_some() {
-                return Err(());
+            // A map is one piece however long; an object's piece ends
+            // where its block does.
+            let block = source.files[file]
+                .object()
+                .map_or(u64::MAX, |o| o.block_size());
+            let (mut at, end) = (at, at + len);
+            while at < end {
+                let stop = end.min((at / block).saturating_add(1).saturating_mul(block));
+                if let Some(Piece::Source {
+                    file: f,
+                    at: a,
+                    len: l,
+                }) = pieces.last_mut()
+                    && *f == file
+                    && *a + *l == at
+                    && *a / block == at / block
+                {
+                    *l += stop - at;
+                } else if pieces.len() == max {
+                    return Err(());
+                } else {
+                    pieces.push(Piece::Source {
+                        file,
+                        at,
+                        len: stop - at,
+                    });
+                }
+                at = stop;
             }
-            if let Some(Piece::Source {
-                file: f,
-                at: a,
-                len: l,
-            }) = pieces.last_mut()
-                && *f == file
-                && *a + *l == at
-            {
-                *l += len;
-                return Ok(());
-            }
-            if pieces.len() == max {
-                return Err(());
-            }
-            pieces.push(Piece::Source { file, at, len });
             Ok(())
         })
         .ok()?;
@@ -1232,7 +1291,7 @@ mod tests {
         assert_eq!(files, vec![f0, f1, f0, f1, f0, f1, f0, f1]);
         let bytes: Vec<u8> = pieces
             .iter()
-            .flat_map(|p| p.bytes(source, vf).to_vec())
+            .flat_map(|p| p.bytes(source, vf, None).to_vec())
             .collect();
         assert_eq!(bytes, read_all(&plan, 0, vf.size as usize).0);
         // Too many pieces for `max`, past the end, or empty: no list.
@@ -1249,7 +1308,7 @@ mod tests {
         gather(source, vf, at, 5, 100, &mut pieces).unwrap();
         let bytes: Vec<u8> = pieces
             .iter()
-            .flat_map(|p| p.bytes(source, vf).to_vec())
+            .flat_map(|p| p.bytes(source, vf, None).to_vec())
             .collect();
         assert_eq!(bytes, want_data()[10..15]);
     }

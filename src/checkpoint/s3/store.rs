@@ -989,6 +989,84 @@ mod tests {
         assert_eq!(gets.len(), 2 * 4, "and a header GET per object: {gets:?}");
     }
 
+    /// The pieces a read of a view of objects is answered with in place
+    /// ([`gather`], [`object_blocks`]) are the view's bytes, and never run
+    /// past one of the store's blocks: a plain folder of one 20 MiB and one
+    /// small tensor, read in 1 MiB requests offset as a `safe_open`
+    /// reader's faults come, and in requests across each block boundary.
+    #[test]
+    fn reads_answered_from_the_store_blocks_are_the_view() {
+        use crate::reshard::engine::{Piece, gather, object_blocks};
+        use crate::reshard::target::TargetSpec;
+        let big: Vec<u8> = (0..20u32 << 20).map(|k| (k % 251) as u8).collect();
+        let small = vec![3u8; 64];
+        let views = [
+            (
+                "big",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![big.len()], &big)
+                    .unwrap(),
+            ),
+            (
+                "small",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::U8, vec![64], &small)
+                    .unwrap(),
+            ),
+        ];
+        let file = safetensors::serialize(views, None).unwrap();
+        let objects = Arc::new(Objects::new("mem-inplace"));
+        objects.put("plain/model.safetensors", file.clone());
+        register(ObjectStore::new(objects, DEFAULT_CACHE));
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("model.safetensors"), &file).unwrap();
+        let remote = Plan::build(
+            Source::open(Path::new("s3://mem-inplace/plain")).unwrap(),
+            TargetSpec::Unshard,
+        )
+        .unwrap();
+        let local = Plan::build(Source::open(tmp.path()).unwrap(), TargetSpec::Unshard).unwrap();
+        let engine = Engine::new(&local);
+        let (it, vf) = (&remote.source.iterations[0], &remote.iterations[0].files[0]);
+        assert_eq!(vf.size, engine.size(0, 0));
+        let mut ranges: Vec<(u64, u64)> = (4096..vf.size)
+            .step_by(1 << 20)
+            .map(|at| (at, (1u64 << 20).min(vf.size - at)))
+            .collect();
+        ranges.extend((1..3).map(|b| (b * BLOCK_SIZE - 100, 200)));
+        ranges.extend([(0, 4096), (vf.size - 70, 70)]);
+        let (mut pieces, mut split) = (Vec::new(), 0);
+        for (at, len) in ranges {
+            gather(it, vf, at, len, 8, &mut pieces).unwrap();
+            let blocks = object_blocks(it, &pieces).unwrap();
+            let got: Vec<u8> = pieces
+                .iter()
+                .zip(&blocks)
+                .flat_map(|(p, b)| p.bytes(it, vf, b.as_deref()).to_vec())
+                .collect();
+            let mut want = vec![0u8; len as usize];
+            engine.read(0, 0, at, &mut want).unwrap();
+            assert!(got == want, "bytes {at}+{len}");
+            let data: Vec<_> = pieces
+                .iter()
+                .filter_map(|p| match *p {
+                    Piece::Source { at, len, .. } => Some((at, len)),
+                    Piece::Header { .. } => None,
+                })
+                .collect();
+            for &(a, l) in &data {
+                assert_eq!(
+                    a / BLOCK_SIZE,
+                    (a + l - 1) / BLOCK_SIZE,
+                    "{a}+{l} crosses a block"
+                );
+            }
+            split += data
+                .windows(2)
+                .filter(|w| w[0].0 + w[0].1 == w[1].0)
+                .count();
+        }
+        assert!(split >= 2, "no request was split at a block boundary");
+    }
+
     #[test]
     fn an_object_changed_under_a_view_fails_its_reads_for_good() {
         let (_, objects) = bucket("mem-changed", DEFAULT_CACHE);

@@ -84,6 +84,9 @@ pub(crate) struct Core {
     passthrough: Passthrough,
     /// Distinguishes servers in per-thread state (never reused).
     id: usize,
+    /// Per source iteration: some of its files are objects, whose reads
+    /// are answered from the store's blocks where they can be.
+    objects: Vec<bool>,
 }
 
 /// What an open handle carries.
@@ -202,9 +205,16 @@ impl Server {
             .flat_map(|it| &it.files)
             .filter(|f| f.whole_source.is_some())
             .count();
+        let objects = plan
+            .source
+            .iterations
+            .iter()
+            .map(|it| it.files.iter().any(|f| f.object().is_some()))
+            .collect();
         Server {
             core: Arc::new(Core {
                 passthrough: Passthrough::new(true, whole),
+                objects,
                 plan,
                 tree,
                 cache: BlockCache::new(cache_bytes),

@@ -1,10 +1,12 @@
 //! The read path: what a request for a view file's bytes does.
 //!
 //! A request for whole blocks nobody cached (a sequential reader's) is
-//! answered straight from the source maps when its pieces are few and
-//! wide enough, else computed into this thread's buffer; anything else
-//! goes through the block cache. Source spans a thread has read stay
-//! mapped until enough have piled up to release them in one go.
+//! answered straight from the source maps or the object store's blocks
+//! when its pieces are few and wide enough, else computed into this
+//! thread's buffer; from objects, any request that is so few pieces is
+//! answered so; anything else goes through the block cache. Source spans a
+//! thread has read stay mapped until enough have piled up to release them
+//! in one go.
 
 use std::io::IoSlice;
 
@@ -15,7 +17,9 @@ use crate::mount::cache::BlockCache;
 use crate::mount::hooks;
 use crate::mount::prefetch::{Backend, ViewFile};
 use crate::mount::tree::{Content, Ino};
-use crate::reshard::engine::{Piece, Served, SourceFault, Touched, check_files, gather, read_file};
+use crate::reshard::engine::{
+    Piece, Served, SourceFault, Touched, check_files, gather, object_blocks, read_file,
+};
 use crate::reshard::plan::VirtualFile;
 
 /// A request answered from the source maps ([`gather`]) has at most this
@@ -135,19 +139,24 @@ impl Core {
         let first = offset / bs;
         let last = (end - 1) / bs;
         let whole_blocks = offset.is_multiple_of(bs) && (end.is_multiple_of(bs) || end == vf.size);
-        if whole_blocks && !(first..=last).any(|b| self.cache.contains((id, b))) {
+        let in_store = self.objects[it];
+        if (whole_blocks || in_store) && !(first..=last).any(|b| self.cache.contains((id, b))) {
             // A request for whole blocks nobody has cached: the sequential
             // reader's case (1 MiB readahead requests). The kernel keeps
             // these pages itself, so caching them too would only cost
             // memory, and fresh cache memory is what costs most here (first
             // touch of a page). When the range is a few pieces of the
-            // header and the source maps, reply with those (no copy in the
-            // daemon at all); else compute into this thread's buffer.
-            let source = &self.plan.source.iterations[it];
-            let max = (n / MIN_PIECE).clamp(1, MAX_PIECES) + END_PIECES;
-            if PIECES.with_borrow_mut(|p| gather(source, vf, offset, n as u64, max, p).is_some()) {
+            // header, the source maps and the store's blocks, reply with
+            // those (no copy in the daemon at all); else compute into this
+            // thread's buffer. From objects any request is answered so if
+            // it can be, whole blocks or not: the store's blocks are their
+            // cache already, and a `safe_open` reader's faults come as
+            // 1 MiB requests that straddle two view blocks.
+            if self.gather(it, vf, offset, n) {
                 return self.reply_from_pieces(it, vf, out);
             }
+        }
+        if whole_blocks && !(first..=last).any(|b| self.cache.contains((id, b))) {
             return SCRATCH.with_borrow_mut(|scratch| {
                 if scratch.len() < n {
                     scratch.resize(n, 0);
@@ -212,15 +221,25 @@ impl Core {
         Ok(r)
     }
 
+    /// Whether bytes `[offset, offset + n)` of `vf` are a few pieces of the
+    /// header, the source maps and the store's blocks ([`gather`]); if so,
+    /// they are left in this thread's `PIECES`.
+    fn gather(&self, it: usize, vf: &VirtualFile, offset: u64, n: usize) -> bool {
+        let source = &self.plan.source.iterations[it];
+        let max = (n / MIN_PIECE).clamp(1, MAX_PIECES) + END_PIECES;
+        PIECES.with_borrow_mut(|p| gather(source, vf, offset, n as u64, max, p).is_some())
+    }
+
     /// Replies with the pieces [`gather`] left in this thread's `PIECES`:
-    /// slices of the header and of the source maps, which the kernel copies
-    /// into the reader's page cache with one `writev`, the daemon copying
-    /// nothing (a row split's slices, a Hugging Face part, the rows of a
-    /// fused tensor: most of a view's bytes). Each source file is checked
-    /// first (still the one planned, not truncated under the map); a
-    /// truncation racing the kernel's copy faults in the kernel, which then
-    /// fails the read with EIO, so no zeros are ever served. The pages the
-    /// copy mapped are released with this thread's other spans.
+    /// slices of the header, of the source maps and of the store's blocks
+    /// (held until the reply is written), which the kernel copies into the
+    /// reader's page cache with one `writev`, the daemon copying nothing (a
+    /// row split's slices, a Hugging Face part, the rows of a fused tensor:
+    /// most of a view's bytes). Each source file is checked first (still
+    /// the one planned, not truncated under the map); a truncation racing
+    /// the kernel's copy faults in the kernel, which then fails the read
+    /// with EIO, so no zeros are ever served. The pages the copy mapped are
+    /// released with this thread's other spans.
     fn reply_from_pieces<R>(
         &self,
         it: usize,
@@ -237,16 +256,21 @@ impl Core {
             };
             check_files(source, spans().map(|(file, _, _)| file))?;
             let from_source: u64 = spans().map(|(_, _, len)| len).sum();
+            let blocks = object_blocks(source, pieces)?;
             let slices: Vec<IoSlice<'_>> = pieces
                 .iter()
-                .map(|p| IoSlice::new(p.bytes(source, vf)))
+                .zip(&blocks)
+                .map(|(p, b)| IoSlice::new(p.bytes(source, vf, b.as_deref())))
                 .collect();
             let r = out(&slices);
             self.counters.add(Counter::DirectReads, 1);
             self.counters.add(Counter::MappedReads, 1);
             self.counters.add(Counter::SourceBytesRead, from_source);
             self.with_touched(it, |touched, source| {
-                for (file, at, len) in spans() {
+                // An object's blocks are not mapped: nothing to release.
+                for (file, at, len) in
+                    spans().filter(|&(f, _, _)| source.files[f].object().is_none())
+                {
                     touched.add(file, at, at + len);
                 }
                 if touched.span_bytes() >= RELEASE_EVERY {
@@ -324,6 +348,10 @@ impl Backend for Core {
             panic!("injected by RESHARDFS_TEST_PANIC_IN_PREFETCH (tests only)");
         }
         self.read_source(it, vf, start, buf).map(|_| ())
+    }
+
+    fn in_place(&self, it: usize, vf: &VirtualFile, start: u64, len: u64) -> bool {
+        self.objects[it] && self.gather(it, vf, start, len as usize)
     }
 
     fn count_advised(&self, bytes: u64) {

@@ -62,12 +62,12 @@ pub(crate) const STATS: &[(&str, Value, &str)] = &[
     (
         "direct_reads",
         Value::Counter(Counter::DirectReads),
-        "whole blocks computed for the request itself, not cached",
+        "requests computed or gathered for themselves, not cached",
     ),
     (
         "mapped_reads",
         Value::Counter(Counter::MappedReads),
-        "of those, answered straight from the source maps",
+        "of those, answered straight from the source maps or the object store's blocks",
     ),
     (
         "bytes_served",
