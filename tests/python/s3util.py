@@ -171,6 +171,11 @@ class FaultProxy:
                 c, _ = self.sock.accept()
             except OSError:
                 return
+            # Without TCP_NODELAY every response's head and body, two writes, waited for the
+            # client's delayed ACK (Nagle): 40 ms a GET. A tp=2 view of a 1275 MiB save read
+            # through the proxy with no delay in 2.84-2.94 s, 1.80-2.35 s straight from the
+            # server; with it, 2.51-2.71 s (3 interleaved runs each).
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     @classmethod
@@ -210,6 +215,7 @@ class FaultProxy:
                     return
                 if up is None:
                     up = socket.create_connection(("127.0.0.1", self.upstream), timeout=60)
+                    up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 up.sendall(req)
                 if not self._relay(up, c, head_only=req.startswith(b"HEAD"), truncate=fault == "truncate"):
                     return
