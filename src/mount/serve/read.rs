@@ -139,8 +139,8 @@ impl Core {
         let first = offset / bs;
         let last = (end - 1) / bs;
         let whole_blocks = offset.is_multiple_of(bs) && (end.is_multiple_of(bs) || end == vf.size);
-        let in_store = self.objects[it];
-        if (whole_blocks || in_store) && !(first..=last).any(|b| self.cache.contains((id, b))) {
+        let uncached = !(first..=last).any(|b| self.cache.contains((id, b)));
+        if uncached && (whole_blocks || self.objects[it]) {
             // A request for whole blocks nobody has cached: the sequential
             // reader's case (1 MiB readahead requests). The kernel keeps
             // these pages itself, so caching them too would only cost
@@ -156,7 +156,7 @@ impl Core {
                 return self.reply_from_pieces(it, vf, out);
             }
         }
-        if whole_blocks && !(first..=last).any(|b| self.cache.contains((id, b))) {
+        if uncached && whole_blocks {
             return SCRATCH.with_borrow_mut(|scratch| {
                 if scratch.len() < n {
                     scratch.resize(n, 0);
