@@ -499,7 +499,7 @@ proptest! {
                     }
                     if got.is_some() {
                         prop_assert!(pieces.len() <= max);
-                        let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf, None)).copied().collect();
+                        let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf, None).unwrap()).copied().collect();
                         prop_assert!(bytes == want[off as usize..(off + len) as usize],
                             "file {} pieces {}+{} (at most {})", vf.name, off, len, max);
                     }

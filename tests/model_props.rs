@@ -326,7 +326,7 @@ proptest! {
                 let got = gather(src, vf, at, len, usize::MAX, &mut pieces);
                 prop_assert_eq!(got.is_some(), fits && !cast(at, len), "{} gather {}+{}", vf.name, at, len);
                 if got.is_some() {
-                    let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf, None)).copied().collect();
+                    let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf, None).unwrap()).copied().collect();
                     prop_assert!(bytes == whole[at as usize..(at + len) as usize],
                         "{} pieces {at}+{len}", vf.name);
                 }

@@ -349,23 +349,26 @@ pub enum Piece {
 
 impl Piece {
     /// The piece's bytes: from the header, the source map, or `block`, the
-    /// object block it lies in ([`object_blocks`]). The caller checks the
-    /// source files first ([`check_files`]): a truncated file's pages fault
-    /// rather than read as data.
+    /// object block it lies in ([`object_blocks`]); `None` if they are not
+    /// all there (a source piece without its map or block), which the
+    /// caller fails rather than reply short. The caller checks the source
+    /// files first ([`check_files`]): a truncated file's pages fault rather
+    /// than read as data.
     pub fn bytes<'a>(
         &self,
         source: &'a Iteration,
         vf: &'a VirtualFile,
         block: Option<&'a [u8]>,
-    ) -> &'a [u8] {
+    ) -> Option<&'a [u8]> {
         match *self {
-            Piece::Header { start, end } => &vf.header[start..end],
+            Piece::Header { start, end } => vf.header.get(start..end),
             Piece::Source { file, at, len } => match (source.files[file].object(), block) {
                 (Some(o), Some(b)) => {
                     let from = (at % o.block_size()) as usize;
-                    b.get(from..from + len as usize).unwrap_or_default()
+                    b.get(from..from.checked_add(len as usize)?)
                 }
-                _ => source.files[file].map_bytes(at, len).unwrap_or_default(),
+                (Some(_), None) => None,
+                (None, _) => source.files[file].map_bytes(at, len),
             },
         }
     }
@@ -1291,7 +1294,7 @@ mod tests {
         assert_eq!(files, vec![f0, f1, f0, f1, f0, f1, f0, f1]);
         let bytes: Vec<u8> = pieces
             .iter()
-            .flat_map(|p| p.bytes(source, vf, None).to_vec())
+            .flat_map(|p| p.bytes(source, vf, None).unwrap().to_vec())
             .collect();
         assert_eq!(bytes, read_all(&plan, 0, vf.size as usize).0);
         // Too many pieces for `max`, past the end, or empty: no list.
@@ -1308,7 +1311,7 @@ mod tests {
         gather(source, vf, at, 5, 100, &mut pieces).unwrap();
         let bytes: Vec<u8> = pieces
             .iter()
-            .flat_map(|p| p.bytes(source, vf, None).to_vec())
+            .flat_map(|p| p.bytes(source, vf, None).unwrap().to_vec())
             .collect();
         assert_eq!(bytes, want_data()[10..15]);
     }

@@ -1040,7 +1040,7 @@ mod tests {
             let got: Vec<u8> = pieces
                 .iter()
                 .zip(&blocks)
-                .flat_map(|(p, b)| p.bytes(it, vf, b.as_deref()).to_vec())
+                .flat_map(|(p, b)| p.bytes(it, vf, b.as_deref()).unwrap().to_vec())
                 .collect();
             let mut want = vec![0u8; len as usize];
             engine.read(0, 0, at, &mut want).unwrap();

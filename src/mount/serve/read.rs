@@ -257,11 +257,22 @@ impl Core {
             check_files(source, spans().map(|(file, _, _)| file))?;
             let from_source: u64 = spans().map(|(_, _, len)| len).sum();
             let blocks = object_blocks(source, pieces)?;
-            let slices: Vec<IoSlice<'_>> = pieces
+            // A piece whose bytes are not all there fails the read: a short
+            // reply would read as the end of the file, zeros under a map.
+            let slices = pieces
                 .iter()
                 .zip(&blocks)
-                .map(|(p, b)| IoSlice::new(p.bytes(source, vf, b.as_deref())))
-                .collect();
+                .map(|(p, b)| {
+                    p.bytes(source, vf, b.as_deref())
+                        .map(IoSlice::new)
+                        .ok_or_else(|| SourceFault {
+                            path: match *p {
+                                Piece::Source { file, .. } => source.files[file].path.clone(),
+                                Piece::Header { .. } => vf.name.clone().into(),
+                            },
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             let r = out(&slices);
             self.counters.add(Counter::DirectReads, 1);
             self.counters.add(Counter::MappedReads, 1);
