@@ -4,14 +4,14 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::os::unix::fs::OpenOptionsExt;
 
 use super::limits::MAX_FILES;
 use super::mapped::RankFile;
 use super::store;
-use crate::error::{Result, source_io};
+use crate::error::{Error, Result, source_io};
 use crate::{bad, bail};
 
 /// Reads a whole file of at most `cap` bytes, from the store that holds it.
@@ -56,16 +56,40 @@ pub enum Links {
     Follow,
 }
 
-/// Opens a file named by the checkpoint, from the store that holds `dir`:
-/// `file_name` must be a bare name in `dir`; where its link may lead is
-/// `links`'s rule.
-pub(crate) fn open_rank_file(
-    dir: &Path,
-    file_name: &str,
-    named_in: &Path,
-    links: Links,
-    referrer: &dyn Fn() -> String,
-) -> Result<RankFile> {
+/// A rank file as a checkpoint names it: the folder, the name, the file
+/// that names it and who in that file (`referrer`, for messages), and where
+/// a link may lead.
+pub struct Named<'a> {
+    pub dir: &'a Path,
+    pub file_name: &'a str,
+    pub named_in: &'a Path,
+    pub links: Links,
+    pub referrer: &'a dyn Fn() -> String,
+}
+
+impl Named<'_> {
+    /// The file's path, in its folder.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(self.file_name)
+    }
+
+    /// The error for a name its folder does not hold, whatever the store.
+    pub fn missing(&self) -> Error {
+        bad!(
+            "{}: {}names {}, which does not exist in {}",
+            self.named_in.display(),
+            (self.referrer)(),
+            self.file_name,
+            self.dir.display()
+        )
+    }
+}
+
+/// Opens a file named by the checkpoint, from the store that holds its
+/// folder: the name must be a bare name in the folder; where its link may
+/// lead is its `links` rule.
+pub(crate) fn open_rank_file(n: &Named<'_>) -> Result<RankFile> {
+    let file_name = n.file_name;
     let bare = !file_name.is_empty()
         && file_name != "."
         && file_name != ".."
@@ -74,33 +98,21 @@ pub(crate) fn open_rank_file(
     if !bare {
         bail!(
             "{}: {}file_name {file_name:?} is not a bare file name in the same folder",
-            named_in.display(),
-            referrer()
+            n.named_in.display(),
+            (n.referrer)()
         );
     }
-    store::of(dir)?.open_rank_file(dir, file_name, named_in, links, referrer)
+    store::of(n.dir)?.open_rank_file(n)
 }
 
-/// [`open_rank_file`] on the file system, `file_name` checked bare. Whatever
+/// [`open_rank_file`] on the file system, the name checked bare. Whatever
 /// the rule for links, only a regular file is opened: a FIFO would block
 /// the open (and every read) forever, and a directory or a device is no
 /// safetensors file.
-pub(crate) fn open_local_rank_file(
-    dir: &Path,
-    file_name: &str,
-    named_in: &Path,
-    links: Links,
-    referrer: &dyn Fn() -> String,
-) -> Result<RankFile> {
-    let path = dir.join(file_name);
-    let missing = || {
-        bad!(
-            "{}: {}names {file_name}, which does not exist in {}",
-            named_in.display(),
-            referrer(),
-            dir.display()
-        )
-    };
+pub(crate) fn open_local_rank_file(n: &Named<'_>) -> Result<RankFile> {
+    let (dir, links) = (n.dir, n.links);
+    let path = n.path();
+    let missing = || n.missing();
     let link = match fs::symlink_metadata(&path) {
         Ok(m) => m.file_type().is_symlink(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
@@ -228,7 +240,13 @@ impl FileSet<'_> {
                 self.named_in.display()
             );
         }
-        let f = open_rank_file(self.dir, name, self.named_in, self.links, &referrer)?;
+        let f = open_rank_file(&Named {
+            dir: self.dir,
+            file_name: name,
+            named_in: self.named_in,
+            links: self.links,
+            referrer: &referrer,
+        })?;
         self.files.push(f);
         self.index.insert(name.to_string(), self.files.len() - 1);
         Ok(self.files.len() - 1)
@@ -267,8 +285,14 @@ impl FileSet<'_> {
                         loop {
                             let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             let Some(name) = todo.get(i) else { break };
-                            if let Ok(f) = open_rank_file(dir, name, named_in, links, &String::new)
-                            {
+                            let named = Named {
+                                dir,
+                                file_name: name,
+                                named_in,
+                                links,
+                                referrer: &String::new,
+                            };
+                            if let Ok(f) = open_rank_file(&named) {
                                 mine.push((i, f));
                             }
                         }
@@ -373,13 +397,13 @@ mod tests {
         // A link leading outside is refused by what the kernel opened.
         fs::write(tmp.path().join("outside"), b"x").unwrap();
         std::os::unix::fs::symlink(tmp.path().join("outside"), dir.join("b.safetensors")).unwrap();
-        let e = open_rank_file(
-            &dir,
-            "b.safetensors",
-            Path::new("metadata.json"),
-            Links::Inside,
-            &String::new,
-        )
+        let e = open_rank_file(&Named {
+            dir: &dir,
+            file_name: "b.safetensors",
+            named_in: Path::new("metadata.json"),
+            links: Links::Inside,
+            referrer: &String::new,
+        })
         .unwrap_err();
         assert!(
             e.to_string().contains("outside the checkpoint folder"),
@@ -389,7 +413,13 @@ mod tests {
 
     /// `open_rank_file` of `name` in `dir` under `links`.
     fn open(dir: &Path, name: &str, links: Links) -> Result<RankFile> {
-        open_rank_file(dir, name, Path::new("index.json"), links, &String::new)
+        open_rank_file(&Named {
+            dir,
+            file_name: name,
+            named_in: Path::new("index.json"),
+            links,
+            referrer: &String::new,
+        })
     }
 
     #[test]

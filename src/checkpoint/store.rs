@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::mapped::RankFile;
-use super::paths::{self, Links};
+use super::paths::{self, Named};
 use super::s3;
 use crate::error::{Result, source_io};
 
@@ -51,17 +51,9 @@ pub trait Store: Send + Sync {
     }
     /// A whole file of at most `cap` bytes.
     fn read_small(&self, path: &Path, cap: u64) -> Result<Vec<u8>>;
-    /// Opens rank file `file_name` of folder `dir` (a bare name, checked by
-    /// the caller), its header read and checked; `links` is where a link
-    /// may lead, `named_in` and `referrer` say who named the file.
-    fn open_rank_file(
-        &self,
-        dir: &Path,
-        file_name: &str,
-        named_in: &Path,
-        links: Links,
-        referrer: &dyn Fn() -> String,
-    ) -> Result<RankFile>;
+    /// Opens the rank file `n` names (a bare name, checked by the caller),
+    /// its header read and checked.
+    fn open_rank_file(&self, n: &Named<'_>) -> Result<RankFile>;
     /// The path every later use names the source by: absolute, links
     /// resolved, on the file system.
     fn canonical(&self, path: &Path) -> Result<PathBuf>;
@@ -133,15 +125,8 @@ impl Store for Local {
         paths::read_local_small(path, cap)
     }
 
-    fn open_rank_file(
-        &self,
-        dir: &Path,
-        file_name: &str,
-        named_in: &Path,
-        links: Links,
-        referrer: &dyn Fn() -> String,
-    ) -> Result<RankFile> {
-        paths::open_local_rank_file(dir, file_name, named_in, links, referrer)
+    fn open_rank_file(&self, n: &Named<'_>) -> Result<RankFile> {
+        paths::open_local_rank_file(n)
     }
 
     fn canonical(&self, path: &Path) -> Result<PathBuf> {

@@ -30,7 +30,7 @@ use super::creds::{self, Settings};
 use super::disk;
 use crate::checkpoint::header::{header_len, parse_header_of};
 use crate::checkpoint::mapped::RankFile;
-use crate::checkpoint::paths::Links;
+use crate::checkpoint::paths::Named;
 use crate::checkpoint::store::{Entry, EntryKind, Store};
 use crate::error::{Error, Result};
 use crate::{bad, bail};
@@ -610,23 +610,11 @@ impl Store for ObjectStore {
         Ok(data)
     }
 
-    fn open_rank_file(
-        &self,
-        dir: &Path,
-        file_name: &str,
-        named_in: &Path,
-        _links: Links,
-        referrer: &dyn Fn() -> String,
-    ) -> Result<RankFile> {
-        let dir_key = self.key(dir)?;
-        let path = dir.join(file_name);
-        let Some(obj) = self.object(&dir_key, file_name)? else {
-            bail!(
-                "{}: {}names {file_name}, which does not exist in {}",
-                named_in.display(),
-                referrer(),
-                dir.display()
-            );
+    fn open_rank_file(&self, n: &Named<'_>) -> Result<RankFile> {
+        let dir_key = self.key(n.dir)?;
+        let path = n.path();
+        let Some(obj) = self.object(&dir_key, n.file_name)? else {
+            return Err(n.missing());
         };
         let bad_header = |e: String| bad!("{}: {e}", path.display());
         // A header kept on disk is used only if it still parses as this
