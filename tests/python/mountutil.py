@@ -565,6 +565,24 @@ def _cmd_maphold(path):
     os.close(fd)
 
 
+def _cmd_mapshuffled(path, seed):
+    """Faults the pages of `path`'s map in a shuffled order (the kernel asks the daemon for the
+    window around each fault, wherever it falls), then prints the whole map's sha256."""
+    import mmap
+    import random
+
+    fd = os.open(path, os.O_RDONLY)
+    size = os.fstat(fd).st_size
+    m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    pages = list(range(0, size, 4096))
+    random.Random(int(seed)).shuffle(pages)
+    for at in pages:
+        m[at]
+    sys.stdout.write(f"{hashlib.sha256(m).hexdigest()} {size}\n")
+    m.close()
+    os.close(fd)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "tensors":
@@ -575,5 +593,7 @@ if __name__ == "__main__":
         _cmd_hold(*args)
     elif cmd == "maphold":
         _cmd_maphold(*args)
+    elif cmd == "mapshuffled":
+        _cmd_mapshuffled(*args)
     else:
         raise SystemExit(f"unknown command {cmd!r}")

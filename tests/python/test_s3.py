@@ -114,6 +114,47 @@ def test_a_view_from_the_bucket_is_the_view_from_disk(s3, mounts, exports, name,
     assert diff.code == 0, str(diff)
 
 
+def test_a_large_view_faulted_in_at_random_is_the_view_from_disk(s3, mounts, exports, tmp_path):
+    """A plain folder larger than the fixtures (a 24 MiB tensor across three of the store's 8 MiB
+    blocks, and small ones), mounted from the bucket and read through a map in a shuffled order of
+    pages: the kernel asks for windows around each fault, straddling the view's 1 MiB blocks and
+    the store's, which the daemon answers from the store's blocks in place. Every tensor is
+    numpy's, and the file equals the view exported from disk."""
+    import hashlib
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    tensors = {
+        "big": rng.standard_normal((6, 1 << 20), dtype=np.float32),
+        "half": rng.standard_normal((3, 4096)).astype(np.float16),
+        "ids": rng.integers(0, 1 << 30, 5000, dtype=np.int32),
+    }
+    src = tmp_path / "plain"
+    src.mkdir()
+    save_file(tensors, str(src / "model.safetensors"))
+    s3.upload_tree(src, BUCKET, "big-plain")
+    args = ["--model", "none", "--unshard"]
+    ref = exports(src, args)
+    m = s3_mount(mounts, s3.env(), f"s3://{BUCKET}/big-plain", args)
+    files = [f for f in files_under(ref) if f.endswith(".safetensors")]
+    assert files
+    for rel in files:
+        p = mountutil.py("mapshuffled", m.path(rel), "3", timeout=120)
+        assert p.code == 0, str(p)
+        want = hashlib.sha256((ref / rel).read_bytes()).hexdigest()
+        assert p.stdout.split()[0] == want, rel
+    got = {}
+    for f in mountutil.read_tensors([m.path(rel) for rel in files]).values():
+        got.update(f["tensors"])
+    dtypes = {"big": "F32", "half": "F16", "ids": "I32"}
+    assert got == {k: [dtypes[k], list(v.shape), hashlib.sha256(v.tobytes()).hexdigest()]
+                   for k, v in tensors.items()}
+    st = m.stats()
+    assert st["read_errors"] == 0 and st["mapped_reads"] > 0, st
+
+
 def test_inspect_and_plan_name_the_objects(s3):
     r = _run_env([ckpt.binary(), "inspect", remote("gpt")], s3.env(), 60)
     assert r.code == 0, str(r)
