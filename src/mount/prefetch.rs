@@ -10,7 +10,10 @@
 //! the storage busy ahead of the reader. On a FUSE or network source they
 //! also ask the kernel for the source spans ahead (`MADV_WILLNEED`, a
 //! readahead window per call), since a fault there waits for one small
-//! window at a time ([`Prefetcher::on_read`] has the measurements).
+//! window at a time ([`Prefetcher::on_read`] has the measurements). From
+//! an object store the advice fetches the objects' blocks ahead, and a
+//! block the reader's requests will take from those blocks as they are
+//! ([`Backend::in_place`]) is not computed at all.
 //!
 //! The window of blocks kept ahead starts at one block and doubles with every
 //! sequential read up to the configured bound (so a reader that stops early
