@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use reshardfs::checkpoint::s3::client::{Client, Retry};
+use reshardfs::checkpoint::s3::store::Backend;
 use reshardfs::checkpoint::s3::{Location, creds};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -27,6 +27,7 @@ use rusty_s3::actions::{ListObjectsV2, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 
 use super::creds::Settings;
+use super::store::Backend;
 
 /// How long a presigned request stays valid: long enough for the slowest
 /// retry of one request, short enough to be worthless if it leaked.
@@ -245,10 +246,6 @@ impl Client {
         })
     }
 
-    pub fn bucket(&self) -> &str {
-        self.bucket.name()
-    }
-
     fn failed(&self, key: &str, reason: String, transient: bool) -> S3Error {
         S3Error::Failed {
             bucket: self.bucket().to_string(),
@@ -336,9 +333,53 @@ impl Client {
             .read_to_string()
             .unwrap_or_default()
     }
+    /// The object's size and ETag (for `examples/s3_get.rs`: sources take
+    /// them from their listings).
+    pub fn head(&self, key: &str) -> Result<Object, S3Error> {
+        self.with_retries(|| {
+            let url = self
+                .bucket
+                .head_object(self.keys.as_ref(), key)
+                .sign(SIGN_TTL);
+            let mut r = self
+                .agent
+                .head(url.as_str())
+                .call()
+                .map_err(|e| self.transport(key, &e))?;
+            let code = r.status().as_u16();
+            if code != 200 {
+                return Err(self.status(key, code, &Self::error_body(&mut r)));
+            }
+            let header = |h: &str| {
+                r.headers()
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let size = header("content-length")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| self.failed(key, "HEAD without a Content-Length".into(), false))?;
+            Ok(Object {
+                key: key.to_string(),
+                size,
+                etag: header("etag").unwrap_or_default(),
+            })
+        })
+    }
+}
+
+/// The real client, the store's HTTP [`Backend`].
+impl Backend for Client {
+    fn bucket(&self) -> &str {
+        self.bucket.name()
+    }
+
+    fn counters(&self) -> &Counters {
+        &self.counters
+    }
 
     /// One level of the listing under `prefix` (delimiter `/`), every page.
-    pub fn list(&self, prefix: &str) -> Result<Listing, S3Error> {
+    fn list(&self, prefix: &str) -> Result<Listing, S3Error> {
         let mut out = Listing::default();
         let mut token: Option<String> = None;
         loop {
@@ -391,50 +432,11 @@ impl Client {
         }
     }
 
-    /// The object's size and ETag.
-    pub fn head(&self, key: &str) -> Result<Object, S3Error> {
-        self.with_retries(|| {
-            let url = self
-                .bucket
-                .head_object(self.keys.as_ref(), key)
-                .sign(SIGN_TTL);
-            let mut r = self
-                .agent
-                .head(url.as_str())
-                .call()
-                .map_err(|e| self.transport(key, &e))?;
-            let code = r.status().as_u16();
-            if code != 200 {
-                return Err(self.status(key, code, &Self::error_body(&mut r)));
-            }
-            let header = |h: &str| {
-                r.headers()
-                    .get(h)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string)
-            };
-            let size = header("content-length")
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| self.failed(key, "HEAD without a Content-Length".into(), false))?;
-            Ok(Object {
-                key: key.to_string(),
-                size,
-                etag: header("etag").unwrap_or_default(),
-            })
-        })
-    }
-
     /// Bytes `[offset, offset + buf.len())` of `key` into `buf`, only from
     /// the object whose ETag is `etag`: the GET carries `If-Match`, and the
     /// answer's ETag and `Content-Range` are checked too (stores that
     /// ignore `If-Match` exist).
-    pub fn get_range(
-        &self,
-        key: &str,
-        etag: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), S3Error> {
+    fn get_range(&self, key: &str, etag: &str, offset: u64, buf: &mut [u8]) -> Result<(), S3Error> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -513,7 +515,7 @@ impl Client {
     }
 
     /// The whole object, when it holds at most `cap` bytes.
-    pub fn get_whole(&self, key: &str, cap: u64) -> Result<Vec<u8>, S3Error> {
+    fn get_whole(&self, key: &str, cap: u64) -> Result<Vec<u8>, S3Error> {
         self.with_retries(|| {
             let url = self
                 .bucket

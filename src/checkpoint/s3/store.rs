@@ -197,30 +197,6 @@ pub trait Backend: Send + Sync {
     fn counters(&self) -> &Counters;
 }
 
-impl Backend for Client {
-    fn bucket(&self) -> &str {
-        Client::bucket(self)
-    }
-    fn list(&self, prefix: &str) -> std::result::Result<Listing, S3Error> {
-        Client::list(self, prefix)
-    }
-    fn get_range(
-        &self,
-        key: &str,
-        etag: &str,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> std::result::Result<(), S3Error> {
-        Client::get_range(self, key, etag, offset, buf)
-    }
-    fn get_whole(&self, key: &str, cap: u64) -> std::result::Result<Vec<u8>, S3Error> {
-        Client::get_whole(self, key, cap)
-    }
-    fn counters(&self) -> &Counters {
-        &self.counters
-    }
-}
-
 /// One bucket: its client, the listings read so far, the block cache.
 pub struct ObjectStore {
     client: Arc<dyn Backend>,
