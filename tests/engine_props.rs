@@ -10,7 +10,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use reshardfs::checkpoint::source::Source;
-use reshardfs::reshard::engine::{Engine, gather};
+use reshardfs::reshard::engine::{Engine, gather, with_pieces};
 use reshardfs::reshard::plan::Plan;
 use reshardfs::reshard::target::TargetSpec;
 
@@ -499,7 +499,7 @@ proptest! {
                     }
                     if got.is_some() {
                         prop_assert!(pieces.len() <= max);
-                        let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf, None).unwrap()).copied().collect();
+                        let bytes = with_pieces(src, vf, &pieces, |s| s.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>()).unwrap();
                         prop_assert!(bytes == want[off as usize..(off + len) as usize],
                             "file {} pieces {}+{} (at most {})", vf.name, off, len, max);
                     }

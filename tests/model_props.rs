@@ -15,7 +15,7 @@ use reshardfs::checkpoint::source::Source;
 
 mod common;
 use common::{Split, bytes_for, cast, es, expected_file, write_safetensors};
-use reshardfs::reshard::engine::{Engine, gather};
+use reshardfs::reshard::engine::{Engine, gather, with_pieces};
 use reshardfs::reshard::plan::{Plan, ViewOptions};
 use reshardfs::reshard::target::TargetSpec;
 use safetensors::Dtype;
@@ -326,7 +326,7 @@ proptest! {
                 let got = gather(src, vf, at, len, usize::MAX, &mut pieces);
                 prop_assert_eq!(got.is_some(), fits && !cast(at, len), "{} gather {}+{}", vf.name, at, len);
                 if got.is_some() {
-                    let bytes: Vec<u8> = pieces.iter().flat_map(|p| p.bytes(src, vf, None).unwrap()).copied().collect();
+                    let bytes = with_pieces(src, vf, &pieces, |s| s.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>()).unwrap();
                     prop_assert!(bytes == whole[at as usize..(at + len) as usize],
                         "{} pieces {at}+{len}", vf.name);
                 }

@@ -347,70 +347,42 @@ pub enum Piece {
     Source { file: usize, at: u64, len: u64 },
 }
 
-impl Piece {
-    /// The piece's bytes: from the header, the source map, or `block`, the
-    /// object block it lies in ([`object_blocks`]); `None` if they are not
-    /// all there (a source piece without its map or block), which the
-    /// caller fails rather than reply short. The caller checks the source
-    /// files first ([`check_files`]): a truncated file's pages fault rather
-    /// than read as data.
-    pub fn bytes<'a>(
-        &self,
-        source: &'a Iteration,
-        vf: &'a VirtualFile,
-        block: Option<&'a [u8]>,
-    ) -> Option<&'a [u8]> {
-        match *self {
-            Piece::Header { start, end } => vf.header.get(start..end),
-            Piece::Source { file, at, len } => match (source.files[file].object(), block) {
-                (Some(o), Some(b)) => {
-                    let from = (at % o.block_size()) as usize;
-                    b.get(from..from.checked_add(len as usize)?)
-                }
-                (Some(_), None) => None,
-                (None, _) => source.files[file].map_bytes(at, len),
-            },
-        }
-    }
-}
-
-/// The store blocks the objects' pieces among `pieces` lie in, one entry a
-/// piece (`None` for the others), to hold while the kernel copies from them.
-/// Several missing blocks are all asked for before the first is waited on,
-/// so the store's fetchers get them in parallel. A fetch that fails fails
-/// the read, as [`read_file`]'s does.
-pub fn object_blocks(
+/// Hands `out` the bytes of `pieces` (as [`gather`] lists them for `vf`),
+/// in order: slices of the header, of the source maps and of the store's
+/// blocks, each an object's block kept alive until `out` returns
+/// ([`Src::bytes`], the copy's own source of bytes). When several pieces
+/// are of objects, all their blocks are asked for before the first is
+/// waited on, so the store's fetchers get them in parallel. A fetch that
+/// fails fails the read, as [`read_file`]'s does. The caller checks the
+/// source files first ([`check_files`]): a truncated file's pages fault
+/// rather than read as data.
+pub fn with_pieces<R>(
     source: &Iteration,
+    vf: &VirtualFile,
     pieces: &[Piece],
-) -> Result<Vec<Option<std::sync::Arc<[u8]>>>, SourceFault> {
+    out: impl FnOnce(&[std::io::IoSlice<'_>]) -> R,
+) -> Result<R, SourceFault> {
     let objects = || {
         pieces.iter().filter_map(|p| match *p {
-            Piece::Source { file, at, len } => {
-                source.files[file].object().map(|o| (file, o, at, len))
-            }
+            Piece::Source { file, at, len } => source.files[file].object().map(|o| (o, at, len)),
             Piece::Header { .. } => None,
         })
     };
     if objects().nth(1).is_some() {
-        for (_, o, at, len) in objects() {
+        for (o, at, len) in objects() {
             o.will_need(at, len);
         }
     }
-    pieces
+    let src = Src::new(source, vf);
+    let slices = pieces
         .iter()
         .map(|p| match *p {
-            Piece::Source { file, at, len } => match source.files[file].object() {
-                Some(o) => o
-                    .block(at / o.block_size(), len)
-                    .map(Some)
-                    .map_err(|_| SourceFault {
-                        path: source.files[file].path.clone(),
-                    }),
-                None => Ok(None),
-            },
-            Piece::Header { .. } => Ok(None),
+            Piece::Header { start, end } => Ok(&vf.header[start..end]),
+            Piece::Source { file, at, len } => src.bytes(file, at, len),
         })
-        .collect()
+        .map(|b| b.map(std::io::IoSlice::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(out(&slices))
 }
 
 /// The pieces bytes `[offset, offset + len)` of view file `vf` are made of,
@@ -1292,10 +1264,12 @@ mod tests {
             1 - source.tensors[0].chunks[0].file,
         );
         assert_eq!(files, vec![f0, f1, f0, f1, f0, f1, f0, f1]);
-        let bytes: Vec<u8> = pieces
-            .iter()
-            .flat_map(|p| p.bytes(source, vf, None).unwrap().to_vec())
-            .collect();
+        let bytes = with_pieces(source, vf, &pieces, |s| {
+            s.iter()
+                .flat_map(|b| b.iter().copied())
+                .collect::<Vec<u8>>()
+        })
+        .unwrap();
         assert_eq!(bytes, read_all(&plan, 0, vf.size as usize).0);
         // Too many pieces for `max`, past the end, or empty: no list.
         assert!(gather(source, vf, 0, vf.size, 8, &mut pieces).is_none());
@@ -1309,10 +1283,12 @@ mod tests {
         // A range inside w's rows: partial elements at both ends.
         let at = hlen as u64 + 8 + 2;
         gather(source, vf, at, 5, 100, &mut pieces).unwrap();
-        let bytes: Vec<u8> = pieces
-            .iter()
-            .flat_map(|p| p.bytes(source, vf, None).unwrap().to_vec())
-            .collect();
+        let bytes = with_pieces(source, vf, &pieces, |s| {
+            s.iter()
+                .flat_map(|b| b.iter().copied())
+                .collect::<Vec<u8>>()
+        })
+        .unwrap();
         assert_eq!(bytes, want_data()[10..15]);
     }
 

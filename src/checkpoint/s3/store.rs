@@ -954,13 +954,13 @@ mod tests {
     }
 
     /// The pieces a read of a view of objects is answered with in place
-    /// ([`gather`], [`object_blocks`]) are the view's bytes, and never run
+    /// ([`gather`], [`with_pieces`]) are the view's bytes, and never run
     /// past one of the store's blocks: a plain folder of one 20 MiB and one
     /// small tensor, read in 1 MiB requests offset as a `safe_open`
     /// reader's faults come, and in requests across each block boundary.
     #[test]
     fn reads_answered_from_the_store_blocks_are_the_view() {
-        use crate::reshard::engine::{Piece, gather, object_blocks};
+        use crate::reshard::engine::{Piece, gather, with_pieces};
         use crate::reshard::target::TargetSpec;
         let big: Vec<u8> = (0..20u32 << 20).map(|k| (k % 251) as u8).collect();
         let small = vec![3u8; 64];
@@ -1000,12 +1000,12 @@ mod tests {
         let (mut pieces, mut split) = (Vec::new(), 0);
         for (at, len) in ranges {
             gather(it, vf, at, len, 8, &mut pieces).unwrap();
-            let blocks = object_blocks(it, &pieces).unwrap();
-            let got: Vec<u8> = pieces
-                .iter()
-                .zip(&blocks)
-                .flat_map(|(p, b)| p.bytes(it, vf, b.as_deref()).unwrap().to_vec())
-                .collect();
+            let got = with_pieces(it, vf, &pieces, |s| {
+                s.iter()
+                    .flat_map(|b| b.iter().copied())
+                    .collect::<Vec<u8>>()
+            })
+            .unwrap();
             let mut want = vec![0u8; len as usize];
             engine.read(0, 0, at, &mut want).unwrap();
             assert!(got == want, "bytes {at}+{len}");

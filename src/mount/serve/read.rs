@@ -18,7 +18,7 @@ use crate::mount::hooks;
 use crate::mount::prefetch::{Backend, ViewFile};
 use crate::mount::tree::{Content, Ino};
 use crate::reshard::engine::{
-    Piece, Served, SourceFault, Touched, check_files, gather, object_blocks, read_file,
+    Piece, Served, SourceFault, Touched, check_files, gather, read_file, with_pieces,
 };
 use crate::reshard::plan::VirtualFile;
 
@@ -256,24 +256,7 @@ impl Core {
             };
             check_files(source, spans().map(|(file, _, _)| file))?;
             let from_source: u64 = spans().map(|(_, _, len)| len).sum();
-            let blocks = object_blocks(source, pieces)?;
-            // A piece whose bytes are not all there fails the read: a short
-            // reply would read as the end of the file, zeros under a map.
-            let slices = pieces
-                .iter()
-                .zip(&blocks)
-                .map(|(p, b)| {
-                    p.bytes(source, vf, b.as_deref())
-                        .map(IoSlice::new)
-                        .ok_or_else(|| SourceFault {
-                            path: match *p {
-                                Piece::Source { file, .. } => source.files[file].path.clone(),
-                                Piece::Header { .. } => vf.name.clone().into(),
-                            },
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let r = out(&slices);
+            let r = with_pieces(source, vf, pieces, out)?;
             self.counters.add(Counter::DirectReads, 1);
             self.counters.add(Counter::MappedReads, 1);
             self.counters.add(Counter::SourceBytesRead, from_source);
