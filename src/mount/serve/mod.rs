@@ -593,19 +593,9 @@ mod tests {
         s: &Server,
         dir: Ino,
         expected: &str,
-        mut read_all: impl FnMut(Ino, u64) -> Vec<u8>,
+        read_all: impl FnMut(Ino, u64) -> Vec<u8>,
     ) {
-        let mut by_rank: BTreeMap<u64, Tensors> = BTreeMap::new();
-        for (name, ino) in s.children(dir).unwrap() {
-            if !name.ends_with(".safetensors") {
-                continue;
-            }
-            let rank: u64 = name.rsplit('-').nth(1).unwrap().parse().unwrap();
-            let size = s.attr(*ino).unwrap().size;
-            let bytes = read_all(*ino, size);
-            assert_eq!(bytes.len() as u64, size, "{name}");
-            by_rank.entry(rank).or_default().extend(tensors(&bytes));
-        }
+        let by_rank = tensors_by_rank(s, dir, read_all);
         let dir = Path::new("tests/fixtures/expected").join(expected);
         let files = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(by_rank.len(), files, "ranks in {}", dir.display());
@@ -624,6 +614,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The tensors of the view files in `dir`, each read whole through
+    /// `read_all`, merged per rank.
+    fn tensors_by_rank(
+        s: &Server,
+        dir: Ino,
+        mut read_all: impl FnMut(Ino, u64) -> Vec<u8>,
+    ) -> BTreeMap<u64, Tensors> {
+        let mut by_rank: BTreeMap<u64, Tensors> = BTreeMap::new();
+        for (name, ino) in s.children(dir).unwrap() {
+            if !name.ends_with(".safetensors") {
+                continue;
+            }
+            let rank: u64 = name.rsplit('-').nth(1).unwrap().parse().unwrap();
+            let size = s.attr(*ino).unwrap().size;
+            let bytes = read_all(*ino, size);
+            assert_eq!(bytes.len() as u64, size, "{name}");
+            by_rank.entry(rank).or_default().extend(tensors(&bytes));
+        }
+        by_rank
     }
 
     /// Reads a file whole in requests of `chunk` bytes through `read`.
@@ -694,17 +705,10 @@ mod tests {
     fn serve_zeros_keeps_the_headers_and_zeroes_the_tensors() {
         let s = server(1 << 20).serve_zeros();
         let it = s.tree().lookup(ROOT, "iteration_00000005").unwrap();
-        let mut by_rank: BTreeMap<u64, Tensors> = BTreeMap::new();
-        for (name, ino) in s.children(it).unwrap() {
-            if !name.ends_with(".safetensors") {
-                continue;
-            }
-            let rank: u64 = name.rsplit('-').nth(1).unwrap().parse().unwrap();
-            let size = s.attr(*ino).unwrap().size;
-            // Requests that straddle the end of the header.
-            let bytes = read_in_chunks(size, 7777, |o, n| s.read(*ino, o, n, joined).unwrap());
-            by_rank.entry(rank).or_default().extend(tensors(&bytes));
-        }
+        // Requests that straddle the end of the header.
+        let by_rank = tensors_by_rank(&s, it, |ino, size| {
+            read_in_chunks(size, 7777, |o, n| s.read(ino, o, n, joined).unwrap())
+        });
         let dir = Path::new("tests/fixtures/expected/tp4-f32.tp=2");
         assert_eq!(by_rank.len(), std::fs::read_dir(dir).unwrap().count());
         for (rank, got) in by_rank {
