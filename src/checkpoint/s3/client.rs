@@ -333,6 +333,29 @@ impl Client {
             .read_to_string()
             .unwrap_or_default()
     }
+    /// Sends `req` (for `what`, a key or a prefix): the answer if its
+    /// status is `ok`, else the store's error for it.
+    fn answer(
+        &self,
+        what: &str,
+        req: ureq::RequestBuilder<ureq::typestate::WithoutBody>,
+        ok: u16,
+    ) -> Result<ureq::http::Response<ureq::Body>, S3Error> {
+        let mut r = req.call().map_err(|e| self.transport(what, &e))?;
+        match r.status().as_u16() {
+            code if code == ok => Ok(r),
+            code => Err(self.status(what, code, &Self::error_body(&mut r))),
+        }
+    }
+
+    /// A presigned GET of `key`.
+    fn object_url(&self, key: &str) -> String {
+        self.bucket
+            .get_object(self.keys.as_ref(), key)
+            .sign(SIGN_TTL)
+            .into()
+    }
+
     /// The object's size and ETag (for `examples/s3_get.rs`: sources take
     /// them from their listings).
     pub fn head(&self, key: &str) -> Result<Object, S3Error> {
@@ -341,15 +364,7 @@ impl Client {
                 .bucket
                 .head_object(self.keys.as_ref(), key)
                 .sign(SIGN_TTL);
-            let mut r = self
-                .agent
-                .head(url.as_str())
-                .call()
-                .map_err(|e| self.transport(key, &e))?;
-            let code = r.status().as_u16();
-            if code != 200 {
-                return Err(self.status(key, code, &Self::error_body(&mut r)));
-            }
+            let r = self.answer(key, self.agent.head(url.as_str()), 200)?;
             let header = |h: &str| {
                 r.headers()
                     .get(h)
@@ -391,21 +406,13 @@ impl Backend for Client {
                     a.with_continuation_token(t.clone());
                 }
                 let url = a.sign(SIGN_TTL);
-                let mut r = self
-                    .agent
-                    .get(url.as_str())
-                    .call()
+                let body = self
+                    .answer(prefix, self.agent.get(url.as_str()), 200)?
+                    .body_mut()
+                    .with_config()
+                    .limit(256 << 20)
+                    .read_to_string()
                     .map_err(|e| self.transport(prefix, &e))?;
-                let code = r.status().as_u16();
-                let body = if code == 200 {
-                    r.body_mut()
-                        .with_config()
-                        .limit(256 << 20)
-                        .read_to_string()
-                        .map_err(|e| self.transport(prefix, &e))?
-                } else {
-                    return Err(self.status(prefix, code, &Self::error_body(&mut r)));
-                };
                 // Some stores (s3rver) answer in another namespace than
                 // AWS's; the parser insists on AWS's.
                 let body = body.replace(
@@ -447,10 +454,7 @@ impl Backend for Client {
             etag: etag.to_string(),
         };
         self.with_retries(|| {
-            let url = self
-                .bucket
-                .get_object(self.keys.as_ref(), key)
-                .sign(SIGN_TTL);
+            let url = self.object_url(key);
             let mut req = self
                 .agent
                 .get(url.as_str())
@@ -517,19 +521,8 @@ impl Backend for Client {
     /// The whole object, when it holds at most `cap` bytes.
     fn get_whole(&self, key: &str, cap: u64) -> Result<Vec<u8>, S3Error> {
         self.with_retries(|| {
-            let url = self
-                .bucket
-                .get_object(self.keys.as_ref(), key)
-                .sign(SIGN_TTL);
-            let mut r = self
-                .agent
-                .get(url.as_str())
-                .call()
-                .map_err(|e| self.transport(key, &e))?;
-            let code = r.status().as_u16();
-            if code != 200 {
-                return Err(self.status(key, code, &Self::error_body(&mut r)));
-            }
+            let url = self.object_url(key);
+            let mut r = self.answer(key, self.agent.get(url.as_str()), 200)?;
             let body = r
                 .body_mut()
                 .with_config()
