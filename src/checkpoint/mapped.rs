@@ -256,6 +256,16 @@ impl RankFile {
         }
     }
 
+    /// [`RankFile::will_need`] for a reader in order, who will read on past
+    /// the range: an object's blocks are fetched in runs that may reach
+    /// past it ([`ObjectFile::read_ahead`]).
+    pub fn read_ahead(&self, offset: u64, len: u64) {
+        match &self.backing {
+            Backing::Object(o) => o.read_ahead(offset, len),
+            Backing::Mapped(_) => self.will_need(offset, len),
+        }
+    }
+
     /// Asks the kernel to start reading `[offset, offset+len)` now
     /// (`MADV_WILLNEED`: asynchronous readahead into the page cache), so
     /// that a copy from it later finds the pages there instead of faulting

@@ -516,7 +516,7 @@ fn run(backend: &dyn Backend, bs: u64, job: Job) {
                 break;
             }
             source_spans(source, vf, start, vf.size.min(start + bs), |f, s, e| {
-                source.files[f].will_need(s, e - s);
+                source.files[f].read_ahead(s, e - s);
                 backend.count_advised(e - s);
             });
         }

@@ -27,7 +27,7 @@ use rusty_s3::actions::{ListObjectsV2, S3Action};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 
 use super::creds::Settings;
-use super::store::Backend;
+use super::store::{Backend, RangeBody};
 
 /// How long a presigned request stays valid: long enough for the slowest
 /// retry of one request, short enough to be worthless if it leaked.
@@ -333,6 +333,65 @@ impl Client {
             .read_to_string()
             .unwrap_or_default()
     }
+    /// One GET of bytes `[offset, offset + len)` of `key`, its answer
+    /// checked and its body left to read: only from the object whose ETag
+    /// is `etag` (the GET carries `If-Match`, and the answer's ETag and
+    /// `Content-Range` are checked too: stores that ignore `If-Match`
+    /// exist). No retries: the caller's.
+    fn open_once(
+        &self,
+        key: &str,
+        etag: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<ClientBody<'_>, S3Error> {
+        let end = offset
+            .checked_add(len)
+            .and_then(|e| e.checked_sub(1))
+            .ok_or_else(|| self.failed(key, format!("no bytes {offset}+{len}"), false))?;
+        let changed = || S3Error::Changed {
+            bucket: self.bucket().to_string(),
+            key: key.to_string(),
+            etag: etag.to_string(),
+        };
+        let url = self.object_url(key);
+        let mut req = self
+            .agent
+            .get(url.as_str())
+            .header("Range", &format!("bytes={offset}-{end}"));
+        if !etag.is_empty() {
+            req = req.header("If-Match", etag);
+        }
+        let mut r = req.call().map_err(|e| self.transport(key, &e))?;
+        match r.status().as_u16() {
+            206 => {}
+            412 => return Err(changed()),
+            code => return Err(self.status(key, code, &Self::error_body(&mut r))),
+        }
+        let got = r.headers().get("etag").and_then(|v| v.to_str().ok());
+        if !etag.is_empty() && got.is_some_and(|g| g != etag) {
+            return Err(changed());
+        }
+        let range = r
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !range.starts_with(&format!("bytes {offset}-{end}/")) {
+            return Err(self.failed(
+                key,
+                format!("asked for bytes {offset}-{end}, the answer holds {range:?}"),
+                false,
+            ));
+        }
+        Ok(ClientBody {
+            client: self,
+            key: key.to_string(),
+            reader: r.into_body().into_reader(),
+            len,
+        })
+    }
+
     /// Sends `req` (for `what`, a key or a prefix): the answer if its
     /// status is `ok`, else the store's error for it.
     fn answer(
@@ -440,84 +499,29 @@ impl Backend for Client {
     }
 
     /// Bytes `[offset, offset + buf.len())` of `key` into `buf`, only from
-    /// the object whose ETag is `etag`: the GET carries `If-Match`, and the
-    /// answer's ETag and `Content-Range` are checked too (stores that
-    /// ignore `If-Match` exist).
+    /// the object whose ETag is `etag` ([`Client::open_once`]); a body cut
+    /// short is tried again with the rest of the request.
     fn get_range(&self, key: &str, etag: &str, offset: u64, buf: &mut [u8]) -> Result<(), S3Error> {
         if buf.is_empty() {
             return Ok(());
         }
-        let end = offset + buf.len() as u64 - 1;
-        let changed = || S3Error::Changed {
-            bucket: self.bucket().to_string(),
-            key: key.to_string(),
-            etag: etag.to_string(),
-        };
         self.with_retries(|| {
-            let url = self.object_url(key);
-            let mut req = self
-                .agent
-                .get(url.as_str())
-                .header("Range", &format!("bytes={offset}-{end}"));
-            if !etag.is_empty() {
-                req = req.header("If-Match", etag);
-            }
-            let mut r = req.call().map_err(|e| self.transport(key, &e))?;
-            match r.status().as_u16() {
-                206 => {}
-                412 => return Err(changed()),
-                code => return Err(self.status(key, code, &Self::error_body(&mut r))),
-            }
-            let got = r.headers().get("etag").and_then(|v| v.to_str().ok());
-            if !etag.is_empty() && got.is_some_and(|g| g != etag) {
-                return Err(changed());
-            }
-            let range = r
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            if !range.starts_with(&format!("bytes {offset}-{end}/")) {
-                return Err(self.failed(
-                    key,
-                    format!("asked for bytes {offset}-{end}, the answer holds {range:?}"),
-                    false,
-                ));
-            }
-            let mut reader = r.into_body().into_reader();
-            // A body cut short (a reset mid-transfer) is worth another try.
-            reader
-                .read_exact(buf)
-                .map_err(|e| self.failed(key, format!("the answer was cut short: {e}"), true))?;
-            // Read on to the body's end: only a body read to its end gives
-            // its connection back to the pool. Without this every GET opened
-            // a new connection (159 connects for 160 GETs of one pass), and
-            // the server spent its CPU on them: s3rver took 2.4 s of user
-            // CPU to serve a 1275 MiB pass, against 1.1 s for 874 MiB of
-            // s3fs's requests on kept-alive connections.
-            match reader.read(&mut [0u8; 1]) {
-                Ok(0) => {}
-                Ok(_) => {
-                    return Err(self.failed(
-                        key,
-                        format!(
-                            "the answer holds more than the {} bytes asked for",
-                            buf.len()
-                        ),
-                        false,
-                    ));
-                }
-                Err(e) => {
-                    return Err(self.failed(key, format!("the answer's end: {e}"), true));
-                }
-            }
-            self.counters
-                .bytes
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            Ok(())
+            let mut body = self.open_once(key, etag, offset, buf.len() as u64)?;
+            body.read_part(buf)?;
+            Box::new(body).finish()
         })
     }
 
+    fn open_range<'a>(
+        &'a self,
+        key: &str,
+        etag: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn RangeBody + 'a>, S3Error> {
+        let body = self.with_retries(|| self.open_once(key, etag, offset, len))?;
+        Ok(Box::new(body))
+    }
     /// The whole object, when it holds at most `cap` bytes.
     fn get_whole(&self, key: &str, cap: u64) -> Result<Vec<u8>, S3Error> {
         self.with_retries(|| {
@@ -548,6 +552,53 @@ impl Backend for Client {
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
             Ok(body)
         })
+    }
+}
+
+/// A ranged GET's body, read part by part ([`RangeBody`]).
+struct ClientBody<'c> {
+    client: &'c Client,
+    key: String,
+    reader: ureq::BodyReader<'static>,
+    /// Bytes the GET asked for.
+    len: u64,
+}
+
+impl RangeBody for ClientBody<'_> {
+    fn read_part(&mut self, buf: &mut [u8]) -> Result<(), S3Error> {
+        // A body cut short (a reset mid-transfer) is worth another try.
+        self.reader.read_exact(buf).map_err(|e| {
+            self.client
+                .failed(&self.key, format!("the answer was cut short: {e}"), true)
+        })?;
+        self.client
+            .counters
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads on to the body's end: only a body read to its end gives its
+    /// connection back to the pool. Without this every GET opened a new
+    /// connection (159 connects for 160 GETs of one pass), and the server
+    /// spent its CPU on them: s3rver took 2.4 s of user CPU to serve a
+    /// 1275 MiB pass, against 1.1 s for 874 MiB of s3fs's requests on
+    /// kept-alive connections.
+    fn finish(mut self: Box<Self>) -> Result<(), S3Error> {
+        match self.reader.read(&mut [0u8; 1]) {
+            Ok(0) => Ok(()),
+            Ok(_) => Err(self.client.failed(
+                &self.key,
+                format!(
+                    "the answer holds more than the {} bytes asked for",
+                    self.len
+                ),
+                false,
+            )),
+            Err(e) => Err(self
+                .client
+                .failed(&self.key, format!("the answer's end: {e}"), true)),
+        }
     }
 }
 

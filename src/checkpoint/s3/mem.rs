@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
 use super::client::{Counters, Listing, Object, S3Error};
-use super::store::Backend;
+use super::store::{Backend, RangeBody};
 
 /// A fault the next requests meet, one per request, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub enum Fault {
     /// A transient failure (what the client returns once its retries are
     /// spent on a 503, a reset or a timeout).
     Unreachable,
+    /// A GET's body breaks off halfway (a reset mid-transfer).
+    CutShort,
 }
 
 /// A bucket in memory.
@@ -27,6 +29,8 @@ pub struct Objects {
     counters: Counters,
     /// GETs of byte ranges served, by (key, offset, length).
     pub gets: Mutex<Vec<(String, u64, usize)>>,
+    /// Milliseconds each part of a GET's body takes to come.
+    pub slow_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Objects {
@@ -49,13 +53,16 @@ impl Objects {
         self.faults.lock().unwrap().extend_from_slice(faults);
     }
 
-    fn fault(&self, key: &str) -> Result<(), S3Error> {
+    /// The next fault, for a request of `key`: an error, or whether its
+    /// body is to break off.
+    fn fault(&self, key: &str) -> Result<bool, S3Error> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut f = self.faults.lock().unwrap();
         if f.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         match f.remove(0) {
+            Fault::CutShort => Ok(true),
             Fault::Unreachable => {
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
                 Err(S3Error::Failed {
@@ -104,7 +111,19 @@ impl Backend for Objects {
     }
 
     fn get_range(&self, key: &str, etag: &str, offset: u64, buf: &mut [u8]) -> Result<(), S3Error> {
-        self.fault(key)?;
+        let mut body = self.open_range(key, etag, offset, buf.len() as u64)?;
+        body.read_part(buf)?;
+        body.finish()
+    }
+
+    fn open_range<'a>(
+        &'a self,
+        key: &str,
+        etag: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Box<dyn RangeBody + 'a>, S3Error> {
+        let cut = self.fault(key)?;
         let o = self.objects.lock().unwrap();
         let Some((data, v)) = o.get(key) else {
             return Err(S3Error::NotFound {
@@ -119,7 +138,7 @@ impl Backend for Objects {
                 etag: etag.into(),
             });
         }
-        let end = offset as usize + buf.len();
+        let end = offset as usize + len as usize;
         if end > data.len() {
             return Err(S3Error::Failed {
                 bucket: self.bucket.clone(),
@@ -128,15 +147,17 @@ impl Backend for Objects {
                 transient: false,
             });
         }
-        buf.copy_from_slice(&data[offset as usize..end]);
-        self.counters
-            .bytes
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.gets
             .lock()
             .unwrap()
-            .push((key.to_string(), offset, buf.len()));
-        Ok(())
+            .push((key.to_string(), offset, len as usize));
+        Ok(Box::new(Body {
+            objects: self,
+            key: key.to_string(),
+            data: data[offset as usize..end].to_vec(),
+            at: 0,
+            cut_at: cut.then_some(len as usize / 2),
+        }))
     }
 
     fn get_whole(&self, key: &str, cap: u64) -> Result<Vec<u8>, S3Error> {
@@ -159,5 +180,53 @@ impl Backend for Objects {
 
     fn counters(&self) -> &Counters {
         &self.counters
+    }
+}
+
+/// A ranged GET's bytes, copied out at the request, unless [`Fault::CutShort`]
+/// breaks it off.
+struct Body<'a> {
+    objects: &'a Objects,
+    key: String,
+    data: Vec<u8>,
+    at: usize,
+    cut_at: Option<usize>,
+}
+
+impl RangeBody for Body<'_> {
+    fn read_part(&mut self, buf: &mut [u8]) -> Result<(), S3Error> {
+        let end = self.at + buf.len();
+        if end > self.cut_at.unwrap_or(self.data.len()) {
+            return Err(S3Error::Failed {
+                bucket: self.objects.bucket.clone(),
+                key: self.key.clone(),
+                reason: "the answer was cut short".into(),
+                transient: true,
+            });
+        }
+        let ms = self.objects.slow_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        buf.copy_from_slice(&self.data[self.at..end]);
+        self.at = end;
+        self.objects
+            .counters
+            .bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<(), S3Error> {
+        if self.at == self.data.len() {
+            Ok(())
+        } else {
+            Err(S3Error::Failed {
+                bucket: self.objects.bucket.clone(),
+                key: self.key.clone(),
+                reason: "the answer holds more than was read".into(),
+                transient: false,
+            })
+        }
     }
 }
