@@ -228,15 +228,19 @@ impl Client {
             }
             tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .tls_config(tls.build())
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(5).min(retry.timeout)))
             .timeout_global(Some(retry.timeout))
             .max_idle_connections(64)
             .max_idle_connections_per_host(64)
-            .build()
-            .into();
+            .build();
+        let agent = ureq::Agent::with_parts(
+            config,
+            ureq::unversioned::transport::DefaultConnector::new(),
+            KeptAnswers::new(ureq::unversioned::resolver::DefaultResolver::default()),
+        );
         Ok(Client {
             bucket,
             keys,
@@ -602,9 +606,123 @@ impl RangeBody for ClientBody<'_> {
     }
 }
 
+/// How long a name's addresses are used before it is looked up again.
+const NAME_TTL: Duration = Duration::from_secs(30);
+
+/// A resolver that keeps each endpoint's addresses for [`NAME_TTL`].
+///
+/// ureq resolves the endpoint before every request, whether a pooled
+/// connection then serves it or not, and with a timeout set it does so on a
+/// thread of its own: 160 threads started and ended for the 160 GETs of a
+/// pass (strace), each a `getaddrinfo`. For a DNS name that is a query per
+/// GET; a node's fetchers at a few GB/s in 8 MiB GETs would ask hundreds a
+/// second, against the 1024 packets a second an AWS VPC's resolver allows
+/// each interface. A new connection still uses fresh addresses once the
+/// TTL has passed, so a store that moves is followed.
+#[derive(Debug)]
+struct KeptAnswers<R> {
+    inner: R,
+    kept: std::sync::Mutex<
+        std::collections::HashMap<
+            String,
+            (Instant, ureq::unversioned::resolver::ResolvedSocketAddrs),
+        >,
+    >,
+}
+
+impl<R> KeptAnswers<R> {
+    fn new(inner: R) -> Self {
+        KeptAnswers {
+            inner,
+            kept: Default::default(),
+        }
+    }
+}
+
+impl<R: ureq::unversioned::resolver::Resolver> ureq::unversioned::resolver::Resolver
+    for KeptAnswers<R>
+{
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let key = format!(
+            "{}://{}",
+            uri.scheme_str().unwrap_or_default(),
+            uri.authority().map(|a| a.as_str()).unwrap_or_default()
+        );
+        let kept = |k: &str| {
+            let m = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            m.get(k)
+                .filter(|(at, _)| at.elapsed() < NAME_TTL)
+                .map(|(_, a)| a.clone())
+        };
+        if let Some(addrs) = kept(&key) {
+            return Ok(addrs);
+        }
+        let addrs = self.inner.resolve(uri, config, timeout)?;
+        self.kept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (Instant::now(), addrs.clone()));
+        Ok(addrs)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_is_looked_up_once_for_many_requests() {
+        use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+        #[derive(Debug, Default)]
+        struct Counting(AtomicU64);
+        impl Resolver for Counting {
+            fn resolve(
+                &self,
+                uri: &ureq::http::Uri,
+                config: &ureq::config::Config,
+                timeout: ureq::unversioned::transport::NextTimeout,
+            ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+                self.0.fetch_add(1, Ordering::Relaxed);
+                DefaultResolver::default().resolve(uri, config, timeout)
+            }
+        }
+        let r = KeptAnswers::new(Counting::default());
+        let config = ureq::config::Config::default();
+        let timeout = || ureq::unversioned::transport::NextTimeout {
+            after: Duration::from_secs(5).into(),
+            reason: ureq::Timeout::Resolve,
+            per_read: None,
+            per_write: None,
+        };
+        let uri = |u: &str| u.parse::<ureq::http::Uri>().unwrap();
+        for _ in 0..3 {
+            let a = r
+                .resolve(&uri("http://127.0.0.1:9000/b/k?x=1"), &config, timeout())
+                .unwrap();
+            assert_eq!(a[0], "127.0.0.1:9000".parse().unwrap());
+        }
+        r.resolve(&uri("http://127.0.0.1:9000/b/other"), &config, timeout())
+            .unwrap();
+        assert_eq!(
+            r.inner.0.load(Ordering::Relaxed),
+            1,
+            "one lookup for one endpoint"
+        );
+        let other = r
+            .resolve(&uri("http://127.0.0.1:9001/b/k"), &config, timeout())
+            .unwrap();
+        assert_eq!(other[0], "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(
+            r.inner.0.load(Ordering::Relaxed),
+            2,
+            "another port, another lookup"
+        );
+    }
 
     #[test]
     fn signed_urls_never_reach_a_message() {
