@@ -337,6 +337,7 @@ impl Client {
             .read_to_string()
             .unwrap_or_default()
     }
+
     /// One GET of bytes `[offset, offset + len)` of `key`, its answer
     /// checked and its body left to read: only from the object whose ETag
     /// is `etag` (the GET carries `If-Match`, and the answer's ETag and
@@ -504,7 +505,7 @@ impl Backend for Client {
 
     /// Bytes `[offset, offset + buf.len())` of `key` into `buf`, only from
     /// the object whose ETag is `etag` ([`Client::open_once`]); a body cut
-    /// short is tried again with the rest of the request.
+    /// short is a transient failure, so the GET is tried again.
     fn get_range(&self, key: &str, etag: &str, offset: u64, buf: &mut [u8]) -> Result<(), S3Error> {
         if buf.is_empty() {
             return Ok(());
