@@ -362,7 +362,7 @@ def main():
         os.environ["AWS_ENDPOINT_URL"] = srv.endpoint
         walls, mount_t, lines = bench.mount_and_list(mounts, f"s3://{BUCKET}/ck-70b", mnt, ["--mesh", "tp=4"],
                                                      a.reps, "70b")
-        bound = (1024 + 256 + 64 + 64) * MiB
+        bound = (1024 + 512 + 64 + 64) * MiB
         print(f"\n## Object store (s3rver on loopback; {src_bytes / MiB:.0f} MiB tp=8 checkpoint; "
               f"medians of {a.reps}, spread min..max)\n")
         print("| where | reader | time | throughput | ratio | amplification | peak RSS |")

@@ -72,7 +72,7 @@ struct S3Args {
     #[arg(long, global = true, value_name = "SECONDS", value_parser = parse_seconds)]
     s3_timeout: Option<std::time::Duration>,
     /// Bound of the cache of object blocks (8 MiB each), beside
-    /// --cache-size's cache of view blocks [default: 256M].
+    /// --cache-size's cache of view blocks [default: 512M].
     #[arg(long, global = true, value_name = "SIZE", value_parser = parse_size)]
     s3_cache_size: Option<u64>,
     /// Keep object blocks and headers in DIR too (made 0700 if missing), so
