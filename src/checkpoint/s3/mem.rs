@@ -110,12 +110,6 @@ impl Backend for Objects {
         Ok(l)
     }
 
-    fn get_range(&self, key: &str, etag: &str, offset: u64, buf: &mut [u8]) -> Result<(), S3Error> {
-        let mut body = self.open_range(key, etag, offset, buf.len() as u64)?;
-        body.read_part(buf)?;
-        body.finish()
-    }
-
     fn open_range<'a>(
         &'a self,
         key: &str,

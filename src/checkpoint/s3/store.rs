@@ -190,14 +190,19 @@ pub trait Backend: Send + Sync {
     /// One level of the listing under `prefix` (delimiter `/`).
     fn list(&self, prefix: &str) -> std::result::Result<Listing, S3Error>;
     /// Bytes `[offset, offset + buf.len())` of `key`, only from the object
-    /// whose ETag is `etag`.
+    /// whose ETag is `etag`: one GET read whole (the client tries a GET
+    /// again when its body is cut short).
     fn get_range(
         &self,
         key: &str,
         etag: &str,
         offset: u64,
         buf: &mut [u8],
-    ) -> std::result::Result<(), S3Error>;
+    ) -> std::result::Result<(), S3Error> {
+        let mut body = self.open_range(key, etag, offset, buf.len() as u64)?;
+        body.read_part(buf)?;
+        body.finish()
+    }
     /// One GET of bytes `[offset, offset + len)` of `key` (version
     /// `etag`), its body to be read in parts, in order: a run of blocks
     /// fetched at once ([`ObjectFile::fetch_run`]).
