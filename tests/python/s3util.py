@@ -142,6 +142,7 @@ class FaultProxy:
         self.faults: list[str] = []  # consumed one per request: "503", "reset", "stall", "truncate"
         self.stall_s = 30.0
         self.requests = 0
+        self.truncated: list[str] = []  # the Range header of each request whose body was cut
         self.bytes_out = 0
         self.lock = threading.Lock()
         self.sock = socket.socket()
@@ -217,6 +218,10 @@ class FaultProxy:
                     up = socket.create_connection(("127.0.0.1", self.upstream), timeout=60)
                     up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 up.sendall(req)
+                if fault == "truncate":
+                    rng = [ln for ln in req.split(b"\r\n") if ln.lower().startswith(b"range:")]
+                    with self.lock:
+                        self.truncated.append(rng[0].split(b":", 1)[1].strip().decode() if rng else "")
                 if not self._relay(up, c, head_only=req.startswith(b"HEAD"), truncate=fault == "truncate"):
                     return
         except OSError:

@@ -248,6 +248,39 @@ def test_faults_are_retried_and_never_serve_a_wrong_byte(s3, proxy, exports, tmp
     assert proxy.requests > 0
 
 
+def test_runs_of_blocks_cut_short_are_finished_and_never_serve_a_wrong_byte(s3, proxy, mounts, exports, tmp_path):
+    """A plain folder of a 56 MiB tensor (seven of the store's 8 MiB blocks) read in order through
+    the proxy: the blocks after the first come in runs, one GET of several blocks each. Bodies cut
+    short, runs among them, are finished block by block; every byte equals the view from disk."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(11)
+    src = tmp_path / "plain"
+    src.mkdir()
+    save_file({"w": rng.standard_normal((14, 1 << 20), dtype=np.float32)}, str(src / "model.safetensors"))
+    s3.upload_tree(src, BUCKET, "runs-plain")
+    args = ["--model", "none", "--unshard"]
+    ref = exports(src, args)
+    m = mounts()
+    m.env.update(s3.env(proxy.endpoint))
+    m.start_ok(f"s3://{BUCKET}/runs-plain", ["--s3-timeout", "5", *args])
+    files = [f for f in files_under(ref) if f.endswith(".safetensors")]
+    # Every data GET from here on is cut short, then every other one: each is tried again.
+    proxy.arm(*(["truncate"] * 3 + ["ok", "truncate"] * 4))
+    for rel in files:
+        r = mountutil.cmp(ref / rel, m.path(rel))
+        assert r.code == 0, f"{rel}: {r}"
+    st = m.stats()
+    assert st["read_errors"] == 0 and st["s3_retries"] > 0, st
+
+    def span(r):
+        first, _, last = r.removeprefix("bytes=").partition("-")
+        return int(last) - int(first) + 1
+
+    assert any(span(r) > 8 << 20 for r in proxy.truncated if r), proxy.truncated
+
+
 def test_an_unreachable_store_fails_reads_within_the_bound_then_recovers(s3, proxy, mounts, exports):
     """The server gone mid-mount: reads that need it fail with EIO within the retry bound, the
     daemon lives, cached bytes still serve; back again: reads succeed, byte for byte."""
