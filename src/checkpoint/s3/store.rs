@@ -928,8 +928,11 @@ impl ObjectFile {
             let _ = body.finish();
         }
         // Failures are their readers' to meet; logged and forgotten here.
+        // (Every slot is filled by now: each went through `get_or_init`.)
         for (k, slot) in slots.iter().enumerate() {
-            let _ = self.settle(start + k as u64, slot);
+            if let Some(got) = slot.data.get() {
+                let _ = self.settle(start + k as u64, slot, got);
+            }
         }
     }
 
@@ -995,7 +998,7 @@ impl ObjectFile {
         let start = i.saturating_mul(BLOCK_SIZE);
         let len = o.size.saturating_sub(start).min(BLOCK_SIZE);
         let slot = o.store.slot(o.id, i);
-        slot.data.get_or_init(|| {
+        let got = slot.data.get_or_init(|| {
             let mut block = o.store.buffer(len as usize);
             // Unshared, so `make_mut` hands out the block itself, no copy.
             o.store
@@ -1008,18 +1011,23 @@ impl ObjectFile {
                 )
                 .map(|()| block)
         });
-        let got = self.settle(i, &slot);
+        let got = self.settle(i, &slot, got);
         (slot, got)
     }
 
-    /// What block `i`'s fetch into `slot` gave; a failure forgets the slot
-    /// (the next reader fetches again), and a changed object marks the
-    /// file damaged.
-    fn settle(&self, i: u64, slot: &Slot) -> std::result::Result<Arc<[u8]>, S3Error> {
+    /// What block `i`'s fetch into `slot` gave (`got`); a failure forgets
+    /// the slot (the next reader fetches again), and a changed object
+    /// marks the file damaged.
+    fn settle(
+        &self,
+        i: u64,
+        slot: &Slot,
+        got: &std::result::Result<Arc<[u8]>, S3Error>,
+    ) -> std::result::Result<Arc<[u8]>, S3Error> {
         let o = &self.0;
-        match slot.data.get() {
-            Some(Ok(b)) => Ok(b.clone()),
-            Some(Err(e)) => {
+        match got {
+            Ok(b) => Ok(b.clone()),
+            Err(e) => {
                 o.store.forget(o.id, i, slot);
                 if matches!(e, S3Error::Changed { .. }) && !o.damaged.swap(true, Ordering::Relaxed)
                 {
@@ -1029,13 +1037,6 @@ impl ObjectFile {
                 }
                 Err(e.clone())
             }
-            // Not filled: a run left it (its GET broke off before it).
-            None => Err(S3Error::Failed {
-                bucket: o.store.client.bucket().to_string(),
-                key: o.key.clone(),
-                reason: format!("block {i} was not fetched"),
-                transient: true,
-            }),
         }
     }
 
